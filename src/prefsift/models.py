@@ -1,0 +1,129 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory or a `.gguf` file.
+
+Weights load through safetensors (`use_safetensors=True`) and never through pickle; remote code runs only when
+the user passes `trust_remote_code=True`. A `.gguf` file is dequantized by transformers into an ordinary
+PyTorch model, so it trains as well as it scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from prefsift.errors import ModelError
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 on GPU is the field's default; on CPU bf16 moves log-probs by 0.1-0.5 nats (METHODS.md), so fp32.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name in (None, "auto"):
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype '{name}' (choose from auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    fingerprint: str  # identifies the weights: hub revision, or a hash of the local files' names, sizes, mtimes
+
+
+def _split_gguf(source: str) -> tuple[str, str | None]:
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file not found: {source}")
+        return str(path.parent), path.name
+    return source, None
+
+
+def _fingerprint(source: str, gguf_file: str | None) -> str:
+    path = Path(source)
+    if not path.exists():
+        return f"hub:{source}"
+    files = [path / gguf_file] if gguf_file else sorted(p for p in path.iterdir() if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(json.dumps([file.name, stat.st_size, int(stat.st_mtime)]).encode())
+    return digest.hexdigest()[:16]
+
+
+def looks_local(source: str) -> bool:
+    """A path the user meant as local: hub ids are `name` or `org/name`, never `./x`, `/x`, `~/x` or `x.gguf`."""
+    return Path(source).exists() or source.startswith((".", "/", "~")) or source.endswith(".gguf")
+
+
+def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    directory, gguf_file = _split_gguf(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load tokenizer from '{source}': {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as TRL does
+    return tokenizer
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: str | None = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load `source` (hub id, local directory, or `.gguf` file) as a causal LM in eval mode, plus its tokenizer."""
+    source = str(source)
+    directory, gguf_file = _split_gguf(source)
+    if looks_local(source) and not Path(directory).exists():
+        raise ModelError(f"model path not found: {source}")
+    torch_device = torch.device(device) if device else default_device()
+    torch_dtype = parse_dtype(dtype, torch_device)
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
+                    "attn_implementation": attn_implementation}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["use_safetensors"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise ModelError(f"cannot load model from '{source}': {str(error).splitlines()[0]}") from None
+    model.to(torch_device).eval()
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    return LoadedModel(model, tokenizer, source, _fingerprint(directory, gguf_file))
+
+
+def add_lora(model: PreTrainedModel, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+             target_modules: str | list[str] = "all-linear") -> PreTrainedModel:
+    """Wrap `model` in a peft LoRA adapter (trainable adapter, frozen base)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

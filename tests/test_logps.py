@@ -1,0 +1,103 @@
+"""The log-prob engine against TRL's own reference pass, and its resume behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_pairs
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from prefsift.logps import LogpsRun, compute_logps, tokenize_pairs
+
+
+def trl_reference_logps(model, tokenizer, rows: list[dict], max_length: int, tmp_path) -> dict[str, tuple]:
+    """TRL 1.16's `precompute_ref_log_probs` pass, keyed by a row index column TRL carries through."""
+    data = Dataset.from_list([{**r, "row": i} for i, r in enumerate(rows)])
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), precompute_ref_log_probs=True, bf16=False, use_cpu=True,
+                     max_length=max_length, per_device_train_batch_size=4, report_to="none",
+                     remove_unused_columns=False)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    out = trainer.train_dataset
+    return {r: (c, j) for r, c, j in zip(out["row"], out["ref_chosen_logps"], out["ref_rejected_logps"],
+                                           strict=True)}
+
+
+@pytest.mark.parametrize("max_length", [None, 24])
+def test_matches_trl_precompute_ref_log_probs(bpe_tokenizer, tiny_llama, tmp_path, max_length):
+    rows = make_pairs(24, seed=1)
+    rows.append({"prompt": "\n\nHuman: " + "why " * 30 + "\n\nAssistant:", "chosen": " no", "rejected": " yes"})
+    trl_max = max_length if max_length is not None else 10_000
+    reference = trl_reference_logps(tiny_llama, bpe_tokenizer, rows, trl_max, tmp_path)
+    ours = compute_logps(tiny_llama, bpe_tokenizer, Dataset.from_list(rows), max_length=max_length,
+                         batch_tokens=300)
+    for i in range(len(rows)):
+        if i not in reference:  # TRL dropped it: its prompt alone fills max_length
+            assert np.isnan(ours[i]).all()
+            continue
+        np.testing.assert_allclose(ours[i], reference[i], rtol=1e-4)
+    if max_length is not None:
+        assert len(reference) < len(rows)  # the long-prompt row was dropped by both
+    assert len(reference) == int((~np.isnan(ours[:, 0])).sum())
+
+
+def test_conversational_matches_trl(bpe_tokenizer, tiny_llama, tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in make_pairs(10, seed=2)]
+    reference = trl_reference_logps(tiny_llama, bpe_tokenizer, rows, 10_000, tmp_path)
+    ours = compute_logps(tiny_llama, bpe_tokenizer, Dataset.from_list(rows), max_length=None)
+    for i in range(len(rows)):
+        np.testing.assert_allclose(ours[i], reference[i], rtol=1e-4)
+
+
+def test_batching_does_not_change_values(bpe_tokenizer, tiny_llama):
+    data = Dataset.from_list(make_pairs(20, seed=3))
+    one_at_a_time = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, batch_tokens=1)
+    batched = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, batch_tokens=4096)
+    np.testing.assert_allclose(one_at_a_time, batched, rtol=1e-5)
+
+
+def test_tokenization_drops_long_prompts_and_truncates(bpe_tokenizer):
+    pairs = tokenize_pairs(bpe_tokenizer, ["a b c d e f g", "a"], [" x y z", " x y z"], [" q", " q"], 5)
+    assert pairs[0] is None
+    assert len(pairs[1].prompt_ids) + len(pairs[1].chosen_ids) <= 5
+    assert pairs[1].chosen_ids[-1] != bpe_tokenizer.eos_token_id  # EOS was cut with the tail, as TRL cuts it
+
+
+def test_resume_skips_finished_shards(bpe_tokenizer, tiny_llama, tmp_path, monkeypatch):
+    data = Dataset.from_list(make_pairs(30, seed=4))
+    run = LogpsRun(tmp_path, "policy", {"model": "tiny", "max_length": None})
+    full = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, shard_size=8, run=run)
+    assert len(list(run.shard_dir.glob("*.parquet"))) == 4
+    # Simulate a run killed after two shards: delete the rest, then count the forward passes of the rerun.
+    for path in sorted(run.shard_dir.glob("*.parquet"))[2:]:
+        path.unlink()
+    import prefsift.logps as engine
+
+    calls = []
+    original = engine._forward_batch
+    monkeypatch.setattr(engine, "_forward_batch", lambda m, p, pad: calls.append(len(p)) or original(m, p, pad))
+    resumed = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, shard_size=8, run=run)
+    np.testing.assert_allclose(resumed, full)
+    assert sum(calls) == 30 - 16  # only the two missing shards were recomputed
+    # Another identity (say another max_length) never reuses these shards.
+    other = LogpsRun(tmp_path, "policy", {"model": "tiny", "max_length": 64})
+    assert other.shard_dir != run.shard_dir
+
+
+def test_lora_model_scores(bpe_tokenizer, tiny_llama):
+    from prefsift.models import add_lora
+
+    data = Dataset.from_list(make_pairs(5, seed=5))
+    before = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
+    peft_model = add_lora(tiny_llama, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    after = compute_logps(peft_model, bpe_tokenizer, data, max_length=None)
+    assert not np.allclose(before, after)  # the adapter is applied on the fast path
+    with peft_model.disable_adapter():
+        np.testing.assert_allclose(compute_logps(peft_model, bpe_tokenizer, data, max_length=None), before,
+                                   rtol=1e-5)

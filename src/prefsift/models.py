@@ -78,6 +78,13 @@ def looks_local(source: str) -> bool:
     return Path(source).exists() or source.startswith((".", "/", "~")) or source.endswith(".gguf")
 
 
+def _from_pretrained(source: str, common: dict) -> PreTrainedModel:
+    directory, gguf_file = _split_gguf(source)
+    # safetensors only: pickled weights from an untrusted file can run code on load.
+    extra = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+    return AutoModelForCausalLM.from_pretrained(directory, **common, **extra)
+
+
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     directory, gguf_file = _split_gguf(source)
     try:
@@ -104,15 +111,20 @@ def load_model(
         raise ModelError(f"model path not found: {source}")
     torch_device = torch.device(device) if device else default_device()
     torch_dtype = parse_dtype(dtype, torch_device)
-    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
-                    "attn_implementation": attn_implementation}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    else:
-        kwargs["use_safetensors"] = True
+    common = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
+              "attn_implementation": attn_implementation}
+    adapter = Path(directory) / "adapter_config.json"
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as error:
+        if adapter.is_file():  # a LoRA adapter saved by `prefsift train --lora`: load its base, merge
+            from peft import PeftModel
+
+            base_source = json.loads(adapter.read_text()).get("base_model_name_or_path")
+            if not base_source:
+                raise ModelError(f"{adapter} names no base model (base_model_name_or_path)")
+            model = PeftModel.from_pretrained(_from_pretrained(base_source, common), directory).merge_and_unload()
+        else:
+            model = _from_pretrained(source, common)
+    except (OSError, ValueError) as error:
         raise ModelError(f"cannot load model from '{source}': {str(error).splitlines()[0]}") from None
     model.to(torch_device).eval()
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)

@@ -1,0 +1,108 @@
+"""Selection rules over score columns: top, bottom, middle band, intersection of bands; by fraction or count.
+
+Everything works on ranks with ties broken by pair_id, so the same scores always give the same subset whatever
+the row order. Pairs with a NaN score (dropped by the log-prob engine: prompt longer than max_length) are never
+selected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from prefsift.errors import ConfigError
+
+RULES = ("top", "bottom", "band", "intersection", "all")
+
+
+def _tie_keys(pair_ids: Sequence[str] | None, n: int) -> np.ndarray:
+    return np.asarray(pair_ids, dtype=object) if pair_ids is not None else np.arange(n)
+
+
+def percentile_ranks(values: np.ndarray, pair_ids: Sequence[str] | None = None) -> np.ndarray:
+    """Rank of each value among the non-NaN ones, scaled to [0, 1]; NaN stays NaN. Ties ordered by pair_id."""
+    values = np.asarray(values, dtype=float)
+    valid = np.flatnonzero(~np.isnan(values))
+    keys = _tie_keys(pair_ids, len(values))[valid]
+    order = valid[np.lexsort((keys.astype(str), values[valid]))]
+    ranks = np.full(len(values), np.nan)
+    ranks[order] = np.arange(len(order)) / max(len(order) - 1, 1)
+    return ranks
+
+
+def band_mask(values: np.ndarray, low: float, high: float, pair_ids: Sequence[str] | None = None) -> np.ndarray:
+    """True where the value's percentile rank lies in [low, high]."""
+    _check_band(low, high)
+    ranks = percentile_ranks(values, pair_ids)
+    with np.errstate(invalid="ignore"):
+        return (ranks >= low) & (ranks <= high)
+
+
+def _check_band(low: float, high: float) -> None:
+    if not (0.0 <= low < high <= 1.0):
+        raise ConfigError(f"band cut-offs must satisfy 0 <= low < high <= 1 (got low={low}, high={high})")
+
+
+def target_count(n: int, fraction: float | None, count: int | None) -> int:
+    if (fraction is None) == (count is None):
+        raise ConfigError("give exactly one of --fraction or --count")
+    if fraction is not None:
+        if not (0.0 < fraction <= 1.0):
+            raise ConfigError(f"--fraction must be in (0, 1] (got {fraction})")
+        return max(1, round(fraction * n))
+    if count is None or count < 1:
+        raise ConfigError(f"--count must be a positive integer (got {count})")
+    return min(count, n)
+
+
+def _smallest(keys: np.ndarray, pair_ids: Sequence[str] | None, k: int) -> np.ndarray:
+    """Indices of the k smallest non-NaN keys, ties by pair_id."""
+    valid = np.flatnonzero(~np.isnan(keys))
+    ties = _tie_keys(pair_ids, len(keys))[valid].astype(str)
+    order = valid[np.lexsort((ties, keys[valid]))]
+    return order[:k]
+
+
+def select_indices(scores: Mapping[str, Sequence], rule: str, *, column: str | None = None,
+                   columns: Sequence[str] | None = None, fraction: float | None = None,
+                   count: int | None = None, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """Row indices (ascending) that `rule` keeps. `scores` maps column names to equal-length sequences and
+    should hold `pair_id` (the tie-breaker)."""
+    if rule not in RULES:
+        raise ConfigError(f"unknown rule '{rule}' (known: {', '.join(RULES)})")
+    pair_ids = scores.get("pair_id")
+    names = list(columns or ([column] if column else []))
+    for name in names:
+        if name not in scores:
+            known = ", ".join(c for c in scores if c != "pair_id")
+            raise ConfigError(f"no score column '{name}' (columns: {known})")
+    n = len(pair_ids) if pair_ids is not None else len(next(iter(scores.values())))
+    if rule == "all":
+        return np.arange(n)
+    if not names:
+        raise ConfigError(f"rule '{rule}' needs a score column (--column, or --columns for intersection)")
+    if rule != "intersection" and len(names) > 1:
+        raise ConfigError(f"rule '{rule}' takes one column (got {', '.join(names)})")
+    if rule == "intersection" and len(names) < 2:
+        raise ConfigError("rule 'intersection' needs at least two columns (--columns a,b)")
+    values = [np.asarray(scores[name], dtype=float) for name in names]
+    by_cutoffs = low is not None or high is not None
+    if by_cutoffs and rule in ("band", "intersection") and fraction is None and count is None:
+        low, high = (0.0 if low is None else low), (1.0 if high is None else high)
+        keep = np.ones(n, dtype=bool)
+        for v in values:
+            keep &= band_mask(v, low, high, pair_ids)
+        return np.flatnonzero(keep)
+    k = target_count(n, fraction, count)
+    if rule == "top":
+        chosen = _smallest(-values[0], pair_ids, k)
+    elif rule == "bottom":
+        chosen = _smallest(values[0], pair_ids, k)
+    else:
+        # A symmetric band [t, 1 − t] on every column keeps the pairs whose most extreme rank is within 0.5 − t,
+        # so the k pairs with the smallest "extremeness" are exactly the widest-trim intersection of size k.
+        ranks = np.stack([percentile_ranks(v, pair_ids) for v in values])
+        extremeness = np.abs(ranks - 0.5).max(axis=0)
+        chosen = _smallest(extremeness, pair_ids, k)
+    return np.sort(chosen)

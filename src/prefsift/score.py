@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefsift.data import LoadedPairs
-from prefsift.errors import ConfigError
-from prefsift.manifest import tokenizer_fingerprint, write_manifest
+from prefsift.errors import ConfigError, PrefsiftError
+from prefsift.manifest import read_manifest, tokenizer_fingerprint, write_manifest
 from prefsift.models import LoadedModel, load_model
 from prefsift.scorers import ScoringContext, get_scorer
 
@@ -86,12 +86,17 @@ def score(data: LoadedPairs, config: ScoreConfig, out_dir: Path | None = None,
     return ScoreResult(result, seconds, out_dir)
 
 
-def write_scores(out_dir: Path, result: dict[str, np.ndarray], data: LoadedPairs, config: ScoreConfig,
-                 models: dict[str, LoadedModel], seconds: float) -> None:
+def write_scores_table(out_dir: Path, scores: dict[str, np.ndarray], data: LoadedPairs) -> None:
+    """scores.parquet (pair_id + scores + TRL-named log-probs) and pairs.parquet (the input's own rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({k: list(v) if k == "pair_id" else v for k, v in result.items()}),
+    pq.write_table(pa.table({k: list(v) if k == "pair_id" else v for k, v in scores.items()}),
                    out_dir / "scores.parquet")
     data.raw.to_parquet(str(out_dir / "pairs.parquet"))
+
+
+def write_scores(out_dir: Path, result: dict[str, np.ndarray], data: LoadedPairs, config: ScoreConfig,
+                 models: dict[str, LoadedModel], seconds: float) -> None:
+    write_scores_table(out_dir, result, data)
     scorer = get_scorer(config.method)
     record = {
         "method": config.method, "config": asdict(config), "default_rule": scorer.default_rule,
@@ -103,3 +108,27 @@ def write_scores(out_dir: Path, result: dict[str, np.ndarray], data: LoadedPairs
         "seconds": seconds,
     }
     write_manifest(out_dir, "score", record)
+
+
+def reference_logps_from_scores(scores_dir: Path, data: LoadedPairs, model: str, max_length: int | None
+                                ) -> np.ndarray:
+    """The (n, 2) reference log-probs of `data`'s pairs from a score directory, matched by pair_id.
+
+    Refuses (one line) when that directory's reference model or max_length differ from training's, or a pair is
+    missing: log-probs from another model would silently train against the wrong reference."""
+    manifest = read_manifest(Path(scores_dir))
+    reference = manifest.get("models", {}).get("reference", {}).get("source")
+    if reference != model or manifest.get("config", {}).get("max_length") != max_length:
+        raise PrefsiftError(f"{scores_dir} was scored with reference {reference!r} at max_length "
+                            f"{manifest.get('config', {}).get('max_length')}; training uses {model!r} at "
+                            f"{max_length}: drop --scores or rescore")
+    table = pq.read_table(Path(scores_dir) / "scores.parquet").to_pydict()
+    if "ref_chosen_logps" not in table:
+        raise PrefsiftError(f"{scores_dir}/scores.parquet has no reference log-probs (score with irm/lossdiff)")
+    index = {pid: i for i, pid in enumerate(table["pair_id"])}
+    missing = [pid for pid in data.pairs["pair_id"] if pid not in index]
+    if missing:
+        raise PrefsiftError(f"{len(missing)} training pairs are not in {scores_dir} (e.g. {missing[0]})")
+    rows = [index[pid] for pid in data.pairs["pair_id"]]
+    return np.stack([np.asarray(table["ref_chosen_logps"])[rows], np.asarray(table["ref_rejected_logps"])[rows]],
+                    axis=1)

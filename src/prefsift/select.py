@@ -8,10 +8,14 @@ selected.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import datasets
 import numpy as np
+import pyarrow.parquet as pq
 
-from prefsift.errors import ConfigError
+from prefsift.errors import ConfigError, PrefsiftError
+from prefsift.manifest import read_manifest, write_manifest
 
 RULES = ("top", "bottom", "band", "intersection", "all")
 
@@ -106,3 +110,45 @@ def select_indices(scores: Mapping[str, Sequence], rule: str, *, column: str | N
         extremeness = np.abs(ranks - 0.5).max(axis=0)
         chosen = _smallest(extremeness, pair_ids, k)
     return np.sort(chosen)
+
+
+def select_from_scores(scores_dir: str | Path, out_dir: str | Path, *, rule: str | None = None,
+                       fraction: float | None = None, count: int | None = None, column: str | None = None, columns: Sequence[str] | None = None,
+                       low: float | None = None, high: float | None = None) -> dict:
+    """`prefsift select`: read a score directory, apply a rule, write selected.jsonl / .parquet + manifest.
+
+    Without `rule`, the scoring method's own rule applies (e.g. intersection of lossdiff and irm bands)."""
+    scores_dir, out_dir = Path(scores_dir), Path(out_dir)
+    manifest = read_manifest(scores_dir)
+    for name in ("scores.parquet", "pairs.parquet"):
+        if not (scores_dir / name).is_file():
+            raise PrefsiftError(f"{scores_dir} has no {name}: run `prefsift score` into it first")
+    table = pq.read_table(scores_dir / "scores.parquet").to_pydict()
+    default = dict(manifest.get("default_rule") or {"rule": "top"})
+    if rule is None:
+        rule = default.get("rule", "top")
+        columns = columns or default.get("columns")
+    if rule == "intersection":
+        columns = columns or default.get("columns")
+    elif column is None and rule != "all":
+        score_columns = [c for c in table if c != "pair_id" and not c.endswith("_logps")]
+        column = score_columns[0] if score_columns else None
+    if fraction is None and count is None and low is None and high is None and rule in ("band", "intersection"):
+        config = manifest.get("config", {})
+        low, high = config.get("band_low", 0.1), config.get("band_high", 0.9)
+    if fraction is None and count is None and low is None and high is None and rule != "all":
+        raise ConfigError(f"rule '{rule}' needs --fraction or --count")
+    rows = select_indices(table, rule, column=column, columns=columns, fraction=fraction, count=count, low=low,
+                          high=high)
+    raw = datasets.Dataset.from_parquet(str(scores_dir / "pairs.parquet"))
+    if list(raw["pair_id"]) != list(table["pair_id"]):
+        raise PrefsiftError(f"{scores_dir}: pairs.parquet and scores.parquet disagree (rewritten by hand?)")
+    selected = raw.select(rows.tolist())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    selected.to_json(str(out_dir / "selected.jsonl"), lines=True, force_ascii=False)
+    selected.to_parquet(str(out_dir / "selected.parquet"))
+    record = {"scores": str(scores_dir), "rule": rule, "column": column, "columns": columns, "fraction": fraction,
+              "count": count, "low": low, "high": high, "n_pairs": len(raw), "n_selected": len(selected),
+              "data_hash": manifest.get("data", {}).get("hash")}
+    write_manifest(out_dir, "select", record)
+    return record

@@ -35,7 +35,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps accumulated per update."})
     max_length: int | None = field(default=1024, metadata={"help": "Token cut-off (must match scoring's)."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name."})
-    warmup_steps: float = field(default=0.0, metadata={"help": "Warm-up steps of the learning rate (a float < 1: a share of all steps)."})
+    warmup_steps: float = field(default=0.0, metadata={"help": "Learning-rate warm-up steps (< 1: share of steps)."})
     seed: int = field(default=0, metadata={"help": "Seed of shuffling and initialisation."})
     lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})

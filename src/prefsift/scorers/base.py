@@ -7,6 +7,7 @@ the policy's log-probs) run it once.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -38,6 +39,7 @@ class ScoringContext:
     out_dir: Path | None = None  # where resumable shards go
     data_hash: str = ""
     band: tuple[float, float] = (0.1, 0.9)
+    seconds: dict = field(default_factory=dict)  # role -> seconds its log-prob pass took (0 when shared)
     _logps: dict = field(default_factory=dict)
 
     def model(self, role: str):
@@ -55,9 +57,16 @@ class ScoringContext:
                 identity = {"model": loaded.source, "fingerprint": loaded.fingerprint, "max_length": self.max_length,
                             "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "data": self.data_hash}
                 run = LogpsRun(self.out_dir, role, identity)
+            start = time.perf_counter()
             self._logps[key] = compute_logps(loaded.model, loaded.tokenizer, self.pairs, max_length=self.max_length,
                                              batch_tokens=self.batch_tokens, run=run, desc=f"{role} log-probs")
+            self.seconds[role] = time.perf_counter() - start
         return self._logps[key]
+
+    def provide(self, role: str, values: np.ndarray, seconds: float = 0.0) -> None:
+        """Hand over log-probs computed elsewhere (e.g. the reference pass a training run already made)."""
+        self._logps[id(self.model(role).model)] = values
+        self.seconds[role] = seconds
 
     def logps_columns(self) -> dict[str, np.ndarray]:
         """Every computed pass under its TRL column names, for scores.parquet."""

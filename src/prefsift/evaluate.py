@@ -1,0 +1,151 @@
+"""Evaluation: held-out preference accuracy, and the win rate of the aligned policy's greedy answers against the
+reference policy's, judged by a pluggable judge (the embedded oracle, or a reward model)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from prefsift.errors import ModelError
+from prefsift.logps import compute_logps
+from prefsift.models import LoadedModel, _fingerprint, _split_gguf, load_tokenizer, looks_local, parse_dtype
+from prefsift.scorers.base import implicit_reward_margin
+from prefsift.scorers.margin import reward_scores
+
+
+class Judge(Protocol):
+    """Scores responses; higher is better. The win rate compares two responses to the same prompt."""
+
+    name: str
+
+    def score(self, prompts: list, responses: list[str]) -> list[float]: ...
+
+
+def load_reward_model(source: str, *, dtype: str | None = "auto", device: str | None = None,
+                      trust_remote_code: bool = False) -> LoadedModel:
+    """A sequence-classification reward model with one output (e.g. a TRL RewardTrainer model)."""
+    directory, _ = _split_gguf(source)
+    if looks_local(source) and not Path(directory).exists():
+        raise ModelError(f"reward model path not found: {source}")
+    torch_device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            directory, num_labels=1, dtype=parse_dtype(dtype, torch_device), use_safetensors=True,
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load reward model from '{source}': {str(error).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model.to(torch_device).eval(), tokenizer, source, _fingerprint(directory, None))
+
+
+class RewardModelJudge:
+    name = "reward_model"
+
+    def __init__(self, loaded: LoadedModel, max_length: int | None = 1024) -> None:
+        self.loaded = loaded
+        self.max_length = max_length
+
+    def score(self, prompts: list, responses: list[str]) -> list[float]:
+        messages = [[{"role": "assistant", "content": r}] for r in responses]
+        answers = messages if prompts and isinstance(prompts[0], list) else responses
+        return reward_scores(self.loaded.model, self.loaded.tokenizer, prompts, answers,
+                             max_length=self.max_length).tolist()
+
+
+@torch.inference_mode()
+def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int = 128, batch_size: int = 32) -> list[str]:
+    """Greedy completions of each prompt (plain text, or messages through the chat template), new tokens only."""
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list)
+             else p for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = out[:, batch["input_ids"].shape[1]:]
+            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def preference_accuracy(policy_logps: np.ndarray, reference_logps: np.ndarray, beta: float = 0.1) -> float:
+    """Share of held-out pairs whose implicit reward ranks chosen above rejected (ties count half)."""
+    margin = implicit_reward_margin(policy_logps, reference_logps, beta)
+    margin = margin[~np.isnan(margin)]
+    if len(margin) == 0:
+        return float("nan")
+    return float(np.mean(margin > 0) + 0.5 * np.mean(margin == 0))
+
+
+@dataclass
+class WinRate:
+    win_rate: float  # P(policy better) + ½ P(tie)
+    wins: int
+    ties: int
+    losses: int
+    policy_mean_score: float
+    baseline_mean_score: float
+
+
+def win_rate(judge: Judge, prompts: list, policy_answers: list[str], baseline_answers: list[str],
+             tie_tolerance: float = 1e-9) -> WinRate:
+    a = np.asarray(judge.score(prompts, policy_answers), dtype=float)
+    b = np.asarray(judge.score(prompts, baseline_answers), dtype=float)
+    wins, ties = int((a > b + tie_tolerance).sum()), int((np.abs(a - b) <= tie_tolerance).sum())
+    losses = len(a) - wins - ties
+    return WinRate((wins + 0.5 * ties) / max(len(a), 1), wins, ties, losses, float(a.mean()), float(b.mean()))
+
+
+@dataclass
+class EvalConfig:
+    beta: float = field(default=0.1, metadata={"help": "β of the implicit reward (preference accuracy)."})
+    max_length: int | None = field(default=1024, metadata={"help": "Token cut-off of the log-prob pass."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Generation budget of each greedy answer."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch."})
+    batch_tokens: int = field(default=8192, metadata={"help": "Tokens per batch of the log-prob pass."})
+
+
+def evaluate(policy: LoadedModel, reference: LoadedModel, *, test_pairs=None, prompts: list | None = None,
+             judge: Judge | None = None, config: EvalConfig | None = None,
+             reference_logps: np.ndarray | None = None, baseline_answers: list[str] | None = None) -> dict:
+    """Preference accuracy on `test_pairs` and win rate on `prompts` (needs `judge`); returns a flat record.
+
+    `reference_logps` / `baseline_answers` let a caller that evaluates many policies compute the reference's
+    side once."""
+    config = config or EvalConfig()
+    start = time.perf_counter()
+    record: dict = {}
+    if test_pairs is not None and len(test_pairs):
+        kwargs = {"max_length": config.max_length, "batch_tokens": config.batch_tokens}
+        if reference_logps is None:
+            reference_logps = compute_logps(reference.model, reference.tokenizer, test_pairs, desc="reference",
+                                            **kwargs)
+        policy_logps = compute_logps(policy.model, policy.tokenizer, test_pairs, desc="policy", **kwargs)
+        record["pref_accuracy"] = preference_accuracy(policy_logps, reference_logps, config.beta)
+    if prompts:
+        if judge is None:
+            raise ModelError("a win rate needs a judge (--judge-model: a reward model)")
+        if baseline_answers is None:
+            baseline_answers = greedy_answers(reference.model, reference.tokenizer, prompts,
+                                              max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+        answers = greedy_answers(policy.model, policy.tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                                 batch_size=config.batch_size)
+        result = win_rate(judge, prompts, answers, baseline_answers)
+        record.update({"win_rate": result.win_rate, "wins": result.wins, "ties": result.ties,
+                       "losses": result.losses, "judge": judge.name,
+                       "policy_mean_score": result.policy_mean_score,
+                       "baseline_mean_score": result.baseline_mean_score})
+    record["eval_seconds"] = time.perf_counter() - start
+    return record

@@ -168,8 +168,8 @@ class BenchmarkTask:
 
     @property
     def max_response_chars(self) -> int:
-        """Longest response any kind produces; greedy decoding needs one token more for the EOS."""
-        return self.config.max_len + self.config.max_errors
+        """Longest response any kind produces (the "long" kind adds one character); add one token for the EOS."""
+        return self.config.max_len + 1
 
 
 class OracleJudge:

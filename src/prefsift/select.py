@@ -114,7 +114,8 @@ def select_indices(scores: Mapping[str, Sequence], rule: str, *, column: str | N
 
 def select_from_scores(scores_dir: str | Path, out_dir: str | Path, *, rule: str | None = None,
                        fraction: float | None = None, count: int | None = None, column: str | None = None,
-                       columns: Sequence[str] | None = None, low: float | None = None, high: float | None = None) -> dict:
+                       columns: Sequence[str] | None = None, low: float | None = None,
+                       high: float | None = None) -> dict:
     """`prefsift select`: read a score directory, apply a rule, write selected.jsonl / .parquet + manifest.
 
     Without `rule`, the scoring method's own rule applies (e.g. intersection of lossdiff and irm bands)."""

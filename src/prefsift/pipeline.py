@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prefsift.data import LoadedPairs, load_pairs
+from prefsift.data import LoadedPairs, data_hash_of, load_pairs
 from prefsift.errors import ConfigError
 from prefsift.evaluate import EvalConfig, Judge, RewardModelJudge, evaluate, greedy_answers, load_reward_model
 from prefsift.logps import compute_logps
@@ -104,7 +104,7 @@ def _subset(data: LoadedPairs, rows: np.ndarray) -> LoadedPairs:
     rows = rows.tolist()
     return LoadedPairs(pairs=data.pairs.select(rows), raw=data.raw.select(rows), kind=data.kind, invalid=[],
                        n_read=len(rows), source=data.source,
-                       data_hash=hashlib.sha256("".join(data.pairs.select(rows)["pair_id"]).encode()).hexdigest())
+                       data_hash=data_hash_of(data.pairs.select(rows)["pair_id"]))
 
 
 def make_splits(config: RunConfig) -> Splits:

@@ -1,0 +1,257 @@
+"""Read a preference dataset from wherever it lives into a `datasets.Dataset` in the input's own columns.
+
+Sources: local JSONL / JSON / Parquet / CSV files (optionally `.gz`), a directory written by
+`save_to_disk`, an in-memory `Dataset`, or a hub dataset name (`name` or `name:split`).
+Nothing here knows about preference pairs; that is `normalize.py`'s job.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+from datasets.fingerprint import generate_random_fingerprint
+
+from prefsift.errors import DataError
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+SUPPORTED = ".jsonl, .json, .parquet, .csv (each optionally .gz), or a directory saved by datasets"
+# Data-file suffixes we do not read: a missing file with one of these is "file not found", not a hub name.
+_OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".arrow", ".feather", ".xlsx", ".xls", ".zip", ".bz2", ".xz", ".zst"}
+_HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+@dataclass
+class RawTable:
+    """The rows as read: `table` in the input's own columns, `rows[k]` the 1-based number users see."""
+
+    table: datasets.Dataset
+    rows: list[int]
+    where: str  # how error messages name the source
+    row_word: str  # "line" for line-oriented files, "row" otherwise
+    # For JSON sources, the parsed values column by column. `table` stores a column that mixes value types
+    # as datasets' Json feature, which reads a string that is itself valid JSON back decoded ("true" -> True),
+    # so validation uses these instead.
+    values: dict[str, list[Any]] | None = None
+
+
+def read_source(
+    source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
+    *,
+    split: str | None,
+    text_columns: Iterable[str] = (),
+) -> RawTable:
+    """Read `source` into a `RawTable`. `text_columns` are read as strings from CSV (no type guessing)."""
+    if isinstance(source, datasets.DatasetDict):
+        return _from_dataset(_pick_split(source, split, "dataset"), "dataset")
+    if isinstance(source, datasets.Dataset):
+        return _from_dataset(source, "dataset")
+    if not isinstance(source, (str, os.PathLike)):
+        kind = type(source).__name__
+        raise DataError(f"cannot read a {kind}: pass a path, a hub name or a datasets.Dataset")
+
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _read_saved(path, text, split)
+    if path.is_file():
+        return _read_file(path, text, tuple(text_columns))
+    if _looks_like_path(text):
+        raise DataError(f"file not found: {text}")
+    return _read_hub(text, split)
+
+
+def _looks_like_path(text: str) -> bool:
+    suffixes = [s.lower() for s in Path(text).suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        return True
+    if suffixes and (suffixes[-1] in FORMATS or suffixes[-1] in _OTHER_FILE_SUFFIXES):
+        return True
+    name = text.partition(":")[0]
+    # Hub ids are `name` or `org/name`; anything else with a separator is a path.
+    return not _HUB_NAME.fullmatch(name) or name.startswith(".")
+
+
+def _file_format(path: Path) -> tuple[str, bool]:
+    suffixes = [s.lower() for s in path.suffixes]
+    compressed = bool(suffixes) and suffixes[-1] == ".gz"
+    if compressed:
+        suffixes = suffixes[:-1]
+    fmt = FORMATS.get(suffixes[-1]) if suffixes else None
+    if fmt is None:
+        shown = "".join(path.suffixes[-2:]) or "(none)"
+        raise DataError(f"{path}: unsupported file type {shown}; supported: {SUPPORTED}")
+    return fmt, compressed
+
+
+def _read_file(path: Path, where: str, text_columns: tuple[str, ...]) -> RawTable:
+    fmt, compressed = _file_format(path)
+    try:
+        if fmt == "jsonl":
+            with _open_text(path, compressed) as f:
+                raw = _from_records(_jsonl_records(f, where), where, "line")
+        elif fmt == "json":
+            with _open_text(path, compressed) as f:
+                raw = _read_json(f, where)
+        elif fmt == "parquet":
+            raw = _read_parquet(path, where, compressed)
+        else:
+            raw = _read_csv(path, where, text_columns)
+    except (gzip.BadGzipFile, EOFError, OSError) as e:
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise DataError(f"cannot open {where}: {e.strerror}") from e
+        raise DataError(f"{where}: cannot decompress ({_short(e)})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text ({_short(e)})") from e
+    if not raw.rows:
+        raise DataError(f"{where}: no rows")
+    return raw
+
+
+def _open_text(path: Path, compressed: bool) -> IO[str]:
+    if compressed:
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+def _jsonl_records(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where} line {number}: invalid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(record, dict):
+            raise DataError(f"{where} line {number}: expected a JSON object, got {_json_type(record)}")
+        yield number, record
+
+
+def _read_json(f: IO[str], where: str) -> RawTable:
+    """A JSON array of records, or (anything else) one record per line."""
+    text = f.read()
+    if not text.lstrip().startswith("["):
+        return _from_records(_jsonl_records(io.StringIO(text), where), where, "line")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{where} record {number}: expected a JSON object, got {_json_type(record)}")
+    return _from_records(enumerate(records, start=1), where, "row")
+
+
+def _from_records(numbered: Iterable[tuple[int, dict[str, Any]]], where: str, row_word: str) -> RawTable:
+    rows: list[int] = []
+    columns: dict[str, list[Any]] = {}
+    for k, (number, record) in enumerate(numbered):
+        rows.append(number)
+        for key, value in record.items():
+            if key not in columns:
+                columns[key] = [None] * k  # a column first seen late is missing in the rows before
+            columns[key].append(value)
+        for values in columns.values():
+            if len(values) == k:  # this record lacks the column
+                values.append(None)
+    try:
+        table = arrow_dataset(pa.Table.from_pydict(columns))
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        try:  # a column mixes value types (1 and "1", strings and lists): datasets stores it as Json
+            table = datasets.Dataset.from_dict(columns, on_mixed_types="use_json")
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+            raise DataError(f"{where}: cannot build a table from the records ({_short(e)})") from e
+    return RawTable(table, rows, where, row_word, columns)
+
+
+def arrow_dataset(
+    table: pa.Table, features: datasets.Features | None = None, fingerprint: str | None = None
+) -> datasets.Dataset:
+    """Wrap an Arrow table as an in-memory Dataset without hashing its contents (datasets' default
+    fingerprint pickles the whole table, seconds for a large one)."""
+    info = datasets.DatasetInfo(features=features) if features is not None else None
+    return datasets.Dataset(table, info=info, fingerprint=fingerprint or generate_random_fingerprint())
+
+
+def _read_parquet(path: Path, where: str, compressed: bool) -> RawTable:
+    try:
+        if compressed:
+            with gzip.open(path, "rb") as f:
+                table = pq.read_table(pa.BufferReader(f.read()))
+        else:
+            table = pq.read_table(path)
+    except pa.ArrowException as e:
+        raise DataError(f"{where}: cannot read Parquet ({_short(e)})") from e
+    return _from_dataset(arrow_dataset(table), where)
+
+
+def _read_csv(path: Path, where: str, text_columns: tuple[str, ...]) -> RawTable:
+    # Text columns stay strings ("42" is a prompt, not a number); other columns (scores, labels) are typed.
+    options = pa_csv.ConvertOptions(column_types={name: pa.string() for name in text_columns})
+    try:
+        # Transcripts hold newlines inside quoted values; .gz is decompressed by pyarrow itself.
+        parse = pa_csv.ParseOptions(newlines_in_values=True)
+        table = pa_csv.read_csv(path, parse_options=parse, convert_options=options)
+    except pa.ArrowException as e:
+        raise DataError(f"{where}: cannot read CSV ({_short(e)})") from e
+    return _from_dataset(arrow_dataset(table), where)
+
+
+def _read_saved(path: Path, where: str, split: str | None) -> RawTable:
+    if not any((path / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json")):
+        raise DataError(f"{where}: a directory, but not one written by datasets' save_to_disk")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises many types for a damaged directory
+        raise DataError(f"{where}: cannot load saved dataset ({_short(e)})") from e
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = _pick_split(loaded, split, where)
+    return _from_dataset(loaded, where)
+
+
+def _pick_split(dd: datasets.DatasetDict, split: str | None, where: str) -> datasets.Dataset:
+    name = split or "train"
+    if name not in dd:
+        raise DataError(f"{where}: no split '{name}' (splits: {', '.join(dd)}); choose one with --split")
+    return dd[name]
+
+
+def _read_hub(text: str, split: str | None) -> RawTable:
+    name, _, name_split = text.partition(":")
+    chosen_split = split or name_split or "train"
+    try:
+        loaded = datasets.load_dataset(name, split=chosen_split)
+    except Exception as e:  # offline, unknown name, gated, bad split: all one line for the user
+        raise DataError(f"cannot load hub dataset '{name}': {_short(e)}") from e
+    if not isinstance(loaded, datasets.Dataset):
+        raise DataError(f"cannot load hub dataset '{name}': split '{chosen_split}' is not a plain dataset")
+    return _from_dataset(loaded, text)
+
+
+def _from_dataset(ds: datasets.Dataset, where: str) -> RawTable:
+    if len(ds) == 0:
+        raise DataError(f"{where}: no rows")
+    return RawTable(ds.with_format(None), list(range(1, len(ds) + 1)), where, "row")
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message, cut to `limit` characters."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,599 @@
+"""prefsift.data: every source format, every kind, validation, errors, pair_id, and the real HH-RLHF file."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prefsift.data import (
+    InvalidRow,
+    LoadedPairs,
+    data_hash_of,
+    load_pairs,
+    pair_id_of,
+    split_implicit_prompt,
+)
+from prefsift.errors import DataError, PrefsiftError
+
+STANDARD = [
+    {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
+    {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon, I think."},
+    {"prompt": "Colour of a clear sky?", "chosen": "Blue.", "rejected": "Green."},
+]
+
+HH_CHOSEN = (
+    "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?"
+    "\n\nHuman: Tell me a joke about cats"
+    "\n\nAssistant: Sure, here is one: why did the cat sit on the computer?"
+)
+HH_REJECTED = (
+    "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?"
+    "\n\nHuman: Tell me a joke about cats\n\nAssistant: Sure, cats are terrible and so are you."
+)
+HH_PROMPT = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke about cats\n\nAssistant:"
+
+
+def _hh_path() -> Path:
+    path = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
+    return path if path.is_file() else Path(os.environ.get("PREFSIFT_HH_PATH", str(path)))
+
+
+HH_PATH = _hh_path()
+
+
+# ---------------------------------------------------------------- writers, one per source format
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_json_array(path: Path, rows: list[dict[str, Any]]) -> Path:
+    text = json.dumps(rows, indent=2)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_saved(path: Path, rows: list[dict[str, Any]]) -> Path:
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def write_saved_dict(path: Path, rows: list[dict[str, Any]]) -> Path:
+    decoy = [{"prompt": "other", "chosen": "a", "rejected": "b"}]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(decoy), "test": datasets.Dataset.from_list(rows)})
+    dd.save_to_disk(str(path))
+    return path
+
+
+SOURCES: dict[str, tuple[str, Callable[[Path, list[dict[str, Any]]], Any], dict[str, Any]]] = {
+    "jsonl": ("d.jsonl", write_jsonl, {}),
+    "jsonl.gz": ("d.jsonl.gz", write_jsonl, {}),
+    "json-array": ("d.json", write_json_array, {}),
+    "json-array.gz": ("d.json.gz", write_json_array, {}),
+    "json-lines": ("d.json", write_jsonl, {}),
+    "parquet": ("d.parquet", write_parquet, {}),
+    "csv": ("d.csv", write_csv, {}),
+    "save_to_disk": ("saved", write_saved, {}),
+    "DatasetDict": ("saved_dict", write_saved_dict, {"split": "test"}),
+    "in-memory": ("", lambda _path, rows: datasets.Dataset.from_list(rows), {}),
+}
+
+
+# ---------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("fmt", list(SOURCES))
+def test_every_format_loads_the_same_pairs(tmp_path: Path, fmt: str) -> None:
+    name, write, kwargs = SOURCES[fmt]
+    source = write(tmp_path / name, STANDARD)
+
+    loaded = load_pairs(source, **kwargs)
+
+    assert isinstance(loaded, LoadedPairs)
+    assert loaded.kind == "standard" and not loaded.conversational
+    assert loaded.pairs.column_names == ["pair_id", "prompt", "chosen", "rejected"]
+    assert loaded.pairs.to_list() == [{"pair_id": pair_id_of(**row), **row} for row in STANDARD]
+    assert loaded.raw.to_list() == [{**row, "pair_id": pair_id_of(**row)} for row in STANDARD]
+    assert (loaded.n_read, loaded.invalid) == (3, [])
+    assert loaded.summary() == "read 3 rows, kept 3, skipped 0"
+    if isinstance(source, Path):
+        assert loaded.source == str(source)
+
+
+def test_pair_ids_and_hash_match_across_formats(tmp_path: Path) -> None:
+    hashes = set()
+    for fmt, (name, write, kwargs) in SOURCES.items():
+        loaded = load_pairs(write(tmp_path / f"{fmt}-{name}", STANDARD), **kwargs)
+        hashes.add(loaded.data_hash)
+    assert len(hashes) == 1
+    assert len(hashes.pop()) == 64
+
+
+def test_dataset_dict_defaults_to_train_and_names_missing_splits(tmp_path: Path) -> None:
+    path = write_saved_dict(tmp_path / "dd", STANDARD)
+    assert load_pairs(path).pairs["prompt"] == ["other"]
+    assert len(load_pairs(str(path), split="test").pairs) == 3
+    with pytest.raises(DataError, match=r"no split 'validation' \(splits: train, test\)"):
+        load_pairs(path, split="validation")
+
+
+def test_saved_directory_is_left_untouched(tmp_path: Path) -> None:
+    rows = [*STANDARD, {"prompt": "x", "chosen": "same", "rejected": "same"}]
+    path = write_saved(tmp_path / "saved", rows)
+    before = sorted(p.name for p in path.iterdir())
+    loaded = load_pairs(path)
+    assert len(loaded.raw) == 3
+    assert sorted(p.name for p in path.iterdir()) == before
+
+
+def test_csv_text_columns_stay_strings_and_scores_stay_numbers(tmp_path: Path) -> None:
+    rows = [{"prompt": "007", "chosen": "42", "rejected": "41", "score_chosen": 9.5, "score_rejected": 3.0}]
+    loaded = load_pairs(write_csv(tmp_path / "d.csv", rows))
+    assert loaded.pairs[0]["prompt"] == "007" and loaded.pairs[0]["chosen"] == "42"
+    assert loaded.raw[0]["score_chosen"] == 9.5
+
+
+def test_csv_gz_with_multiline_transcripts(tmp_path: Path) -> None:
+    rows = [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED, "id": 1}] * 2000
+    rows = [{**row, "chosen": f"{row['chosen']} ({i})", "id": i} for i, row in enumerate(rows)]
+    plain = write_csv(tmp_path / "hh.csv", rows)
+    packed = tmp_path / "hh.csv.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    loaded = load_pairs(packed)
+    assert loaded.kind == "implicit" and len(loaded.pairs) == 2000
+    assert {p["prompt"] for p in loaded.pairs} == {HH_PROMPT}
+    assert loaded.raw["chosen"] == [row["chosen"] for row in rows]
+
+
+# ---------------------------------------------------------------- kinds
+
+
+def test_implicit_multi_turn_transcript_splits_at_last_shared_assistant_turn(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
+    loaded = load_pairs(path)
+    pair = loaded.pairs[0]
+    assert loaded.kind == "implicit"
+    assert pair["prompt"] == HH_PROMPT
+    assert pair["chosen"] == " Sure, here is one: why did the cat sit on the computer?"
+    assert pair["rejected"] == " Sure, cats are terrible and so are you."
+    assert pair["prompt"] + pair["chosen"] == HH_CHOSEN
+    assert pair["prompt"] + pair["rejected"] == HH_REJECTED
+    assert loaded.raw.column_names == ["chosen", "rejected", "pair_id"]
+
+
+def test_split_implicit_prompt_never_cuts_inside_a_response() -> None:
+    # The responses share " Sure, " but the cut stays at the marker.
+    assert split_implicit_prompt(HH_CHOSEN, HH_REJECTED) == (
+        HH_PROMPT,
+        HH_CHOSEN[len(HH_PROMPT) :],
+        HH_REJECTED[len(HH_PROMPT) :],
+    )
+    # Transcripts that part ways at an earlier turn: the last *shared* marker wins.
+    a = "\n\nHuman: q\n\nAssistant: yes\n\nHuman: more\n\nAssistant: ok"
+    b = "\n\nHuman: q\n\nAssistant: no\n\nHuman: more\n\nAssistant: ok"
+    prompt = "\n\nHuman: q\n\nAssistant:"
+    assert split_implicit_prompt(a, b) == (prompt, a[len(prompt) :], b[len(prompt) :])
+    # No shared marker, or a marker only one of them has at that point.
+    assert split_implicit_prompt("Human: a\n\nAssistant: b", "Human: c\n\nAssistant: d") is None
+    assert split_implicit_prompt("A: x", "A: y", assistant_marker="A:") == ("A:", " x", " y")
+    assert split_implicit_prompt("<u>hi<a>yes", "<u>hi<a>no", assistant_marker="<a>") == (
+        "<u>hi<a>",
+        "yes",
+        "no",
+    )
+
+
+def test_custom_assistant_marker(tmp_path: Path) -> None:
+    rows = [{"chosen": "<|user|>hi<|assistant|>hello", "rejected": "<|user|>hi<|assistant|>go away"}]
+    loaded = load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), assistant_marker="<|assistant|>")
+    assert loaded.pairs[0]["prompt"] == "<|user|>hi<|assistant|>"
+    assert loaded.pairs[0]["chosen"] == "hello"
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def test_conversational_explicit_prompt(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": [user("Sky colour?")], "chosen": [assistant("Blue.")], "rejected": [assistant("Green.")]},
+        # chosen/rejected that repeat the prompt in front of the answer are cut back to the answer
+        {
+            "prompt": [user("2+2?")],
+            "chosen": [user("2+2?"), assistant("4")],
+            "rejected": [user("2+2?"), assistant("5")],
+        },
+    ]
+    loaded = load_pairs(write_jsonl(tmp_path / "c.jsonl", rows))
+    assert loaded.kind == "conversational" and loaded.conversational
+    assert loaded.pairs.to_list()[0] == {
+        "pair_id": pair_id_of([user("Sky colour?")], [assistant("Blue.")], [assistant("Green.")]),
+        "prompt": [user("Sky colour?")],
+        "chosen": [assistant("Blue.")],
+        "rejected": [assistant("Green.")],
+    }
+    assert loaded.pairs[1]["chosen"] == [assistant("4")]
+    assert loaded.pairs[1]["prompt"] == [user("2+2?")]
+
+
+def test_conversational_ultrafeedback_like_keeps_scores_in_raw(tmp_path: Path) -> None:
+    rows = [
+        {
+            "prompt": "Name a prime.",
+            "chosen": [user("Name a prime."), assistant("7")],
+            "rejected": [user("Name a prime."), assistant("8")],
+            "score_chosen": 9.0,
+            "score_rejected": 2.5,
+        },
+        {  # multi-turn: the prompt is every shared leading message
+            "prompt": "hi",
+            "chosen": [user("hi"), assistant("hello"), user("joke?"), assistant("A good one.")],
+            "rejected": [user("hi"), assistant("hello"), user("joke?"), assistant("No.")],
+            "score_chosen": 7.0,
+            "score_rejected": 6.0,
+        },
+        {  # nothing shared: the string prompt becomes the user turn
+            "prompt": "Say hi",
+            "chosen": [assistant("Hi!")],
+            "rejected": [assistant("Bye.")],
+            "score_chosen": 5.0,
+            "score_rejected": 1.0,
+        },
+    ]
+    loaded = load_pairs(write_parquet(tmp_path / "uf.parquet", rows))
+    assert loaded.kind == "conversational"
+    assert [p["prompt"] for p in loaded.pairs] == [
+        [user("Name a prime.")],
+        [user("hi"), assistant("hello"), user("joke?")],
+        [user("Say hi")],
+    ]
+    assert [p["chosen"] for p in loaded.pairs] == [
+        [assistant("7")],
+        [assistant("A good one.")],
+        [assistant("Hi!")],
+    ]
+    assert loaded.raw.column_names == [
+        "prompt",
+        "chosen",
+        "rejected",
+        "score_chosen",
+        "score_rejected",
+        "pair_id",
+    ]
+    assert loaded.raw["score_chosen"] == [9.0, 7.0, 5.0]
+    assert loaded.raw["score_rejected"] == [2.5, 6.0, 1.0]
+    assert loaded.raw["chosen"][0] == rows[0]["chosen"]
+
+
+def test_conversational_without_prompt_column(tmp_path: Path) -> None:
+    rows = [{"chosen": [user("q"), assistant("good")], "rejected": [user("q"), assistant("bad")]}]
+    loaded = load_pairs(datasets.Dataset.from_list(rows))
+    assert loaded.kind == "conversational"
+    assert loaded.pairs[0]["prompt"] == [user("q")]
+    assert loaded.pairs[0]["rejected"] == [assistant("bad")]
+
+
+def test_unpaired_labels_are_coerced_to_bool(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "a", "completion": "x", "label": True},
+        {"prompt": "b", "completion": "y", "label": 0},
+        {"prompt": "c", "completion": "z", "label": "true"},
+        {"prompt": "d", "completion": "w", "label": "False"},
+        {"prompt": "e", "completion": "v", "label": "maybe"},
+        {"prompt": "f", "completion": "u", "label": 1},
+    ]
+    loaded = load_pairs(write_jsonl(tmp_path / "kto.jsonl", rows))
+    assert loaded.kind == "unpaired" and not loaded.conversational
+    assert loaded.pairs.column_names == ["pair_id", "prompt", "completion", "label"]
+    assert loaded.pairs["label"] == [True, False, True, False, True]
+    assert loaded.pairs["pair_id"][0] == pair_id_of("a", "x", True)
+    assert loaded.invalid == [InvalidRow(5, "invalid label 'maybe' (expected true/false or 1/0)")]
+
+
+def test_unpaired_from_csv_and_conversational_unpaired(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "a", "completion": "x", "label": "true"},
+        {"prompt": "b", "completion": "y", "label": "0"},
+    ]
+    assert load_pairs(write_csv(tmp_path / "kto.csv", rows)).pairs["label"] == [True, False]
+    conv = [{"prompt": [user("hi")], "completion": [assistant("hello")], "label": 1}]
+    loaded = load_pairs(datasets.Dataset.from_list(conv))
+    assert loaded.kind == "unpaired" and loaded.conversational
+    assert loaded.pairs[0]["completion"] == [assistant("hello")]
+
+
+def test_column_mapping(tmp_path: Path) -> None:
+    rows = [{"question": r["prompt"], "better": r["chosen"], "worse": r["rejected"]} for r in STANDARD]
+    loaded = load_pairs(
+        write_jsonl(tmp_path / "m.jsonl", rows),
+        prompt_key="question",
+        chosen_key="better",
+        rejected_key="worse",
+    )
+    assert loaded.kind == "standard"
+    assert loaded.pairs["pair_id"] == [pair_id_of(**r) for r in STANDARD]
+    assert loaded.raw.column_names == ["question", "better", "worse", "pair_id"]
+
+    kto = [{"q": "a", "answer": "x", "good": 1}]
+    mapped = load_pairs(datasets.Dataset.from_list(kto), prompt_key="q", completion_key="answer", label_key="good")
+    assert mapped.kind == "unpaired" and mapped.pairs["label"] == [True]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_invalid_rows_are_skipped_with_their_line_numbers(tmp_path: Path) -> None:
+    lines = [
+        json.dumps({"prompt": "p1", "chosen": "a", "rejected": "b"}),  # line 1: kept
+        "",  # line 2: blank, skipped silently
+        json.dumps({"prompt": "p2", "rejected": "b"}),  # line 3: no chosen
+        json.dumps({"prompt": "p3", "chosen": "a", "rejected": "  \n"}),  # line 4: whitespace rejected
+        json.dumps({"prompt": "p4", "chosen": "same", "rejected": "same"}),  # line 5
+        json.dumps({"prompt": "p1", "chosen": "a", "rejected": "b", "extra": 1}),  # line 6: duplicate of 1
+        "   ",  # line 7: blank
+        json.dumps({"prompt": None, "chosen": "a", "rejected": "b"}),  # line 8: null prompt
+        json.dumps({"prompt": "p5", "chosen": "", "rejected": "b"}),  # line 9: empty chosen
+        json.dumps({"prompt": "p6", "chosen": "c", "rejected": "d"}),  # line 10: kept
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    loaded = load_pairs(path)
+
+    assert loaded.invalid == [
+        InvalidRow(3, "missing field 'chosen'"),
+        InvalidRow(4, "empty rejected response"),
+        InvalidRow(5, "chosen == rejected"),
+        InvalidRow(6, "duplicate of row 1"),
+        InvalidRow(8, "missing field 'prompt'"),
+        InvalidRow(9, "empty chosen response"),
+    ]
+    assert loaded.n_read == 8
+    assert loaded.pairs["prompt"] == ["p1", "p6"]
+    assert loaded.raw["prompt"] == ["p1", "p6"] and loaded.raw["extra"] == [None, None]
+    assert loaded.raw["pair_id"] == loaded.pairs["pair_id"]
+    assert loaded.summary() == (
+        "read 8 rows, kept 2, skipped 6 (1 missing field 'chosen', 1 empty rejected response, "
+        "1 chosen == rejected, 1 duplicate, 1 missing field 'prompt', 1 empty chosen response)"
+    )
+
+
+def test_invalid_implicit_and_conversational_rows(tmp_path: Path) -> None:
+    implicit = [
+        {"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+        {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"},
+        {"chosen": HH_PROMPT + " ", "rejected": HH_REJECTED},
+    ]
+    loaded = load_pairs(write_json_array(tmp_path / "i.json", implicit))
+    assert loaded.invalid == [
+        InvalidRow(2, "no shared assistant turn"),
+        InvalidRow(3, "empty chosen response"),
+    ]
+
+    conv = [
+        {"chosen": [user("q"), assistant("good")], "rejected": [user("q"), assistant("bad")]},
+        {"chosen": [user("q"), assistant("  ")], "rejected": [user("q"), assistant("bad")]},
+        {"chosen": [user("q"), assistant("x")], "rejected": [user("q"), assistant("x")]},
+        {"chosen": [user("q"), assistant("x")], "rejected": [user("other"), assistant("y")]},
+    ]
+    loaded = load_pairs(write_jsonl(tmp_path / "c.jsonl", conv))
+    assert loaded.invalid == [
+        InvalidRow(2, "empty chosen response"),
+        InvalidRow(3, "chosen == rejected"),
+        InvalidRow(4, "no shared prompt messages"),
+    ]
+
+
+def test_on_invalid_fail_raises_at_the_first_bad_row(tmp_path: Path) -> None:
+    rows = [dict(r) for r in STANDARD] * 2
+    rows[1] = {"prompt": "p", "chosen": "same", "rejected": "same"}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        load_pairs(path, on_invalid="fail")
+    assert str(info.value) == f"{path} line 2: chosen == rejected"
+    with pytest.raises(DataError, match=r"line 4: duplicate of row 1$"):
+        load_pairs(write_jsonl(tmp_path / "e.jsonl", STANDARD * 2), on_invalid="fail")
+    with pytest.raises(DataError, match=r"^dataset row 2: chosen == rejected$"):
+        load_pairs(datasets.Dataset.from_list(rows), on_invalid="fail")
+
+
+def test_no_valid_rows_is_an_error(tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "chosen": "x", "rejected": "x"}, {"prompt": "q", "chosen": "", "rejected": "y"}]
+    with pytest.raises(DataError, match=r"no valid rows \(read 2: 1 chosen == rejected, 1 empty chosen response\)"):
+        load_pairs(write_jsonl(tmp_path / "d.jsonl", rows))
+
+
+# ---------------------------------------------------------------- errors a user can cause
+
+
+def one_line_error(*args: Any, **kwargs: Any) -> str:
+    with pytest.raises(DataError) as info:
+        load_pairs(*args, **kwargs)
+    assert isinstance(info.value, PrefsiftError)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    assert one_line_error(missing) == f"file not found: {missing}"
+    assert one_line_error(str(tmp_path / "dir" / "data")) == f"file not found: {tmp_path / 'dir' / 'data'}"
+    assert one_line_error("nope.parquet") == "file not found: nope.parquet"
+
+
+def test_broken_json_line_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(STANDARD[0]) + "\n\n" + '{"prompt": "x", "chosen": \n')
+    message = one_line_error(path)
+    assert message.startswith(f"{path} line 3: invalid JSON (")
+    path.write_text(json.dumps(STANDARD[0]) + "\n[1, 2]\n")
+    assert one_line_error(path) == f"{path} line 2: expected a JSON object, got an array"
+    gz = tmp_path / "d.json.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write('[\n  {"prompt": "a"},\n  {"prompt": }\n]')
+    assert one_line_error(gz).startswith(f"{gz} line 3: invalid JSON (")
+
+
+def test_missing_column_lists_the_existing_ones(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "good": "a", "bad": "b"}])
+    assert one_line_error(path) == (
+        "missing column 'chosen' (columns: question, good, bad); "
+        "map yours with --chosen-key/--rejected-key/--prompt-key"
+    )
+    assert one_line_error(path, chosen_key="good").startswith(
+        "missing column 'rejected' (columns: question, good, bad)"
+    )
+    kto = datasets.Dataset.from_list([{"prompt": "q", "completion": "a"}])
+    assert one_line_error(kto).startswith("missing column 'label' (columns: prompt, completion)")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    for name in ("e.jsonl", "e.json", "e.csv"):
+        path = tmp_path / name
+        path.write_text("" if name != "e.jsonl" else "\n  \n")
+        if name == "e.csv":
+            path.write_text("prompt,chosen,rejected\n")
+        assert one_line_error(path) == f"{path}: no rows"
+    gz = tmp_path / "e.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write("")
+    assert one_line_error(gz) == f"{gz}: no rows"
+    assert one_line_error(write_json_array(tmp_path / "a.json", [])) == f"{tmp_path / 'a.json'}: no rows"
+
+
+def test_unknown_extension_says_what_is_supported(tmp_path: Path) -> None:
+    path = tmp_path / "d.txt"
+    path.write_text("hello")
+    message = one_line_error(path)
+    assert message.startswith(f"{path}: unsupported file type .txt; supported: .jsonl, .json, .parquet, .csv")
+    not_saved = tmp_path / "plain_dir"
+    not_saved.mkdir()
+    assert "not one written by datasets' save_to_disk" in one_line_error(not_saved)
+
+
+def test_corrupt_gzip_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(b"not gzip at all")
+    assert one_line_error(path).startswith(f"{path}: cannot decompress (")
+
+
+def test_hub_name_offline_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Both libraries read the variable at import time: set what they read.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+    message = one_line_error("prefsift-tests/no-such-dataset:test")
+    assert message.startswith("cannot load hub dataset 'prefsift-tests/no-such-dataset': ")
+    assert len(message) < 300
+
+
+# ---------------------------------------------------------------- pair_id and data_hash
+
+
+def test_pair_id_is_a_stable_content_hash() -> None:
+    base = pair_id_of("p", "c", "r")
+    assert base == pair_id_of("p", "c", "r") and len(base) == 16 and int(base, 16) >= 0
+    assert len({base, pair_id_of("p2", "c", "r"), pair_id_of("p", "c2", "r"), pair_id_of("p", "r", "c")}) == 4
+    msgs = pair_id_of([user("p")], [assistant("c")], [assistant("r")])
+    assert msgs == pair_id_of([{"content": "p", "role": "user"}], [assistant("c")], [assistant("r")])
+    assert msgs != base
+    assert pair_id_of("p", "c", True) != pair_id_of("p", "c", False)
+
+
+def test_pair_id_survives_a_round_trip_through_raw(tmp_path: Path) -> None:
+    rows = [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED, "note": "x"}]
+    first = load_pairs(write_jsonl(tmp_path / "a.jsonl", rows))
+    # selected.jsonl carries the input's columns plus pair_id; reloading it gives the same ids.
+    again = load_pairs(write_jsonl(tmp_path / "b.jsonl", first.raw.to_list()))
+    assert again.pairs["pair_id"] == first.pairs["pair_id"]
+    assert again.raw.column_names == ["chosen", "rejected", "note", "pair_id"]
+    assert again.data_hash == first.data_hash
+    # The same content in the standard form has the same id.
+    standard = [{"prompt": HH_PROMPT, "chosen": first.pairs[0]["chosen"], "rejected": first.pairs[0]["rejected"]}]
+    assert load_pairs(datasets.Dataset.from_list(standard)).pairs["pair_id"] == first.pairs["pair_id"]
+
+
+def test_data_hash_depends_on_order(tmp_path: Path) -> None:
+    forward = load_pairs(datasets.Dataset.from_list(STANDARD))
+    backward = load_pairs(datasets.Dataset.from_list(STANDARD[::-1]))
+    assert forward.data_hash == data_hash_of(forward.pairs["pair_id"])
+    assert forward.data_hash != backward.data_hash
+    assert sorted(forward.pairs["pair_id"]) == sorted(backward.pairs["pair_id"])
+
+
+# ---------------------------------------------------------------- the real HH-RLHF file
+
+
+@pytest.mark.skipif(not HH_PATH.is_file(), reason=f"HH-RLHF test file not found at {HH_PATH}")
+def test_real_hh_rlhf_harmless_base() -> None:
+    from trl.data_utils import extract_prompt
+
+    loaded = load_pairs(HH_PATH)
+
+    assert loaded.kind == "implicit"
+    assert loaded.n_read == 2312
+    # Four transcripts end in an empty ("\n\nAssistant: ") chosen answer: the one rule that drops HH rows.
+    assert loaded.invalid == [InvalidRow(n, "empty chosen response") for n in (87, 517, 926, 1104)]
+    assert len(loaded.pairs) == 2308
+    assert loaded.summary() == "read 2312 rows, kept 2308, skipped 4 (4 empty chosen response)"
+    pairs, raw = loaded.pairs.to_dict(), loaded.raw.to_dict()
+    assert raw["pair_id"] == pairs["pair_id"]
+    for prompt, chosen, rejected, raw_chosen, raw_rejected in zip(
+        pairs["prompt"], pairs["chosen"], pairs["rejected"], raw["chosen"], raw["rejected"], strict=True
+    ):
+        assert prompt.endswith("\n\nAssistant:")
+        assert prompt + chosen == raw_chosen
+        assert prompt + rejected == raw_rejected
+
+    # Every one of the 2,312 rows (the 4 dropped ones too) splits exactly; TRL's character cut often does not.
+    with gzip.open(HH_PATH, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    inside_response = 0
+    for row in rows:
+        ours = split_implicit_prompt(row["chosen"], row["rejected"])
+        assert ours is not None and ours[0] + ours[1] == row["chosen"] and ours[0] + ours[2] == row["rejected"]
+        trl_prompt = extract_prompt(row)["prompt"]
+        inside_response += len(trl_prompt) > len(ours[0])
+    assert inside_response == 445

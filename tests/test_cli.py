@@ -1,0 +1,123 @@
+"""The command line: the score → select → train → eval flow on files, and one clear line for each bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_pairs, make_tiny_llama
+from typer.testing import CliRunner
+
+from prefsift.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, bpe_tokenizer):
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "sft"
+    make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
+    bpe_tokenizer.save_pretrained(model_dir)
+    rows = make_pairs(40, seed=21)
+    rows.append({"prompt": "q", "chosen": " same", "rejected": " same"})  # invalid: chosen == rejected
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, model_dir, data
+
+
+def test_score_select_train_eval(workspace):
+    root, model, data = workspace
+    scores = root / "scores"
+    result = invoke("score", "--data", data, "--method", "irm", "--model", model, "--out", scores, "--max-length", 64)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(scores / "scores.parquet").to_pydict()
+    assert len(table["pair_id"]) == 40  # the invalid row was skipped and reported
+    assert set(table) >= {"pair_id", "irm", "chosen_logps", "rejected_logps", "ref_chosen_logps",
+                          "ref_rejected_logps"}
+    assert all(v == 0.0 for v in table["irm"])  # policy == reference: loaded and run once
+    manifest = json.loads((scores / "manifest.json").read_text())
+    assert manifest["config"]["max_length"] == 64 and manifest["data"]["hash"] and manifest["versions"]["trl"]
+
+    selected = root / "selected"
+    result = invoke("select", "--scores", scores, "--rule", "top", "--column", "irm", "--fraction", 0.5,
+                    "--out", selected)
+    assert result.exit_code == 0, result.output
+    lines = (selected / "selected.jsonl").read_text().splitlines()
+    assert len(lines) == 20
+    assert set(json.loads(lines[0])) == {"prompt", "chosen", "rejected", "pair_id"}  # the input's own columns
+    assert pq.read_table(selected / "selected.parquet").num_rows == 20
+
+    trained = root / "trained"
+    result = invoke("train", "--data", selected / "selected.jsonl", "--model", model, "--out", trained,
+                    "--scores", scores, "--max-length", 64, "--learning-rate", 1e-3, "--batch-size", 4)
+    assert result.exit_code == 0, result.output
+    assert (trained / "model.safetensors").is_file()
+
+    evaluated = root / "eval"
+    result = invoke("eval", "--model", trained, "--reference", model, "--data", data, "--out", evaluated,
+                    "--max-length", 64)
+    assert result.exit_code == 0, result.output
+    assert 0.0 <= json.loads((evaluated / "eval.json").read_text())["pref_accuracy"] <= 1.0
+
+
+def test_same_seed_same_subset(workspace):
+    root, model, data = workspace
+    outs = []
+    for k in range(2):
+        scores = root / f"random{k}"
+        assert invoke("score", "--data", data, "--method", "random", "--seed", 5, "--out", scores).exit_code == 0
+        assert invoke("select", "--scores", scores, "--fraction", 0.3, "--out", scores / "sel").exit_code == 0
+        outs.append((scores / "sel" / "selected.jsonl").read_text())
+    assert outs[0] == outs[1]
+
+
+def one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in " ".join(result.output.split()), result.output
+
+
+def test_bad_inputs_fail_with_one_line(workspace, tmp_path):
+    root, model, data = workspace
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(make_pairs(1)[0]) + "\n{not json\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    no_column = tmp_path / "nocol.jsonl"
+    no_column.write_text(json.dumps({"question": "q", "good": "a", "bad": "b"}) + "\n")
+    out = tmp_path / "o"
+    one_line_error(invoke("score", "--data", tmp_path / "missing.jsonl", "--method", "random", "--out", out),
+                   "file not found")
+    one_line_error(invoke("score", "--data", broken, "--method", "random", "--out", out), "line 2", "invalid JSON")
+    one_line_error(invoke("score", "--data", empty, "--method", "random", "--out", out), "no rows")
+    one_line_error(invoke("score", "--data", no_column, "--method", "random", "--out", out),
+                   "missing column", "question")
+    one_line_error(invoke("score", "--data", data, "--method", "tif", "--out", out),
+                   "unknown method 'tif'", "lossdiff-irm")
+    one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", tmp_path / "nope", "--out", out),
+                   "model path not found")
+    one_line_error(invoke("score", "--data", data, "--method", "irm", "--out", out), "needs a policy model")
+    one_line_error(invoke("score", "--data", data, "--method", "random", "--out", out, "--on-invalid", "fail"),
+                   "chosen == rejected", "line 41")
+    scores = root / "scores-bad"
+    assert invoke("score", "--data", data, "--method", "random", "--out", scores).exit_code == 0
+    one_line_error(invoke("select", "--scores", scores, "--fraction", 1.5, "--out", out), "(0, 1]")
+    one_line_error(invoke("select", "--scores", scores, "--fraction", 0, "--out", out), "(0, 1]")
+    one_line_error(invoke("select", "--scores", tmp_path, "--fraction", 0.5, "--out", out), "no manifest.json")
+    one_line_error(invoke("select", "--scores", scores, "--rule", "top", "--column", "irm", "--fraction", 0.5,
+                          "--out", out), "no score column 'irm'")
+    one_line_error(invoke("train", "--data", data, "--model", model, "--out", out, "--algo", "ppo"),
+                   "unknown algo 'ppo'")
+    one_line_error(invoke("run", "--config", tmp_path / "none.yaml"), "config file not found")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("data: x\nmodel: y\nfractions: [0.1]\nwarmup_share: 0.5\n")
+    one_line_error(invoke("run", "--config", bad_yaml), "unknown option(s) warmup_share")

@@ -31,6 +31,7 @@ class DemoConfig:
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "The synthetic task."})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         learning_rate=2e-3, epochs=1.0, batch_size=32, max_length=32, beta=0.1, logging_steps=1000,
+        gradient_checkpointing=False,
         batch_tokens=16384), metadata={"help": "DPO settings of every run (fp32 on CPU)."})
     methods: list[str] = field(default_factory=lambda: ["random", "irm", "lossdiff", "lossdiff-irm"],
                                metadata={"help": "Methods compared."})

@@ -41,6 +41,8 @@ class TrainConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "Modules LoRA adapts."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward "
+                                                                         "pass (TRL's default; off for tiny models)."})
     batch_tokens: int = field(default=8192, metadata={"help": "Tokens per batch of the reference log-prob pass."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
 
@@ -73,7 +75,7 @@ def _common_args(config: TrainConfig, output_dir: str) -> dict:
         "report_to": "none", "save_strategy": "no",
         # bf16 autocast on a CPU moves log-probs by 0.1-0.5 nats and drowns small steps (METHODS.md): fp32 there.
         "bf16": on_gpu and torch.cuda.is_bf16_supported(), "use_cpu": not on_gpu,
-        "dataloader_num_workers": 0,
+        "dataloader_num_workers": 0, "gradient_checkpointing": config.gradient_checkpointing,
     }
 
 

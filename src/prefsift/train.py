@@ -101,7 +101,12 @@ def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, out_dir: Pat
     if len(pairs) == 0:
         raise ConfigError("no pairs to train on")
     start = time.perf_counter()
-    output_dir = str(out_dir) if out_dir is not None else tempfile.mkdtemp(prefix="prefsift-train-")
+    with tempfile.TemporaryDirectory(prefix="prefsift-train-") as scratch:  # TRL wants an output_dir even unsaved
+        return _train(loaded, pairs, config, out_dir, ref_logps, str(out_dir) if out_dir else scratch, start)
+
+
+def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, out_dir: Path | None,
+           ref_logps: np.ndarray | None, output_dir: str, start: float) -> TrainResult:
     keep = ["prompt", "chosen", "rejected"] if "chosen" in pairs.column_names else ["prompt", "completion", "label"]
     pairs = pairs.select_columns(keep)
     if config.algo == "dpo":

@@ -24,10 +24,11 @@ from prefsift.models import LoadedModel, load_model
 from prefsift.report import write_results
 from prefsift.score import write_scores_table
 from prefsift.scorers import ScoringContext, get_scorer
+from prefsift.scorers.base import LOGPS_COLUMNS
 from prefsift.select import band_mask, select_indices
 from prefsift.train import TrainConfig, train
 
-MODEL_METHODS_NEED_WARMUP = ("policy", "validation")
+ROLES_TRAINED_FROM_WARMUP = ("policy", "validation")
 
 
 @dataclass
@@ -166,7 +167,7 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     models = {"reference": base}
     timings = {"reference": reference_seconds}
     warmup = None
-    if needs & set(MODEL_METHODS_NEED_WARMUP) or config.start_from == "warmup":
+    if needs & set(ROLES_TRAINED_FROM_WARMUP) or config.start_from == "warmup":
         warm_rows = np.sort(_hash_order(list(train_data.pairs["pair_id"]), config.seed + 1)[
             : max(1, round(config.warmup_fraction * n_train))])
         log(f"warm-up DPO on {len(warm_rows)} pairs")
@@ -192,12 +193,15 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     score_seconds: dict[str, float] = {}
     for method in config.methods:
         scorer = get_scorer(method)
+        for role in scorer.needs:
+            if role in LOGPS_COLUMNS:
+                context.logps(role)  # once per model, shared by every scorer that needs it
         start = time.perf_counter()
         scores.update(scorer.score(context))
-        # The honest cost of a score: its own time plus every model pass and training it needed.
-        score_seconds[method] = time.perf_counter() - start + sum(
-            timings.get(role, 0.0) for role in ("warmup", "validation") if role in _stages(scorer.needs)
-        ) + (reference_seconds if "reference" in scorer.needs else 0.0)
+        # The honest cost of a score: its own time, the log-prob passes and the trainings its models needed.
+        score_seconds[method] = (time.perf_counter() - start
+                                 + sum(context.seconds.get(role, 0.0) for role in scorer.needs)
+                                 + sum(timings.get(stage, 0.0) for stage in _stages(scorer.needs)))
     scores.update(context.logps_columns())
     write_scores_table(out / "scores", scores, train_data)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from prefsift.errors import ModelError
 
@@ -80,7 +80,10 @@ def looks_local(source: str) -> bool:
 def _from_pretrained(source: str, common: dict) -> PreTrainedModel:
     directory, gguf_file = _split_gguf(source)
     # safetensors only: pickled weights from an untrusted file can run code on load.
-    extra = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+    extra: dict = {"use_safetensors": True}
+    if gguf_file:
+        # Dequantize into plain fp32/bf16 Linear layers: left quantized, TRL refuses to fine-tune the model.
+        extra = {"gguf_file": gguf_file, "quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
     return AutoModelForCausalLM.from_pretrained(directory, **common, **extra)
 
 

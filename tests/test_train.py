@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_pairs
 from datasets import Dataset
 
@@ -59,3 +60,19 @@ def test_unknown_algo(bpe_tokenizer, tiny_llama):
     with pytest.raises(ConfigError, match="unknown algo 'ppo'"):
         train(LoadedModel(tiny_llama, bpe_tokenizer, "t", "x"), Dataset.from_list(make_pairs(2)),
               TrainConfig(algo="ppo"))
+
+
+def test_a_copy_of_a_trained_model_is_independent(bpe_tokenizer, tiny_llama):
+    """TRL patches `forward` onto the instance; a deepcopy must still compute with its own weights."""
+    import copy
+
+    pairs = Dataset.from_list(make_pairs(16, seed=10))
+    config = TrainConfig(learning_rate=5e-3, epochs=1, batch_size=8, max_length=64, gradient_checkpointing=False)
+    first = train(LoadedModel(tiny_llama, bpe_tokenizer, "t", "x"), pairs, config).model
+    before = compute_logps(first, bpe_tokenizer, pairs, max_length=64)
+    second = copy.deepcopy(first)
+    train(LoadedModel(second, bpe_tokenizer, "t", "x"), pairs, config)
+    ids = torch.tensor([bpe_tokenizer("the cat sat")["input_ids"]])
+    with torch.no_grad():
+        assert not torch.allclose(first(ids).logits, second(ids).logits)  # the copy's own forward, own weights
+    np.testing.assert_allclose(compute_logps(first, bpe_tokenizer, pairs, max_length=64), before)

@@ -107,6 +107,7 @@ def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, out_dir: Pat
 
 def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, out_dir: Path | None,
            ref_logps: np.ndarray | None, output_dir: str, start: float) -> TrainResult:
+    forward_before = loaded.model.__dict__.get("forward")  # e.g. accelerate's device-map hook, or nothing
     keep = ["prompt", "chosen", "rejected"] if "chosen" in pairs.column_names else ["prompt", "completion", "label"]
     pairs = pairs.select_columns(keep)
     if config.algo == "dpo":
@@ -131,6 +132,12 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, out_dir: Pa
                              processing_class=loaded.tokenizer, peft_config=_peft_config(config))
     trainer.train()
     model = trainer.model
+    # TRL's fused LM head replaces `forward` on the instance with a method bound to THIS object; a deepcopy of the
+    # model would keep calling the original's weights. Put back whatever forward the instance had before.
+    if forward_before is None:
+        loaded.model.__dict__.pop("forward", None)
+    else:
+        loaded.model.forward = forward_before
     if out_dir is not None:
         trainer.save_model(str(out_dir))  # safetensors weights (or the LoRA adapter) + tokenizer
         loaded.tokenizer.save_pretrained(str(out_dir))

@@ -1,11 +1,11 @@
 """The synthetic preference task behind `prefsift demo`: string puzzles with a hidden oracle reward.
 
-A prompt asks for a transform of a short letter string, e.g. "rev:cabd=" (answer "dbac"). Responses come in graded
-quality: the exact answer, answers with character substitutions, a "lazy" echo of the input, answers that are too
-short or too long. The oracle scores a response by its edit distance to the answer, with a penalty for a wrong
-length. Training pairs are labelled by the oracle and then corrupted on purpose (flipped labels, near-ties,
-near-duplicate prompts) at the rates of `TaskConfig`, and every row keeps hidden columns that say what was done to
-it, so a selection method can be graded against the truth.
+A prompt asks for a transform of a short letter string, e.g. "rev:cabd=" (answer "dbac"). Responses come in
+graded quality: the exact answer, answers with character substitutions, a "lazy" echo of the input, answers
+that are too short or too long. The oracle scores a response by its edit distance to the answer, with a
+penalty for a wrong length. Training pairs are labelled by the oracle and then corrupted on purpose (flipped
+labels, near-ties, near-duplicate prompts) at the rates of `TaskConfig`, and every row keeps hidden columns
+that say what was done to it, so a selection method can be graded against the truth.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ FAMILIES: dict[str, Callable[[str], str]] = {
 # Columns of a pair row that only the benchmark knows; strip them before handing rows to a trainer or scorer.
 HIDDEN_COLUMNS = ("oracle_margin", "is_flipped", "is_near_tie", "is_near_duplicate", "family")
 
-# A response kind is ("exact", 0), ("sub", k substitutions), ("lazy", 0), ("short", k dropped), ("long", k added).
+# A response kind: ("exact", 0), ("sub", k substitutions), ("lazy", 0), ("short", k cut), ("long", k added).
 Kind = tuple[str, int]
 
 
@@ -37,36 +37,59 @@ Kind = tuple[str, int]
 class TaskConfig:
     """Sizes and corruption rates of the synthetic preference task (the demo's defaults fit 2 CPU cores)."""
 
-    seed: int = field(default=0, metadata={"help": "Seed of every random choice; same config gives the same task."})
-    n_train: int = field(default=2000, metadata={"help": "Number of (noisy) training pairs."})
-    n_validation: int = field(default=200, metadata={"help": "Number of clean validation pairs (trusted set)."})
-    n_test: int = field(default=400, metadata={"help": "Number of clean test pairs (held-out preference accuracy)."})
-    n_eval_prompts: int = field(default=150, metadata={"help": "Number of held-out prompts for the win rate."})
-    n_sft: int = field(default=3000, metadata={"help": "Number of mixed-quality SFT demonstrations."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of every random choice; same config gives the same task."}
+    )
+    n_train: int = field(default=5000, metadata={"help": "Number of (noisy) training pairs."})
+    n_validation: int = field(
+        default=200, metadata={"help": "Number of clean validation pairs (trusted set)."}
+    )
+    n_test: int = field(
+        default=500, metadata={"help": "Number of clean test pairs (held-out preference accuracy)."}
+    )
+    n_eval_prompts: int = field(
+        default=500, metadata={"help": "Number of held-out prompts for the win rate."}
+    )
+    n_sft: int = field(default=4000, metadata={"help": "Number of mixed-quality SFT demonstrations."})
     min_len: int = field(default=3, metadata={"help": "Shortest input string."})
     max_len: int = field(default=6, metadata={"help": "Longest input string."})
-    max_errors: int = field(default=2, metadata={"help": "Most character substitutions in a corrupted response."})
+    max_errors: int = field(
+        default=2, metadata={"help": "Most character substitutions in a corrupted response."}
+    )
     length_penalty: float = field(
-        default=0.1, metadata={"help": "Oracle penalty for a response whose length differs from the answer's."}
+        default=0.1,
+        metadata={"help": "Oracle penalty for a response whose length differs from the answer's."},
     )
     flip_rate: float = field(
-        default=0.2, metadata={"help": "Share of training pairs whose chosen/rejected are swapped (label noise)."}
+        default=0.2,
+        metadata={"help": "Share of training pairs whose chosen/rejected are swapped (label noise)."},
     )
     near_tie_rate: float = field(
         default=0.1, metadata={"help": "Share of training pairs whose two responses differ by < tie_epsilon."}
     )
     near_duplicate_rate: float = field(
         default=0.05,
-        metadata={"help": "Share of training pairs whose prompt differs from another pair's by one character."},
+        metadata={
+            "help": "Share of training pairs whose prompt differs from another pair's by one character."
+        },
+    )
+    flip_lazy_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of the flips aimed at pairs with the lazy echo on one side (a biased annotator); "
+            "the rest hit non-tie pairs uniformly."
+        },
     )
     tie_epsilon: float = field(
-        default=0.05, metadata={"help": "Oracle margin below which a pair is a near-tie (other pairs are above)."}
+        default=0.05,
+        metadata={"help": "Oracle margin below which a pair is a near-tie (other pairs are above)."},
     )
     sft_lazy_rate: float = field(
         default=0.45, metadata={"help": "Share of SFT demonstrations that lazily echo the input."}
     )
     sft_exact_rate: float = field(
-        default=0.35, metadata={"help": "Share of SFT demonstrations that are exact; the rest are flawed answers."}
+        default=0.35,
+        metadata={"help": "Share of SFT demonstrations that are exact; the rest are flawed answers."},
     )
 
     def __post_init__(self) -> None:
@@ -75,7 +98,8 @@ class TaskConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 2 <= self.min_len <= self.max_len:
             raise ConfigError(f"need 2 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
-        for name in ("flip_rate", "near_tie_rate", "near_duplicate_rate", "sft_lazy_rate", "sft_exact_rate"):
+        rates = ("flip_rate", "flip_lazy_share", "near_tie_rate", "near_duplicate_rate")
+        for name in (*rates, "sft_lazy_rate", "sft_exact_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         # Flips and near-duplicates are drawn among the pairs that are not near-ties.
@@ -147,7 +171,7 @@ def make_response(rng: random.Random, prompt: str, kind: Kind) -> str:
 
 @dataclass
 class BenchmarkTask:
-    """A generated task: noisy train pairs, clean validation/test pairs, eval prompts and SFT demonstrations."""
+    """A generated task: noisy train pairs, clean validation/test pairs, eval prompts, SFT demonstrations."""
 
     config: TaskConfig
     train: list[dict]
@@ -164,11 +188,12 @@ class BenchmarkTask:
 
     @property
     def max_prompt_chars(self) -> int:
+        """Longest prompt; with `max_response_chars` + 1 it bounds a training sequence (DPO's max_length)."""
         return len(make_prompt("rev", "x" * self.config.max_len))
 
     @property
     def max_response_chars(self) -> int:
-        """Longest response any kind produces (the "long" kind adds one character); add one token for the EOS."""
+        """Longest response of any kind (the "long" kind adds one character); add one token for the EOS."""
         return self.config.max_len + 1
 
 
@@ -219,8 +244,8 @@ class _PromptPool:
         return choice
 
 
-# Quality kinds a pair's two responses are drawn from, with weights: the lazy echo is common so that clean pairs
-# teach the policy to leave it, and flipped pairs teach the opposite.
+# Quality kinds a pair's two responses are drawn from, with weights: the lazy echo is common so that clean
+# pairs teach the policy to leave it, and flipped pairs teach the opposite.
 _PAIR_KINDS: list[tuple[Kind, float]] = [
     (("exact", 0), 0.30),
     (("sub", 1), 0.15),
@@ -237,7 +262,12 @@ def _draw_kind(rng: random.Random, max_errors: int) -> Kind:
 
 
 def _make_pair(
-    rng: random.Random, task_config: TaskConfig, prompt: str, *, near_tie: bool, kinds: tuple[Kind, Kind] | None = None
+    rng: random.Random,
+    task_config: TaskConfig,
+    prompt: str,
+    *,
+    near_tie: bool,
+    kinds: tuple[Kind, Kind] | None = None,
 ) -> tuple[dict, tuple[Kind, Kind]] | None:
     """A pair labelled by the oracle (chosen has the higher reward), or None if no valid pair came out."""
     for _ in range(50):
@@ -245,7 +275,9 @@ def _make_pair(
             kind_a, kind_b = kinds
         elif near_tie:
             # Two different flawed answers of the same kind: same edit distance, so (near-)equal rewards.
-            kind_a = kind_b = rng.choice([("sub", k) for k in range(1, task_config.max_errors + 1)] + [("long", 1)])
+            kind_a = kind_b = rng.choice(
+                [("sub", k) for k in range(1, task_config.max_errors + 1)] + [("long", 1)]
+            )
         else:
             kind_a, kind_b = _draw_kind(rng, task_config.max_errors), _draw_kind(rng, task_config.max_errors)
         response_a, response_b = make_response(rng, prompt, kind_a), make_response(rng, prompt, kind_b)
@@ -300,12 +332,23 @@ def _train_pairs(rng: random.Random, pool: _PromptPool, config: TaskConfig) -> l
     while len(rows) < n:
         source = rng.choice(sources)
         prompt = pool.neighbour(rng, rows[source]["prompt"])
-        made = None if prompt is None else _make_pair(rng, config, prompt, near_tie=False, kinds=kinds[source])
+        made = (
+            None if prompt is None else _make_pair(rng, config, prompt, near_tie=False, kinds=kinds[source])
+        )
         if made is not None:
             made[0]["is_near_duplicate"] = True
             rows.append(made[0])
-    # Label noise: swap chosen and rejected on pairs with a real margin (a flipped near-tie would carry no signal).
-    for i in rng.sample([i for i, row in enumerate(rows) if not row["is_near_tie"]], n_flip):
+            kinds.append(made[1])
+    # Label noise: swap chosen and rejected on pairs with a real margin (a flipped near-tie has no signal).
+    # Uniform noise barely hurts DPO here (the majority label still wins on every kind of pair); an annotator
+    # biased toward the lazy echo cancels the signal that moves the SFT model off its shortcut, and that is
+    # the noise that makes selecting pairs matter.
+    candidates = [i for i, row in enumerate(rows) if not row["is_near_tie"]]
+    lazy = [i for i in candidates if ("lazy", 0) in kinds[i]]
+    targeted = rng.sample(lazy, min(len(lazy), round(config.flip_lazy_share * n_flip)))
+    chosen_set = set(targeted)
+    rest = [i for i in candidates if i not in chosen_set]
+    for i in targeted + rng.sample(rest, n_flip - len(targeted)):
         row = rows[i]
         row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
         row["oracle_margin"] = -row["oracle_margin"]
@@ -327,8 +370,12 @@ def _sft_examples(rng: random.Random, pool: _PromptPool, config: TaskConfig) -> 
 
 
 def make_task(config: TaskConfig) -> BenchmarkTask:
-    """Generate the task. Same config, same task; each split has its own random stream, so changing one split's
-    size leaves the splits drawn before it unchanged (eval prompts, test, validation, SFT, then train)."""
+    """Generate the task. Same config, same task. Each split has its own random stream, so changing a split's
+    size leaves the splits drawn before it unchanged (order: eval prompts, test, validation, SFT, train)."""
+    needed = config.n_eval_prompts + config.n_test + config.n_validation + config.n_sft + config.n_train
+    available = len(FAMILIES) * sum(len(LETTERS) ** n for n in range(config.min_len, config.max_len + 1))
+    if needed > available // 2:  # every split draws unused prompts by rejection: keep most of the space free
+        raise ConfigError(f"{needed} prompts asked for but only {available} exist; raise max_len")
     pool = _PromptPool(config)
 
     def stream(name: str) -> random.Random:

@@ -1,13 +1,19 @@
-"""Tiny models for tests and the demo: a character tokenizer, a small random Llama, a plain SFT loop and greedy
+"""Tiny models for tests and the demo: a character tokenizer, a small random Llama, a plain SFT loop, greedy
 decoding. Everything is built locally (no hub) and is deterministic given a seed."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from prefsift.bench.task import BenchmarkTask
 
 # Printable ASCII (space to "~") plus newline: enough for prompts, chat transcripts and the synthetic task.
 DEFAULT_ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n"
@@ -18,6 +24,22 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with `n` torch CPU threads (None: leave the setting alone), then restore the old count.
+
+    The tiny model's matmuls are too small to split: on a 2-core machine where another process holds a core,
+    two threads made SFT 8x slower than one (the threads wait on each other), with identical results.
+    """
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def build_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
@@ -85,7 +107,9 @@ def _completion_batch(
     rows: list[tuple[list[int], list[int]]] = []
     for prompt, completion in batch:
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
         rows.append((prompt_ids, completion_ids))
     width = max(len(p) + len(c) for p, c in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -118,12 +142,27 @@ def sft_train(
     lr: float,
     batch_size: int,
     seed: int,
+    threads: int | None = 1,
 ) -> LlamaForCausalLM:
     """Supervised fine-tuning on (prompt, completion) pairs: loss on the completion tokens + EOS only.
 
     A plain fp32 AdamW loop rather than a Trainer: a few hundred tiny steps, where the Trainer's own overhead
-    would dominate, and nothing to configure. Deterministic given `seed` on a fixed number of CPU threads.
+    would dominate, and nothing to configure. Deterministic given `seed`; `threads` as in `torch_threads`.
     """
+    with torch_threads(threads):
+        return _sft_loop(model, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def _sft_loop(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    examples: list[tuple[str, str]],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     order_rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -152,13 +191,28 @@ def greedy_answers(
     *,
     max_new_tokens: int,
     batch_size: int = 64,
+    threads: int | None = 1,
 ) -> list[str]:
-    """Greedy completions of `prompts`, batched with left padding; only the new tokens, cut at the first EOS."""
+    """Greedy completions of `prompts`, batched, left-padded; only the new tokens, cut at the first EOS."""
+    with torch_threads(threads):
+        return _greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def _greedy(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
     model.eval()
     answers: list[str] = []
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
-        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
+        encoded = [
+            tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]
+        ]
         width = max(len(ids) for ids in encoded)
         # Left padding so every row's next token sits in the last column; the mask keeps pads out of attention
         # and generate() derives position ids from it, so padded and unpadded prompts decode the same.
@@ -178,3 +232,29 @@ def greedy_answers(
                 row = row[: row.index(eos)]
             answers.append(tokenizer.decode(row, skip_special_tokens=True))
     return answers
+
+
+# SFT recipe of the benchmark's model; on 2 shared CPU cores (one thread) ~20 s for 4,000 demonstrations.
+SFT_EPOCHS = 8
+SFT_LR = 3e-3
+SFT_BATCH_SIZE = 64
+
+
+def sft_model(task: BenchmarkTask, *, seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """The benchmark's starting point: a char tokenizer and a tiny Llama SFT-trained on `task.sft_examples`.
+
+    The demonstrations mix exact, lazy (echo) and flawed answers, so the result is not yet aligned: its greedy
+    answers are a blend of modes that preference training can improve.
+    """
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_llama(tokenizer, seed=seed)
+    sft_train(
+        model,
+        tokenizer,
+        task.sft_examples,
+        epochs=SFT_EPOCHS,
+        lr=SFT_LR,
+        batch_size=SFT_BATCH_SIZE,
+        seed=seed,
+    )
+    return model, tokenizer

@@ -12,10 +12,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 
+from prefsift.bench import sft_model
 from prefsift.bench.task import HIDDEN_COLUMNS, OracleJudge, TaskConfig, make_task
-from prefsift.bench.tiny import sft_model
 from prefsift.data import load_pairs
 from prefsift.evaluate import EvalConfig
 from prefsift.manifest import write_manifest
@@ -30,14 +31,19 @@ class DemoConfig:
 
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "The synthetic task."})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        learning_rate=2e-3, epochs=1.0, batch_size=32, max_length=32, beta=0.1, logging_steps=1000,
-        gradient_checkpointing=False,
-        batch_tokens=16384), metadata={"help": "DPO settings of every run (fp32 on CPU)."})
+        learning_rate=2e-4, epochs=2.0, batch_size=32, max_length=32, beta=0.5, logging_steps=1000,
+        gradient_checkpointing=False, batch_tokens=16384), metadata={"help": "DPO settings of the subset runs "
+                                                                             "(fp32 on CPU)."})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "Warm-up DPO epochs on the full train set."})
+    validation_epochs: float = field(default=3.0, metadata={"help": "DPO epochs on the validation pairs."})
+    start_from: str = field(default="warmup", metadata={"help": "Subsets continue from the warm-up model, as in "
+                                                                "the TIF paper."})
     methods: list[str] = field(default_factory=lambda: ["random", "irm", "lossdiff", "lossdiff-irm"],
                                metadata={"help": "Methods compared."})
     fractions: list[float] = field(default_factory=lambda: [0.1], metadata={"help": "Budgets besides the "
                                                                                      "LossDiff-IRM rule's own."})
-    max_new_tokens: int = field(default=10, metadata={"help": "Generation budget of an answer."})
+    max_new_tokens: int = field(default=8, metadata={"help": "Generation budget of an answer."})
+    threads: int = field(default=1, metadata={"help": "torch threads: one is fastest for a model this small."})
 
 
 def run_demo(out: Path, *, seed: int = 0, config: DemoConfig | None = None, log=print) -> list[dict]:
@@ -45,6 +51,7 @@ def run_demo(out: Path, *, seed: int = 0, config: DemoConfig | None = None, log=
     config.task.seed = seed
     config.train.seed = seed
     out = Path(out)
+    torch.set_num_threads(config.threads)
     start = time.perf_counter()
     task = make_task(config.task)
     log(f"task: {len(task.train)} noisy train pairs ({config.task.flip_rate:.0%} flipped), "
@@ -63,7 +70,8 @@ def run_demo(out: Path, *, seed: int = 0, config: DemoConfig | None = None, log=
     splits = Splits(train=pairs(task.train), validation=pairs(task.validation), test=pairs(task.test),
                     eval_prompts=list(task.eval_prompts))
     run_config = RunConfig(out=str(out), methods=list(config.methods), fractions=list(config.fractions),
-                           train=config.train, seed=seed,
+                           train=config.train, seed=seed, warmup_epochs=config.warmup_epochs,
+                           validation_epochs=config.validation_epochs, start_from=config.start_from,
                            eval=EvalConfig(beta=config.train.beta, max_length=config.train.max_length,
                                            max_new_tokens=config.max_new_tokens, batch_size=256,
                                            batch_tokens=config.train.batch_tokens))

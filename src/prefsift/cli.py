@@ -134,7 +134,7 @@ def train(
     data: DataOpt,
     model: Annotated[str, typer.Option(help="Model to align: hub id, local directory or .gguf file.")],
     out: Annotated[Path, typer.Option(help="Where the trained model (or LoRA adapter) is saved.")],
-    algo: Annotated[str, typer.Option(help="dpo or kto.")] = "dpo",
+    algo: Annotated[str | None, typer.Option(help="dpo or kto (default: the config's, else dpo).")] = None,
     scores: Annotated[Path | None, typer.Option(help="A `prefsift score` directory whose reference log-probs "
                                                       "are reused (TRL then skips its reference pass).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file of TrainConfig options (CLI flags win).")] = None,
@@ -154,6 +154,7 @@ def train(
 ) -> None:
     """Align MODEL on the pairs with DPO or KTO through TRL."""
     from prefsift.config import from_dict, load_yaml
+    from prefsift.manifest import write_manifest
     from prefsift.models import load_model
     from prefsift.score import reference_logps_from_scores
     from prefsift.train import TrainConfig
@@ -168,9 +169,13 @@ def train(
     loaded_model = load_model(model, dtype=dtype)
     ref = None
     if scores is not None and train_config.algo == "dpo":
-        ref = reference_logps_from_scores(scores, loaded_data, model, train_config.max_length)
+        ref = reference_logps_from_scores(scores, loaded_data, loaded_model, train_config.max_length)
         console.print(f"reusing reference log-probs from {scores}", highlight=False)
     result = run_train(loaded_model, loaded_data.pairs, train_config, out, ref_logps=ref)
+    write_manifest(out, "train", {"model": model, "fingerprint": loaded_model.fingerprint,
+                                  "data": {"source": data, "hash": loaded_data.data_hash, "n_pairs": result.n_pairs},
+                                  "config": dataclasses.asdict(train_config), "scores": str(scores) if scores else None,
+                                  "seconds": result.seconds})
     console.print(f"trained {train_config.algo} on {result.n_pairs} pairs in {result.seconds:.1f}s → {out}",
                   highlight=False)
 
@@ -193,14 +198,19 @@ def eval_(
     rejected_key: RejectedKey = "rejected",
     on_invalid: OnInvalid = "skip",
 ) -> None:
-    """Held-out preference accuracy, and win rate against the reference when a judge is given."""
+    """Held-out preference accuracy (implicit reward against --reference; without one, the share of pairs where
+    the policy gives chosen the higher log-prob), and the win rate against the reference with a judge."""
     from prefsift.evaluate import EvalConfig, RewardModelJudge, evaluate, load_reward_model
     from prefsift.manifest import write_manifest
     from prefsift.models import load_model
 
     loaded_data = _load(data, split, prompt_key, chosen_key, rejected_key, on_invalid)
+    if loaded_data.kind == "unpaired":
+        from prefsift.errors import ConfigError
+
+        raise ConfigError("eval needs preference pairs (prompt, chosen, rejected); this data is unpaired")
     policy = load_model(model)
-    ref = load_model(reference) if reference and reference != model else policy
+    ref = load_model(reference) if reference else None
     config = EvalConfig(beta=beta, max_length=max_length, max_new_tokens=max_new_tokens)
     judge = RewardModelJudge(load_reward_model(judge_model), max_length) if judge_model else None
     prompts = None

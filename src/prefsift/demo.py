@@ -20,7 +20,7 @@ from prefsift.bench.task import HIDDEN_COLUMNS, OracleJudge, TaskConfig, make_ta
 from prefsift.data import load_pairs
 from prefsift.evaluate import EvalConfig
 from prefsift.manifest import write_manifest
-from prefsift.models import LoadedModel, _fingerprint
+from prefsift.models import LoadedModel, fingerprint_files
 from prefsift.pipeline import RunConfig, Splits, run_pipeline
 from prefsift.train import TrainConfig
 
@@ -62,7 +62,7 @@ def run_demo(out: Path, *, seed: int = 0, config: DemoConfig | None = None, log=
     tokenizer.save_pretrained(sft_dir)
     log(f"SFT model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) trained in "
         f"{time.perf_counter() - start:.0f}s → {sft_dir}")
-    base = LoadedModel(model, tokenizer, str(sft_dir), _fingerprint(str(sft_dir), None))
+    base = LoadedModel(model, tokenizer, str(sft_dir), fingerprint_files(str(sft_dir), None))
 
     def pairs(rows: list[dict]):
         return load_pairs(Dataset.from_list(rows))  # hidden columns stay in .raw, out of training

@@ -14,7 +14,15 @@ from transformers import AutoModelForSequenceClassification
 
 from prefsift.errors import ModelError
 from prefsift.logps import compute_logps
-from prefsift.models import LoadedModel, _fingerprint, _split_gguf, load_tokenizer, looks_local, parse_dtype
+from prefsift.models import (
+    LoadedModel,
+    default_device,
+    fingerprint_files,
+    load_tokenizer,
+    looks_local,
+    parse_dtype,
+    split_gguf,
+)
 from prefsift.scorers.base import implicit_reward_margin
 from prefsift.scorers.margin import reward_scores
 
@@ -30,10 +38,10 @@ class Judge(Protocol):
 def load_reward_model(source: str, *, dtype: str | None = "auto", device: str | None = None,
                       trust_remote_code: bool = False) -> LoadedModel:
     """A sequence-classification reward model with one output (e.g. a TRL RewardTrainer model)."""
-    directory, _ = _split_gguf(source)
+    directory, _ = split_gguf(source)
     if looks_local(source) and not Path(directory).exists():
         raise ModelError(f"reward model path not found: {source}")
-    torch_device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_device = torch.device(device) if device else default_device()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             directory, num_labels=1, dtype=parse_dtype(dtype, torch_device), use_safetensors=True,
@@ -42,7 +50,7 @@ def load_reward_model(source: str, *, dtype: str | None = "auto", device: str | 
         raise ModelError(f"cannot load reward model from '{source}': {str(error).splitlines()[0]}") from None
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model.to(torch_device).eval(), tokenizer, source, _fingerprint(directory, None))
+    return LoadedModel(model.to(torch_device).eval(), tokenizer, source, fingerprint_files(directory, None))
 
 
 class RewardModelJudge:
@@ -73,8 +81,10 @@ def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int = 128
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = out[:, batch["input_ids"].shape[1]:]
-            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+            for row in out[:, batch["input_ids"].shape[1]:].tolist():
+                if tokenizer.eos_token_id in row:  # generate pads finished rows; cut at the first EOS
+                    row = row[: row.index(tokenizer.eos_token_id)]
+                answers.append(tokenizer.decode(row, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
     return answers
@@ -117,10 +127,13 @@ class EvalConfig:
     batch_tokens: int = field(default=8192, metadata={"help": "Tokens per batch of the log-prob pass."})
 
 
-def evaluate(policy: LoadedModel, reference: LoadedModel, *, test_pairs=None, prompts: list | None = None,
+def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=None, prompts: list | None = None,
              judge: Judge | None = None, config: EvalConfig | None = None,
              reference_logps: np.ndarray | None = None, baseline_answers: list[str] | None = None) -> dict:
     """Preference accuracy on `test_pairs` and win rate on `prompts` (needs `judge`); returns a flat record.
+
+    Without a reference there is no implicit reward: `logp_accuracy` (chosen more likely than rejected) is reported
+    instead, and no win rate.
 
     `reference_logps` / `baseline_answers` let a caller that evaluates many policies compute the reference's
     side once."""
@@ -129,12 +142,16 @@ def evaluate(policy: LoadedModel, reference: LoadedModel, *, test_pairs=None, pr
     record: dict = {}
     if test_pairs is not None and len(test_pairs):
         kwargs = {"max_length": config.max_length, "batch_tokens": config.batch_tokens}
-        if reference_logps is None:
-            reference_logps = compute_logps(reference.model, reference.tokenizer, test_pairs, desc="reference",
-                                            **kwargs)
         policy_logps = compute_logps(policy.model, policy.tokenizer, test_pairs, desc="policy", **kwargs)
-        record["pref_accuracy"] = preference_accuracy(policy_logps, reference_logps, config.beta)
-    if prompts:
+        if reference is None:
+            kept = policy_logps[~np.isnan(policy_logps[:, 0])]
+            record["logp_accuracy"] = float(np.mean(kept[:, 0] > kept[:, 1])) if len(kept) else float("nan")
+        else:
+            if reference_logps is None:
+                reference_logps = compute_logps(reference.model, reference.tokenizer, test_pairs,
+                                                desc="reference", **kwargs)
+            record["pref_accuracy"] = preference_accuracy(policy_logps, reference_logps, config.beta)
+    if prompts and reference is not None:
         if judge is None:
             raise ModelError("a win rate needs a judge (--judge-model: a reward model)")
         if baseline_answers is None:

@@ -27,8 +27,6 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-LOGPS_COLUMNS = ("chosen_logps", "rejected_logps")
-
 
 @dataclass
 class TokenizedPair:

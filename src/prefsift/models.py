@@ -51,7 +51,7 @@ class LoadedModel:
     fingerprint: str  # identifies the weights: hub revision, or a hash of the local files' names, sizes, mtimes
 
 
-def _split_gguf(source: str) -> tuple[str, str | None]:
+def split_gguf(source: str) -> tuple[str, str | None]:
     path = Path(source)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -60,7 +60,7 @@ def _split_gguf(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-def _fingerprint(source: str, gguf_file: str | None) -> str:
+def fingerprint_files(source: str, gguf_file: str | None) -> str:
     path = Path(source)
     if not path.exists():
         return f"hub:{source}"
@@ -78,7 +78,7 @@ def looks_local(source: str) -> bool:
 
 
 def _from_pretrained(source: str, common: dict) -> PreTrainedModel:
-    directory, gguf_file = _split_gguf(source)
+    directory, gguf_file = split_gguf(source)
     # safetensors only: pickled weights from an untrusted file can run code on load.
     extra: dict = {"use_safetensors": True}
     if gguf_file:
@@ -88,7 +88,7 @@ def _from_pretrained(source: str, common: dict) -> PreTrainedModel:
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    directory, gguf_file = _split_gguf(source)
+    directory, gguf_file = split_gguf(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -108,7 +108,7 @@ def load_model(
 ) -> LoadedModel:
     """Load `source` (hub id, local directory, or `.gguf` file) as a causal LM in eval mode, plus its tokenizer."""
     source = str(source)
-    directory, gguf_file = _split_gguf(source)
+    directory, gguf_file = split_gguf(source)
     if looks_local(source) and not Path(directory).exists():
         raise ModelError(f"model path not found: {source}")
     torch_device = torch.device(device) if device else default_device()
@@ -126,11 +126,12 @@ def load_model(
             model = PeftModel.from_pretrained(_from_pretrained(base_source, common), directory).merge_and_unload()
         else:
             model = _from_pretrained(source, common)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load model from '{source}': {str(error).splitlines()[0]}") from None
-    model.to(torch_device).eval()
+        model.to(torch_device).eval()
+    except (OSError, ValueError, RuntimeError, AssertionError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(f"cannot load model from '{source}' onto {torch_device}: {reason}") from None
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    return LoadedModel(model, tokenizer, source, _fingerprint(directory, gguf_file))
+    return LoadedModel(model, tokenizer, source, fingerprint_files(directory, gguf_file))
 
 
 def add_lora(model: PreTrainedModel, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,

@@ -15,6 +15,7 @@ from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.manifest import read_manifest, tokenizer_fingerprint, write_manifest
 from prefsift.models import LoadedModel, load_model
 from prefsift.scorers import ScoringContext, get_scorer
+from prefsift.scorers.base import ROLE_FLAGS
 
 
 @dataclass
@@ -43,10 +44,10 @@ def load_models(config: ScoreConfig, needs: tuple[str, ...]) -> dict[str, Loaded
                "validation": config.validation, "reward_model": config.reward_model}
     loaded: dict[str, LoadedModel] = {}
     by_source: dict[str, LoadedModel] = {}
-    for role in needs + (("reward_model",) if config.reward_model else ()):
+    for role in needs + (("reward_model",) if config.reward_model and config.method == "margin" else ()):
         source = sources[role]
         if source is None:
-            raise ConfigError(f"method '{config.method}' needs a {role} model (--{role.replace('_', '-')})")
+            raise ConfigError(f"method '{config.method}' needs a {role} model ({ROLE_FLAGS[role]})")
         if role == "reward_model":
             from prefsift.evaluate import load_reward_model
 
@@ -110,18 +111,22 @@ def write_scores(out_dir: Path, result: dict[str, np.ndarray], data: LoadedPairs
     write_manifest(out_dir, "score", record)
 
 
-def reference_logps_from_scores(scores_dir: Path, data: LoadedPairs, model: str, max_length: int | None
+def reference_logps_from_scores(scores_dir: Path, data: LoadedPairs, model: LoadedModel, max_length: int | None
                                 ) -> np.ndarray:
     """The (n, 2) reference log-probs of `data`'s pairs from a score directory, matched by pair_id.
 
-    Refuses (one line) when that directory's reference model or max_length differ from training's, or a pair is
-    missing: log-probs from another model would silently train against the wrong reference."""
+    Refuses (one line) when that directory's reference model (weights fingerprint, tokenizer) or max_length differ
+    from training's, or a pair is missing: log-probs of another model would silently train against the wrong
+    reference."""
     manifest = read_manifest(Path(scores_dir))
-    reference = manifest.get("models", {}).get("reference", {}).get("source")
-    if reference != model or manifest.get("config", {}).get("max_length") != max_length:
-        raise PrefsiftError(f"{scores_dir} was scored with reference {reference!r} at max_length "
-                            f"{manifest.get('config', {}).get('max_length')}; training uses {model!r} at "
-                            f"{max_length}: drop --scores or rescore")
+    reference = manifest.get("models", {}).get("reference", {})
+    scored_length = manifest.get("config", {}).get("max_length")
+    same_model = (reference.get("fingerprint") == model.fingerprint
+                  and reference.get("tokenizer") == tokenizer_fingerprint(model.tokenizer))
+    if not same_model or scored_length != max_length:
+        raise PrefsiftError(f"{scores_dir} was scored with reference {reference.get('source')!r} at max_length "
+                            f"{scored_length}; training starts from {model.source!r} at max_length {max_length}: "
+                            "drop --scores or rescore")
     table = pq.read_table(Path(scores_dir) / "scores.parquet").to_pydict()
     if "ref_chosen_logps" not in table:
         raise PrefsiftError(f"{scores_dir}/scores.parquet has no reference log-probs (score with irm/lossdiff)")

@@ -18,7 +18,8 @@ from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.logps import LogpsRun, compute_logps
 from prefsift.manifest import tokenizer_fingerprint
 
-ROLES = ("policy", "reference", "validation", "reward_model")
+ROLE_FLAGS = {"policy": "--model", "reference": "--reference", "validation": "--validation",
+              "reward_model": "--reward-model"}
 # TRL's column names for the policy and reference passes; the validation pass follows the same pattern.
 LOGPS_COLUMNS = {"policy": ("chosen_logps", "rejected_logps"),
                  "reference": ("ref_chosen_logps", "ref_rejected_logps"),
@@ -44,7 +45,7 @@ class ScoringContext:
 
     def model(self, role: str):
         if role not in self.models:
-            raise PrefsiftError(f"this method needs a {role} model (pass --{role.replace('_', '-')})")
+            raise PrefsiftError(f"this method needs a {role} model ({ROLE_FLAGS[role]})")
         return self.models[role]
 
     def logps(self, role: str) -> np.ndarray:
@@ -92,7 +93,7 @@ class Scorer:
     """Maps the pairs of a `ScoringContext` to score columns. Subclasses set the class attributes."""
 
     name: ClassVar[str]
-    needs: ClassVar[tuple[str, ...]] = ()  # roles from ROLES
+    needs: ClassVar[tuple[str, ...]] = ()  # roles, keys of ROLE_FLAGS
     columns: ClassVar[tuple[str, ...]]  # the score columns it writes
     default_rule: ClassVar[dict] = {"rule": "top"}  # how `select` uses the columns unless told otherwise
 

@@ -7,7 +7,7 @@ import json
 from prefsift.bench.task import TaskConfig
 from prefsift.demo import DemoConfig, run_demo
 
-TIMING = ("score_seconds", "train_seconds")
+TIMING = ("score_seconds", "train_seconds", "warmup_seconds")
 
 
 def small() -> DemoConfig:

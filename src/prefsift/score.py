@@ -100,7 +100,7 @@ def write_scores(out_dir: Path, result: dict[str, np.ndarray], data: LoadedPairs
     write_scores_table(out_dir, result, data)
     scorer = get_scorer(config.method)
     record = {
-        "method": config.method, "config": asdict(config), "default_rule": scorer.default_rule,
+        "method": config.method, "config": asdict(config), "default_rule": scorer.selection_rule(),
         "data": {"source": data.source, "kind": data.kind, "hash": data.data_hash, "n_pairs": len(data.pairs),
                  "n_invalid": len(data.invalid)},
         "models": {role: {"source": m.source, "fingerprint": m.fingerprint,

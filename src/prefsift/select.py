@@ -98,6 +98,9 @@ def select_indices(scores: Mapping[str, Sequence], rule: str, *, column: str | N
         for v in values:
             keep &= band_mask(v, low, high, pair_ids)
         return np.flatnonzero(keep)
+    if by_cutoffs:
+        raise ConfigError("--low/--high cut a band or intersection; they do not combine with --fraction/--count "
+                          "or with other rules")
     k = target_count(n, fraction, count)
     if rule == "top":
         chosen = _smallest(-values[0], pair_ids, k)
@@ -125,15 +128,17 @@ def select_from_scores(scores_dir: str | Path, out_dir: str | Path, *, rule: str
         if not (scores_dir / name).is_file():
             raise PrefsiftError(f"{scores_dir} has no {name}: run `prefsift score` into it first")
     table = pq.read_table(scores_dir / "scores.parquet").to_pydict()
-    default = dict(manifest.get("default_rule") or {"rule": "top"})
+    default = dict(manifest.get("default_rule") or {})
     if rule is None:
-        rule = default.get("rule", "top")
+        if not default:
+            raise ConfigError(f"{scores_dir} holds several methods' scores: choose --rule and --column/--columns")
+        rule = default["rule"]
+    if rule == default.get("rule"):
+        column = column or default.get("column")
         columns = columns or default.get("columns")
-    if rule == "intersection":
-        columns = columns or default.get("columns")
-    elif column is None and rule != "all":
+    if rule not in ("intersection", "all") and column is None:
         score_columns = [c for c in table if c != "pair_id" and not c.endswith("_logps")]
-        column = score_columns[0] if score_columns else None
+        column = score_columns[0] if len(score_columns) == 1 else None
     if fraction is None and count is None and low is None and high is None and rule in ("band", "intersection"):
         config = manifest.get("config", {})
         low, high = config.get("band_low", 0.1), config.get("band_high", 0.9)

@@ -120,6 +120,8 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, out_dir: Pa
         pairs = pairs.add_column("ref_chosen_logps", ref_logps[:, 0].tolist())
         pairs = pairs.add_column("ref_rejected_logps", ref_logps[:, 1].tolist())
         pairs = pairs.filter(lambda row: not np.isnan(row["ref_chosen_logps"]))
+        if len(pairs) == 0:
+            raise ConfigError(f"every pair's prompt fills max_length={config.max_length}: nothing left to train on")
         args = DPOConfig(**_common_args(config, output_dir), precompute_ref_log_probs=True)
         trainer = _DPOTrainerWithReferenceLogps(model=loaded.model, args=args, train_dataset=pairs,
                                                 processing_class=loaded.tokenizer,

@@ -56,6 +56,7 @@ class ScoringContext:
             run = None
             if self.out_dir is not None:
                 identity = {"model": loaded.source, "fingerprint": loaded.fingerprint, "max_length": self.max_length,
+                            "dtype": str(next(loaded.model.parameters()).dtype),
                             "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "data": self.data_hash}
                 run = LogpsRun(self.out_dir, role, identity)
             start = time.perf_counter()
@@ -99,6 +100,14 @@ class Scorer:
 
     def score(self, context: ScoringContext) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    @classmethod
+    def selection_rule(cls) -> dict:
+        """`select_indices` keyword arguments of the method's own rule: rule plus column or columns."""
+        rule = dict(cls.default_rule)
+        if "columns" not in rule:
+            rule.setdefault("column", cls.columns[0])
+        return rule
 
 
 SCORERS: dict[str, type[Scorer]] = {}

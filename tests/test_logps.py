@@ -101,3 +101,45 @@ def test_lora_model_scores(bpe_tokenizer, tiny_llama):
     with peft_model.disable_adapter():
         np.testing.assert_allclose(compute_logps(peft_model, bpe_tokenizer, data, max_length=None), before,
                                    rtol=1e-5)
+
+
+def test_unpacked_path_agrees_with_packed(bpe_tokenizer, tiny_llama):
+    from prefsift.logps import can_pack, logps_of_tokenized
+
+    rows = make_pairs(12, seed=6)
+    tokenized = tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                               [r["rejected"] for r in rows], None)
+    assert can_pack(tiny_llama)
+    packed = logps_of_tokenized(tiny_llama, tokenized, pad_id=bpe_tokenizer.pad_token_id, packed=True)
+    unpacked = logps_of_tokenized(tiny_llama, tokenized, pad_id=bpe_tokenizer.pad_token_id, packed=False)
+    np.testing.assert_allclose(packed, unpacked, rtol=1e-5)
+
+
+def test_sliding_window_model_takes_the_unpacked_path_and_matches_trl(bpe_tokenizer, tmp_path):
+    """A block mask of our own would override the model's sliding window: such models must not be packed."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from prefsift.logps import can_pack
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                           eos_token_id=bpe_tokenizer.eos_token_id, pad_token_id=bpe_tokenizer.pad_token_id)
+    model = MistralForCausalLM(config).eval()
+    assert not can_pack(model)
+    rows = make_pairs(8, seed=13)
+    reference = trl_reference_logps(model, bpe_tokenizer, rows, 10_000, tmp_path)
+    ours = compute_logps(model, bpe_tokenizer, Dataset.from_list(rows), max_length=None)
+    np.testing.assert_allclose(ours, np.array([reference[i] for i in range(len(rows))]), rtol=1e-4)
+
+
+def test_a_packed_path_that_disagrees_falls_back(bpe_tokenizer, tiny_llama, monkeypatch):
+    import prefsift.logps as engine
+
+    data = Dataset.from_list(make_pairs(6, seed=14))
+    right = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
+    original = engine._forward_batch
+    monkeypatch.setattr(engine, "_forward_batch", lambda m, p, pad: tuple(x + 1.0 for x in original(m, p, pad)))
+    with pytest.warns(UserWarning, match="packed forward disagrees"):
+        fallback = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
+    np.testing.assert_allclose(fallback, right, rtol=1e-5)

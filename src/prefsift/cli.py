@@ -41,7 +41,8 @@ def friendly(fn):
             console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted:[/] finished shards are kept; rerun the same command to resume")
+            console.print("[yellow]interrupted:[/] finished log-prob shards are kept; rerun the same command to "
+                          "resume from them")
             raise typer.Exit(130) from None
 
     return wrapper

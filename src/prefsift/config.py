@@ -27,8 +27,10 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         return float(value)
     if annotation in (int, float, str, bool) and not isinstance(value, annotation):
         raise ConfigError(f"config field '{name}' must be {annotation.__name__} (got {value!r})")
-    if origin in (list, tuple) and not isinstance(value, list | tuple):
-        raise ConfigError(f"config field '{name}' must be a list (got {value!r})")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config field '{name}' must be a list (got {value!r})")
+        return [_coerce(name, item, args[0]) for item in value] if args else list(value)
     return value
 
 
@@ -44,7 +46,7 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     kwargs = {}
     for key, value in values.items():
         sub = hints[key]
-        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+        if dataclasses.is_dataclass(sub):
             kwargs[key] = from_dict(sub, value, f"{where}.{key}")
         else:
             kwargs[key] = _coerce(key, value, sub)

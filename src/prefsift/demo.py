@@ -9,14 +9,14 @@ flipped (noisy) pairs each method kept.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 
 from prefsift.bench import sft_model
 from prefsift.bench.task import HIDDEN_COLUMNS, OracleJudge, TaskConfig, make_task
+from prefsift.bench.tiny import torch_threads
 from prefsift.data import load_pairs
 from prefsift.evaluate import EvalConfig
 from prefsift.manifest import write_manifest
@@ -48,10 +48,12 @@ class DemoConfig:
 
 def run_demo(out: Path, *, seed: int = 0, config: DemoConfig | None = None, log=print) -> list[dict]:
     config = config or DemoConfig()
-    config.task.seed = seed
-    config.train.seed = seed
-    out = Path(out)
-    torch.set_num_threads(config.threads)
+    config = replace(config, task=replace(config.task, seed=seed), train=replace(config.train, seed=seed))
+    with torch_threads(config.threads):
+        return _run(Path(out), seed, config, log)
+
+
+def _run(out: Path, seed: int, config: DemoConfig, log) -> list[dict]:
     start = time.perf_counter()
     task = make_task(config.task)
     log(f"task: {len(task.train)} noisy train pairs ({config.task.flip_rate:.0%} flipped), "

@@ -193,45 +193,11 @@ def greedy_answers(
     batch_size: int = 64,
     threads: int | None = 1,
 ) -> list[str]:
-    """Greedy completions of `prompts`, batched, left-padded; only the new tokens, cut at the first EOS."""
+    """`prefsift.evaluate.greedy_answers` on `threads` torch threads (one is fastest for the tiny model)."""
+    from prefsift.evaluate import greedy_answers as generate
+
     with torch_threads(threads):
-        return _greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-
-
-def _greedy(
-    model: LlamaForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    prompts: list[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-) -> list[str]:
-    model.eval()
-    answers: list[str] = []
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    for start in range(0, len(prompts), batch_size):
-        encoded = [
-            tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]
-        ]
-        width = max(len(ids) for ids in encoded)
-        # Left padding so every row's next token sits in the last column; the mask keeps pads out of attention
-        # and generate() derives position ids from it, so padded and unpadded prompts decode the same.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], dtype=torch.long)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-        with torch.no_grad():
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )
-        for row in output[:, width:].tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            answers.append(tokenizer.decode(row, skip_special_tokens=True))
-    return answers
+        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 # SFT recipe of the benchmark's model; on 2 shared CPU cores (one thread) ~20 s for 4,000 demonstrations.

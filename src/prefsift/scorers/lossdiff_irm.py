@@ -22,5 +22,6 @@ class LossDiffIRMScorer(Scorer):
         lossdiff = loss_difference(policy, context.logps("validation"), reference, context.beta)
         irm = implicit_reward_margin(policy, reference, context.beta)
         low, high = context.band
-        keep = band_mask(lossdiff, low, high) & band_mask(irm, low, high)
+        ids = context.pairs["pair_id"]
+        keep = band_mask(lossdiff, low, high, ids) & band_mask(irm, low, high, ids)
         return {"lossdiff": lossdiff, "irm": irm, "lossdiff_irm": keep.astype(np.float64)}

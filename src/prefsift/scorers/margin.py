@@ -23,8 +23,10 @@ def reward_scores(model, tokenizer, prompts: list, responses: list, *, batch_siz
             texts.append(prompt + response)
     out = []
     device = next(model.parameters()).device
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
+    padding_side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
+    # Right padding for the classifier's last-token pooling; cut long inputs from the left so the response, not
+    # the prompt, survives truncation.
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
     try:
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
@@ -32,7 +34,7 @@ def reward_scores(model, tokenizer, prompts: list, responses: list, *, batch_siz
                                   truncation=max_length is not None, max_length=max_length).to(device)
                 out.append(model(**batch).logits[:, 0].float().cpu().numpy())
     finally:
-        tokenizer.padding_side = padding_side
+        tokenizer.padding_side, tokenizer.truncation_side = padding_side, truncation_side
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -57,5 +59,8 @@ class MarginScorer(Scorer):
             known = ", ".join(raw.column_names) if raw is not None else "none"
             raise PrefsiftError(f"method 'margin' needs a --reward-model or the columns score_chosen and "
                                 f"score_rejected (columns: {known})")
-        return {"margin": np.asarray(raw["score_chosen"], dtype=float) - np.asarray(raw["score_rejected"],
-                                                                                     dtype=float)}
+        try:
+            chosen, rejected = (np.asarray(raw[c], dtype=float) for c in RATING_COLUMNS)
+        except (TypeError, ValueError):
+            raise PrefsiftError("score_chosen and score_rejected must be numbers") from None
+        return {"margin": chosen - rejected}

@@ -18,7 +18,8 @@ def _cell(value) -> str:
 
 
 def markdown_table(records: list[dict]) -> str:
-    extra = [c for c in ("flipped_kept", "near_tie_kept", "wins", "ties", "losses") if any(c in r for r in records)]
+    extra = [c for c in ("warmup_seconds", "flipped_kept", "near_tie_kept", "wins", "ties", "losses")
+             if any(c in r for r in records)]
     header = [*RESULT_FIELDS, *extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:

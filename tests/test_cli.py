@@ -121,3 +121,22 @@ def test_bad_inputs_fail_with_one_line(workspace, tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("data: x\nmodel: y\nfractions: [0.1]\nwarmup_share: 0.5\n")
     one_line_error(invoke("run", "--config", bad_yaml), "unknown option(s) warmup_share")
+
+
+def test_train_config_yaml_and_eval_without_reference(workspace, tmp_path):
+    root, model, data = workspace
+    config = tmp_path / "train.yaml"
+    config.write_text("algo: kto\nlearning_rate: 0.001\nbatch_size: 4\nmax_length: 64\nepochs: 1.0\n"
+                      "gradient_checkpointing: false\n")
+    result = invoke("train", "--data", data, "--model", model, "--out", tmp_path / "kto", "--config", config)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "kto" / "manifest.json").read_text())["config"]["algo"] == "kto"
+    result = invoke("eval", "--model", model, "--data", data, "--out", tmp_path / "ev", "--max-length", 64)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert "pref_accuracy" not in record and 0 <= record["logp_accuracy"] <= 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: x\nmodel: y\ntrain: 5\n")
+    one_line_error(invoke("run", "--config", bad), "expected a mapping")
+    bad.write_text("data: x\nmodel: y\nfractions: [a]\n")
+    one_line_error(invoke("run", "--config", bad), "must be float")

@@ -58,6 +58,11 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer):
     assert {"irm", "lossdiff", "lossdiff_irm", "ref_chosen_logps", "val_chosen_logps"} <= set(scores)
     assert (tmp_path / "run" / "results.md").read_text().count("\n|") >= 1 + len(records)
     assert (tmp_path / "run" / "win_rate.png").stat().st_size > 1000
+    # score once, select many: the run's scores directory feeds `prefsift select`
+    result = CliRunner().invoke(app, ["select", "--scores", str(tmp_path / "run" / "scores"), "--rule", "band",
+                                      "--column", "irm", "--fraction", "0.5", "--out", str(tmp_path / "sel")])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "sel" / "selected.jsonl").read_text().splitlines()) == 32
 
 
 def test_splits_are_disjoint_and_seeded(tmp_path):

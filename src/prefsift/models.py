@@ -131,7 +131,13 @@ def load_model(
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelError(f"cannot load model from '{source}' onto {torch_device}: {reason}") from None
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    return LoadedModel(model, tokenizer, source, fingerprint_files(directory, gguf_file))
+    if not Path(directory).exists():  # a hub model: its revision is the fingerprint
+        fingerprint = f"hub:{source}@{getattr(model.config, '_commit_hash', None)}"
+    else:
+        fingerprint = fingerprint_files(directory, gguf_file)
+        if adapter.is_file():  # an adapter means nothing without the base it sits on
+            fingerprint = hashlib.sha256(f"{fingerprint}:{model.config._name_or_path}".encode()).hexdigest()[:16]
+    return LoadedModel(model, tokenizer, source, fingerprint)
 
 
 def add_lora(model: PreTrainedModel, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,

@@ -19,18 +19,17 @@ import json
 import random
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
 import datasets
 import torch
 import transformers
-from transformers import PrinterCallback
-from trl import DPOConfig, DPOTrainer
 
 from prefsift.bench.task import BenchmarkTask, TaskConfig, make_task, parse_prompt
 from prefsift.bench.tiny import greedy_answers, sft_model
+from prefsift.models import LoadedModel
+from prefsift.train import TrainConfig, train
 
 # The DPO recipe this check verified (fp32 on CPU). beta 0.5 rather than TRL's 0.1: at 0.1 the clean run
 # drifts far from the SFT model within an epoch and its greedy answers degrade, which hides the noise's cost.
@@ -75,41 +74,12 @@ def dpo(
     epochs: float,
     seed: int,
 ) -> tuple[torch.nn.Module, float]:
-    """TRL DPO from a copy of `model` (also the frozen reference); returns the policy and the seconds."""
+    """prefsift's TRL DPO from a copy of `model` (also the frozen reference); returns the policy and the seconds."""
     data = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-    with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(
-            output_dir=out,
-            bf16=False,
-            use_cpu=True,
-            report_to="none",
-            seed=seed,
-            max_length=DPO_MAX_LENGTH,
-            per_device_train_batch_size=DPO_BATCH_SIZE,
-            learning_rate=lr,
-            num_train_epochs=epochs,
-            beta=beta,
-            activation_checkpointing=False,  # TRL turns it on; recomputing a 2-layer model only costs time
-            save_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-        )
-        start = time.perf_counter()
-        # An explicit reference: TRL would otherwise reload one from the model's path, and this one has none.
-        trainer = DPOTrainer(
-            model=copy.deepcopy(model),
-            ref_model=copy.deepcopy(model),
-            args=args,
-            train_dataset=data,
-            processing_class=tokenizer,
-        )
-        trainer.remove_callback(PrinterCallback)  # its end-of-training metrics dict would break the table
-        trainer.train()
-    policy = trainer.model
-    # TRL patches `forward` on the instance with a closure over the original object's forward; a deepcopy of
-    # the trained model would generate with the weights it was copied from. Back to the class's forward.
-    policy.__dict__.pop("forward", None)
-    return policy.eval(), time.perf_counter() - start
+    config = TrainConfig(learning_rate=lr, beta=beta, epochs=epochs, batch_size=DPO_BATCH_SIZE,
+                         max_length=DPO_MAX_LENGTH, seed=seed, gradient_checkpointing=False, logging_steps=10**6)
+    result = train(LoadedModel(copy.deepcopy(model), tokenizer, "sft", "sft"), data, config)
+    return result.model.eval(), result.seconds
 
 
 def judge(

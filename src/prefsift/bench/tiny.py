@@ -150,38 +150,25 @@ def sft_train(
     would dominate, and nothing to configure. Deterministic given `seed`; `threads` as in `torch_threads`.
     """
     with torch_threads(threads):
-        return _sft_loop(model, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-
-
-def _sft_loop(
-    model: LlamaForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    examples: list[tuple[str, str]],
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    order_rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    n_steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
-    # Linear decay to zero: the last steps settle the model instead of leaving it on a noisy high-lr step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, n_steps))
-    model.train()
-    for _ in range(epochs):
-        order = list(range(len(examples)))
-        order_rng.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            batch = [examples[i] for i in order[start : start + batch_size]]
-            input_ids, attention_mask, labels = _completion_batch(tokenizer, batch)
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return model.eval()
+        torch.manual_seed(seed)
+        order_rng = random.Random(seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        n_steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
+        # Linear decay to zero: the last steps settle the model instead of leaving it on a noisy high-lr step.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, n_steps))
+        model.train()
+        for _ in range(epochs):
+            order = list(range(len(examples)))
+            order_rng.shuffle(order)
+            for start in range(0, len(order), batch_size):
+                batch = [examples[i] for i in order[start : start + batch_size]]
+                input_ids, attention_mask, labels = _completion_batch(tokenizer, batch)
+                loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+        return model.eval()
 
 
 def greedy_answers(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -14,15 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 from prefsift.errors import ModelError
 from prefsift.logps import compute_logps
-from prefsift.models import (
-    LoadedModel,
-    default_device,
-    fingerprint_files,
-    load_tokenizer,
-    looks_local,
-    parse_dtype,
-    split_gguf,
-)
+from prefsift.models import LoadedModel, load_model
 from prefsift.scorers.base import implicit_reward_margin
 from prefsift.scorers.margin import reward_scores
 
@@ -38,19 +29,10 @@ class Judge(Protocol):
 def load_reward_model(source: str, *, dtype: str | None = "auto", device: str | None = None,
                       trust_remote_code: bool = False) -> LoadedModel:
     """A sequence-classification reward model with one output (e.g. a TRL RewardTrainer model)."""
-    directory, _ = split_gguf(source)
-    if looks_local(source) and not Path(directory).exists():
-        raise ModelError(f"reward model path not found: {source}")
-    torch_device = torch.device(device) if device else default_device()
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            directory, num_labels=1, dtype=parse_dtype(dtype, torch_device), use_safetensors=True,
-            trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load reward model from '{source}': {str(error).splitlines()[0]}") from None
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model.to(torch_device).eval(), tokenizer, source, fingerprint_files(directory, None))
+    loaded = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                        auto_class=AutoModelForSequenceClassification, num_labels=1)
+    loaded.model.config.pad_token_id = loaded.tokenizer.pad_token_id  # batched scoring finds each row's end
+    return loaded
 
 
 class RewardModelJudge:
@@ -88,6 +70,14 @@ def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int = 128
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def win_rate_prompts(data, limit: int) -> list:
+    """The first `limit` distinct prompts of a pairs table (plain text deduplicated; messages kept as they are)."""
+    prompts = list(data.pairs["prompt"])
+    if not data.conversational:
+        prompts = list(dict.fromkeys(prompts))
+    return prompts[:limit]
 
 
 def preference_accuracy(policy_logps: np.ndarray, reference_logps: np.ndarray, beta: float = 0.1) -> float:

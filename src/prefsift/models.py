@@ -77,14 +77,14 @@ def looks_local(source: str) -> bool:
     return Path(source).exists() or source.startswith((".", "/", "~")) or source.endswith(".gguf")
 
 
-def _from_pretrained(source: str, common: dict) -> PreTrainedModel:
+def _from_pretrained(source: str, common: dict, auto_class: type = AutoModelForCausalLM) -> PreTrainedModel:
     directory, gguf_file = split_gguf(source)
     # safetensors only: pickled weights from an untrusted file can run code on load.
     extra: dict = {"use_safetensors": True}
     if gguf_file:
         # Dequantize into plain fp32/bf16 Linear layers: left quantized, TRL refuses to fine-tune the model.
         extra = {"gguf_file": gguf_file, "quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
-    return AutoModelForCausalLM.from_pretrained(directory, **common, **extra)
+    return auto_class.from_pretrained(directory, **common, **extra)
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -105,8 +105,11 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    auto_class: type = AutoModelForCausalLM,
+    **model_kwargs,
 ) -> LoadedModel:
-    """Load `source` (hub id, local directory, or `.gguf` file) as a causal LM in eval mode, plus its tokenizer."""
+    """Load `source` (hub id, local directory, or `.gguf` file) in eval mode, plus its tokenizer: a causal LM, or
+    whatever `auto_class` (e.g. AutoModelForSequenceClassification with num_labels=1) builds."""
     source = str(source)
     directory, gguf_file = split_gguf(source)
     if looks_local(source) and not Path(directory).exists():
@@ -114,7 +117,7 @@ def load_model(
     torch_device = torch.device(device) if device else default_device()
     torch_dtype = parse_dtype(dtype, torch_device)
     common = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
-              "attn_implementation": attn_implementation}
+              "attn_implementation": attn_implementation, **model_kwargs}
     adapter = Path(directory) / "adapter_config.json"
     try:
         if adapter.is_file():  # a LoRA adapter saved by `prefsift train --lora`: load its base, merge
@@ -123,9 +126,10 @@ def load_model(
             base_source = json.loads(adapter.read_text()).get("base_model_name_or_path")
             if not base_source:
                 raise ModelError(f"{adapter} names no base model (base_model_name_or_path)")
-            model = PeftModel.from_pretrained(_from_pretrained(base_source, common), directory).merge_and_unload()
+            base = _from_pretrained(base_source, common, auto_class)
+            model = PeftModel.from_pretrained(base, directory).merge_and_unload()
         else:
-            model = _from_pretrained(source, common)
+            model = _from_pretrained(source, common, auto_class)
         model.to(torch_device).eval()
     except (OSError, ValueError, RuntimeError, AssertionError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -140,11 +144,18 @@ def load_model(
     return LoadedModel(model, tokenizer, source, fingerprint)
 
 
+def lora_config(*, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+                target_modules: str | list[str] = "all-linear"):
+    """The peft LoRA config prefsift uses, for TRL's `peft_config` and for `add_lora`."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      task_type="CAUSAL_LM")
+
+
 def add_lora(model: PreTrainedModel, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
              target_modules: str | list[str] = "all-linear") -> PreTrainedModel:
     """Wrap `model` in a peft LoRA adapter (trainable adapter, frozen base)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora_config(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules))

@@ -20,7 +20,7 @@ from trl.data_utils import unpair_preference_dataset
 
 from prefsift.errors import ConfigError
 from prefsift.logps import compute_logps
-from prefsift.models import LoadedModel
+from prefsift.models import LoadedModel, lora_config
 
 ALGOS = ("dpo", "kto")
 
@@ -82,11 +82,9 @@ def _common_args(config: TrainConfig, output_dir: str) -> dict:
 def _peft_config(config: TrainConfig):
     if not config.lora:
         return None
-    from peft import LoraConfig
-
     targets = config.lora_target_modules
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, task_type="CAUSAL_LM",
-                      target_modules=targets if targets == "all-linear" else targets.split(","))
+    return lora_config(r=config.lora_r, alpha=config.lora_alpha,
+                       target_modules=targets if targets == "all-linear" else targets.split(","))
 
 
 def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, out_dir: Path | None = None,

@@ -201,9 +201,10 @@ def eval_(
 ) -> None:
     """Held-out preference accuracy (implicit reward against --reference; without one, the share of pairs where
     the policy gives chosen the higher log-prob), and the win rate against the reference with a judge."""
-    from prefsift.evaluate import EvalConfig, RewardModelJudge, evaluate, load_reward_model
+    from prefsift.evaluate import EvalConfig, RewardModelJudge, evaluate, load_reward_model, win_rate_prompts
     from prefsift.manifest import write_manifest
     from prefsift.models import load_model
+    from prefsift.report import one_line
 
     loaded_data = _load(data, split, prompt_key, chosen_key, rejected_key, on_invalid)
     if loaded_data.kind == "unpaired":
@@ -214,19 +215,13 @@ def eval_(
     ref = load_model(reference) if reference else None
     config = EvalConfig(beta=beta, max_length=max_length, max_new_tokens=max_new_tokens)
     judge = RewardModelJudge(load_reward_model(judge_model), max_length) if judge_model else None
-    prompts = None
-    if judge is not None:
-        prompts = list(loaded_data.pairs["prompt"])
-        if not loaded_data.conversational:
-            prompts = list(dict.fromkeys(prompts))
-        prompts = prompts[:eval_prompts]
+    prompts = win_rate_prompts(loaded_data, eval_prompts) if judge is not None else None
     record = evaluate(policy, ref, test_pairs=loaded_data.pairs, prompts=prompts, judge=judge, config=config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
     write_manifest(out, "eval", {"model": model, "reference": reference, "data_hash": loaded_data.data_hash,
                                  "config": dataclasses.asdict(config)})
-    console.print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
-                  highlight=False)
+    console.print(one_line(record), highlight=False)
 
 
 @app.command()

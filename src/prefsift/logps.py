@@ -90,8 +90,12 @@ def _batches(lengths: list[int], batch_tokens: int) -> Iterator[list[int]]:
         yield batch
 
 
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA is injected
+
+
 def _backbone_and_head(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA is injected
+    base = _unwrap(model)
     backbone = getattr(base, base.base_model_prefix, None)
     return base, backbone, base.get_output_embeddings()
 
@@ -136,7 +140,7 @@ def _forward_batch(model, pairs: list[TokenizedPair], pad_id: int) -> tuple[torc
     logits = _scale_logits(base.config, head(hidden[rows_t, preds_t]).float())
     token_logps = logits.log_softmax(-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
     sums = torch.zeros(batch * 2, dtype=torch.float64, device=device)
-    index = torch.tensor(rows, device=device) * 2 + torch.tensor(sides, device=device)
+    index = rows_t * 2 + torch.tensor(sides, device=device)
     sums.index_add_(0, index, token_logps.double())
     sums = sums.view(batch, 2).cpu()
     return sums[:, 0], sums[:, 1]
@@ -168,7 +172,7 @@ def can_pack(model) -> bool:
 @torch.inference_mode()
 def _forward_batch_unpacked(model, pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's own forward on prompt+chosen and prompt+rejected rows (TRL's layout): the slow, general path."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap(model)
     device = next(base.parameters()).device
     rows = [p.prompt_ids + c for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
     starts = [len(p.prompt_ids) for p in pairs for _ in range(2)]

@@ -19,10 +19,18 @@ import numpy as np
 from prefsift import __version__
 from prefsift.data import LoadedPairs, data_hash_of, load_pairs
 from prefsift.errors import ConfigError
-from prefsift.evaluate import EvalConfig, Judge, RewardModelJudge, evaluate, greedy_answers, load_reward_model
+from prefsift.evaluate import (
+    EvalConfig,
+    Judge,
+    RewardModelJudge,
+    evaluate,
+    greedy_answers,
+    load_reward_model,
+    win_rate_prompts,
+)
 from prefsift.manifest import write_manifest
 from prefsift.models import LoadedModel, load_model
-from prefsift.report import write_results
+from prefsift.report import one_line, write_results
 from prefsift.score import write_scores_table
 from prefsift.scorers import ScoringContext, get_scorer
 from prefsift.scorers.base import LOGPS_COLUMNS
@@ -144,11 +152,7 @@ def make_splits(config: RunConfig) -> Splits:
     train_rows = np.asarray([r for r in train_rows if pair_ids[int(r)] not in held_out], dtype=int)
     if config.needs_validation and len(validation.pairs) == 0:
         raise ConfigError("the validation split is empty: raise validation_fraction or give validation_data")
-    prompts = list(test.pairs["prompt"])
-    if not test.conversational:
-        prompts = list(dict.fromkeys(prompts))  # unique plain-text prompts, in order
-    prompts = prompts[: config.eval_prompts]
-    return Splits(_subset(data, train_rows), validation, test, prompts)
+    return Splits(_subset(data, train_rows), validation, test, win_rate_prompts(test, config.eval_prompts))
 
 
 def _trained_copy(parent: LoadedModel, tag: str, config: TrainConfig, pairs, ref_logps: np.ndarray):
@@ -291,7 +295,7 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
             share = _hidden_share(train_data.raw, rows, column)
             if share is not None:
                 record[name] = round(share, 3)
-        log("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        log("  " + one_line(record))
         records.append(record)
         del policy
     write_results(records, out)

@@ -17,6 +17,11 @@ def _cell(value) -> str:
     return str(value)
 
 
+def one_line(record: dict) -> str:
+    """`key=value, ...` with floats to three decimals: the CLI's summary of a record."""
+    return ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+
+
 def markdown_table(records: list[dict]) -> str:
     extra = [c for c in ("warmup_seconds", "flipped_kept", "near_tie_kept", "wins", "ties", "losses")
              if any(c in r for r in records)]

@@ -40,7 +40,7 @@ class ScoringContext:
     out_dir: Path | None = None  # where resumable shards go
     data_hash: str = ""
     band: tuple[float, float] = (0.1, 0.9)
-    seconds: dict = field(default_factory=dict)  # role -> seconds its log-prob pass took (0 when shared)
+    seconds: dict = field(default_factory=dict)  # role -> seconds of its log-prob pass (a shared pass: once)
     _logps: dict = field(default_factory=dict)
 
     def model(self, role: str):
@@ -64,11 +64,6 @@ class ScoringContext:
                                              batch_tokens=self.batch_tokens, run=run, desc=f"{role} log-probs")
             self.seconds[role] = time.perf_counter() - start
         return self._logps[key]
-
-    def provide(self, role: str, values: np.ndarray, seconds: float = 0.0) -> None:
-        """Hand over log-probs computed elsewhere (e.g. the reference pass a training run already made)."""
-        self._logps[id(self.model(role).model)] = values
-        self.seconds[role] = seconds
 
     def logps_columns(self) -> dict[str, np.ndarray]:
         """Every computed pass under its TRL column names, for scores.parquet."""

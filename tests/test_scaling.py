@@ -1,0 +1,94 @@
+"""The plateau fit and the planner against known curves."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from prefsift.errors import PrefsiftError
+from prefsift.scaling import fit_plateau, plan_share, plateau, read_points, share_for, write_scaling_report
+
+TRUE = {"r": 0.82, "a": 0.50, "b": 6.0}
+SHARES = np.repeat([0.0, 0.1, 0.25, 0.5, 0.75, 1.0], 3)  # the paper's protocol, 3 seeds
+
+
+def noisy_points(seed: int, sigma: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return SHARES, plateau(SHARES, **TRUE) + rng.normal(0, sigma, len(SHARES))
+
+
+def test_the_fit_recovers_known_parameters_from_noisy_points():
+    x, y = noisy_points(0)
+    fit = fit_plateau(x, y, level=0.997)  # ± 3 standard errors: one draw, so not the nominal 95%
+    for name, value in TRUE.items():
+        low, high = fit.intervals[name]
+        assert low <= value <= high, (name, value, fit.intervals[name])
+    assert fit.r2 > 0.95
+
+
+@pytest.mark.parametrize("interval,runs,boot", [("covariance", 200, 0), ("bootstrap", 25, 120)])
+def test_intervals_cover_the_truth_about_as_often_as_they_claim(interval, runs, boot):
+    hits = {k: 0 for k in TRUE}
+    for seed in range(runs):
+        x, y = noisy_points(seed + 1)
+        fit = fit_plateau(x, y, interval=interval, n_boot=boot or 1000, seed=seed)
+        for k, v in TRUE.items():
+            hits[k] += fit.intervals[k][0] <= v <= fit.intervals[k][1]
+    for k in TRUE:  # nominal 95%; a binomial of `runs` draws and the bootstrap's known undercoverage at n = 18
+        assert hits[k] / runs >= (0.89 if interval == "covariance" else 0.75), (k, hits[k] / runs)
+
+
+def test_noiseless_points_give_the_exact_curve_and_r2_one():
+    fit = fit_plateau(SHARES, plateau(SHARES, **TRUE))
+    for k, v in TRUE.items():
+        assert fit.params[k] == pytest.approx(v, rel=1e-6)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-12)
+
+
+def test_the_planner_share_on_a_known_curve():
+    fit = fit_plateau(SHARES, plateau(SHARES, **TRUE))
+    plan = plan_share(fit, part=0.95, full_cost=10.0)
+    expected = math.log(20) / TRUE["b"]  # −ln(1 − 0.95)/b
+    assert plan.share == pytest.approx(expected, rel=1e-6)
+    # by definition of x*: the curve there has gained 95% of r − a
+    gained = (plateau(expected, **TRUE) - TRUE["a"]) / (TRUE["r"] - TRUE["a"])
+    assert gained == pytest.approx(0.95, abs=1e-9)
+    assert plan.saved == pytest.approx(1 - expected)
+    assert plan.saved_cost == pytest.approx(10 * (1 - expected))
+    assert plan.reached_within_data and not plan.extrapolated
+    # the paper's HH rate, 0.3 per percent = 30 per unit share: 95% of the gain at 10% of the data
+    assert share_for(0.95, 30.0) == pytest.approx(0.09986, abs=1e-4)
+
+
+def test_a_slow_curve_is_not_reached_within_the_data():
+    slow = {"r": 0.9, "a": 0.4, "b": 1.2}
+    x = SHARES
+    fit = fit_plateau(x, plateau(x, **slow))
+    plan = plan_share(fit, 0.95)
+    assert plan.share > 1 and not plan.reached_within_data and plan.saved == 0
+
+
+def test_csv_in_percent_and_the_report(tmp_path):
+    x, y = noisy_points(3)
+    path = tmp_path / "points.csv"
+    path.write_text("percent,score\n" + "".join(f"{100 * s:g},{v}\n" for s, v in zip(x, y, strict=True)))
+    points = read_points(path)
+    np.testing.assert_allclose(points.share, x)
+    fit = fit_plateau(points.share, points.score)
+    files = write_scaling_report(fit, plan_share(fit), tmp_path / "out")
+    record = json.loads(files["json"].read_text())
+    assert record["plan"]["share"] == pytest.approx(math.log(20) / fit.params["b"])
+    assert files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "of the plateau gain is reached" in files["markdown"].read_text()
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    with pytest.raises(PrefsiftError, match="at least 4 points"):
+        fit_plateau([0, 1], [0.1, 0.2])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("share,value\n0.1,2\n")
+    with pytest.raises(PrefsiftError, match="score"):
+        read_points(bad)

@@ -45,9 +45,8 @@ def main() -> None:
             config = RunConfig(out=str(Path(out)), methods=["random", "lossdiff-irm"], fractions=[], full=False,
                                warmup_fraction=share, warmup_epochs=demo.warmup_epochs,
                                validation_epochs=demo.validation_epochs, start_from=demo.start_from,
-                               train=demo.train, seed=args.seed,
-                               eval=EvalConfig(beta=demo.train.beta, max_length=demo.train.max_length,
-                                               max_new_tokens=demo.max_new_tokens, batch_size=256))
+                               train=demo.train, engine=demo.engine, seed=args.seed,
+                               eval=EvalConfig(max_new_tokens=demo.max_new_tokens, batch_size=256))
             start = time.perf_counter()
             records = run_pipeline(config, splits=splits, base=base, judge=OracleJudge(task), log=lambda _: None)
             wall = time.perf_counter() - start

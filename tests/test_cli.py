@@ -42,7 +42,7 @@ def test_score_select_train_eval(workspace):
                           "ref_rejected_logps"}
     assert all(v == 0.0 for v in table["irm"])  # policy == reference: loaded and run once
     manifest = json.loads((scores / "manifest.json").read_text())
-    assert manifest["config"]["max_length"] == 64 and manifest["data"]["hash"] and manifest["versions"]["trl"]
+    assert manifest["engine"]["max_length"] == 64 and manifest["data"]["hash"] and manifest["versions"]["trl"]
 
     selected = root / "selected"
     result = invoke("select", "--scores", scores, "--rule", "top", "--column", "irm", "--fraction", 0.5,
@@ -101,11 +101,11 @@ def test_bad_inputs_fail_with_one_line(workspace, tmp_path):
     one_line_error(invoke("score", "--data", empty, "--method", "random", "--out", out), "no rows")
     one_line_error(invoke("score", "--data", no_column, "--method", "random", "--out", out),
                    "missing column", "question")
-    one_line_error(invoke("score", "--data", data, "--method", "tif", "--out", out),
-                   "unknown method 'tif'", "lossdiff-irm")
+    one_line_error(invoke("score", "--data", data, "--method", "nope", "--out", out),
+                   "unknown method 'nope'", "lossdiff-irm")
     one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", tmp_path / "nope", "--out", out),
                    "model path not found")
-    one_line_error(invoke("score", "--data", data, "--method", "irm", "--out", out), "needs a policy model")
+    one_line_error(invoke("score", "--data", data, "--method", "irm", "--out", out), "needs --model")
     one_line_error(invoke("score", "--data", data, "--method", "random", "--out", out, "--on-invalid", "fail"),
                    "chosen == rejected", "line 41")
     scores = root / "scores-bad"
@@ -116,7 +116,7 @@ def test_bad_inputs_fail_with_one_line(workspace, tmp_path):
     one_line_error(invoke("select", "--scores", scores, "--rule", "top", "--column", "irm", "--fraction", 0.5,
                           "--out", out), "no score column 'irm'")
     one_line_error(invoke("train", "--data", data, "--model", model, "--out", out, "--algo", "ppo"),
-                   "unknown algo 'ppo'")
+                   "--algo must be one of dpo, kto")
     one_line_error(invoke("run", "--config", tmp_path / "none.yaml"), "config file not found")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("data: x\nmodel: y\nfractions: [0.1]\nwarmup_share: 0.5\n")
@@ -139,4 +139,4 @@ def test_train_config_yaml_and_eval_without_reference(workspace, tmp_path):
     bad.write_text("data: x\nmodel: y\ntrain: 5\n")
     one_line_error(invoke("run", "--config", bad), "expected a mapping")
     bad.write_text("data: x\nmodel: y\nfractions: [a]\n")
-    one_line_error(invoke("run", "--config", bad), "must be float")
+    one_line_error(invoke("run", "--config", bad), "must be a number")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import make_pairs
 from datasets import Dataset
+from test_scorers import naive_logp
 from trl import DPOConfig, DPOTrainer
 
 from prefsift.logps import LogpsRun, compute_logps, tokenize_pairs
@@ -69,22 +71,76 @@ def test_tokenization_drops_long_prompts_and_truncates(bpe_tokenizer):
 def test_resume_skips_finished_shards(bpe_tokenizer, tiny_llama, tmp_path, monkeypatch):
     data = Dataset.from_list(make_pairs(30, seed=4))
     run = LogpsRun(tmp_path, "policy", {"model": "tiny", "max_length": None})
-    full = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, shard_size=8, run=run)
-    assert len(list(run.shard_dir.glob("*.parquet"))) == 4
+    full = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, batch_tokens=200, flush_rows=8, run=run)
+    shards = sorted(run.shard_dir.glob("*.parquet"))
+    assert len(shards) >= 3
+    kept_rows = sum(len(pq.read_table(p)) for p in shards[:2])
     # Simulate a run killed after two shards: delete the rest, then count the forward passes of the rerun.
-    for path in sorted(run.shard_dir.glob("*.parquet"))[2:]:
+    for path in shards[2:]:
         path.unlink()
     import prefsift.logps as engine
 
     calls = []
     original = engine._forward_batch
     monkeypatch.setattr(engine, "_forward_batch", lambda m, p, pad: calls.append(len(p)) or original(m, p, pad))
-    resumed = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, shard_size=8, run=run)
-    np.testing.assert_allclose(resumed, full)
-    assert sum(calls) == 30 - 16  # only the two missing shards were recomputed
+    resumed = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, batch_tokens=200, flush_rows=8,
+                            run=run)
+    np.testing.assert_array_equal(resumed, full)  # identical, not merely close: same batches, same padding
+    assert sum(calls) == 30 - kept_rows  # only the missing shards' pairs were recomputed
     # Another identity (say another max_length) never reuses these shards.
     other = LogpsRun(tmp_path, "policy", {"model": "tiny", "max_length": 64})
     assert other.shard_dir != run.shard_dir
+
+
+def test_a_kill_loses_at_most_the_batches_since_the_last_flush(bpe_tokenizer, tiny_llama, tmp_path, monkeypatch):
+    """Shards flush by time as well as by rows: a run killed at 60% keeps what it finished before the kill."""
+    import prefsift.logps as engine
+
+    data = Dataset.from_list(make_pairs(40, seed=6))
+    kwargs = {"max_length": None, "batch_tokens": 150, "flush_rows": 10**6, "flush_seconds": 0.0}
+    uninterrupted = compute_logps(tiny_llama, bpe_tokenizer, data, **kwargs)
+    n_batches = len(engine.BatchPlan.of(engine.tokenize_pairs(bpe_tokenizer, data["prompt"], data["chosen"],
+                                                              data["rejected"], None), 150).batches)
+    assert n_batches >= 5
+    run = LogpsRun(tmp_path, "policy", {"model": "tiny"})
+    original, calls = engine._forward_batch, []
+
+    def killed_at_60_percent(model, pairs, pad):
+        if len(calls) == int(0.6 * n_batches):
+            raise KeyboardInterrupt
+        calls.append(len(pairs))
+        return original(model, pairs, pad)
+
+    monkeypatch.setattr(engine, "_forward_batch", killed_at_60_percent)
+    with pytest.raises(KeyboardInterrupt):
+        compute_logps(tiny_llama, bpe_tokenizer, data, run=run, **kwargs)
+    done_before_kill = sum(calls)
+    monkeypatch.setattr(engine, "_forward_batch", lambda m, p, pad: calls.append(len(p)) or original(m, p, pad))
+    resumed = compute_logps(tiny_llama, bpe_tokenizer, data, run=run, **kwargs)
+    np.testing.assert_array_equal(resumed, uninterrupted)
+    assert sum(calls) - done_before_kill == 40 - done_before_kill  # the resume computed only the rest
+    # A corrupt (0-byte) shard is recomputed, not trusted and not blocking.
+    victim = sorted(run.shard_dir.glob("*.parquet"))[0]
+    victim.write_bytes(b"")
+    with pytest.warns(UserWarning, match="unreadable shard"):
+        again = compute_logps(tiny_llama, bpe_tokenizer, data, run=run, **kwargs)
+    np.testing.assert_array_equal(again, uninterrupted)
+
+
+def test_a_model_whose_packed_forward_fails_falls_back(bpe_tokenizer):
+    """ALiBi models (Bloom) build their bias from a 2-D mask: the packed path raises, and the engine falls back to
+    the model's own forward with one warning, giving the textbook values."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, n_layer=2, n_head=4,
+                                         pad_token_id=bpe_tokenizer.pad_token_id)).eval()
+    rows = make_pairs(6, seed=14)
+    with pytest.warns(UserWarning, match="packed forward"):
+        got = compute_logps(model, bpe_tokenizer, Dataset.from_list(rows), max_length=None)
+    expected = [[naive_logp(model, bpe_tokenizer, r["prompt"], r[side]) for side in ("chosen", "rejected")]
+                for r in rows]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_lora_model_scores(bpe_tokenizer, tiny_llama):
@@ -140,6 +196,7 @@ def test_a_packed_path_that_disagrees_falls_back(bpe_tokenizer, tiny_llama, monk
     right = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
     original = engine._forward_batch
     monkeypatch.setattr(engine, "_forward_batch", lambda m, p, pad: tuple(x + 1.0 for x in original(m, p, pad)))
+    engine._PACKED_OK.clear()  # checked once a model and process: forget the check the first pass made
     with pytest.warns(UserWarning, match="packed forward disagrees"):
         fallback = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
     np.testing.assert_allclose(fallback, right, rtol=1e-5)

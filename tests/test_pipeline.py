@@ -31,9 +31,8 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer):
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(80, seed=31)))
     config = {"data": str(data), "model": str(model_dir), "out": str(tmp_path / "run"), "fractions": [0.25],
               "validation_fraction": 0.1, "test_fraction": 0.1, "warmup_fraction": 0.5, "judge_model": str(judge_dir),
-              "eval_prompts": 4, "eval": {"max_new_tokens": 4, "max_length": 64},
-              "train": {"learning_rate": 1e-3, "batch_size": 8, "max_length": 64, "epochs": 1.0,
-                        "gradient_checkpointing": False}}
+              "eval": {"max_new_tokens": 4, "eval_prompts": 4}, "engine": {"max_length": 64},
+              "train": {"learning_rate": 1e-3, "batch_size": 8, "epochs": 1.0, "gradient_checkpointing": False}}
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["run", "--config", str(config_path)])

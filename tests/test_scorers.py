@@ -8,9 +8,12 @@ import torch
 from conftest import make_pairs, make_tiny_llama
 from datasets import Dataset
 
+from prefsift.config import EngineConfig
+from prefsift.data import load_pairs
 from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.models import LoadedModel
-from prefsift.scorers import SCORERS, ScoringContext, get_scorer
+from prefsift.resources import Resources
+from prefsift.scorers import SCORERS, get_scorer
 
 BETA = 0.2
 
@@ -30,15 +33,18 @@ def naive(model, tokenizer, rows) -> np.ndarray:
                       naive_logp(model, tokenizer, r["prompt"], r["rejected"])] for r in rows])
 
 
-@pytest.fixture
+def provider(rows: list[dict], models: dict | None = None, seed: int = 0, **engine) -> Resources:
+    return Resources(load_pairs(Dataset.from_list(rows)), EngineConfig(**{"beta": BETA, "max_length": None, **engine}),
+                     dict(models or {}), seed=seed)
+
+
+@pytest.fixture(scope="module")
 def setting(bpe_tokenizer):
     rows = make_pairs(40, seed=11)
     models = {role: LoadedModel(make_tiny_llama(bpe_tokenizer, seed=s), bpe_tokenizer, role, role)
               for role, s in (("policy", 1), ("reference", 2), ("validation", 3))}
-    context = ScoringContext(pairs=Dataset.from_list([{**r, "pair_id": f"{i:03d}"} for i, r in enumerate(rows)]),
-                             models=models, beta=BETA, max_length=None)
     logps = {role: naive(m.model, bpe_tokenizer, rows) for role, m in models.items()}
-    return context, logps
+    return rows, models, logps
 
 
 def logsigmoid(x):
@@ -46,13 +52,15 @@ def logsigmoid(x):
 
 
 def test_irm_is_the_implicit_reward_margin(setting):
-    context, lp = setting
+    rows, models, lp = setting
+    context = provider(rows, models)
     expected = BETA * ((lp["policy"][:, 0] - lp["reference"][:, 0]) - (lp["policy"][:, 1] - lp["reference"][:, 1]))
     np.testing.assert_allclose(get_scorer("irm").score(context)["irm"], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_lossdiff_is_the_dpo_loss_difference(setting):
-    context, lp = setting
+    rows, models, lp = setting
+    context = provider(rows, models)
     margin = {r: BETA * ((lp[r][:, 0] - lp["reference"][:, 0]) - (lp[r][:, 1] - lp["reference"][:, 1]))
               for r in ("policy", "validation")}
     expected = -logsigmoid(margin["policy"]) + logsigmoid(margin["validation"])
@@ -60,44 +68,52 @@ def test_lossdiff_is_the_dpo_loss_difference(setting):
 
 
 def test_lossdiff_irm_keeps_pairs_in_both_middle_bands(setting):
-    context, _ = setting
-    out = get_scorer("lossdiff-irm").score(context)
+    rows, models, lp = setting
+    context = provider(rows, models)
+    out = get_scorer("lossdiff-irm", band_low=0.2, band_high=0.7).score(context)
 
-    def middle(values):  # 10th-90th percentile by rank, computed by hand
-        ranks = np.empty(len(values))
-        ranks[np.argsort(values, kind="stable")] = np.arange(len(values)) / (len(values) - 1)
-        return (ranks >= 0.1) & (ranks <= 0.9)
+    def ranks(values):  # rank 0..n-1 of each value from an independent argsort of the hand-computed scores
+        order = np.argsort(values, kind="stable")
+        r = np.empty(len(values))
+        r[order] = np.arange(len(values))
+        return r / (len(values) - 1)
 
-    expected = middle(out["lossdiff"]) & middle(out["irm"])
-    np.testing.assert_array_equal(out["lossdiff_irm"].astype(bool), expected)
+    margin = {r: BETA * ((lp[r][:, 0] - lp["reference"][:, 0]) - (lp[r][:, 1] - lp["reference"][:, 1]))
+              for r in ("policy", "validation")}
+    lossdiff = np.logaddexp(0, -margin["policy"]) - np.logaddexp(0, -margin["validation"])
+    middle = [(ranks(v) >= 0.2) & (ranks(v) <= 0.7) for v in (lossdiff, margin["policy"])]
+    np.testing.assert_array_equal(out["lossdiff_irm"].astype(bool), middle[0] & middle[1])
+    assert 0 < out["lossdiff_irm"].sum() < 0.5 * len(rows)  # the bands bite
     assert context.seconds.keys() == {"policy", "reference", "validation"}  # each pass ran once
 
 
 def test_same_policy_and_reference_give_zero_irm(bpe_tokenizer):
     model = LoadedModel(make_tiny_llama(bpe_tokenizer), bpe_tokenizer, "m", "m")
-    context = ScoringContext(pairs=Dataset.from_list([{**r, "pair_id": str(i)} for i, r in
-                                                      enumerate(make_pairs(6))]),
-                             models={"policy": model, "reference": model}, max_length=None)
+    context = provider(make_pairs(6), {"policy": model, "reference": model})
     assert np.all(get_scorer("irm").score(context)["irm"] == 0.0)
-    assert len(context.seconds) == 1  # one pass for both roles
+    assert context.logps("policy") is context.logps("reference")  # one pass for both roles
 
 
 def test_random_is_per_pair_and_seeded():
-    ids = [f"id{i}" for i in range(100)]
-    a = get_scorer("random").score(ScoringContext(pairs=Dataset.from_dict({"pair_id": ids}), seed=1))["random"]
-    b = get_scorer("random").score(ScoringContext(pairs=Dataset.from_dict({"pair_id": ids[::-1]}), seed=1))
-    c = get_scorer("random").score(ScoringContext(pairs=Dataset.from_dict({"pair_id": ids}), seed=2))["random"]
-    np.testing.assert_array_equal(a, b["random"][::-1])  # a pair keeps its score whatever the order
+    rows = make_pairs(300, seed=5)
+    a = get_scorer("random").score(provider(rows, seed=1))["random"]
+    b = get_scorer("random").score(provider(rows[::-1], seed=1))["random"]
+    c = get_scorer("random").score(provider(rows, seed=2))["random"]
+    np.testing.assert_array_equal(a, b[::-1])  # a pair keeps its score whatever the order
     assert not np.allclose(a, c)
-    assert 0 <= a.min() and a.max() < 1 and 0.3 < a.mean() < 0.7
+    # uniform on [0, 1): a Kolmogorov-Smirnov distance well inside the 1% critical value (1.63/sqrt(n))
+    n = len(a)
+    ks = np.max(np.abs(np.sort(a) - np.arange(1, n + 1) / n))
+    assert 0 <= a.min() and a.max() < 1 and ks < 1.63 / np.sqrt(n)
 
 
 def test_margin_from_rating_columns():
-    raw = Dataset.from_dict({"score_chosen": [9.0, 7.5], "score_rejected": [2.0, 7.0]})
-    out = get_scorer("margin").score(ScoringContext(pairs=Dataset.from_dict({"pair_id": ["a", "b"]}), raw=raw))
-    np.testing.assert_allclose(out["margin"], [7.0, 0.5])
+    rows = make_pairs(2, seed=3)
+    rated = [{**rows[0], "score_chosen": 9.0, "score_rejected": 2.0}, {**rows[1], "score_chosen": 7.5,
+                                                                      "score_rejected": 7.0}]
+    np.testing.assert_allclose(get_scorer("margin").score(provider(rated))["margin"], [7.0, 0.5])
     with pytest.raises(PrefsiftError, match="score_chosen and score_rejected"):
-        get_scorer("margin").score(ScoringContext(pairs=raw, raw=Dataset.from_dict({"x": [1, 2]})))
+        get_scorer("margin").score(provider(rows))
 
 
 def test_margin_from_a_reward_model(bpe_tokenizer):
@@ -109,24 +125,42 @@ def test_margin_from_a_reward_model(bpe_tokenizer):
                          pad_token_id=bpe_tokenizer.pad_token_id)
     reward = LlamaForSequenceClassification(config).eval()
     rows = make_pairs(7, seed=12)
-    context = ScoringContext(pairs=Dataset.from_list([{**r, "pair_id": str(i)} for i, r in enumerate(rows)]),
-                             models={"reward_model": LoadedModel(reward, bpe_tokenizer, "rm", "rm")})
+    context = provider(rows, {"reward_model": LoadedModel(reward, bpe_tokenizer, "rm", "rm")}, max_length=1024)
 
     def one(text):  # one unpadded sequence at a time
         with torch.no_grad():
             return reward(torch.tensor([bpe_tokenizer(text)["input_ids"]])).logits[0, 0].item()
 
     expected = [one(r["prompt"] + r["chosen"]) - one(r["prompt"] + r["rejected"]) for r in rows]
-    np.testing.assert_allclose(get_scorer("margin").score(context)["margin"], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(get_scorer("margin", batch_size=3).score(context)["margin"], expected, rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_registry_and_unknown_method():
     assert {"random", "margin", "irm", "lossdiff", "lossdiff-irm"} <= set(SCORERS)
-    with pytest.raises(ConfigError, match=r"unknown method 'tif' \(known: irm, lossdiff"):
-        get_scorer("tif")
+    with pytest.raises(ConfigError, match=r"unknown method 'nope' \(known: .*irm, .*lossdiff, lossdiff-irm"):
+        get_scorer("nope")
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"band_low": 0.9, "band_high": 0.1}, "0 <= low < high <= 1"),
+    ({"band_low": -0.1}, "band_low must be >= 0.0"),
+    ({"band_high": float("nan")}, "band_high must be a finite number"),
+    ({"band_low": True}, "band_low must be a number"),
+    ({"band_lo": 0.2}, r"unknown option\(s\) band_lo \(known: band_low, band_high\)"),
+])
+def test_bad_parameters_are_refused_at_construction(params, message):
+    with pytest.raises(ConfigError, match=r"method 'irm': .*" + message):
+        get_scorer("irm", **params)
+
+
+def test_parameters_reach_the_selection_rule():
+    assert get_scorer("lossdiff-irm", band_low=0.2, band_high=0.8).selection_rule() == {
+        "rule": "intersection", "columns": ["lossdiff", "irm"], "low": 0.2, "high": 0.8}
+    assert get_scorer("irm").selection_rule() == {"rule": "band", "column": "irm", "low": 0.1, "high": 0.9}
 
 
 def test_missing_model_role_is_a_clear_error(bpe_tokenizer):
-    context = ScoringContext(pairs=Dataset.from_list([{**make_pairs(1)[0], "pair_id": "a"}]), models={})
-    with pytest.raises(PrefsiftError, match="needs a policy model"):
-        get_scorer("irm").score(context)
+    context = provider(make_pairs(1))
+    with pytest.raises(PrefsiftError, match=r"method 'lossdiff' needs --model \(the policy .*; --validation \(θ_val"):
+        context.require(get_scorer("lossdiff").needs, "lossdiff")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from prefsift.errors import PrefsiftError
+from prefsift.config import DataConfig, EngineConfig, EvalConfig, RunConfig, ScoreConfig, TrainConfig, cli_options
+from prefsift.errors import ConfigError, PrefsiftError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Score preference pairs with the model you will align, keep the subset worth training on, "
@@ -21,13 +20,8 @@ console = Console(stderr=True)
 
 DataOpt = Annotated[str, typer.Option("--data", help="JSONL/JSON/Parquet/CSV file, datasets directory, or hub "
                                                      "name[:split].")]
-PromptKey = Annotated[str, typer.Option(help="Input column of the prompt.")]
-ChosenKey = Annotated[str, typer.Option(help="Input column of the chosen response.")]
-RejectedKey = Annotated[str, typer.Option(help="Input column of the rejected response.")]
-OnInvalid = Annotated[str, typer.Option(help="Invalid rows: 'skip' (report and go on) or 'fail'.")]
-Split = Annotated[str | None, typer.Option(help="Split of a datasets directory or hub dataset.")]
-MaxLength = Annotated[int, typer.Option(help="Token cut-off, as TRL's max_length.")]
-Beta = Annotated[float, typer.Option(help="DPO temperature β.")]
+ConfigOpt = Annotated[Path | None, typer.Option(help="YAML file of options (flat: any option of this command); "
+                                                     "flags given on the command line win.")]
 
 
 def friendly(fn):
@@ -48,14 +42,36 @@ def friendly(fn):
     return wrapper
 
 
-def _load(data: str, split, prompt_key, chosen_key, rejected_key, on_invalid):
-    from prefsift.data import load_pairs
-    from prefsift.errors import ConfigError
+def _settings(config: Path | None, flags: dict, *classes: type, defaults: dict | None = None) -> list:
+    """Each settings dataclass from (in rising priority) `defaults`, the flat YAML of --config, and the flags."""
+    from prefsift.config import from_dict, load_yaml, split_flags
 
-    if on_invalid not in ("skip", "fail"):
-        raise ConfigError(f"--on-invalid must be 'skip' or 'fail' (got {on_invalid!r})")
-    loaded = load_pairs(data, split=split, prompt_key=prompt_key, chosen_key=chosen_key,
-                        rejected_key=rejected_key, on_invalid=on_invalid)
+    layers = [split_flags(defaults or {}, *classes), split_flags(load_yaml(config) if config else {}, *classes),
+              split_flags(flags, *classes)]
+    out = []
+    for i, cls in enumerate(classes):
+        try:
+            out.append(from_dict(cls, {**layers[0][i], **layers[1][i], **layers[2][i]}, ""))
+        except ConfigError as error:  # name the flag when the bad value came from one, else the config file
+            name, _, rest = str(error).partition(" ")
+            if name in layers[2][i]:
+                raise ConfigError(f"--{name.replace('_', '-')} {rest}") from None
+            raise ConfigError(f"{config or 'options'}: {error}") from None
+    return out
+
+
+def _apply_threads(engine) -> None:
+    if engine.threads is not None:
+        import torch
+
+        torch.set_num_threads(engine.threads)
+
+
+def _load(data: str, options):
+    from prefsift.data import load_pairs
+
+    loaded = load_pairs(data, split=options.split, prompt_key=options.prompt_key, chosen_key=options.chosen_key,
+                        rejected_key=options.rejected_key, on_invalid=options.on_invalid)
     console.print(loaded.summary(), highlight=False)
     for row in loaded.invalid[:5]:
         console.print(f"  skipped row {row.row}: {row.reason}", highlight=False)
@@ -64,53 +80,72 @@ def _load(data: str, split, prompt_key, chosen_key, rejected_key, on_invalid):
     return loaded
 
 
+@app.callback()
+def _quiet() -> None:
+    """Score preference pairs with the model you will align, keep the subset worth training on, train with TRL,
+    and measure what it bought."""
+    import datasets
+
+    datasets.disable_progress_bars()  # its "Creating parquet from Arrow format" bars are not prefsift's progress
+
+
 @app.command()
 @friendly
+@cli_options(ScoreConfig, EngineConfig, DataConfig)
 def score(
     data: DataOpt,
-    method: Annotated[str, typer.Option(help="random, margin, irm, lossdiff or lossdiff-irm.")],
-    out: Annotated[Path, typer.Option(help="Output directory (scores.parquet, manifest.json).")],
-    model: Annotated[str | None, typer.Option(help="Policy: hub id, local directory or .gguf file.")] = None,
-    reference: Annotated[str | None, typer.Option(help="Reference model (default: --model).")] = None,
-    validation: Annotated[str | None, typer.Option(help="Validation model θ_val (lossdiff).")] = None,
-    reward_model: Annotated[str | None, typer.Option(help="Reward model for 'margin'.")] = None,
-    beta: Beta = 0.1,
-    max_length: MaxLength = 1024,
-    batch_tokens: Annotated[int, typer.Option(help="Tokens per forward batch.")] = 8192,
-    band_low: Annotated[float, typer.Option(help="Lower percentile of the middle band.")] = 0.1,
-    band_high: Annotated[float, typer.Option(help="Upper percentile of the middle band.")] = 0.9,
-    seed: int = 0,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Let a model run its own code.")] = False,
-    split: Split = None,
-    prompt_key: PromptKey = "prompt",
-    chosen_key: ChosenKey = "chosen",
-    rejected_key: RejectedKey = "rejected",
-    on_invalid: OnInvalid = "skip",
+    out: Annotated[Path, typer.Option(help="Output directory (scores.parquet, pairs.parquet, manifest.json).")],
+    param: Annotated[list[str] | None, typer.Option("--param", help="A method parameter, key=value (repeatable); "
+                                                    "`prefsift methods` lists each method's.")] = None,
+    config: ConfigOpt = None,
+    *,
+    flags: dict,
 ) -> None:
     """Score every pair with METHOD; write scores.parquet under TRL's column names."""
-    from prefsift.score import ScoreConfig
+    from prefsift.config import parse_params
     from prefsift.score import score as run_score
     from prefsift.scorers import get_scorer
 
-    get_scorer(method)  # an unknown method fails before any loading
-    loaded = _load(data, split, prompt_key, chosen_key, rejected_key, on_invalid)
-    config = ScoreConfig(method=method, model=model, reference=reference, validation=validation,
-                         reward_model=reward_model, beta=beta, max_length=max_length, batch_tokens=batch_tokens,
-                         band_low=band_low, band_high=band_high, seed=seed, dtype=dtype, device=device,
-                         trust_remote_code=trust_remote_code)
-    result = run_score(loaded, config, out)
+    score_config, engine, data_options = _settings(config, flags, ScoreConfig, EngineConfig, DataConfig)
+    params = parse_params(param)
+    from prefsift.resources import require
+
+    # An unknown method, a bad parameter or a missing model fails before anything is loaded.
+    require(get_scorer(score_config.method, **params).needs, score_config.sources(), score_config.method)
+    _apply_threads(engine)
+    loaded = _load(data, data_options)
+    result = run_score(loaded, score_config, engine, out, params)
     columns = [c for c in result.scores if c != "pair_id"]
-    console.print(f"scored {len(result.scores['pair_id'])} pairs with {method} in {result.seconds:.1f}s: "
-                  f"{', '.join(columns)} → {out / 'scores.parquet'}", highlight=False)
+    dropped = f" ({result.n_dropped} dropped: prompt fills max_length)" if result.n_dropped else ""
+    console.print(f"scored {len(result.scores['pair_id'])} pairs{dropped} with {score_config.method} in "
+                  f"{sum(result.seconds.values()):.1f}s: {', '.join(columns)} → {out / 'scores.parquet'}",
+                  highlight=False)
+
+
+@app.command()
+@friendly
+def methods() -> None:
+    """Every scoring method: the models it needs, the columns it writes, its rule and its parameters."""
+    import dataclasses
+
+    from prefsift.resources import flag_of
+    from prefsift.scorers import SCORERS
+
+    for name in sorted(SCORERS):
+        scorer = SCORERS[name]()
+        needs = ", ".join(flag_of(r) for r in scorer.needs) or "–"
+        typer.echo(f"{name}: needs {needs}; writes {', '.join(scorer.columns)}; rule {scorer.selection_rule()}")
+        for f in dataclasses.fields(scorer.params):
+            typer.echo(f"    --param {f.name}={getattr(scorer.params, f.name)!r}  {f.metadata.get('help', '')}")
 
 
 @app.command()
 @friendly
 def select(
-    scores: Annotated[Path, typer.Option(help="Directory written by `prefsift score`.")],
+    scores: Annotated[Path, typer.Option(help="Directory written by `prefsift score` (or a run's scores/).")],
     out: Annotated[Path, typer.Option(help="Output directory (selected.jsonl, selected.parquet).")],
+    method: Annotated[str | None, typer.Option(help="Whose rule to apply when the directory holds several "
+                                                     "methods' scores (a run's).")] = None,
     rule: Annotated[str | None, typer.Option(help="top, bottom, band, intersection, all (default: the "
                                                    "method's own rule).")] = None,
     fraction: Annotated[float | None, typer.Option(help="Share of the pairs to keep, in (0, 1].")] = None,
@@ -124,103 +159,112 @@ def select(
     from prefsift.select import select_from_scores
 
     result = select_from_scores(scores, out, rule=rule, fraction=fraction, count=count, column=column,
-                                columns=columns.split(",") if columns else None, low=low, high=high)
+                                columns=columns.split(",") if columns else None, low=low, high=high, method=method)
     console.print(f"kept {result['n_selected']} of {result['n_pairs']} pairs ({result['rule']}) → "
                   f"{out / 'selected.jsonl'}", highlight=False)
 
 
 @app.command()
 @friendly
+@cli_options(TrainConfig, EngineConfig, DataConfig)
 def train(
     data: DataOpt,
-    model: Annotated[str, typer.Option(help="Model to align: hub id, local directory or .gguf file.")],
+    model: Annotated[str, typer.Option(help="Model to align, the policy training starts from: hub id, local "
+                                            "directory or .gguf file (e.g. a run's models/warmup).")],
     out: Annotated[Path, typer.Option(help="Where the trained model (or LoRA adapter) is saved.")],
-    algo: Annotated[str | None, typer.Option(help="dpo or kto (default: the config's, else dpo).")] = None,
-    scores: Annotated[Path | None, typer.Option(help="A `prefsift score` directory whose reference log-probs "
-                                                      "are reused (TRL then skips its reference pass).")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file of TrainConfig options (CLI flags win).")] = None,
-    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Pairs per device and step.")] = None,
-    beta: Annotated[float | None, typer.Option(help="β of the loss.")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Token cut-off.")] = None,
-    lora: Annotated[bool | None, typer.Option(help="Train a LoRA adapter.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16.")] = "auto",
-    split: Split = None,
-    prompt_key: PromptKey = "prompt",
-    chosen_key: ChosenKey = "chosen",
-    rejected_key: RejectedKey = "rejected",
-    on_invalid: OnInvalid = "skip",
+    reference: Annotated[str | None, typer.Option(help="Reference (SFT) model of the DPO loss; default: --model. "
+                                                       "Its log-probs come from --scores when given.")] = None,
+    scores: Annotated[Path | None, typer.Option(help="A score directory whose reference log-probs are reused "
+                                                      "(TRL then skips its reference pass); max_length and β "
+                                                      "default to its own.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Let a model run its own code.")] = False,
+    config: ConfigOpt = None,
+    *,
+    flags: dict,
 ) -> None:
     """Align MODEL on the pairs with DPO or KTO through TRL."""
-    from prefsift.config import from_dict, load_yaml
-    from prefsift.manifest import write_manifest
+    import dataclasses
+
+    from prefsift.manifest import read_manifest, write_manifest
     from prefsift.models import load_model
     from prefsift.score import reference_logps_from_scores
-    from prefsift.train import TrainConfig
     from prefsift.train import train as run_train
 
-    values = load_yaml(config) if config else {}
-    flags = {"algo": algo, "learning_rate": learning_rate, "epochs": epochs, "batch_size": batch_size,
-             "beta": beta, "max_length": max_length, "lora": lora, "seed": seed}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    train_config = from_dict(TrainConfig, values, str(config or "options"))
-    loaded_data = _load(data, split, prompt_key, chosen_key, rejected_key, on_invalid)
-    loaded_model = load_model(model, dtype=dtype)
+    scored = {k: v for k, v in read_manifest(scores).get("engine", {}).items() if k in ("max_length", "beta")} \
+        if scores is not None else {}
+    train_config, engine, data_options = _settings(config, flags, TrainConfig, EngineConfig, DataConfig,
+                                                   defaults=scored)
+    _apply_threads(engine)
+    loaded_data = _load(data, data_options)
+    common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": trust_remote_code}
+    policy = load_model(model, **common)
+    ref_model = load_model(reference, **common) if reference and reference != model else policy
     ref = None
-    if scores is not None and train_config.algo == "dpo":
-        ref = reference_logps_from_scores(scores, loaded_data, loaded_model, train_config.max_length)
-        console.print(f"reusing reference log-probs from {scores}", highlight=False)
-    result = run_train(loaded_model, loaded_data.pairs, train_config, out, ref_logps=ref)
-    write_manifest(out, "train", {"model": model, "fingerprint": loaded_model.fingerprint,
+    if train_config.algo == "dpo":
+        if scores is not None:
+            ref = reference_logps_from_scores(scores, loaded_data, ref_model, engine)
+            console.print(f"reusing reference log-probs from {scores}", highlight=False)
+        elif ref_model is not policy:
+            from prefsift.logps import compute_logps
+
+            ref = compute_logps(ref_model.model, ref_model.tokenizer, loaded_data.pairs,
+                                max_length=engine.max_length, batch_tokens=engine.batch_tokens,
+                                desc="reference log-probs")
+        if ref_model is not policy:
+            del ref_model  # only its log-probs are needed from here on
+    elif scores is not None or reference:
+        raise ConfigError("--scores/--reference feed DPO's reference log-probs; KTO computes its own reference "
+                          "from --model")
+    result = run_train(policy, loaded_data.pairs, train_config, engine, out, ref_logps=ref)
+    write_manifest(out, "train", {"model": model, "fingerprint": policy.fingerprint, "reference": reference,
                                   "data": {"source": data, "hash": loaded_data.data_hash, "n_pairs": result.n_pairs},
-                                  "config": dataclasses.asdict(train_config), "scores": str(scores) if scores else None,
-                                  "seconds": result.seconds})
+                                  "config": dataclasses.asdict(train_config), "engine": dataclasses.asdict(engine),
+                                  "scores": str(scores) if scores else None, "seconds": result.seconds})
     console.print(f"trained {train_config.algo} on {result.n_pairs} pairs in {result.seconds:.1f}s → {out}",
                   highlight=False)
 
 
 @app.command("eval")
 @friendly
+@cli_options(EvalConfig, EngineConfig, DataConfig)
 def eval_(
     model: Annotated[str, typer.Option(help="The aligned policy.")],
     data: DataOpt,
     out: Annotated[Path, typer.Option(help="Output directory (eval.json).")],
-    reference: Annotated[str | None, typer.Option(help="Reference (SFT) policy; default: --model.")] = None,
+    reference: Annotated[str | None, typer.Option(help="Reference (SFT) policy.")] = None,
     judge_model: Annotated[str | None, typer.Option(help="Reward model judging the win rate.")] = None,
-    eval_prompts: Annotated[int, typer.Option(help="Prompts for the win rate (needs --judge-model).")] = 200,
-    beta: Beta = 0.1,
-    max_length: MaxLength = 1024,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per answer.")] = 128,
-    split: Split = None,
-    prompt_key: PromptKey = "prompt",
-    chosen_key: ChosenKey = "chosen",
-    rejected_key: RejectedKey = "rejected",
-    on_invalid: OnInvalid = "skip",
+    trust_remote_code: Annotated[bool, typer.Option(help="Let a model run its own code.")] = False,
+    config: ConfigOpt = None,
+    *,
+    flags: dict,
 ) -> None:
     """Held-out preference accuracy (implicit reward against --reference; without one, the share of pairs where
     the policy gives chosen the higher log-prob), and the win rate against the reference with a judge."""
-    from prefsift.evaluate import EvalConfig, RewardModelJudge, evaluate, load_reward_model, win_rate_prompts
+    import dataclasses
+    import json
+
+    from prefsift.evaluate import RewardModelJudge, evaluate, win_rate_prompts
     from prefsift.manifest import write_manifest
     from prefsift.models import load_model
     from prefsift.report import one_line
+    from prefsift.reward import load_reward_model
 
-    loaded_data = _load(data, split, prompt_key, chosen_key, rejected_key, on_invalid)
+    eval_config, engine, data_options = _settings(config, flags, EvalConfig, EngineConfig, DataConfig)
+    _apply_threads(engine)
+    loaded_data = _load(data, data_options)
     if loaded_data.kind == "unpaired":
-        from prefsift.errors import ConfigError
-
         raise ConfigError("eval needs preference pairs (prompt, chosen, rejected); this data is unpaired")
-    policy = load_model(model)
-    ref = load_model(reference) if reference else None
-    config = EvalConfig(beta=beta, max_length=max_length, max_new_tokens=max_new_tokens)
-    judge = RewardModelJudge(load_reward_model(judge_model), max_length) if judge_model else None
-    prompts = win_rate_prompts(loaded_data, eval_prompts) if judge is not None else None
-    record = evaluate(policy, ref, test_pairs=loaded_data.pairs, prompts=prompts, judge=judge, config=config)
+    common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": trust_remote_code}
+    policy = load_model(model, **common)
+    ref = load_model(reference, **common) if reference else None
+    judge = RewardModelJudge(load_reward_model(judge_model, **common), engine.max_length) if judge_model else None
+    prompts = win_rate_prompts(loaded_data, eval_config.eval_prompts) if judge is not None else None
+    record = evaluate(policy, ref, test_pairs=loaded_data.pairs, prompts=prompts, judge=judge, config=eval_config,
+                      engine=engine)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "eval.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     write_manifest(out, "eval", {"model": model, "reference": reference, "data_hash": loaded_data.data_hash,
-                                 "config": dataclasses.asdict(config)})
+                                 "config": dataclasses.asdict(eval_config), "engine": dataclasses.asdict(engine)})
     console.print(one_line(record), highlight=False)
 
 
@@ -232,15 +276,15 @@ def run(
 ) -> None:
     """The whole flow from one config: warm-up, validation model, score, select, train, evaluate, report."""
     from prefsift.config import from_dict, load_yaml
-    from prefsift.pipeline import RunConfig, run_pipeline
+    from prefsift.pipeline import run_pipeline
 
-    run_config = from_dict(RunConfig, load_yaml(config), str(config))
+    values = load_yaml(config)
     if out is not None:
-        run_config.out = str(out)
+        values["out"] = str(out)
+    run_config = from_dict(RunConfig, values, str(config))
     if not run_config.data or not run_config.model:
-        from prefsift.errors import ConfigError
-
         raise ConfigError(f"{config}: 'data' and 'model' are required")
+    _apply_threads(run_config.engine)
     run_pipeline(run_config, log=lambda line: console.print(line, highlight=False))
     console.print(f"results → {Path(run_config.out) / 'results.md'}", highlight=False)
 
@@ -249,14 +293,13 @@ def run(
 @friendly
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("prefsift-demo"),
-    seed: Annotated[int, typer.Option(help="Seed of the task, the model and every run.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the task, the model and every run.", min=0)] = 0,
 ) -> None:
     """The embedded benchmark end to end: a synthetic task with a hidden oracle, a tiny SFT model, every method."""
     from prefsift.demo import run_demo
-
-    records = run_demo(out, seed=seed, log=lambda line: console.print(line, highlight=False))
     from prefsift.report import markdown_table
 
+    records = run_demo(out, seed=seed, log=lambda line: console.print(line, highlight=False))
     typer.echo(markdown_table(records))
     console.print(f"results → {out / 'results.md'}, plot → {out / 'win_rate.png'}", highlight=False)
 

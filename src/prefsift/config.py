@@ -1,56 +1,144 @@
-"""Typed config dataclasses (TRL style: every field has a `help`), loaded from YAML with strict keys."""
+"""Typed settings, declared once: each field of a config dataclass carries its default, help and range, and from
+that one declaration come the checks at construction, the YAML keys and the CLI flags (TRL builds its CLI and
+YAML from its config dataclasses the same way).
+
+    @dataclass
+    class EngineConfig(Checked):
+        beta: float = option(0.1, "DPO temperature β.", low=0, low_open=True)
+
+`Checked.__post_init__` refuses a value of the wrong type (a bool is not an int), a non-finite float, a value
+outside its range or its choices, with one line naming the option. `from_dict` builds a config from YAML with
+strict keys; `cli_options` adds a dataclass's fields to a typer command as flags.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import math
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 
 from prefsift.errors import ConfigError
 
 T = TypeVar("T")
+_MISSING = dataclasses.MISSING
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
+def option(default: Any = _MISSING, help: str = "", *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False, choices: tuple | None = None,
+           default_factory: Any = _MISSING, cli: bool = True) -> Any:
+    """A config field: its default, help text, allowed range ([low, high], open ends on request) and choices.
+    `cli=False` keeps a field out of the generated flags (nested sections, lists)."""
+    metadata = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+                "choices": choices, "cli": cli}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(the type inside Optional, whether None is allowed)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
         inner = [a for a in args if a is not type(None)]
-        return _coerce(name, value, inner[0]) if len(inner) == 1 else value
-    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, float, str, bool) and not isinstance(value, annotation):
-        raise ConfigError(f"config field '{name}' must be {annotation.__name__} (got {value!r})")
-    if origin in (list, tuple):
+        return (inner[0] if len(inner) == 1 else annotation), type(None) in args
+    return annotation, False
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_value(name: str, value: Any, annotation: Any, meta: dict) -> Any:
+    kind, nullable = _base_type(annotation)
+    where = name
+    if value is None:
+        if nullable:
+            return None
+        raise ConfigError(f"{where} must be set (got None)")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number (got {value!r})")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number (got {value})")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer (got {value!r})")
+    elif kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false (got {value!r})")
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string (got {value!r})")
+    elif typing.get_origin(kind) in (list, tuple):
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"config field '{name}' must be a list (got {value!r})")
-        return [_coerce(name, item, args[0]) for item in value] if args else list(value)
+            raise ConfigError(f"{where} must be a list (got {value!r})")
+        (item,) = typing.get_args(kind) or (Any,)
+        return [_check_value(f"{name}[{i}]", v, item, meta) for i, v in enumerate(value)]
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, meta['choices']))} (got {value!r})")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta.get("low_open") and value == low)):
+        raise ConfigError(f"{where} must be {'>' if meta.get('low_open') else '>='} {low} (got {value})")
+    if high is not None and (value > high or (meta.get("high_open") and value == high)):
+        raise ConfigError(f"{where} must be {'<' if meta.get('high_open') else '<='} {high} (got {value})")
     return value
 
 
-def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
-    """Build `cls` from a dict, refusing unknown keys and ill-typed values with one clear line."""
+class Checked:
+    """Mixin of config dataclasses: every field is checked against its declaration at construction; `check()`
+    adds the rules that tie fields together."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue
+            setattr(self, f.name, _check_value(f.name, value, hints[f.name], dict(f.metadata)))
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules; a subclass overrides it."""
+
+
+def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "config") -> T:
+    """Build `cls` from a dict (YAML), refusing unknown keys and ill-typed values with one clear line."""
+    values = {} if values is None else values
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of options")
+        raise ConfigError(f"{where}: expected a mapping of options (got {type(values).__name__})")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(str(k) for k in set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)} (known: {', '.join(fields)})")
     kwargs = {}
     for key, value in values.items():
         sub = hints[key]
-        if dataclasses.is_dataclass(sub):
-            kwargs[key] = from_dict(sub, value, f"{where}.{key}")
-        else:
-            kwargs[key] = _coerce(key, value, sub)
-    return cls(**kwargs)
+        kwargs[key] = from_dict(sub, value, f"{where}.{key}") if dataclasses.is_dataclass(sub) else value
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}" if where else str(error)) from None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: `5e-7` is a number (PyYAML's YAML 1.1 rules read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -58,7 +146,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - a SafeLoader
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: invalid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(values, dict):
@@ -66,11 +156,225 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def describe(cls: type) -> list[tuple[str, str, str]]:
-    """(name, default, help) of every field: the reference the README and `--help` show."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        rows.append((f.name, repr(default), f.metadata.get("help", "")))
-    return rows
+def cli_fields(cls: type) -> list[dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)  # type: ignore[arg-type]
+            and not dataclasses.is_dataclass(hints[f.name])]
+
+
+def _cli_type(annotation: Any) -> Any:
+    kind, _ = _base_type(annotation)
+    return kind if kind in (int, float, str, bool) else str
+
+
+def cli_options(*classes: type, exclude: tuple[str, ...] = ()):
+    """Decorate a typer command: every CLI field of `classes` becomes an option (`--max-length`, `--lora/--no-lora`)
+    whose help and default come from the field. The command receives `flags`: the options the user actually gave,
+    as {field name: value}, to merge over YAML and defaults with `from_dict`.
+
+    Options default to None here so that "not given" is visible; the dataclass's own default applies after."""
+
+    def decorate(fn):
+        import typer
+
+        signature = inspect.signature(fn, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.name != "flags"]
+        taken = {p.name for p in params}
+        added: list[inspect.Parameter] = []
+        for cls in classes:
+            hints = typing.get_type_hints(cls)
+            for f in cli_fields(cls):
+                if f.name in taken or f.name in exclude:
+                    continue
+                taken.add(f.name)
+                default = f.default if f.default is not _MISSING else None
+                kind = _cli_type(hints[f.name])
+                extra = f" [default: {default}]" if default is not None and kind is not bool else ""
+                decl = [_flag(f.name) + (f"/--no-{f.name.replace('_', '-')}" if kind is bool else "")]
+                annotation = Annotated[kind | None, typer.Option(*decl, help=f.metadata.get("help", "") + extra,
+                                                                 show_default=kind is bool and default)]
+                added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                               annotation=annotation))
+        names = [p.name for p in added]
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            flags = {name: kwargs.pop(name) for name in names if kwargs.get(name) is not None}
+            for name in names:
+                kwargs.pop(name, None)
+            return fn(*args, flags=flags, **kwargs)
+
+        keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
+        wrapper.__signature__ = signature.replace(parameters=keyword + added)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in keyword + added}
+        return wrapper
+
+    return decorate
+
+
+def split_flags(flags: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
+    """Route flat options (CLI flags, or a flat YAML mapping) to the dataclass that declares each."""
+    parts: list[dict[str, Any]] = [{} for _ in classes]
+    for key, value in flags.items():
+        for part, cls in zip(parts, classes, strict=True):
+            if key in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
+                part[key] = value
+                break
+        else:
+            known = sorted({f.name for cls in classes for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+            raise ConfigError(f"unknown option {key!r} (known: {', '.join(known)})")
+    return parts
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """`--param key=value` items → {key: value}, values read as YAML scalars (0.2 → float, true → bool)."""
+    params: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param takes key=value (got {item!r})")
+        try:
+            params[key.strip().replace("-", "_")] = yaml.load(raw, Loader=_Loader) if raw.strip() else raw  # noqa: S506
+        except yaml.YAMLError:
+            params[key.strip().replace("-", "_")] = raw
+    return params
+
+
+DEVICE_PATTERN = re.compile(r"^(cpu|mps|(cuda|xpu|npu)(:[0-9]+)?)$")
+
+
+@dataclasses.dataclass
+class EngineConfig(Checked):
+    """The engine setting every stage shares (score, train, eval): one β, one max_length, one precision."""
+
+    beta: float = option(0.1, "DPO temperature β of margins, losses and the implicit reward.", low=0, low_open=True)
+    max_length: int | None = option(1024, "Token cut-off of prompt + completion, as TRL's max_length (None: no "
+                                          "cut).", low=2)
+    batch_tokens: int = option(8192, "Tokens per forward batch of the log-prob engine (a memory knob).", low=1)
+    dtype: str = option("auto", "Weights' precision for scoring: auto (bf16 on a GPU, fp32 on a CPU), float32, "
+                                "bfloat16, float16. Training keeps fp32 weights and autocasts to it.",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    device: str | None = option(None, "cpu, cuda, cuda:1, mps ...; default: a GPU if there is one.")
+    threads: int | None = option(None, "torch CPU threads (default: torch's own choice).", low=1)
+
+    def check(self) -> None:
+        if self.device is not None and not DEVICE_PATTERN.match(self.device):
+            raise ConfigError(f"device must look like cpu, cuda, cuda:1 or mps (got {self.device!r})")
+
+
+@dataclasses.dataclass
+class DataConfig(Checked):
+    """How an input file's columns map to prompt / chosen / rejected, and what to do with invalid rows."""
+
+    split: str | None = option(None, "Split of a datasets directory or hub dataset (default: train).")
+    prompt_key: str = option("prompt", "Input column holding the prompt.")
+    chosen_key: str = option("chosen", "Input column holding the chosen response.")
+    rejected_key: str = option("rejected", "Input column holding the rejected response.")
+    on_invalid: str = option("skip", "Invalid rows: 'skip' (report and go on) or 'fail'.", choices=("skip", "fail"))
+
+
+@dataclasses.dataclass
+class ScoreConfig(Checked):
+    """`prefsift score`: the method and the sources of the roles it needs (see prefsift.resources.ROLES)."""
+
+    method: str = option("irm", "Scoring method (see the README's scorer table; its parameters: --param k=v).")
+    model: str | None = option(None, "Policy θ: hub id, local directory or .gguf file.")
+    reference: str | None = option(None, "Reference (SFT) model π_ref; default: --model.")
+    validation: str | None = option(None, "Validation model θ_val (lossdiff, lossdiff-irm).")
+    reward_model: str | None = option(None, "Sequence-classification reward model (margin).")
+    validation_data: str | None = option(None, "Trusted validation pairs (methods that read them).")
+    embedder: str | None = option(None, "Embedding model (methods that embed).")
+    seed: int = option(0, "Seed of random scores and of any sampling a scorer does.", low=0)
+    trust_remote_code: bool = option(False, "Let a model run its own code (off unless you ask).")
+
+    def sources(self) -> dict[str, str | None]:
+        from prefsift.resources import ROLES
+
+        return {role: getattr(self, spec.source_field) for role, spec in ROLES.items()}
+
+
+ALGOS = ("dpo", "kto")
+
+
+@dataclasses.dataclass
+class TrainConfig(Checked):
+    """DPO / KTO training through TRL. β, max_length and precision are the shared `EngineConfig`'s."""
+
+    algo: str = option("dpo", "dpo or kto.", choices=ALGOS)
+    learning_rate: float = option(1e-6, "Peak learning rate (TRL's default 1e-6).", low=0, low_open=True)
+    epochs: float = option(1.0, "Passes over the training pairs.", low=0, low_open=True)
+    batch_size: int = option(8, "Pairs per device and step.", low=1)
+    gradient_accumulation_steps: int = option(1, "Steps accumulated per update.", low=1)
+    lr_scheduler_type: str = option("linear", "transformers scheduler name (linear, cosine, constant, ...).")
+    warmup_steps: float = option(0.0, "Learning-rate warm-up steps (< 1: share of the steps).", low=0)
+    seed: int = option(0, "Seed of shuffling and initialisation.", low=0)
+    lora: bool = option(False, "Train a LoRA adapter (peft) instead of all weights.")
+    lora_r: int = option(16, "LoRA rank.", low=1)
+    lora_alpha: int = option(32, "LoRA alpha.", low=1)
+    lora_target_modules: str = option("all-linear", "Modules LoRA adapts (comma-separated names, or all-linear).")
+    gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (TRL's default; off "
+                                                "for tiny models).")
+    logging_steps: int = option(10, "Log every N steps.", low=1)
+
+
+@dataclasses.dataclass
+class EvalConfig(Checked):
+    """Evaluation; β and max_length of the log-prob pass are the shared `EngineConfig`'s."""
+
+    max_new_tokens: int = option(128, "Generation budget of each greedy answer.", low=1)
+    batch_size: int = option(32, "Prompts per generation batch.", low=1)
+    eval_prompts: int = option(200, "Held-out prompts for the win rate (needs a judge).", low=1)
+
+
+@dataclasses.dataclass
+class RunConfig(Checked):
+    data: str = option("", "Training pairs: file, datasets directory or hub name.")
+    model: str = option("", "The SFT model to align (also the DPO reference).")
+    out: str = option("prefsift-run", "Output directory.")
+    validation_data: str | None = option(None, "Trusted validation pairs; default: a split of data.")
+    test_data: str | None = option(None, "Held-out test pairs; default: a split of data.")
+    validation_fraction: float = option(0.05, "Share of data split off for validation.", low=0, high=1, high_open=True)
+    test_fraction: float = option(0.1, "Share of data split off for testing.", low=0, high=1, high_open=True)
+    prompt_key: str = option("prompt", "Input column holding the prompt.")
+    chosen_key: str = option("chosen", "Input column holding the chosen response.")
+    rejected_key: str = option("rejected", "Input column holding the rejected response.")
+    methods: list[str | dict] = option(default_factory=lambda: ["random", "irm", "lossdiff", "lossdiff-irm"],
+                                       help="Methods to compare: names, or {name: ..., <param>: ...} mappings.",
+                                       cli=False)
+    fractions: list[float] = option(default_factory=lambda: [0.1], help="Subset sizes to compare.", low=0,
+                                    low_open=True, high=1, cli=False)
+    rule_share: bool = option(True, "Also compare every method at the share the LossDiff-IRM band rule keeps.")
+    full: bool = option(True, "Also train on all the training pairs.")
+    warmup_fraction: float = option(1.0, "Share of the training pairs the warm-up DPO sees (cuts its cost).",
+                                    low=0, low_open=True, high=1)
+    warmup_epochs: float = option(1.0, "Epochs of the warm-up DPO.", low=0, low_open=True)
+    validation_epochs: float = option(1.0, "Epochs of DPO on validation from θ.", low=0, low_open=True)
+    start_from: str = option("warmup", "Subsets continue from the 'warmup' model (the TIF paper) or train from the "
+                                       "'reference' model.", choices=("warmup", "reference"))
+    save_models: bool = option(True, "Save the warm-up and validation models under OUT/models (reloadable by "
+                                     "`prefsift score` and `prefsift train --model`).")
+    judge_model: str | None = option(None, "Reward model judging win rates.")
+    seed: int = option(0, "Seed of splits, random scores and training (overrides train.seed).", low=0)
+    trust_remote_code: bool = option(False, "Let a model run its own code.")
+    engine: EngineConfig = option(default_factory=EngineConfig, help="β, max_length, precision: shared by all.")
+    train: TrainConfig = option(default_factory=TrainConfig, help="DPO settings of every training.")
+    eval: EvalConfig = option(default_factory=EvalConfig, help="Evaluation settings.")
+
+    def check(self) -> None:
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ConfigError("validation_fraction + test_fraction must leave some training pairs (< 1)")
+        if self.train.algo != "dpo":
+            raise ConfigError(f"run trains with DPO (the TIF pipeline); train.algo is {self.train.algo!r}")
+        if not self.methods:
+            raise ConfigError("methods: give at least one method")
+        names = [s.name for s in self.scorers()]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"methods: each method once (got {', '.join(names)})")
+
+    def scorers(self) -> list:
+        """The methods as scorer objects, their parameters checked."""
+        from prefsift.scorers import parse_method
+
+        return [parse_method(m) for m in self.methods]
+
+

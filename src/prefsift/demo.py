@@ -17,6 +17,7 @@ from datasets import Dataset
 from prefsift.bench import sft_model
 from prefsift.bench.task import HIDDEN_COLUMNS, OracleJudge, TaskConfig, make_task
 from prefsift.bench.tiny import torch_threads
+from prefsift.config import EngineConfig
 from prefsift.data import load_pairs
 from prefsift.evaluate import EvalConfig
 from prefsift.manifest import write_manifest
@@ -30,10 +31,13 @@ class DemoConfig:
     """What the demo runs; the defaults fit 2 CPU cores in about five minutes."""
 
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "The synthetic task."})
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(beta=0.5, max_length=32, batch_tokens=16384,
+                                                                      dtype="float32", threads=1),
+                                 metadata={"help": "β, max_length, precision (fp32: bf16 drowns small steps on a "
+                                                   "CPU), and one torch thread (fastest for a model this small)."})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        learning_rate=2e-4, epochs=2.0, batch_size=32, max_length=32, beta=0.5, logging_steps=1000,
-        gradient_checkpointing=False, batch_tokens=16384), metadata={"help": "DPO settings of the subset runs "
-                                                                             "(fp32 on CPU)."})
+        learning_rate=2e-4, epochs=2.0, batch_size=32, logging_steps=1000, gradient_checkpointing=False),
+        metadata={"help": "DPO settings of the subset runs."})
     warmup_epochs: float = field(default=1.0, metadata={"help": "Warm-up DPO epochs on the full train set."})
     validation_epochs: float = field(default=3.0, metadata={"help": "DPO epochs on the validation pairs."})
     start_from: str = field(default="warmup", metadata={"help": "Subsets continue from the warm-up model, as in "
@@ -43,13 +47,12 @@ class DemoConfig:
     fractions: list[float] = field(default_factory=lambda: [0.1], metadata={"help": "Budgets besides the "
                                                                                      "LossDiff-IRM rule's own."})
     max_new_tokens: int = field(default=8, metadata={"help": "Generation budget of an answer."})
-    threads: int = field(default=1, metadata={"help": "torch threads: one is fastest for a model this small."})
 
 
 def run_demo(out: Path, *, seed: int = 0, config: DemoConfig | None = None, log=print) -> list[dict]:
     config = config or DemoConfig()
     config = replace(config, task=replace(config.task, seed=seed), train=replace(config.train, seed=seed))
-    with torch_threads(config.threads):
+    with torch_threads(config.engine.threads):
         return _run(Path(out), seed, config, log)
 
 
@@ -72,11 +75,11 @@ def _run(out: Path, seed: int, config: DemoConfig, log) -> list[dict]:
     splits = Splits(train=pairs(task.train), validation=pairs(task.validation), test=pairs(task.test),
                     eval_prompts=list(task.eval_prompts))
     run_config = RunConfig(out=str(out), methods=list(config.methods), fractions=list(config.fractions),
-                           train=config.train, seed=seed, warmup_epochs=config.warmup_epochs,
-                           validation_epochs=config.validation_epochs, start_from=config.start_from,
-                           eval=EvalConfig(beta=config.train.beta, max_length=config.train.max_length,
-                                           max_new_tokens=config.max_new_tokens, batch_size=256,
-                                           batch_tokens=config.train.batch_tokens))
+                           train=config.train, engine=config.engine, seed=seed,
+                           warmup_epochs=config.warmup_epochs, validation_epochs=config.validation_epochs,
+                           start_from=config.start_from,
+                           eval=EvalConfig(max_new_tokens=config.max_new_tokens, batch_size=256,
+                                           eval_prompts=max(1, len(task.eval_prompts))))
     records = run_pipeline(run_config, splits=splits, base=base, judge=OracleJudge(task), log=log)
     write_manifest(out, "demo", {"seed": seed, "config": asdict(config), "hidden_columns": list(HIDDEN_COLUMNS),
                                  "seconds": time.perf_counter() - start, "results": records})

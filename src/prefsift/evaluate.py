@@ -4,18 +4,18 @@ reference policy's, judged by a pluggable judge (the embedded oracle, or a rewar
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification
 
-from prefsift.errors import ModelError
+from prefsift.config import EngineConfig, EvalConfig  # noqa: F401 (EvalConfig: re-exported)
+from prefsift.errors import ConfigError, ModelError
 from prefsift.logps import compute_logps
-from prefsift.models import LoadedModel, load_model
-from prefsift.scorers.base import implicit_reward_margin
-from prefsift.scorers.margin import reward_scores
+from prefsift.maths import implicit_reward_margin
+from prefsift.models import LoadedModel
+from prefsift.reward import reward_scores
 
 
 class Judge(Protocol):
@@ -24,15 +24,6 @@ class Judge(Protocol):
     name: str
 
     def score(self, prompts: list, responses: list[str]) -> list[float]: ...
-
-
-def load_reward_model(source: str, *, dtype: str | None = "auto", device: str | None = None,
-                      trust_remote_code: bool = False) -> LoadedModel:
-    """A sequence-classification reward model with one output (e.g. a TRL RewardTrainer model)."""
-    loaded = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                        auto_class=AutoModelForSequenceClassification, num_labels=1)
-    loaded.model.config.pad_token_id = loaded.tokenizer.pad_token_id  # batched scoring finds each row's end
-    return loaded
 
 
 class RewardModelJudge:
@@ -108,17 +99,8 @@ def win_rate(judge: Judge, prompts: list, policy_answers: list[str], baseline_an
     return WinRate((wins + 0.5 * ties) / max(len(a), 1), wins, ties, losses, float(a.mean()), float(b.mean()))
 
 
-@dataclass
-class EvalConfig:
-    beta: float = field(default=0.1, metadata={"help": "β of the implicit reward (preference accuracy)."})
-    max_length: int | None = field(default=1024, metadata={"help": "Token cut-off of the log-prob pass."})
-    max_new_tokens: int = field(default=128, metadata={"help": "Generation budget of each greedy answer."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch."})
-    batch_tokens: int = field(default=8192, metadata={"help": "Tokens per batch of the log-prob pass."})
-
-
 def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=None, prompts: list | None = None,
-             judge: Judge | None = None, config: EvalConfig | None = None,
+             judge: Judge | None = None, config: EvalConfig | None = None, engine: EngineConfig | None = None,
              reference_logps: np.ndarray | None = None, baseline_answers: list[str] | None = None) -> dict:
     """Preference accuracy on `test_pairs` and win rate on `prompts` (needs `judge`); returns a flat record.
 
@@ -127,12 +109,14 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
 
     `reference_logps` / `baseline_answers` let a caller that evaluates many policies compute the reference's
     side once."""
-    config = config or EvalConfig()
+    config, engine = config or EvalConfig(), engine or EngineConfig()
     start = time.perf_counter()
     record: dict = {}
     if test_pairs is not None and len(test_pairs):
-        kwargs = {"max_length": config.max_length, "batch_tokens": config.batch_tokens}
+        kwargs = {"max_length": engine.max_length, "batch_tokens": engine.batch_tokens}
         policy_logps = compute_logps(policy.model, policy.tokenizer, test_pairs, desc="policy", **kwargs)
+        if np.isnan(policy_logps[:, 0]).all():
+            raise ConfigError(f"every test pair's prompt fills max_length={engine.max_length}: nothing to evaluate")
         if reference is None:
             kept = policy_logps[~np.isnan(policy_logps[:, 0])]
             record["logp_accuracy"] = float(np.mean(kept[:, 0] > kept[:, 1])) if len(kept) else float("nan")
@@ -140,7 +124,7 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
             if reference_logps is None:
                 reference_logps = compute_logps(reference.model, reference.tokenizer, test_pairs,
                                                 desc="reference", **kwargs)
-            record["pref_accuracy"] = preference_accuracy(policy_logps, reference_logps, config.beta)
+            record["pref_accuracy"] = preference_accuracy(policy_logps, reference_logps, engine.beta)
     if prompts and reference is not None:
         if judge is None:
             raise ModelError("a win rate needs a judge (--judge-model: a reward model)")

@@ -48,7 +48,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str
-    fingerprint: str  # identifies the weights: hub revision, or a hash of the local files' names, sizes, mtimes
+    fingerprint: str  # identifies the weights: hub revision, or a content hash of the local weight files
 
 
 def split_gguf(source: str) -> tuple[str, str | None]:
@@ -60,15 +60,41 @@ def split_gguf(source: str) -> tuple[str, str | None]:
     return source, None
 
 
+FULL_HASH_LIMIT = 512 * 2**20  # files up to this size are hashed whole; larger ones by header and samples
+_SAMPLES, _SAMPLE_BYTES = 64, 2**20
+_IDENTITY_FILES = ("config.json", "adapter_config.json")
+
+
+def _file_digest(path: Path, digest) -> None:
+    size = path.stat().st_size
+    digest.update(f"{path.name}:{size}".encode())
+    with path.open("rb") as f:
+        if size <= FULL_HASH_LIMIT:
+            for block in iter(lambda: f.read(2**22), b""):
+                digest.update(block)
+            return
+        # A multi-GB file: the safetensors header (names, shapes, offsets) and 64 evenly spaced 1 MiB samples,
+        # which any fine-tuning step that touches most tensors changes.
+        digest.update(f.read(_SAMPLE_BYTES))
+        for k in range(_SAMPLES):
+            f.seek((size - _SAMPLE_BYTES) * k // (_SAMPLES - 1))
+            digest.update(f.read(_SAMPLE_BYTES))
+
+
 def fingerprint_files(source: str, gguf_file: str | None) -> str:
+    """A content hash of a model's weight files and config: a byte-identical copy is the same model, and weights
+    rewritten under the same names, sizes and times are not."""
     path = Path(source)
     if not path.exists():
         return f"hub:{source}"
-    files = [path / gguf_file] if gguf_file else sorted(p for p in path.iterdir() if p.is_file())
+    if gguf_file:
+        files = [path / gguf_file]
+    else:
+        files = sorted(p for p in path.iterdir() if p.is_file() and (
+            p.suffix in (".safetensors", ".gguf") or p.name in _IDENTITY_FILES))
     digest = hashlib.sha256()
     for file in files:
-        stat = file.stat()
-        digest.update(json.dumps([file.name, stat.st_size, int(stat.st_mtime)]).encode())
+        _file_digest(file, digest)
     return digest.hexdigest()[:16]
 
 

@@ -16,36 +16,9 @@ import pyarrow.parquet as pq
 
 from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.manifest import read_manifest, write_manifest
+from prefsift.maths import band_mask, percentile_ranks, tie_keys
 
 RULES = ("top", "bottom", "band", "intersection", "all")
-
-
-def _tie_keys(pair_ids: Sequence[str] | None, n: int) -> np.ndarray:
-    return np.asarray(pair_ids, dtype=object) if pair_ids is not None else np.arange(n)
-
-
-def percentile_ranks(values: np.ndarray, pair_ids: Sequence[str] | None = None) -> np.ndarray:
-    """Rank of each value among the non-NaN ones, scaled to [0, 1]; NaN stays NaN. Ties ordered by pair_id."""
-    values = np.asarray(values, dtype=float)
-    valid = np.flatnonzero(~np.isnan(values))
-    keys = _tie_keys(pair_ids, len(values))[valid]
-    order = valid[np.lexsort((keys.astype(str), values[valid]))]
-    ranks = np.full(len(values), np.nan)
-    ranks[order] = np.arange(len(order)) / max(len(order) - 1, 1)
-    return ranks
-
-
-def band_mask(values: np.ndarray, low: float, high: float, pair_ids: Sequence[str] | None = None) -> np.ndarray:
-    """True where the value's percentile rank lies in [low, high]."""
-    _check_band(low, high)
-    ranks = percentile_ranks(values, pair_ids)
-    with np.errstate(invalid="ignore"):
-        return (ranks >= low) & (ranks <= high)
-
-
-def _check_band(low: float, high: float) -> None:
-    if not (0.0 <= low < high <= 1.0):
-        raise ConfigError(f"band cut-offs must satisfy 0 <= low < high <= 1 (got low={low}, high={high})")
 
 
 def target_count(n: int, fraction: float | None, count: int | None) -> int:
@@ -63,7 +36,7 @@ def target_count(n: int, fraction: float | None, count: int | None) -> int:
 def _smallest(keys: np.ndarray, pair_ids: Sequence[str] | None, k: int) -> np.ndarray:
     """Indices of the k smallest non-NaN keys, ties by pair_id."""
     valid = np.flatnonzero(~np.isnan(keys))
-    ties = _tie_keys(pair_ids, len(keys))[valid].astype(str)
+    ties = tie_keys(pair_ids, len(keys))[valid].astype(str)
     order = valid[np.lexsort((ties, keys[valid]))]
     return order[:k]
 
@@ -115,33 +88,46 @@ def select_indices(scores: Mapping[str, Sequence], rule: str, *, column: str | N
     return np.sort(chosen)
 
 
+def method_rule(manifest: dict, method: str | None, where: Path) -> dict:
+    """The selection rule a score directory's method declared; `method` picks one when it holds several."""
+    methods = manifest.get("methods") or {}
+    if method is not None:
+        if method not in methods:
+            raise ConfigError(f"{where} holds no '{method}' scores (methods: {', '.join(methods) or 'none'})")
+        return dict(methods[method]["rule"])
+    if manifest.get("default_rule"):
+        return dict(manifest["default_rule"])
+    return {}
+
+
 def select_from_scores(scores_dir: str | Path, out_dir: str | Path, *, rule: str | None = None,
                        fraction: float | None = None, count: int | None = None, column: str | None = None,
                        columns: Sequence[str] | None = None, low: float | None = None,
-                       high: float | None = None) -> dict:
+                       high: float | None = None, method: str | None = None) -> dict:
     """`prefsift select`: read a score directory, apply a rule, write selected.jsonl / .parquet + manifest.
 
-    Without `rule`, the scoring method's own rule applies (e.g. intersection of lossdiff and irm bands)."""
+    Without `rule`, the scoring method's own rule applies (e.g. the intersection of the lossdiff and irm bands at
+    the cut-offs it was scored with); a fraction or count replaces those cut-offs."""
     scores_dir, out_dir = Path(scores_dir), Path(out_dir)
     manifest = read_manifest(scores_dir)
     for name in ("scores.parquet", "pairs.parquet"):
         if not (scores_dir / name).is_file():
             raise PrefsiftError(f"{scores_dir} has no {name}: run `prefsift score` into it first")
     table = pq.read_table(scores_dir / "scores.parquet").to_pydict()
-    default = dict(manifest.get("default_rule") or {})
+    default = method_rule(manifest, method, scores_dir)
     if rule is None:
         if not default:
-            raise ConfigError(f"{scores_dir} holds several methods' scores: choose --rule and --column/--columns")
+            raise ConfigError(f"{scores_dir} holds several methods' scores: choose --method, or --rule and "
+                              "--column/--columns")
         rule = default["rule"]
     if rule == default.get("rule"):
         column = column or default.get("column")
         columns = columns or default.get("columns")
+        if fraction is None and count is None and low is None and high is None:
+            low, high = default.get("low"), default.get("high")
     if rule not in ("intersection", "all") and column is None:
         score_columns = [c for c in table if c != "pair_id" and not c.endswith("_logps")]
         column = score_columns[0] if len(score_columns) == 1 else None
-    if fraction is None and count is None and low is None and high is None and rule in ("band", "intersection"):
-        config = manifest.get("config", {})
-        low, high = config.get("band_low", 0.1), config.get("band_high", 0.9)
     if fraction is None and count is None and low is None and high is None and rule != "all":
         raise ConfigError(f"rule '{rule}' needs --fraction or --count")
     rows = select_indices(table, rule, column=column, columns=columns, fraction=fraction, count=count, low=low,
@@ -152,9 +138,9 @@ def select_from_scores(scores_dir: str | Path, out_dir: str | Path, *, rule: str
     selected = raw.select(rows.tolist())
     out_dir.mkdir(parents=True, exist_ok=True)
     selected.to_json(str(out_dir / "selected.jsonl"), lines=True, force_ascii=False)
-    selected.to_parquet(str(out_dir / "selected.parquet"))
-    record = {"scores": str(scores_dir), "rule": rule, "column": column, "columns": columns, "fraction": fraction,
-              "count": count, "low": low, "high": high, "n_pairs": len(raw), "n_selected": len(selected),
-              "data_hash": manifest.get("data", {}).get("hash")}
+    pq.write_table(selected.with_format("arrow")[:], out_dir / "selected.parquet")
+    record = {"scores": str(scores_dir), "method": method, "rule": rule, "column": column, "columns": columns,
+              "fraction": fraction, "count": count, "low": low, "high": high, "n_pairs": len(raw),
+              "n_selected": len(selected), "data_hash": manifest.get("data", {}).get("hash")}
     write_manifest(out_dir, "select", record)
     return record

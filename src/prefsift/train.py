@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,33 +18,10 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.data_utils import unpair_preference_dataset
 
+from prefsift.config import EngineConfig, TrainConfig  # noqa: F401 (TrainConfig: re-exported)
 from prefsift.errors import ConfigError
 from prefsift.logps import compute_logps
 from prefsift.models import LoadedModel, lora_config
-
-ALGOS = ("dpo", "kto")
-
-
-@dataclass
-class TrainConfig:
-    algo: str = field(default="dpo", metadata={"help": "dpo or kto."})
-    beta: float = field(default=0.1, metadata={"help": "β of the DPO/KTO loss."})
-    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (TRL's default 1e-6)."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs."})
-    batch_size: int = field(default=8, metadata={"help": "Pairs per device and step."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps accumulated per update."})
-    max_length: int | None = field(default=1024, metadata={"help": "Token cut-off (must match scoring's)."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name."})
-    warmup_steps: float = field(default=0.0, metadata={"help": "Learning-rate warm-up steps (< 1: share of steps)."})
-    seed: int = field(default=0, metadata={"help": "Seed of shuffling and initialisation."})
-    lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "Modules LoRA adapts."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward "
-                                                                         "pass (TRL's default; off for tiny models)."})
-    batch_tokens: int = field(default=8192, metadata={"help": "Tokens per batch of the reference log-prob pass."})
-    logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
 
 
 class _DPOTrainerWithReferenceLogps(DPOTrainer):
@@ -64,17 +41,26 @@ class TrainResult:
     log_history: list[dict]
 
 
-def _common_args(config: TrainConfig, output_dir: str) -> dict:
-    on_gpu = torch.cuda.is_available()
+def autocast_dtype(engine: EngineConfig, device: torch.device) -> torch.dtype:
+    """The precision training computes in. Weights stay fp32 whatever it is: Adam's small updates vanish when
+    they are added to bf16 weights (at lr 1e-6, 16 steps changed 1.6% of a tiny model's bf16 weights against
+    88.7% of its fp32 ones). `auto` is bf16 autocast on a GPU and fp32 on a CPU, where bf16 moves log-probs by
+    0.1-0.5 nats and drowns small steps."""
+    from prefsift.models import parse_dtype
+
+    return parse_dtype(engine.dtype, device)
+
+
+def _common_args(config: TrainConfig, engine: EngineConfig, output_dir: str, compute: torch.dtype,
+                 on_gpu: bool) -> dict:
     return {
         "output_dir": output_dir, "learning_rate": config.learning_rate, "num_train_epochs": config.epochs,
         "per_device_train_batch_size": config.batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps, "max_length": config.max_length,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps, "max_length": engine.max_length,
         "lr_scheduler_type": config.lr_scheduler_type, "warmup_steps": config.warmup_steps, "seed": config.seed,
-        "data_seed": config.seed, "beta": config.beta, "logging_steps": config.logging_steps,
+        "data_seed": config.seed, "beta": engine.beta, "logging_steps": config.logging_steps,
         "report_to": "none", "save_strategy": "no",
-        # bf16 autocast on a CPU moves log-probs by 0.1-0.5 nats and drowns small steps (METHODS.md): fp32 there.
-        "bf16": on_gpu and torch.cuda.is_bf16_supported(), "use_cpu": not on_gpu,
+        "bf16": compute == torch.bfloat16, "fp16": compute == torch.float16, "use_cpu": not on_gpu,
         "dataloader_num_workers": 0, "gradient_checkpointing": config.gradient_checkpointing,
     }
 
@@ -87,25 +73,30 @@ def _peft_config(config: TrainConfig):
                        target_modules=targets if targets == "all-linear" else targets.split(","))
 
 
-def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, out_dir: Path | None = None,
-          ref_logps: np.ndarray | None = None) -> TrainResult:
+def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig | None = None,
+          out_dir: Path | None = None, ref_logps: np.ndarray | None = None) -> TrainResult:
     """Train `loaded.model` in place on `pairs` (prompt, chosen, rejected) and return it.
 
     `ref_logps`: (n, 2) reference log-probs of `pairs` (from scores.parquet); computed here with prefsift's
     engine when absent. Pairs TRL would drop (prompt longer than max_length) are left out.
     """
-    if config.algo not in ALGOS:
-        raise ConfigError(f"unknown algo '{config.algo}' (known: {', '.join(ALGOS)})")
+    engine = engine or EngineConfig()
     if len(pairs) == 0:
         raise ConfigError("no pairs to train on")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="prefsift-train-") as scratch:  # TRL wants an output_dir even unsaved
-        return _train(loaded, pairs, config, out_dir, ref_logps, str(out_dir) if out_dir else scratch, start)
+        return _train(loaded, pairs, config, engine, out_dir, ref_logps, str(out_dir) if out_dir else scratch,
+                      start)
 
 
-def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, out_dir: Path | None,
+def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig, out_dir: Path | None,
            ref_logps: np.ndarray | None, output_dir: str, start: float) -> TrainResult:
     forward_before = loaded.model.__dict__.get("forward")  # e.g. accelerate's device-map hook, or nothing
+    device = next(loaded.model.parameters()).device
+    compute = autocast_dtype(engine, device)
+    common = _common_args(config, engine, output_dir, compute, device.type == "cuda")
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in loaded.model.parameters()):
+        loaded.model.float()  # fp32 master weights; the forward autocasts to `compute`
     keep = ["prompt", "chosen", "rejected"] if "chosen" in pairs.column_names else ["prompt", "completion", "label"]
     pairs = pairs.select_columns(keep)
     if config.algo == "dpo":
@@ -113,21 +104,21 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, out_dir: Pa
             raise ConfigError("DPO needs preference pairs (prompt, chosen, rejected); this data is unpaired: "
                               "use --algo kto")
         if ref_logps is None:
-            ref_logps = compute_logps(loaded.model, loaded.tokenizer, pairs, max_length=config.max_length,
-                                      batch_tokens=config.batch_tokens, desc="reference log-probs")
+            ref_logps = compute_logps(loaded.model, loaded.tokenizer, pairs, max_length=engine.max_length,
+                                      batch_tokens=engine.batch_tokens, desc="reference log-probs")
         pairs = pairs.add_column("ref_chosen_logps", ref_logps[:, 0].tolist())
         pairs = pairs.add_column("ref_rejected_logps", ref_logps[:, 1].tolist())
         pairs = pairs.filter(lambda row: not np.isnan(row["ref_chosen_logps"]))
         if len(pairs) == 0:
-            raise ConfigError(f"every pair's prompt fills max_length={config.max_length}: nothing left to train on")
-        args = DPOConfig(**_common_args(config, output_dir), precompute_ref_log_probs=True)
+            raise ConfigError(f"every pair's prompt fills max_length={engine.max_length}: nothing left to train on")
+        args = DPOConfig(**common, precompute_ref_log_probs=True)
         trainer = _DPOTrainerWithReferenceLogps(model=loaded.model, args=args, train_dataset=pairs,
                                                 processing_class=loaded.tokenizer,
                                                 peft_config=_peft_config(config))
     else:
         unpaired = unpair_preference_dataset(pairs) if "chosen" in pairs.column_names else pairs
         # KTO: TRL precomputes its reference pass once, so no second copy of the model stays in memory.
-        args = KTOConfig(**_common_args(config, output_dir), precompute_ref_log_probs=True)
+        args = KTOConfig(**common, precompute_ref_log_probs=True)
         trainer = KTOTrainer(model=loaded.model, args=args, train_dataset=unpaired,
                              processing_class=loaded.tokenizer, peft_config=_peft_config(config))
     trainer.train()

@@ -28,6 +28,7 @@ import transformers
 
 from prefsift.bench.task import BenchmarkTask, TaskConfig, make_task, parse_prompt
 from prefsift.bench.tiny import greedy_answers, sft_model
+from prefsift.config import EngineConfig
 from prefsift.models import LoadedModel
 from prefsift.train import TrainConfig, train
 
@@ -76,9 +77,10 @@ def dpo(
 ) -> tuple[torch.nn.Module, float]:
     """prefsift's TRL DPO from a copy of `model` (also the frozen reference); returns the policy and the seconds."""
     data = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-    config = TrainConfig(learning_rate=lr, beta=beta, epochs=epochs, batch_size=DPO_BATCH_SIZE,
-                         max_length=DPO_MAX_LENGTH, seed=seed, gradient_checkpointing=False, logging_steps=10**6)
-    result = train(LoadedModel(copy.deepcopy(model), tokenizer, "sft", "sft"), data, config)
+    config = TrainConfig(learning_rate=lr, epochs=epochs, batch_size=DPO_BATCH_SIZE, seed=seed,
+                         gradient_checkpointing=False, logging_steps=10**6)
+    engine = EngineConfig(beta=beta, max_length=DPO_MAX_LENGTH, dtype="float32")
+    result = train(LoadedModel(copy.deepcopy(model), tokenizer, "sft", "sft"), data, config, engine)
     return result.model.eval(), result.seconds
 
 

@@ -187,11 +187,6 @@ class BenchmarkTask:
         return answer(prompt)
 
     @property
-    def max_prompt_chars(self) -> int:
-        """Longest prompt; with `max_response_chars` + 1 it bounds a training sequence (DPO's max_length)."""
-        return len(make_prompt("rev", "x" * self.config.max_len))
-
-    @property
     def max_response_chars(self) -> int:
         """Longest response of any kind (the "long" kind adds one character); add one token for the EOS."""
         return self.config.max_len + 1

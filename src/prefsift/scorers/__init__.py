@@ -1,6 +1,19 @@
-"""Scorers: one file a scorer, one registry (`SCORERS`). Importing this package registers them all."""
+"""Scorers: one file a scorer, one registry (`SCORERS`).
 
-from prefsift.scorers import irm, lossdiff, lossdiff_irm, margin, random  # noqa: F401  (registration)
-from prefsift.scorers.base import SCORERS, Scorer, ScoringContext, get_scorer, register
+Every module of this package is imported here, so a new scorer is one new file with `@register` on its class;
+scorers in other packages register through the `prefsift.scorers` entry-point group.
+"""
 
-__all__ = ["SCORERS", "Scorer", "ScoringContext", "get_scorer", "register"]
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+
+from prefsift.scorers.base import SCORERS, BandParams, Scorer, ScorerParams, get_scorer, parse_method, register
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+for _entry in entry_points(group="prefsift.scorers"):
+    _entry.load()
+
+__all__ = ["SCORERS", "BandParams", "Scorer", "ScorerParams", "get_scorer", "parse_method", "register"]

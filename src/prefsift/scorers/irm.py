@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from prefsift.scorers.base import Scorer, ScoringContext, implicit_reward_margin, register
+from prefsift.maths import implicit_reward_margin
+from prefsift.scorers.base import BandParams, Scorer, register
 
 
 @register
@@ -12,8 +13,9 @@ class ImplicitRewardMarginScorer(Scorer):
     name = "irm"
     needs = ("policy", "reference")
     columns = ("irm",)
-    default_rule = {"rule": "band"}  # the paper keeps the middle band
+    Params = BandParams  # the paper keeps the middle band
 
-    def score(self, context: ScoringContext) -> dict[str, np.ndarray]:
-        margin = implicit_reward_margin(context.logps("policy"), context.logps("reference"), context.beta)
+    def score(self, resources) -> dict[str, np.ndarray]:
+        margin = implicit_reward_margin(resources.logps("policy"), resources.logps("reference"),
+                                        resources.engine.beta)
         return {"irm": margin}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from prefsift.scorers.base import Scorer, ScoringContext, implicit_reward_margin, register
+from prefsift.maths import band_mask, implicit_reward_margin
+from prefsift.scorers.base import BandParams, Scorer, register
 from prefsift.scorers.lossdiff import loss_difference
-from prefsift.select import band_mask
 
 
 @register
@@ -14,14 +14,20 @@ class LossDiffIRMScorer(Scorer):
     name = "lossdiff-irm"
     needs = ("policy", "reference", "validation")
     columns = ("lossdiff", "irm", "lossdiff_irm")
-    # Bands of 10-90% on each score keep ~64% when the scores are independent: the paper's headline share.
-    default_rule = {"rule": "intersection", "columns": ["lossdiff", "irm"]}
+    Params = BandParams
 
-    def score(self, context: ScoringContext) -> dict[str, np.ndarray]:
-        policy, reference = context.logps("policy"), context.logps("reference")
-        lossdiff = loss_difference(policy, context.logps("validation"), reference, context.beta)
-        irm = implicit_reward_margin(policy, reference, context.beta)
-        low, high = context.band
-        ids = context.pairs["pair_id"]
+    def selection_rule(self) -> dict:
+        # Bands of 10-90% on each score keep 64% when the scores are independent (the paper's headline share);
+        # correlated scores keep more.
+        return {"rule": "intersection", "columns": ["lossdiff", "irm"], "low": self.params.band_low,
+                "high": self.params.band_high}
+
+    def score(self, resources) -> dict[str, np.ndarray]:
+        policy, reference = resources.logps("policy"), resources.logps("reference")
+        beta = resources.engine.beta
+        lossdiff = loss_difference(policy, resources.logps("validation"), reference, beta)
+        irm = implicit_reward_margin(policy, reference, beta)
+        ids = resources.pairs.pairs["pair_id"]
+        low, high = self.params.band_low, self.params.band_high
         keep = band_mask(lossdiff, low, high, ids) & band_mask(irm, low, high, ids)
         return {"lossdiff": lossdiff, "irm": irm, "lossdiff_irm": keep.astype(np.float64)}

@@ -3,39 +3,20 @@ sequence-classification reward model's score difference between chosen and rejec
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from dataclasses import dataclass
 
+import numpy as np
+
+from prefsift.config import option
 from prefsift.errors import PrefsiftError
-from prefsift.scorers.base import Scorer, ScoringContext, register
+from prefsift.scorers.base import Scorer, ScorerParams, register
 
 RATING_COLUMNS = ("score_chosen", "score_rejected")
 
 
-def reward_scores(model, tokenizer, prompts: list, responses: list, *, batch_size: int = 16,
-                  max_length: int | None = 1024) -> np.ndarray:
-    """Scalar reward of each (prompt, response) under a sequence-classification reward model."""
-    texts = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        if isinstance(prompt, list):
-            texts.append(tokenizer.apply_chat_template(prompt + response, tokenize=False))
-        else:
-            texts.append(prompt + response)
-    out = []
-    device = next(model.parameters()).device
-    padding_side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
-    # Right padding for the classifier's last-token pooling; cut long inputs from the left so the response, not
-    # the prompt, survives truncation.
-    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                                  truncation=max_length is not None, max_length=max_length).to(device)
-                out.append(model(**batch).logits[:, 0].float().cpu().numpy())
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = padding_side, truncation_side
-    return np.concatenate(out) if out else np.zeros(0)
+@dataclass
+class MarginParams(ScorerParams):
+    batch_size: int = option(16, "Pairs per reward-model batch.", low=1)
 
 
 @register
@@ -43,18 +24,19 @@ class MarginScorer(Scorer):
     name = "margin"
     needs = ()  # a reward model is optional: without one, the dataset's rating columns are used
     columns = ("margin",)
-    default_rule = {"rule": "top"}
+    Params = MarginParams
 
-    def score(self, context: ScoringContext) -> dict[str, np.ndarray]:
-        if "reward_model" in context.models:
-            loaded = context.models["reward_model"]
-            pairs = context.pairs
-            chosen = reward_scores(loaded.model, loaded.tokenizer, pairs["prompt"], pairs["chosen"],
-                                   max_length=context.max_length)
-            rejected = reward_scores(loaded.model, loaded.tokenizer, pairs["prompt"], pairs["rejected"],
-                                     max_length=context.max_length)
+    def score(self, resources) -> dict[str, np.ndarray]:
+        if resources.has("reward_model"):
+            from prefsift.reward import reward_scores
+
+            loaded = resources.model("reward_model")
+            pairs = resources.pairs.pairs
+            kwargs = {"max_length": resources.engine.max_length, "batch_size": self.params.batch_size}
+            chosen = reward_scores(loaded.model, loaded.tokenizer, pairs["prompt"], pairs["chosen"], **kwargs)
+            rejected = reward_scores(loaded.model, loaded.tokenizer, pairs["prompt"], pairs["rejected"], **kwargs)
             return {"margin": chosen - rejected}
-        raw = context.raw
+        raw = resources.pairs.raw
         if raw is None or not all(c in raw.column_names for c in RATING_COLUMNS):
             known = ", ".join(raw.column_names) if raw is not None else "none"
             raise PrefsiftError(f"method 'margin' needs a --reward-model or the columns score_chosen and "

@@ -6,17 +6,19 @@ import hashlib
 
 import numpy as np
 
-from prefsift.scorers.base import Scorer, ScoringContext, register
+from prefsift.scorers.base import Scorer, register
+
+
+def seeded_uniform(keys, seed: int) -> np.ndarray:
+    """A uniform [0, 1) number per key from a hash of (seed, key): independent of the order and size of the table."""
+    return np.asarray([int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+                       for key in keys])
 
 
 @register
 class RandomScorer(Scorer):
     name = "random"
     columns = ("random",)
-    default_rule = {"rule": "top"}
 
-    def score(self, context: ScoringContext) -> dict[str, np.ndarray]:
-        # Hash of (seed, pair_id): a pair keeps its score whatever the order or size of the table it sits in.
-        values = [int.from_bytes(hashlib.sha256(f"{context.seed}:{pid}".encode()).digest()[:8], "big") / 2**64
-                  for pid in context.pairs["pair_id"]]
-        return {"random": np.asarray(values)}
+    def score(self, resources) -> dict[str, np.ndarray]:
+        return {"random": seeded_uniform(resources.pairs.pairs["pair_id"], resources.seed)}

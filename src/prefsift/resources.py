@@ -1,0 +1,196 @@
+"""What scorers need, by role, from one provider: models (policy, reference, validation model, reward model),
+the validation pairs, an embedder, and trained copies that `run` registers. Each is loaded once (roles that name
+the same source share one object and one log-prob pass), and each is described by a source and a content
+fingerprint that a later process can reload from and check against.
+
+The roles are declared once, here: `ROLES`. The score config's fields and the CLI flags name them; a scorer lists
+the roles it `needs` and asks the provider for them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prefsift.config import EngineConfig
+from prefsift.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Role:
+    kind: str  # "causal" | "reward" | "pairs" | "embedder"
+    source_field: str  # the ScoreConfig / CLI field that names its source
+    help: str
+
+
+ROLES: dict[str, Role] = {
+    "policy": Role("causal", "model", "the policy θ being scored (in the TIF pipeline: the warm-up model)"),
+    "reference": Role("causal", "reference", "the reference (SFT) model π_ref; defaults to the policy's source"),
+    "validation": Role("causal", "validation", "θ_val: the policy trained further on the validation pairs"),
+    "reward_model": Role("reward", "reward_model", "a sequence-classification reward model"),
+    "validation_pairs": Role("pairs", "validation_data", "trusted validation pairs"),
+    "embedder": Role("embedder", "embedder", "an embedding model (sentence-transformer or causal LM)"),
+}
+# TRL's column names for the policy and reference passes; the validation pass follows the same pattern.
+LOGPS_COLUMNS = {"policy": ("chosen_logps", "rejected_logps"),
+                 "reference": ("ref_chosen_logps", "ref_rejected_logps"),
+                 "validation": ("val_chosen_logps", "val_rejected_logps")}
+
+
+def flag_of(role: str) -> str:
+    return "--" + ROLES[role].source_field.replace("_", "-")
+
+
+def require(needs: tuple[str, ...], sources: dict[str, object], method: str) -> None:
+    """One line naming every missing role and its flag, before anything is loaded or computed. The reference
+    defaults to the policy, so a missing policy is named once."""
+    present = {role for role, source in sources.items() if source is not None}
+    if "policy" in present:
+        present.add("reference")
+    missing = [r for r in needs if r not in present and not (r == "reference" and "policy" in needs)]
+    if missing:
+        wanted = "; ".join(f"{flag_of(r)} ({ROLES[r].help})" for r in missing)
+        raise ConfigError(f"method '{method}' needs {wanted}")
+
+
+@dataclass
+class Resources:
+    """The provider. `sources` maps a role to a source string (hub id, directory, .gguf, data file) or to an
+    object already in memory (a LoadedModel, LoadedPairs, an embedder); `add` registers one later."""
+
+    pairs: Any  # prefsift.data.LoadedPairs: the pairs being scored
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sources: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None  # where resumable shards go
+    seed: int = 0
+    trust_remote_code: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)  # role -> seconds of its log-prob pass
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> trainings that made it, seconds
+    _loaded: dict[str, Any] = field(default_factory=dict)
+    _by_source: dict[str, Any] = field(default_factory=dict)
+    _logps: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.sources.get("reference") is None and self.sources.get("policy") is not None:
+            self.sources["reference"] = self.sources["policy"]
+
+    # --- roles ---------------------------------------------------------------------------------------------
+    def has(self, role: str) -> bool:
+        return role in self._loaded or self.sources.get(role) is not None
+
+    def require(self, needs: tuple[str, ...], method: str) -> None:
+        require(needs, {role: role if self.has(role) else None for role in ROLES}, method)
+
+    def add(self, role: str, resource: Any, *, stages: dict[str, float] | None = None) -> None:
+        """Register a resource made in this process (e.g. a trained copy) and the trainings it cost."""
+        self._loaded[role] = resource
+        self.sources[role] = resource
+        self.stages[role] = dict(stages or {})
+
+    def get(self, role: str) -> Any:
+        if role not in self._loaded:
+            if not self.has(role):
+                raise ConfigError(f"this method needs {ROLES[role].help} ({flag_of(role)})")
+            self._loaded[role] = self._load(role, self.sources[role])
+        return self._loaded[role]
+
+    model = get  # a model role reads better as resources.model("policy")
+
+    def _load(self, role: str, source: Any) -> Any:
+        if not isinstance(source, str | Path):
+            return source  # already in memory
+        kind = ROLES[role].kind
+        key = f"{kind}:{source}"
+        if key not in self._by_source:
+            self._by_source[key] = self._load_source(kind, str(source))
+        return self._by_source[key]
+
+    def _load_source(self, kind: str, source: str) -> Any:
+        common = {"dtype": self.engine.dtype, "device": self.engine.device,
+                  "trust_remote_code": self.trust_remote_code}
+        if kind == "causal":
+            from prefsift.models import load_model
+
+            return load_model(source, **common)
+        if kind == "reward":
+            from prefsift.reward import load_reward_model
+
+            return load_reward_model(source, **common)
+        if kind == "pairs":
+            from prefsift.data import load_pairs
+
+            return load_pairs(source)
+        if kind == "embedder":
+            from prefsift.embeddings import load_embedder
+
+            return load_embedder(source, **common)
+        raise ValueError(f"unknown resource kind {kind}")
+
+    # --- passes --------------------------------------------------------------------------------------------
+    def logps(self, role: str, pairs: Any = None, tag: str | None = None) -> np.ndarray:
+        """(n, 2) summed chosen/rejected log-probs under the model of `role`, computed once per distinct model,
+        with resumable shards under out_dir. `pairs` (LoadedPairs) scores another table (e.g. the validation
+        pairs) under its own `tag`."""
+        from prefsift.logps import LogpsRun, compute_logps
+        from prefsift.manifest import tokenizer_fingerprint
+
+        loaded = self.model(role)
+        data = self.pairs if pairs is None else pairs
+        key = hash((id(loaded.model), id(data)))
+        if key not in self._logps:
+            run = None
+            if self.out_dir is not None:
+                identity = {"fingerprint": loaded.fingerprint, "max_length": self.engine.max_length,
+                            "batch_tokens": self.engine.batch_tokens,
+                            "dtype": str(next(loaded.model.parameters()).dtype),
+                            "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "data": data.data_hash}
+                run = LogpsRun(Path(self.out_dir), tag or role, identity)
+            start = time.perf_counter()
+            self._logps[key] = compute_logps(loaded.model, loaded.tokenizer, data.pairs,
+                                             max_length=self.engine.max_length,
+                                             batch_tokens=self.engine.batch_tokens, run=run,
+                                             desc=f"{tag or role} log-probs")
+            if pairs is None:
+                self.seconds[role] = time.perf_counter() - start
+        return self._logps[key]
+
+    def has_logps(self, role: str) -> bool:
+        return role in self._loaded and hash((id(self._loaded[role].model), id(self.pairs))) in self._logps
+
+    def logps_columns(self) -> dict[str, np.ndarray]:
+        """Every computed pass over the scored pairs under its TRL column names, for scores.parquet."""
+        out = {}
+        for role, (chosen, rejected) in LOGPS_COLUMNS.items():
+            if self.has_logps(role):
+                values = self.logps(role)
+                out[chosen], out[rejected] = values[:, 0], values[:, 1]
+        return out
+
+    def cost(self, needs: tuple[str, ...], shared: set[str] = frozenset()) -> float:  # type: ignore[assignment]
+        """Seconds a method's roles cost: their log-prob passes and the trainings that made them (once each),
+        less the `shared` trainings every compared subset pays anyway."""
+        stages: dict[str, float] = {}
+        for role in needs:
+            stages.update(self.stages.get(role, {}))
+        passes = {id(self._loaded[r].model): self.seconds.get(r, 0.0) for r in needs if r in self.seconds}
+        return sum(passes.values()) + sum(s for name, s in stages.items() if name not in shared)
+
+    def describe(self) -> dict[str, dict]:
+        """The manifest's record of every loaded role: source, content fingerprint and tokenizer hash."""
+        from prefsift.manifest import tokenizer_fingerprint
+
+        out = {}
+        for role, resource in self._loaded.items():
+            entry: dict[str, Any] = {"source": str(getattr(resource, "source", ""))}
+            if hasattr(resource, "fingerprint"):
+                entry["fingerprint"] = resource.fingerprint
+            if hasattr(resource, "tokenizer"):
+                entry["tokenizer"] = tokenizer_fingerprint(resource.tokenizer)
+            if hasattr(resource, "data_hash"):
+                entry["data_hash"] = resource.data_hash
+            out[role] = entry
+        return out

@@ -19,8 +19,9 @@ def random_text(rng: random.Random, n_words: int) -> str:
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a tiny corpus: tokens merge across the prompt/completion boundary,
-    as they do in real tokenizers, so TRL's prefix-matching rule is exercised."""
+    """A byte-level BPE tokenizer trained on a tiny corpus. A prompt that ends inside a word ("the ca" + "t sat")
+    tokenizes differently alone and joined to its completion ("Ġc a" vs "Ġcat"), as real tokenizers do, which is
+    the case TRL's prefix-matching rule exists for (see test_logps)."""
     rng = random.Random(0)
     corpus = [random_text(rng, 20) for _ in range(300)] + ["\n\nHuman: hi\n\nAssistant: hello"] * 20
     tok = Tokenizer(models.BPE())

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_pairs, make_tiny_llama
+from test_scorers import naive
 from typer.testing import CliRunner
 
 from prefsift.cli import app
@@ -31,39 +33,67 @@ def workspace(tmp_path_factory, bpe_tokenizer):
     return root, model_dir, data
 
 
-def test_score_select_train_eval(workspace):
+def test_score_select_train_eval(workspace, monkeypatch):
     root, model, data = workspace
+    rows = [json.loads(line) for line in data.read_text().splitlines()][:40]
+    # A policy to score: one DPO epoch from the SFT model (what `run` calls the warm-up).
+    warm = root / "warm"
+    result = invoke("train", "--data", data, "--model", model, "--out", warm, "--max-length", 64,
+                    "--learning-rate", 5e-3, "--batch-size", 4, "--no-gradient-checkpointing")
+    assert result.exit_code == 0, result.output
+    assert "trained dpo on 40 pairs" in result.output
+
     scores = root / "scores"
-    result = invoke("score", "--data", data, "--method", "irm", "--model", model, "--out", scores, "--max-length", 64)
+    result = invoke("score", "--data", data, "--method", "irm", "--model", warm, "--reference", model, "--out",
+                    scores, "--max-length", 64, "--param", "band_low=0.25", "--param", "band_high=0.75")
     assert result.exit_code == 0, result.output
     table = pq.read_table(scores / "scores.parquet").to_pydict()
     assert len(table["pair_id"]) == 40  # the invalid row was skipped and reported
     assert set(table) >= {"pair_id", "irm", "chosen_logps", "rejected_logps", "ref_chosen_logps",
                           "ref_rejected_logps"}
-    assert all(v == 0.0 for v in table["irm"])  # policy == reference: loaded and run once
     manifest = json.loads((scores / "manifest.json").read_text())
     assert manifest["engine"]["max_length"] == 64 and manifest["data"]["hash"] and manifest["versions"]["trl"]
+    assert manifest["methods"]["irm"]["params"] == {"band_low": 0.25, "band_high": 0.75}
+    assert manifest["models"]["reference"]["tokenizer"] and manifest["models"]["policy"]["fingerprint"]
+    assert "Creating parquet" not in result.output  # datasets' own bars stay quiet
 
+    # The method's own rule with the parameters it was scored with: the 25th-75th percentile band of irm.
     selected = root / "selected"
-    result = invoke("select", "--scores", scores, "--rule", "top", "--column", "irm", "--fraction", 0.5,
-                    "--out", selected)
+    result = invoke("select", "--scores", scores, "--out", selected)
     assert result.exit_code == 0, result.output
-    lines = (selected / "selected.jsonl").read_text().splitlines()
-    assert len(lines) == 20
-    assert set(json.loads(lines[0])) == {"prompt", "chosen", "rejected", "pair_id"}  # the input's own columns
-    assert pq.read_table(selected / "selected.parquet").num_rows == 20
+    irm = np.asarray(table["irm"])
+    ranks = np.empty(40)
+    ranks[np.argsort(irm, kind="stable")] = np.arange(40) / 39
+    expected = {table["pair_id"][i] for i in np.flatnonzero((ranks >= 0.25) & (ranks <= 0.75))}
+    lines = [json.loads(line) for line in (selected / "selected.jsonl").read_text().splitlines()]
+    assert {line["pair_id"] for line in lines} == expected
+    assert set(lines[0]) == {"prompt", "chosen", "rejected", "pair_id"}  # the input's own columns
+    assert pq.read_table(selected / "selected.parquet").num_rows == len(expected)
 
+    # Continue from the warm-up policy against the SFT reference, whose log-probs come from the scores.
+    import prefsift.logps
+
+    monkeypatch.setattr(prefsift.logps, "compute_logps", lambda *a, **k: pytest.fail("reference pass recomputed"))
     trained = root / "trained"
-    result = invoke("train", "--data", selected / "selected.jsonl", "--model", model, "--out", trained,
-                    "--scores", scores, "--max-length", 64, "--learning-rate", 1e-3, "--batch-size", 4)
+    result = invoke("train", "--data", selected / "selected.jsonl", "--model", warm, "--reference", model,
+                    "--out", trained, "--scores", scores, "--learning-rate", 1e-3, "--batch-size", 4,
+                    "--no-gradient-checkpointing")
     assert result.exit_code == 0, result.output
     assert (trained / "model.safetensors").is_file()
+    monkeypatch.undo()
 
     evaluated = root / "eval"
     result = invoke("eval", "--model", trained, "--reference", model, "--data", data, "--out", evaluated,
-                    "--max-length", 64)
+                    "--max-length", 64, "--beta", 0.3)
     assert result.exit_code == 0, result.output
-    assert 0.0 <= json.loads((evaluated / "eval.json").read_text())["pref_accuracy"] <= 1.0
+    # preference accuracy from textbook log-probs of both models
+    from prefsift.models import load_model
+
+    policy, reference = load_model(str(trained), device="cpu"), load_model(str(model), device="cpu")
+    lp = {k: naive(m.model, m.tokenizer, rows) for k, m in (("policy", policy), ("reference", reference))}
+    margin = 0.3 * ((lp["policy"][:, 0] - lp["reference"][:, 0]) - (lp["policy"][:, 1] - lp["reference"][:, 1]))
+    accuracy = json.loads((evaluated / "eval.json").read_text())["pref_accuracy"]
+    assert accuracy == pytest.approx(np.mean(margin > 0), abs=1e-9)
 
 
 def test_same_seed_same_subset(workspace):

@@ -54,6 +54,23 @@ def test_conversational_matches_trl(bpe_tokenizer, tiny_llama, tmp_path):
         np.testing.assert_allclose(ours[i], reference[i], rtol=1e-4)
 
 
+def test_tokens_merged_across_the_boundary_match_trl(bpe_tokenizer, tiny_llama, tmp_path):
+    """A prompt ending inside a word: its last token merges with the completion's first ("Ġc" + "a" | "t" →
+    "Ġcat"), so the completion starts where the tokenized prompt and prompt + completion stop matching."""
+    rows = [{"prompt": "\n\nHuman: tell me about the ca", "chosen": "t sat on the mat", "rejected": "t ran far"},
+            {"prompt": "\n\nHuman: is the do", "chosen": "g big", "rejected": "g small"},
+            {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " hello", "rejected": " no"}]
+    tokenized = tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                               [r["rejected"] for r in rows], None)
+    alone = [bpe_tokenizer(r["prompt"])["input_ids"] for r in rows]
+    assert len(tokenized[0].prompt_ids) < len(alone[0]) and len(tokenized[1].prompt_ids) < len(alone[1])  # merged
+    assert tokenized[2].prompt_ids == alone[2]  # no merge at a word boundary
+    reference = trl_reference_logps(tiny_llama, bpe_tokenizer, rows, 10_000, tmp_path)
+    ours = compute_logps(tiny_llama, bpe_tokenizer, Dataset.from_list(rows), max_length=None)
+    for i in range(len(rows)):
+        np.testing.assert_allclose(ours[i], reference[i], rtol=1e-4)
+
+
 def test_batching_does_not_change_values(bpe_tokenizer, tiny_llama):
     data = Dataset.from_list(make_pairs(20, seed=3))
     one_at_a_time = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, batch_tokens=1)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 import yaml
 from conftest import make_pairs, make_tiny_llama
@@ -17,7 +18,7 @@ from prefsift.data import load_pairs
 from prefsift.pipeline import split_pairs
 
 
-def test_run_from_yaml(tmp_path, bpe_tokenizer):
+def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch):
     model_dir, judge_dir = tmp_path / "sft", tmp_path / "judge"
     make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
     bpe_tokenizer.save_pretrained(model_dir)
@@ -43,7 +44,7 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer):
     for record in records:
         assert set(record) >= {"method", "fraction", "n_pairs", "win_rate", "pref_accuracy", "score_seconds",
                                "train_seconds"}
-        assert 0 <= record["win_rate"] <= 1 and 0 <= record["pref_accuracy"] <= 1
+        assert record["win_rate"] == (record["wins"] + 0.5 * record["ties"]) / 4  # 4 prompts judged
     n_train = next(r["n_pairs"] for r in records if r["method"] == "full")
     assert n_train == 64
     at_quarter = [r for r in records if r["fraction"] == 0.25]
@@ -63,6 +64,34 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer):
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "sel" / "selected.jsonl").read_text().splitlines()) == 32
 
+    # ... and `prefsift train` continues from the run's warm-up model against the SFT reference, reusing the run's
+    # reference log-probs: neither prefsift nor TRL runs a reference pass.
+    import prefsift.logps
+    import prefsift.train
+
+    monkeypatch.setattr(prefsift.logps, "compute_logps", lambda *a, **k: pytest.fail("reference pass recomputed"))
+    monkeypatch.setattr(prefsift.train.DPOTrainer, "_precompute_ref_logps",
+                        lambda *a, **k: pytest.fail("TRL ran its reference pass"))
+    result = CliRunner().invoke(app, ["select", "--scores", str(tmp_path / "run" / "scores"), "--method",
+                                      "lossdiff-irm", "--out", str(tmp_path / "ldirm")])
+    assert result.exit_code == 0, result.output
+    assert "intersection" in result.output
+    result = CliRunner().invoke(app, [
+        "train", "--data", str(tmp_path / "ldirm" / "selected.jsonl"), "--model", str(tmp_path / "run" / "models" /
+                                                                                        "warmup"),
+        "--reference", str(model_dir), "--scores", str(tmp_path / "run" / "scores"), "--out", str(tmp_path / "cont"),
+        "--learning-rate", "1e-3", "--no-gradient-checkpointing"])
+    assert result.exit_code == 0, result.output
+    assert "reusing reference log-probs" in result.output
+    manifest = json.loads((tmp_path / "cont" / "manifest.json").read_text())
+    assert manifest["engine"]["max_length"] == 64  # taken from the scores' manifest
+    # a different reference is refused, naming the flag that fixes it
+    result = CliRunner().invoke(app, [
+        "train", "--data", str(tmp_path / "ldirm" / "selected.jsonl"), "--model", str(model_dir), "--reference",
+        str(tmp_path / "run" / "models" / "warmup"), "--scores", str(tmp_path / "run" / "scores"),
+        "--out", str(tmp_path / "cont2")])
+    assert result.exit_code == 2 and "pass that model as --reference" in result.output
+
 
 def test_splits_are_disjoint_and_seeded(tmp_path):
     data = tmp_path / "pairs.jsonl"
@@ -74,3 +103,21 @@ def test_splits_are_disjoint_and_seeded(tmp_path):
     again = split_pairs(loaded, 0.1, 0.2, seed=0)
     assert all((a == b).all() for a, b in zip((train, val, test), again, strict=True))
     assert not (split_pairs(loaded, 0.1, 0.2, seed=1)[2] == test).all()
+
+
+def test_user_given_test_file_prompts_are_not_trained_on(tmp_path):
+    from prefsift.config import RunConfig
+    from prefsift.pipeline import make_splits
+
+    rows = make_pairs(60, seed=33)
+    test_rows = [{**rows[k], "chosen": rows[k]["chosen"] + " again"} for k in (3, 7)]  # same prompts, other pairs
+    data, test = tmp_path / "pairs.jsonl", tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test.write_text("".join(json.dumps(r) + "\n" for r in test_rows))
+    splits = make_splits(RunConfig(data=str(data), model="m", test_data=str(test), validation_fraction=0.1))
+    held_out = {rows[3]["prompt"], rows[7]["prompt"]}
+    assert not held_out & set(splits.train.pairs["prompt"])
+    prompts = [r["prompt"] for r in rows]
+    in_validation = set(splits.validation.pairs["prompt"])
+    expected_removed = sum(1 for p in prompts if p in held_out and p not in in_validation)
+    assert splits.n_held_out_prompts_removed == expected_removed >= 1

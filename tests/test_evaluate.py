@@ -1,0 +1,80 @@
+"""Evaluation against independent computations: preference accuracy, greedy answers, the judged win rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_pairs, make_tiny_llama
+from datasets import Dataset
+from test_scorers import naive
+
+from prefsift.config import EngineConfig, EvalConfig
+from prefsift.evaluate import evaluate, greedy_answers, preference_accuracy, win_rate
+from prefsift.models import LoadedModel
+
+
+@pytest.fixture(scope="module")
+def models(bpe_tokenizer):
+    return (LoadedModel(make_tiny_llama(bpe_tokenizer, seed=5), bpe_tokenizer, "policy", "p"),
+            LoadedModel(make_tiny_llama(bpe_tokenizer, seed=6), bpe_tokenizer, "reference", "r"))
+
+
+def test_preference_accuracy_counts_ties_half():
+    policy = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [np.nan, np.nan]])
+    reference = np.zeros((4, 2))
+    assert preference_accuracy(policy, reference, beta=0.5) == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+def test_evaluate_matches_textbook_log_probs(models, bpe_tokenizer):
+    policy, reference = models
+    rows = make_pairs(12, seed=40)
+    record = evaluate(policy, reference, test_pairs=Dataset.from_list(rows), engine=EngineConfig(beta=0.2,
+                                                                                                    max_length=None))
+    lp, lr = naive(policy.model, bpe_tokenizer, rows), naive(reference.model, bpe_tokenizer, rows)
+    margin = 0.2 * ((lp[:, 0] - lr[:, 0]) - (lp[:, 1] - lr[:, 1]))
+    assert record["pref_accuracy"] == pytest.approx(np.mean(margin > 0))
+    alone = evaluate(policy, None, test_pairs=Dataset.from_list(rows), engine=EngineConfig(max_length=None))
+    assert alone["logp_accuracy"] == pytest.approx(np.mean(lp[:, 0] > lp[:, 1]))
+
+
+def test_greedy_answers_are_the_argmax_continuation(models, bpe_tokenizer):
+    policy, _ = models
+    prompts = ["\n\nHuman: the cat\n\nAssistant:", "\n\nHuman: why is the sky blue and not red\n\nAssistant:"]
+    answers = greedy_answers(policy.model, bpe_tokenizer, prompts, max_new_tokens=5, batch_size=2)  # left-padded
+    for prompt, answer in zip(prompts, answers, strict=True):
+        ids = bpe_tokenizer(prompt)["input_ids"]
+        new = []
+        with torch.no_grad():
+            for _ in range(5):  # one unpadded sequence, one token at a time
+                token = int(policy.model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                if token == bpe_tokenizer.eos_token_id:
+                    break
+                new.append(token)
+        assert answer == bpe_tokenizer.decode(new, skip_special_tokens=True)
+
+
+class LengthJudge:
+    name = "length"
+
+    def score(self, prompts, responses):
+        return [float(len(r)) for r in responses]
+
+
+def test_win_rate_counts_wins_ties_and_losses():
+    result = win_rate(LengthJudge(), ["p"] * 4, ["aaa", "a", "aa", "aaaa"], ["a", "aa", "aa", "a"])
+    assert (result.wins, result.ties, result.losses) == (2, 1, 1)
+    assert result.win_rate == pytest.approx(2.5 / 4)
+
+
+def test_evaluate_win_rate_against_the_reference(models):
+    policy, reference = models
+    prompts = ["\n\nHuman: hi\n\nAssistant:", "\n\nHuman: tell me a joke\n\nAssistant:"]
+    record = evaluate(policy, reference, prompts=prompts, judge=LengthJudge(),
+                      config=EvalConfig(max_new_tokens=6), engine=EngineConfig())
+    ours = greedy_answers(policy.model, policy.tokenizer, prompts, max_new_tokens=6)
+    theirs = greedy_answers(reference.model, reference.tokenizer, prompts, max_new_tokens=6)
+    wins = sum(len(a) > len(b) for a, b in zip(ours, theirs, strict=True))
+    ties = sum(len(a) == len(b) for a, b in zip(ours, theirs, strict=True))
+    assert record["wins"] == wins and record["ties"] == ties
+    assert record["win_rate"] == pytest.approx((wins + 0.5 * ties) / 2)

@@ -127,7 +127,7 @@ def test_rare_pairs_get_the_largest_weights_and_keys_follow_the_seed(item):
     texts = item_texts(data.pairs, item)
     vectors = np.concatenate([np.stack([table[t] for t in v]) for v in texts.values()]).astype(np.float64)
     width = median_distance(vectors, 7)
-    kde = np.split(exact_density(vectors, 2, width), len(texts))
+    kde = np.split(exact_density(vectors, scorer.params.hashes_per_row, width), len(texts))
     np.testing.assert_allclose(out["density_kde"], np.mean(kde, axis=0), rtol=1e-12)
     if item == "completion":
         u_chosen = seeded_uniform([f"density:{i}:chosen" for i in ids], 7)

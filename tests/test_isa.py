@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -35,7 +36,8 @@ class TableEmbedder:
 
     def __init__(self, table: dict[str, np.ndarray]):
         self.table, self.calls = table, []
-        self.source, self.fingerprint, self.dim = "table", "table-v1", len(next(iter(table.values())))
+        digest = hashlib.sha256(b"".join(k.encode() + np.asarray(v).tobytes() for k, v in table.items()))
+        self.source, self.fingerprint, self.dim = "table", digest.hexdigest()[:16], len(next(iter(table.values())))
         self.identity = {"kind": "table", "fingerprint": self.fingerprint}
 
     def embed(self, texts, batch_size=32):
@@ -74,6 +76,12 @@ def test_mixture_scores_match_a_hand_computation(covariance_type):
     np.testing.assert_allclose(fitted.loglik, loglik, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(fitted.delta, hand_delta(loglik), rtol=1e-9, atol=1e-12)
     assert fitted.delta.max() == 0.0 and fitted.delta.min() == pytest.approx(-np.e)  # p ∈ [1, e]
+
+
+def test_auto_covariance_is_tied_with_two_items_a_dimension_else_diag():
+    assert mixture_scores(two_clusters(6, d=3)).mixture.covariance_type == "tied"
+    assert mixture_scores(two_clusters(5, d=3)).mixture.covariance_type == "diag"
+    assert mixture_scores(two_clusters(5, d=3), covariance_type="full").mixture.covariance_type == "full"
 
 
 def pairs_with_vectors(n: int, seed: int = 0):

@@ -32,7 +32,7 @@ MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-
 CAUSAL_MAX_LENGTH = 512  # tokens of an item a causal LM embeds (its end kept)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity, like the model it holds
 class Embedder:
     """What every embedder offers: `source`, a content `fingerprint`, the vector `dim`, and `embed`."""
 
@@ -311,7 +311,8 @@ def embed_items(resources, item: str, *, pca_dim: int | None = None, batch_size:
     cache under `resources.out_dir`, PCA-reduced jointly when `pca_dim` is set."""
     embedder = resources.get("embedder")
     data = resources.pairs
-    memo_key = (json.dumps(embedder.identity, sort_keys=True), data.data_hash or id(data.pairs), item, batch_size)
+    memo_key = (id(embedder), json.dumps(embedder.identity, sort_keys=True), data.data_hash or id(data.pairs), item,
+                batch_size)
     if memo_key not in _MEMO:
         texts = item_texts(data.pairs, item)
         cache_dir = Path(resources.out_dir) / "embeddings" if resources.out_dir is not None else None

@@ -36,7 +36,7 @@ class DensityParams(ScorerParams):
     item: str = option("completion", "What one embedding is: completion (prompt + one response; a pair's density "
                                       "is its two sides' mean) or pair.", choices=ITEMS)
     rows: int = option(256, "Hash rows R of the sketch (more: less sketch noise).", low=1)
-    hashes_per_row: int = option(2, "p-stable hashes concatenated per row K (more: a narrower kernel).", low=1)
+    hashes_per_row: int = option(4, "p-stable hashes concatenated per row K (more: a narrower kernel).", low=1)
     bandwidth: float = option(1.0, "Bucket width w as a multiple of the median distance between items.", low=0,
                               low_open=True)
     estimator: str = option("sketch", "sketch (LSH bucket counts, the paper) or exact (the kernel sums, O(n²)).",

@@ -1,6 +1,6 @@
 """What cutting the warm-up costs: LossDiff-IRM on the embedded task with the warm-up DPO on less of the data.
 
-The TIF pipeline pays for a full warm-up epoch before it can score (METHODS.md section 2). `warmup_fraction`
+The TIF pipeline (Zhang et al., ICLR 2026) pays for a full warm-up DPO epoch before it can score. `warmup_fraction`
 trains the warm-up model on a share of the pairs instead. This script runs the demo's task and model once per share
 and prints the scoring cost against the quality of the LossDiff-IRM subset, beside random at the same size.
 

@@ -25,7 +25,7 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    # bf16 on GPU is the field's default; on CPU bf16 moves log-probs by 0.1-0.5 nats (METHODS.md), so fp32.
+    # bf16 on GPU is the field's default; on CPU, bf16 autocast moves log-probs by 0.1-0.5 nats against fp32, so fp32.
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32

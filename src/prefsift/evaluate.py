@@ -29,15 +29,16 @@ class Judge(Protocol):
 class RewardModelJudge:
     name = "reward_model"
 
-    def __init__(self, loaded: LoadedModel, max_length: int | None = 1024) -> None:
+    def __init__(self, loaded: LoadedModel, max_length: int | None, batch_size: int = EvalConfig.batch_size) -> None:
         self.loaded = loaded
         self.max_length = max_length
+        self.batch_size = batch_size
 
     def score(self, prompts: list, responses: list[str]) -> list[float]:
         messages = [[{"role": "assistant", "content": r}] for r in responses]
         answers = messages if prompts and isinstance(prompts[0], list) else responses
         return reward_scores(self.loaded.model, self.loaded.tokenizer, prompts, answers,
-                             max_length=self.max_length).tolist()
+                             max_length=self.max_length, batch_size=self.batch_size).tolist()
 
 
 @torch.inference_mode()
@@ -71,7 +72,7 @@ def win_rate_prompts(data, limit: int) -> list:
     return prompts[:limit]
 
 
-def preference_accuracy(policy_logps: np.ndarray, reference_logps: np.ndarray, beta: float = 0.1) -> float:
+def preference_accuracy(policy_logps: np.ndarray, reference_logps: np.ndarray, beta: float) -> float:
     """Share of held-out pairs whose implicit reward ranks chosen above rejected (ties count half)."""
     margin = implicit_reward_margin(policy_logps, reference_logps, beta)
     margin = margin[~np.isnan(margin)]

@@ -30,6 +30,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from prefsift.config import EngineConfig
+
 
 @dataclass
 class TokenizedPair:
@@ -226,7 +228,8 @@ def packed_path_ok(model, pair: TokenizedPair, pad_id: int) -> bool:
     return ok
 
 
-def logps_of_tokenized(model, tokenized: list[TokenizedPair | None], *, pad_id: int, batch_tokens: int = 8192,
+def logps_of_tokenized(model, tokenized: list[TokenizedPair | None], *, pad_id: int,
+                       batch_tokens: int = EngineConfig.batch_tokens,
                        progress: tqdm | None = None, packed: bool | None = None) -> np.ndarray:
     """(n, 2) array of summed chosen / rejected log-probs; NaN rows for dropped pairs. `packed=None` takes the
     packed fast path where `packed_path_ok` allows it."""
@@ -302,7 +305,7 @@ class LogpsRun:
         tmp.replace(path)  # atomic: a killed run never leaves a half-written shard behind
 
 
-def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_tokens: int = 8192,
+def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_tokens: int = EngineConfig.batch_tokens,
                   run: LogpsRun | None = None, desc: str = "log-probs", flush_rows: int = 512,
                   flush_seconds: float = 60.0) -> np.ndarray:
     """Summed completion log-probs of every pair of `pairs` (a table with prompt/chosen/rejected columns).

@@ -154,6 +154,32 @@ def _hidden_share(raw, rows: np.ndarray, column: str) -> float | None:
     return float(flags[rows].sum() / flags.sum()) if flags.sum() else None
 
 
+def train_and_evaluate(config: RunConfig, plan: tuple, start_model: LoadedModel, base: LoadedModel, splits: Splits,
+                       scores: dict[str, np.ndarray], ref_train: np.ndarray, ref_test: np.ndarray | None,
+                       judge: Judge | None, baseline_answers: list[str] | None, log) -> dict:
+    """Steps 5 and 6 for one (method, budget): select, train from `start_model`, evaluate against the reference."""
+    name, scorer, fraction, count = plan
+    train_data, has_test = splits.train, ref_test is not None
+    dropped = np.isnan(ref_train[:, 0])
+    rows = np.flatnonzero(~dropped) if scorer is None else selected_rows(scorer, scores, fraction, count)
+    log(f"{name} @ {fraction:.0%}: training on {len(rows)} pairs")
+    policy, seconds = trained_copy(start_model, f"{name}-{fraction}", train_data.pairs.select(rows.tolist()),
+                                   ref_train[rows], replace(config.train, seed=config.seed), config.engine)
+    record = {"method": name, "fraction": fraction, "n_pairs": len(rows), "train_seconds": round(seconds, 3)}
+    evaluation = evaluate(policy, base, test_pairs=splits.test.pairs if has_test else None,
+                          prompts=splits.eval_prompts if baseline_answers is not None else None, judge=judge,
+                          config=config.eval, engine=config.engine, reference_logps=ref_test,
+                          baseline_answers=baseline_answers)
+    record.update({"win_rate": evaluation.get("win_rate"), "pref_accuracy": evaluation.get("pref_accuracy")})
+    record.update({k: evaluation[k] for k in ("wins", "ties", "losses") if k in evaluation})
+    for column, label in (("is_flipped", "flipped_kept"), ("is_near_tie", "near_tie_kept")):
+        share = _hidden_share(train_data.raw, rows, column)
+        if share is not None:
+            record[label] = round(share, 3)
+    log("  " + one_line(record))
+    return record
+
+
 def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: LoadedModel | None = None,
                  judge: Judge | None = None, log=print) -> list[dict]:
     """Run the flow of the module docstring; returns the result records (also written under config.out)."""
@@ -208,35 +234,17 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     shared = frozenset({"warmup"} if config.start_from == "warmup" else set())
     scored: ScoreResult = score_pairs(train_data, scorers, resources, out / "scores", shared_stages=shared)
     scores = scored.scores
-    start_model = warmup if config.start_from == "warmup" and warmup is not None else base
     baseline_answers = (greedy_answers(base.model, base.tokenizer, eval_prompts,
                                        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
                         if eval_prompts else None)
+    start_model = warmup if config.start_from == "warmup" and warmup is not None else base
     plans = [("full", None, 1.0, None)] if config.full else []
     plans += [(s.name, s, f, c) for f, c in budgets(config, scores, n_train, log) for s in scorers]
-    tc = replace(config.train, seed=config.seed)
-    records = []
-    for name, scorer, fraction, count in plans:
-        rows = np.flatnonzero(~dropped) if scorer is None else selected_rows(scorer, scores, fraction, count)
-        log(f"{name} @ {fraction:.0%}: training on {len(rows)} pairs")
-        policy, seconds = trained_copy(start_model, f"{name}-{fraction}", train_data.pairs.select(rows.tolist()),
-                                       ref_train[rows], tc, engine)
-        record = {"method": name, "fraction": fraction, "n_pairs": len(rows),
-                  "score_seconds": round(scored.seconds.get(name, 0.0), 3), "train_seconds": round(seconds, 3)}
-        if shared:
-            record["warmup_seconds"] = round(timings["warmup"], 3)
-        evaluation = evaluate(policy, base, test_pairs=splits.test.pairs if has_test else None, prompts=eval_prompts,
-                              judge=judge, config=config.eval, engine=engine, reference_logps=ref_test,
-                              baseline_answers=baseline_answers)
-        record.update({"win_rate": evaluation.get("win_rate"), "pref_accuracy": evaluation.get("pref_accuracy")})
-        record.update({k: evaluation[k] for k in ("wins", "ties", "losses") if k in evaluation})
-        for column, label in (("is_flipped", "flipped_kept"), ("is_near_tie", "near_tie_kept")):
-            share = _hidden_share(train_data.raw, rows, column)
-            if share is not None:
-                record[label] = round(share, 3)
-        log("  " + one_line(record))
-        records.append(record)
-        del policy
+    records = [train_and_evaluate(config, plan, start_model, base, splits, scores, ref_train, ref_test, judge,
+                                  baseline_answers, log)
+               | ({"warmup_seconds": round(timings["warmup"], 3)} if shared else {})
+               | {"score_seconds": round(scored.seconds.get(plan[0], 0.0), 3)}
+               for plan in plans]
     write_results(records, out)
     write_manifest(out, "run", {"config": asdict(config), "data_hash": train_data.data_hash, "model": base.source,
                                 "model_fingerprint": base.fingerprint, "timings": timings,

@@ -18,8 +18,8 @@ def load_reward_model(source: str, *, dtype: str | None = "auto", device: str | 
     return loaded
 
 
-def reward_scores(model, tokenizer, prompts: list, responses: list, *, batch_size: int = 16,
-                  max_length: int | None = 1024) -> np.ndarray:
+def reward_scores(model, tokenizer, prompts: list, responses: list, *, batch_size: int,
+                  max_length: int | None) -> np.ndarray:
     """Scalar reward of each (prompt, response) under a sequence-classification reward model."""
     texts = []
     for prompt, response in zip(prompts, responses, strict=True):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,9 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
     device = next(loaded.model.parameters()).device
     compute = autocast_dtype(engine, device)
     common = _common_args(config, engine, output_dir, compute, device.type == "cuda")
+    # TRL 1.16's configs still set transformers' `gradient_checkpointing`, which transformers 5.24 deprecates for a
+    # name TRL does not take yet: the warning is about TRL, not about anything the user can change.
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
     if any(p.dtype in (torch.bfloat16, torch.float16) for p in loaded.model.parameters()):
         loaded.model.float()  # fp32 master weights; the forward autocasts to `compute`
     keep = ["prompt", "chosen", "rejected"] if "chosen" in pairs.column_names else ["prompt", "completion", "label"]

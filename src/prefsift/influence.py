@@ -1,0 +1,361 @@
+"""Exact influence of a training pair on the validation loss (TIF paper, identity Hessian), at forward-pass cost.
+
+    IF(d) = β(1 − σ(Δ_θ(d))) · ⟨ḡ_val, g_w − g_l⟩,   g_y = ∇ log π_θ(y|x) over the parameters in scope,
+    ḡ_val = (1/|V|) Σ_V (1 − σ(Δ_θ(d_i))) (g_w^i − g_l^i).
+
+ḡ_val is one accumulated backward pass over the validation pairs. ⟨ḡ_val, g_w − g_l⟩ is the directional derivative
+of log π(y_w|x) − log π(y_l|x) along ḡ_val, so every training pair then costs forward passes only:
+- "finite-difference": central difference in fp32 on weights perturbed in place by ±ε·ḡ_val, with
+  ε = step·‖θ_scope‖/‖ḡ_val‖ (a step relative to the weights: an absolute one vanishes under rounding). Along
+  ḡ_val, the steepest direction there is, the step must be far smaller than along a random direction (METHODS.md
+  §3's 1e-2): see DEFAULT_STEP. Each side is a `compute_logps` pass: the packed, bucketed engine, with resumable
+  shards named by the direction and ε.
+- "jvp": forward-mode AD (`torch.func.jvp`), with eager attention (SDPA kernels have no forward-AD rule).
+- "per-example": one backward pass a pair dotted with ḡ_val: the slow, obvious reference the tests compare to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from prefsift.errors import ConfigError
+from prefsift.logps import BatchPlan, LogpsRun, TokenizedPair, _unwrap, compute_logps, tokenize_pairs
+
+SCOPES = ("all", "lora", "last_k")
+METHODS = ("finite-difference", "jvp", "per-example")
+DEFAULT_STEP = 1e-5  # ε·‖v‖ = step·‖θ_scope‖; chosen by the sweep in bench/results/influence.txt (SmolLM2: 1e-2
+# gave ρ 0.69 along ḡ_val, 1e-4 ρ 0.95, 1e-5 ρ 1.000 / 0.5% error; tiny Llamas: 1e-5 ρ 1.000 / ≤0.3%)
+GRAD_BATCH_TOKENS = 2048  # token budget of the batches that keep activations for a backward / forward-AD pass
+
+Direction = dict[str, torch.Tensor]
+
+
+# --- parameters in scope ----------------------------------------------------------------------------------------
+def transformer_layers(model) -> nn.ModuleList:
+    """The stack of transformer blocks: `model.model.layers` (Llama, Qwen, Mistral), `transformer.h` (GPT-2), else
+    the longest ModuleList in the model."""
+    base = _unwrap(model)
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None) or base
+    for owner in (backbone, base):
+        for name in ("layers", "h", "blocks"):
+            layers = getattr(owner, name, None)
+            if isinstance(layers, nn.ModuleList) and len(layers):
+                return layers
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ConfigError(f"{type(base).__name__} has no list of transformer layers: use scope 'all' or 'lora'")
+    return max(lists, key=len)
+
+
+def scope_parameters(model, scope: str = "all", last_k: int = 1) -> dict[str, nn.Parameter]:
+    """The parameters influence is taken over, by name relative to the unwrapped model (peft's LoRA injected).
+    "all": every parameter; "lora": names with "lora_"; "last_k": the last k transformer layers."""
+    base = _unwrap(model)
+    named = dict(base.named_parameters())  # tied weights appear once
+    if scope == "all":
+        return named
+    if scope == "lora":
+        chosen = {n: p for n, p in named.items() if "lora_" in n}
+        if not chosen:
+            raise ConfigError("scope 'lora' needs a model with LoRA adapters (no parameter named 'lora_*')")
+        return chosen
+    if scope == "last_k":
+        layers = transformer_layers(base)
+        if not 1 <= last_k <= len(layers):
+            raise ConfigError(f"last_k must be between 1 and the model's {len(layers)} layers (got {last_k})")
+        wanted = {id(p) for layer in list(layers)[-last_k:] for p in layer.parameters()}
+        return {n: p for n, p in named.items() if id(p) in wanted}
+    raise ConfigError(f"unknown scope '{scope}' (known: {', '.join(SCOPES)})")
+
+
+@contextlib.contextmanager
+def _grads_on(model, params: dict[str, nn.Parameter]) -> Iterator[None]:
+    """requires_grad on the parameters in scope only (no gradient is built for the rest), eval mode; restored."""
+    base = _unwrap(model)
+    before = {p: p.requires_grad for p in base.parameters()}
+    was_training = base.training
+    base.eval()
+    try:
+        for p in before:
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in before.items():
+            p.requires_grad_(flag)
+        base.train(was_training)
+
+
+# --- a differentiable forward -----------------------------------------------------------------------------------
+def pair_logps(model, pairs: list[TokenizedPair], pad_id: int, weights: dict[str, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed chosen / rejected log-probs (float64, differentiable) through the model's own forward on
+    prompt+chosen and prompt+rejected rows (TRL's layout, as `logps._forward_batch_unpacked`). `weights` replaces
+    parameters by name (`torch.func.functional_call`), for forward-mode AD."""
+    base = _unwrap(model)
+    device = next(base.parameters()).device
+    rows = [p.prompt_ids + c for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    which, predictor, target = [], [], []
+    for k, (row, pair) in enumerate(zip(rows, (p for p in pairs for _ in range(2)), strict=True)):
+        for t in range(max(len(pair.prompt_ids), 1), len(row)):  # an empty prompt leaves token 0 unscored, as TRL
+            which.append(k)
+            predictor.append(t - 1)
+            target.append(row[t])
+    inputs = {"input_ids": input_ids, "attention_mask": attention, "use_cache": False}
+    if weights is None:
+        logits = base(**inputs).logits
+    else:
+        logits = torch.func.functional_call(base, weights, (), inputs, strict=False).logits
+    which_t = torch.tensor(which, device=device)
+    picked = logits[which_t, torch.tensor(predictor, device=device)].float().log_softmax(-1)
+    token_logps = picked.gather(-1, torch.tensor(target, device=device)[:, None])[:, 0].double()
+    sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add(0, which_t, token_logps)
+    return sums[0::2], sums[1::2]
+
+
+def _tokenize(tokenizer, pairs, max_length: int | None) -> list[TokenizedPair | None]:
+    out: list[TokenizedPair | None] = []
+    for lo in range(0, len(pairs), 1024):
+        rows = pairs[lo:lo + 1024]
+        out += tokenize_pairs(tokenizer, rows["prompt"], rows["chosen"], rows["rejected"], max_length)
+    return out
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# --- ḡ_val ------------------------------------------------------------------------------------------------------
+def validation_gradient(model, tokenizer, pairs, reference_logps: np.ndarray, params: dict[str, nn.Parameter], *,
+                        beta: float, max_length: int | None, batch_tokens: int = GRAD_BATCH_TOKENS
+                        ) -> tuple[Direction, np.ndarray]:
+    """(ḡ_val by parameter name in fp32, the validation margins Δ_θ) from one pass over the validation `pairs`,
+    gradients accumulated batch by batch: never one stored gradient a pair. Pairs TRL drops do not count in |V|."""
+    tokenized = _tokenize(tokenizer, pairs, max_length)
+    plan = BatchPlan.of(tokenized, batch_tokens)
+    names = list(params)
+    total = [torch.zeros_like(params[n], dtype=torch.float32) for n in names]
+    margins = np.full(len(tokenized), np.nan)
+    reference = torch.as_tensor(reference_logps, dtype=torch.float64)
+    with _grads_on(model, params):
+        for batch in plan.batches:
+            chosen, rejected = pair_logps(model, [tokenized[i] for i in batch], _pad_id(tokenizer))
+            ref = reference[batch].to(chosen.device)
+            margin = beta * ((chosen - ref[:, 0]) - (rejected - ref[:, 1]))
+            weight = (1 - torch.sigmoid(margin.detach())) / max(plan.n_kept, 1)
+            grads = torch.autograd.grad((weight * (chosen - rejected)).sum(), [params[n] for n in names],
+                                        allow_unused=True)
+            for acc, g in zip(total, grads, strict=True):
+                if g is not None:
+                    acc += g.float()
+            margins[batch] = margin.detach().cpu().numpy()
+    return dict(zip(names, total, strict=True)), margins
+
+
+def direction_hash(direction: Direction) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(direction):
+        digest.update(name.encode())
+        digest.update(direction[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _norm(tensors) -> float:
+    return float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors)))
+
+
+# --- ⟨v, g_w − g_l⟩ for every pair -------------------------------------------------------------------------------
+def finite_difference(model, tokenizer, pairs, direction: Direction, params: dict[str, nn.Parameter], *,
+                      step: float = DEFAULT_STEP, max_length: int | None, batch_tokens: int = 8192,
+                      run_dir: Path | None = None, identity: dict | None = None, flush_rows: int = 512
+                      ) -> np.ndarray:
+    """Central difference of log π(y_w|x) − log π(y_l|x) along `direction`, weights perturbed in place by ±ε·v
+    (ε = step·‖θ_scope‖/‖v‖), each side one `compute_logps` pass (resumable shards when `run_dir` is given). The
+    weights are restored bit for bit from a copy, also when a pass is interrupted."""
+    v_norm, theta_norm = _norm(direction.values()), _norm(params.values())
+    if v_norm == 0.0:
+        warnings.warn("the validation gradient is zero: every influence is 0", stacklevel=2)
+        return np.where(np.isnan(_tokenized_mask(tokenizer, pairs, max_length)), np.nan, 0.0)
+    if next(iter(params.values())).dtype != torch.float32:
+        warnings.warn("finite differences need fp32 weights (bf16: ~20% error, METHODS.md §3); load the policy "
+                      "in float32 or use method 'jvp'", stacklevel=2)
+    epsilon = step * theta_norm / v_norm
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    sides = []
+    try:
+        for sign, tag in ((1.0, "influence-plus"), (-1.0, "influence-minus")):
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n] + (sign * epsilon) * direction[n].to(p.dtype))
+            run = None
+            if run_dir is not None:
+                run = LogpsRun(Path(run_dir), tag, {**(identity or {}), "direction": direction_hash(direction),
+                                                    "epsilon": repr(epsilon)})
+            sides.append(compute_logps(model, tokenizer, pairs, max_length=max_length, batch_tokens=batch_tokens,
+                                       run=run, desc=f"{tag} log-probs", flush_rows=flush_rows))
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+    plus, minus = sides
+    return ((plus[:, 0] - plus[:, 1]) - (minus[:, 0] - minus[:, 1])) / (2 * epsilon)
+
+
+def _tokenized_mask(tokenizer, pairs, max_length: int | None) -> np.ndarray:
+    return np.array([0.0 if t is not None else np.nan for t in _tokenize(tokenizer, pairs, max_length)])
+
+
+@contextlib.contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """The model's attention switched to the eager implementation (forward-AD has no rule for SDPA kernels)."""
+    config = _unwrap(model).config
+    before = getattr(config, "_attn_implementation", None)
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def forward_ad(model, tokenizer, pairs, direction: Direction, params: dict[str, nn.Parameter], *,
+               max_length: int | None, batch_tokens: int = GRAD_BATCH_TOKENS, run_dir: Path | None = None,
+               identity: dict | None = None) -> np.ndarray:
+    """⟨v, g_w − g_l⟩ by forward-mode AD: one dual forward a batch, on the same length-bucketed plan as the log-prob
+    engine, finished batches kept as resumable shards (chosen / rejected tangents) when `run_dir` is given."""
+    tokenized = _tokenize(tokenizer, pairs, max_length)
+    plan = BatchPlan.of(tokenized, batch_tokens)
+    names = list(params)
+    primals = tuple(params[n].detach() for n in names)
+    tangents = tuple(direction[n].to(params[n].dtype) for n in names)
+    out = np.full((len(tokenized), 2), np.nan)
+    run = None if run_dir is None else LogpsRun(Path(run_dir), "influence-jvp",
+                                                {**(identity or {}), "direction": direction_hash(direction)})
+    done = run.finished() if run is not None else {}
+    if run is not None:
+        run.shard_dir.mkdir(parents=True, exist_ok=True)
+    base = _unwrap(model)
+    was_training = base.training
+    base.eval()
+    try:
+        with eager_attention(base), torch.no_grad():
+            for number, batch in enumerate(plan.batches):
+                if number in done and sorted(done[number][:, 0].astype(int)) == sorted(batch):
+                    out[done[number][:, 0].astype(int)] = done[number][:, 1:]
+                    continue
+                chunk = [tokenized[i] for i in batch]
+
+                def f(*values, chunk=chunk):
+                    return pair_logps(base, chunk, _pad_id(tokenizer), dict(zip(names, values, strict=True)))
+
+                _, (d_chosen, d_rejected) = torch.func.jvp(f, primals, tangents)
+                values = torch.stack([d_chosen, d_rejected], 1).cpu().numpy()
+                out[batch] = values
+                if run is not None:
+                    run.write([number] * len(batch), batch, values)
+    finally:
+        base.train(was_training)
+    return out[:, 0] - out[:, 1]
+
+
+def per_example(model, tokenizer, pairs, direction: Direction, params: dict[str, nn.Parameter], *,
+                max_length: int | None) -> np.ndarray:
+    """The reference: for each pair, the explicit gradient of log π(y_w|x) − log π(y_l|x) dotted with ḡ_val."""
+    tokenized = _tokenize(tokenizer, pairs, max_length)
+    names = list(params)
+    out = np.full(len(tokenized), np.nan)
+    with _grads_on(model, params):
+        for i, pair in enumerate(tokenized):
+            if pair is None:
+                continue
+            chosen, rejected = pair_logps(model, [pair], _pad_id(tokenizer))
+            grads = torch.autograd.grad((chosen - rejected).sum(), [params[n] for n in names], allow_unused=True)
+            out[i] = float(sum((g.double() * direction[n].double()).sum() for n, g in zip(names, grads, strict=True)
+                               if g is not None))
+    return out
+
+
+def directional_derivatives(model, tokenizer, pairs, direction: Direction, params: dict[str, nn.Parameter], *,
+                            method: str = "finite-difference", step: float = DEFAULT_STEP,
+                            max_length: int | None, batch_tokens: int = 8192, run_dir: Path | None = None,
+                            identity: dict | None = None) -> np.ndarray:
+    """⟨direction, g_w − g_l⟩ for every pair of `pairs` (NaN where TRL drops the pair), by `method`."""
+    if method == "finite-difference":
+        return finite_difference(model, tokenizer, pairs, direction, params, step=step, max_length=max_length,
+                                 batch_tokens=batch_tokens, run_dir=run_dir, identity=identity)
+    if method == "jvp":
+        try:
+            return forward_ad(model, tokenizer, pairs, direction, params, max_length=max_length,
+                              batch_tokens=min(batch_tokens, GRAD_BATCH_TOKENS), run_dir=run_dir, identity=identity)
+        except (NotImplementedError, RuntimeError) as error:
+            warnings.warn(f"forward-mode AD fails on {type(_unwrap(model)).__name__} ({str(error).splitlines()[0]}):"
+                          " using finite differences", stacklevel=2)
+            return finite_difference(model, tokenizer, pairs, direction, params, step=step, max_length=max_length,
+                                     batch_tokens=batch_tokens, run_dir=run_dir, identity=identity)
+    if method == "per-example":
+        return per_example(model, tokenizer, pairs, direction, params, max_length=max_length)
+    raise ConfigError(f"unknown influence method '{method}' (known: {', '.join(METHODS)})")
+
+
+def influence(margins: np.ndarray, directional: np.ndarray, beta: float) -> np.ndarray:
+    """IF(d) = β(1 − σ(Δ_θ(d))) · ⟨ḡ_val, g_w − g_l⟩."""
+    return beta * (1.0 - 1.0 / (1.0 + np.exp(-np.asarray(margins, dtype=float)))) * directional
+
+
+# --- the whole computation, with ḡ_val kept on disk ----------------------------------------------------------------
+def cached_validation_gradient(model, tokenizer, pairs, reference_logps: np.ndarray,
+                               params: dict[str, nn.Parameter], *, beta: float, max_length: int | None,
+                               run_dir: Path | None = None, identity: dict | None = None) -> Direction:
+    """`validation_gradient`, saved under run_dir/shards by its identity, so a resumed run reuses the very same
+    direction (and so finds its finite-difference shards)."""
+    path = None
+    if run_dir is not None:
+        key = hashlib.sha256(json.dumps({**(identity or {}), "beta": beta, "max_length": max_length,
+                                         "reference": hashlib.sha256(np.ascontiguousarray(reference_logps)
+                                                                     .tobytes()).hexdigest()},
+                                        sort_keys=True, default=str).encode()).hexdigest()[:12]
+        path = Path(run_dir) / "shards" / f"influence-direction-{key}.pt"
+        if path.is_file():
+            with contextlib.suppress(Exception):  # an unreadable file is recomputed, never trusted
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if set(saved) == set(params):
+                    return {n: t.to(params[n].device) for n, t in saved.items()}
+    direction, _ = validation_gradient(model, tokenizer, pairs, reference_logps, params, beta=beta,
+                                       max_length=max_length)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({n: t.cpu() for n, t in direction.items()}, tmp)
+        tmp.replace(path)
+    return direction
+
+
+def influence_scores(model, tokenizer, pairs, validation_pairs, *, policy_logps: np.ndarray,
+                     reference_logps: np.ndarray, validation_reference_logps: np.ndarray, beta: float,
+                     max_length: int | None, batch_tokens: int = 8192, method: str = "finite-difference",
+                     step: float = DEFAULT_STEP, scope: str = "all", last_k: int = 1, run_dir: Path | None = None,
+                     identity: dict | None = None) -> np.ndarray:
+    """IF of every pair of `pairs` (tables with prompt/chosen/rejected) under `model` (the policy θ): ḡ_val over
+    `validation_pairs`, then ⟨ḡ_val, g_w − g_l⟩ by `method`, weighted by β(1 − σ(Δ_θ)) from the given log-probs."""
+    params = scope_parameters(model, scope, last_k)
+    identity = {**(identity or {}), "scope": scope, "last_k": last_k if scope == "last_k" else None}
+    direction = cached_validation_gradient(model, tokenizer, validation_pairs, validation_reference_logps, params,
+                                           beta=beta, max_length=max_length, run_dir=run_dir, identity=identity)
+    directional = directional_derivatives(model, tokenizer, pairs, direction, params, method=method, step=step,
+                                          max_length=max_length, batch_tokens=batch_tokens, run_dir=run_dir,
+                                          identity=identity)
+    margins = beta * ((policy_logps[:, 0] - reference_logps[:, 0]) - (policy_logps[:, 1] - reference_logps[:, 1]))
+    return influence(margins, directional, beta)

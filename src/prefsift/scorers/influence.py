@@ -1,0 +1,80 @@
+"""Exact influence (TIF paper): `if` keeps the top of IF(d) = β(1 − σ(Δ_θ(d)))·⟨ḡ_val, g_w − g_l⟩, `tif` its middle
+band (the paper's truncated influence: the top overfits the validation set, the bottom is noise).
+
+Computed at forward-pass cost by `prefsift.influence`: one backward pass over the validation pairs for ḡ_val, then
+a central difference (two log-prob passes on perturbed weights) or forward-mode AD a training pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from prefsift.config import option
+from prefsift.influence import DEFAULT_STEP, METHODS, SCOPES, influence_scores
+from prefsift.scorers.base import BandParams, Scorer, ScorerParams, register
+
+
+@dataclasses.dataclass
+class InfluenceParams(ScorerParams):
+    """How ⟨ḡ_val, g_w − g_l⟩ is computed and over which parameters."""
+
+    method: str = option("finite-difference", "finite-difference: two fp32 log-prob passes on weights moved by "
+                         "±ε·ḡ_val; jvp: forward-mode AD (eager attention); per-example: one backward pass a pair "
+                         "(slow, the reference).", choices=METHODS)
+    step: float = option(DEFAULT_STEP, "Finite-difference step relative to the weights: ε·‖ḡ_val‖ = step·‖θ_scope‖.",
+                         low=0.0, high=1.0, low_open=True)
+    scope: str = option("all", "Parameters the gradients are taken over: all, lora (names with 'lora_'), last_k "
+                        "(the last k transformer layers).", choices=SCOPES)
+    last_k: int = option(2, "Transformer layers in scope when scope is last_k.", low=1)
+
+
+@dataclasses.dataclass
+class TruncatedInfluenceParams(InfluenceParams, BandParams):
+    """The influence parameters and the percentile band kept."""
+
+
+def influence_column(resources, params: InfluenceParams) -> np.ndarray:
+    """IF of every scored pair under the policy θ, with ḡ_val over the validation pairs; resumable shards (and the
+    direction ḡ_val) under resources.out_dir."""
+    from prefsift.manifest import tokenizer_fingerprint
+
+    loaded = resources.model("policy")
+    validation = resources.get("validation_pairs")
+    engine = resources.engine
+    # every unperturbed pass first: the policy may be the reference's very object, and its weights move below
+    policy, reference = resources.logps("policy"), resources.logps("reference")
+    validation_reference = resources.logps("reference", pairs=validation, tag="validation-reference")
+    identity = {"fingerprint": loaded.fingerprint, "reference": resources.model("reference").fingerprint,
+                "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "max_length": engine.max_length,
+                "batch_tokens": engine.batch_tokens, "dtype": str(next(loaded.model.parameters()).dtype),
+                "data": resources.pairs.data_hash, "validation": validation.data_hash, "beta": engine.beta}
+    return influence_scores(loaded.model, loaded.tokenizer, resources.pairs.pairs, validation.pairs,
+                            policy_logps=policy, reference_logps=reference,
+                            validation_reference_logps=validation_reference, beta=engine.beta,
+                            max_length=engine.max_length, batch_tokens=engine.batch_tokens, method=params.method,
+                            step=params.step, scope=params.scope, last_k=params.last_k, run_dir=resources.out_dir,
+                            identity=identity)
+
+
+@register
+class InfluenceScorer(Scorer):
+    name = "if"
+    needs = ("policy", "reference", "validation_pairs")
+    columns = ("influence",)
+    Params = InfluenceParams  # the top of the influence: the pairs whose step lowers the validation loss most
+
+    def score(self, resources) -> dict[str, np.ndarray]:
+        return {"influence": influence_column(resources, self.params)}
+
+
+@register
+class TruncatedInfluenceScorer(Scorer):
+    name = "tif"
+    needs = ("policy", "reference", "validation_pairs")
+    columns = ("influence",)
+    Params = TruncatedInfluenceParams  # a BandParams: the base class's band rule on `influence`
+
+    def score(self, resources) -> dict[str, np.ndarray]:
+        return {"influence": influence_column(resources, self.params)}

@@ -8,12 +8,12 @@ proportional to the inverse propensity 1 / density: rare regions up, redundant o
 
 Buckets are counted exactly (no modulo-B table: the data fit in memory); `estimator="exact"` computes the kernel
 sums the sketch estimates, O(n²). The bucket width w is `bandwidth` × the median distance between items, so one
-setting suits unit-norm sentence vectors and LLM hidden states alike.
-
-Selection is a seeded score: `density` is the Efraimidis-Spirakis key log(u) / weight (u uniform, seeded per
-pair_id), so the top k by `density` is a weighted sample of k without replacement (successive sampling with
-probability ∝ weight); other seeds give other samples. `density_weight` (1 / density) and `density_kde` are
-written too, and with completion items each side's own key (`density_chosen`, `density_rejected`) for KTO.
+setting suits unit-norm sentence vectors and LLM hidden states alike. Defaults K = 4, w = 1 × median, R = 256,
+measured on MiniLM vectors of HH-RLHF completions (bench/isa.py): on 1,600 items they spread the weights by
+p90/p10 1.51 (max/min 2.5), the sketch tracks the exact kernel sums (Spearman 0.94) and the weights track the mean
+distance to the 10 nearest items (Spearman 0.72); K = 1-2 spread the weights by under 1.3x (close to random
+sampling). K = 8 did as well on 1,600 items (1.56, 0.96, 0.77) but not on 300 (spread 1.13, Spearman with the
+exact sums 0.86: most buckets hold the item alone), so K = 4.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ end would drop the completion, so both sides of a pair with a long prompt would 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -83,13 +84,20 @@ class Embedder:
         raise NotImplementedError
 
 
+def keep_end(tokenizer):
+    """A copy of `tokenizer` that cuts long texts from the left (the caller's own tokenizer is left as it was)."""
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.truncation_side = "left"
+    return tokenizer
+
+
 class CausalEmbedder(Embedder):
     """The last real token's hidden state from the final layer (after the final norm), as in the ISA paper."""
 
     def __init__(self, model, tokenizer, source: str, fingerprint: str, max_length: int | None = CAUSAL_MAX_LENGTH):
         super().__init__(model, tokenizer, source, fingerprint, max_length)
         self.kind = "causal-last-token"
-        self.tokenizer.truncation_side = "left"
+        self.tokenizer = keep_end(tokenizer)
 
     @classmethod
     def of(cls, loaded, max_length: int | None = CAUSAL_MAX_LENGTH) -> CausalEmbedder:
@@ -114,7 +122,7 @@ class SentenceEmbedder(Embedder):
         super().__init__(model, tokenizer, source, fingerprint, max_length)
         self.kind = f"sentence-{pooling}{'-normalized' if normalize else ''}"
         self.pooling, self.normalize = pooling, normalize
-        self.tokenizer.truncation_side = "left"
+        self.tokenizer = keep_end(tokenizer)
 
     def _pool(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()

@@ -178,6 +178,7 @@ def test_causal_embedder_is_the_last_tokens_final_hidden_state(bpe_tokenizer):
     expected = np.stack([direct_last_token(model, bpe_tokenizer, t) for t in TEXTS])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     assert embedder.dim == got.shape[1] == 48
+    assert bpe_tokenizer.truncation_side == "right"  # the embedder cuts on its own copy
     cut = CausalEmbedder.of(LoadedModel(model, bpe_tokenizer, "tiny", "fp"), max_length=4).embed(TEXTS[2:3])
     np.testing.assert_allclose(cut[0], direct_last_token(model, bpe_tokenizer, TEXTS[2], 4), rtol=1e-4, atol=1e-5)
 
@@ -264,6 +265,19 @@ def test_the_embedding_cache_resumes_with_identical_vectors(bpe_tokenizer, tmp_p
     with pytest.warns(UserWarning, match="unreadable"):
         again = embed_texts(CausalEmbedder.of(loaded), texts, cache_dir=tmp_path, chunk=6)
     np.testing.assert_array_equal(again, unbroken)
+
+
+def test_scorers_cache_vectors_under_the_run_directory(tmp_path):
+    from prefsift import embeddings
+
+    data, embedder, _ = pairs_with_vectors(20)
+    first = get_scorer("isa").score(Resources(data, sources={"embedder": embedder}, out_dir=tmp_path))
+    assert len(embedder.calls) == 2 and any((tmp_path / "embeddings").iterdir())
+    embeddings._MEMO.clear()  # a new process: only the disk cache is left
+    fresh = TableEmbedder(embedder.table)
+    again = get_scorer("isa").score(Resources(data, sources={"embedder": fresh}, out_dir=tmp_path))
+    assert fresh.calls == []
+    np.testing.assert_array_equal(first["isa"], again["isa"])
 
 
 def test_conversational_items_render_as_turns():

@@ -1,4 +1,5 @@
-"""`prefsift demo` end to end on a shrunken task: the records DESIGN.md promises, and same seed → same numbers."""
+"""`prefsift demo` end to end on a shrunken task: the records and summary DESIGN.md promises, and same seed → the
+same results.json, byte for byte."""
 
 from __future__ import annotations
 
@@ -7,31 +8,39 @@ import json
 from prefsift.bench.task import TaskConfig
 from prefsift.demo import DemoConfig, run_demo
 
-TIMING = ("score_seconds", "train_seconds", "warmup_seconds")
+
+def small(n_train: int, **kwargs) -> DemoConfig:
+    task = TaskConfig(n_train=n_train, n_validation=60, n_test=100, n_eval_prompts=100, n_sft=800)
+    return DemoConfig(task=task, **kwargs)
 
 
-def small() -> DemoConfig:
-    return DemoConfig(task=TaskConfig(n_train=1000, n_validation=60, n_test=100, n_eval_prompts=100, n_sft=800))
-
-
-def test_demo_end_to_end_and_reproducible(tmp_path):
-    records = run_demo(tmp_path / "a", seed=3, config=small(), log=lambda _: None)
-    methods = {"full", "random", "irm", "lossdiff", "lossdiff-irm"}
-    assert {r["method"] for r in records} == methods
-    fractions = {r["fraction"] for r in records if r["method"] != "full"}
-    assert 0.1 in fractions and len(fractions) == 2  # 10% and the LossDiff-IRM rule's own share
-    at_10 = {r["method"]: r for r in records if r["fraction"] == 0.1}
+def test_demo_end_to_end(tmp_path):
+    results = run_demo(tmp_path, seed=3, config=small(1000, seeds=1, start_from="warmup"), log=lambda _: None)
+    records, summary = results["records"], results["summary"]
+    assert {r["method"] for r in records} == {"full", "random", "irm", "lossdiff", "lossdiff-irm", "oracle"}
+    assert {r["budget"] for r in records} == {"full", "0.1", "lossdiff-irm rule"}
+    at_10 = {r["method"]: r for r in records if r["budget"] == "0.1"}
     for method in ("irm", "lossdiff", "lossdiff-irm"):  # the model sees the flipped labels as surprising
         assert at_10[method]["flipped_kept"] < at_10["random"]["flipped_kept"], method
+    assert at_10["oracle"]["flipped_kept"] == 0.0
     for record in records:
         assert record["win_rate"] == (record["wins"] + 0.5 * record["ties"]) / 100
+        assert record["win_rate"] == sum(record["win_outcomes"]) / 100
     full = next(r for r in records if r["method"] == "full")
     assert full["n_pairs"] == 1000 and full["flipped_kept"] == 1.0
-    out = tmp_path / "a"
-    assert json.loads((out / "results.json").read_text()) == records
-    assert "flipped_kept" in (out / "results.md").read_text()
-    assert (out / "win_rate.png").is_file() and (out / "sft-model" / "model.safetensors").is_file()
+    rows = {(r["method"], r["budget"]): r for r in summary}
+    assert rows[("oracle", "0.1")]["ceiling"] and not rows[("irm", "0.1")]["ceiling"]
+    assert rows[("random", "0.1")]["compute_ratio"] < rows[("irm", "0.1")]["compute_ratio"] < 1
+    table = (tmp_path / "results.md").read_text()
+    assert "oracle (ceiling)" in table and "Δ random" in table
+    assert (tmp_path / "quality_vs_compute.png").is_file() and (tmp_path / "sft-model" / "model.safetensors").is_file()
 
-    again = run_demo(tmp_path / "b", seed=3, config=small(), log=lambda _: None)
-    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in records]
-    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in again]
+
+def test_same_seed_same_results_json(tmp_path):
+    config = small(300, seeds=2, start_from="both", methods=["random", "lossdiff-irm", "oracle"])
+    first = run_demo(tmp_path / "a", seed=4, config=config, log=lambda _: None)
+    run_demo(tmp_path / "b", seed=4, config=config, log=lambda _: None)
+    assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
+    assert {r["seed"] for r in first["records"]} == {4, 5} and {r["start_from"] for r in first["records"]} == {
+        "warmup", "reference"}
+    assert all(row["n_seeds"] == 2 for row in first["summary"])

@@ -38,12 +38,13 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch):
     config_path.write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["run", "--config", str(config_path)])
     assert result.exit_code == 0, result.output
-    records = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    records = results["records"]
     methods = {"full", "random", "irm", "lossdiff", "lossdiff-irm"}
     assert {r["method"] for r in records} == methods
     for record in records:
-        assert set(record) >= {"method", "fraction", "n_pairs", "win_rate", "pref_accuracy", "score_seconds",
-                               "train_seconds"}
+        assert set(record) >= {"method", "budget", "fraction", "n_pairs", "win_rate", "pref_accuracy", "compute",
+                               "seed", "start_from"}
         assert record["win_rate"] == (record["wins"] + 0.5 * record["ties"]) / 4  # 4 prompts judged
     n_train = next(r["n_pairs"] for r in records if r["method"] == "full")
     assert n_train == 64
@@ -51,15 +52,24 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch):
     assert {r["n_pairs"] for r in at_quarter} == {16}
     rule = [r for r in records if r["method"] != "full" and r["fraction"] != 0.25]
     assert len({r["n_pairs"] for r in rule}) == 1 and 0.4 < rule[0]["fraction"] < 0.9  # the band rule's share
-    # scoring lossdiff costs the warm-up and the validation training on top of irm's
-    cost = {r["method"]: r["score_seconds"] for r in at_quarter}
-    assert cost["random"] < cost["irm"] < cost["lossdiff"]
-    scores = pq.read_table(tmp_path / "run" / "scores" / "scores.parquet").to_pydict()
+    # compute, all of it, in pair passes: 64 training pairs, 32 in the warm-up (warmup_fraction 0.5), 8 validation
+    compute = {r["method"]: r["compute"] for r in at_quarter}
+    trained = 3 * 16  # 16 pairs, one epoch, three passes a step
+    warmup = 3 * 32
+    assert compute["random"] == 64 + warmup + trained  # reference pass + the warm-up it starts from + training
+    assert compute["irm"] == compute["random"] + 64  # + the policy's scoring pass
+    assert compute["lossdiff"] == compute["irm"] + 3 * 8 + 8 + 64  # + validation training, its reference, its pass
+    summary = {(r["method"], r["budget"]): r for r in results["summary"]}
+    assert summary[("random", "0.25")]["compute_ratio"] == round(compute["random"] / (64 + warmup + 3 * 64), 3)
+    timings = json.loads((tmp_path / "run" / "timings.json").read_text())
+    assert len(timings) == len(records) and all(t["seconds"] > 0 for t in timings)
+    run_scores = tmp_path / "run" / "seed-0" / "scores"
+    scores = pq.read_table(run_scores / "scores.parquet").to_pydict()
     assert {"irm", "lossdiff", "lossdiff_irm", "ref_chosen_logps", "val_chosen_logps"} <= set(scores)
-    assert (tmp_path / "run" / "results.md").read_text().count("\n|") >= 1 + len(records)
-    assert (tmp_path / "run" / "win_rate.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "results.md").read_text().count("\n|") >= 1 + len(results["summary"])
+    assert (tmp_path / "run" / "quality_vs_compute.png").stat().st_size > 1000
     # score once, select many: the run's scores directory feeds `prefsift select`
-    result = CliRunner().invoke(app, ["select", "--scores", str(tmp_path / "run" / "scores"), "--rule", "band",
+    result = CliRunner().invoke(app, ["select", "--scores", str(run_scores), "--rule", "band",
                                       "--column", "irm", "--fraction", "0.5", "--out", str(tmp_path / "sel")])
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "sel" / "selected.jsonl").read_text().splitlines()) == 32
@@ -72,14 +82,14 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch):
     monkeypatch.setattr(prefsift.logps, "compute_logps", lambda *a, **k: pytest.fail("reference pass recomputed"))
     monkeypatch.setattr(prefsift.train.DPOTrainer, "_precompute_ref_logps",
                         lambda *a, **k: pytest.fail("TRL ran its reference pass"))
-    result = CliRunner().invoke(app, ["select", "--scores", str(tmp_path / "run" / "scores"), "--method",
+    result = CliRunner().invoke(app, ["select", "--scores", str(run_scores), "--method",
                                       "lossdiff-irm", "--out", str(tmp_path / "ldirm")])
     assert result.exit_code == 0, result.output
     assert "intersection" in result.output
     result = CliRunner().invoke(app, [
-        "train", "--data", str(tmp_path / "ldirm" / "selected.jsonl"), "--model", str(tmp_path / "run" / "models" /
-                                                                                        "warmup"),
-        "--reference", str(model_dir), "--scores", str(tmp_path / "run" / "scores"), "--out", str(tmp_path / "cont"),
+        "train", "--data", str(tmp_path / "ldirm" / "selected.jsonl"),
+        "--model", str(tmp_path / "run" / "seed-0" / "models" / "warmup"),
+        "--reference", str(model_dir), "--scores", str(run_scores), "--out", str(tmp_path / "cont"),
         "--learning-rate", "1e-3", "--no-gradient-checkpointing"])
     assert result.exit_code == 0, result.output
     assert "reusing reference log-probs" in result.output
@@ -88,7 +98,7 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch):
     # a different reference is refused, naming the flag that fixes it
     result = CliRunner().invoke(app, [
         "train", "--data", str(tmp_path / "ldirm" / "selected.jsonl"), "--model", str(model_dir), "--reference",
-        str(tmp_path / "run" / "models" / "warmup"), "--scores", str(tmp_path / "run" / "scores"),
+        str(tmp_path / "run" / "seed-0" / "models" / "warmup"), "--scores", str(run_scores),
         "--out", str(tmp_path / "cont2")])
     assert result.exit_code == 2 and "pass that model as --reference" in result.output
 

@@ -349,8 +349,11 @@ class RunConfig(Checked):
                                     low=0, low_open=True, high=1)
     warmup_epochs: float = option(1.0, "Epochs of the warm-up DPO.", low=0, low_open=True)
     validation_epochs: float = option(1.0, "Epochs of DPO on validation from θ.", low=0, low_open=True)
-    start_from: str = option("warmup", "Subsets continue from the 'warmup' model (the TIF paper) or train from the "
-                                       "'reference' model.", choices=("warmup", "reference"))
+    start_from: str = option("warmup", "Subsets continue from the 'warmup' model (the TIF paper), train from the "
+                                       "'reference' model (cheaper), or 'both' (a row for each).",
+                             choices=("warmup", "reference", "both"))
+    seeds: int = option(1, "Training seeds the comparison repeats over (seed, seed+1, ...): intervals and paired "
+                           "differences cover them. The splits stay those of `seed`.", low=1)
     save_models: bool = option(True, "Save the warm-up and validation models under OUT/models (reloadable by "
                                      "`prefsift score` and `prefsift train --model`).")
     judge_model: str | None = option(None, "Reward model judging win rates.")

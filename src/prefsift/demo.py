@@ -25,6 +25,9 @@ from prefsift.models import LoadedModel, fingerprint_files
 from prefsift.pipeline import RunConfig, Splits, run_pipeline
 from prefsift.train import TrainConfig
 
+DEFAULT_METHODS = ("random", "irm", "lossdiff", "lossdiff-irm", "oracle")
+ALL_METHODS = DEFAULT_METHODS
+
 
 @dataclass
 class DemoConfig:
@@ -40,23 +43,27 @@ class DemoConfig:
         metadata={"help": "DPO settings of the subset runs."})
     warmup_epochs: float = field(default=1.0, metadata={"help": "Warm-up DPO epochs on the full train set."})
     validation_epochs: float = field(default=3.0, metadata={"help": "DPO epochs on the validation pairs."})
-    start_from: str = field(default="warmup", metadata={"help": "Subsets continue from the warm-up model, as in "
-                                                                "the TIF paper."})
-    methods: list[str] = field(default_factory=lambda: ["random", "irm", "lossdiff", "lossdiff-irm"],
-                               metadata={"help": "Methods compared."})
+    start_from: str = field(default="both", metadata={"help": "Subsets continue from the warm-up model (the TIF "
+                                                              "paper) and train from the SFT model: a row for each."})
+    seeds: int = field(default=3, metadata={"help": "Training seeds every comparison repeats over (the task and "
+                                                    "the SFT model stay those of --seed)."})
+    methods: list[str | dict] = field(default_factory=lambda: list(DEFAULT_METHODS),
+                                      metadata={"help": "Methods compared (`prefsift demo --all`: ALL_METHODS)."})
     fractions: list[float] = field(default_factory=lambda: [0.1], metadata={"help": "Budgets besides the "
                                                                                      "LossDiff-IRM rule's own."})
     max_new_tokens: int = field(default=8, metadata={"help": "Generation budget of an answer."})
 
 
-def run_demo(out: Path, *, seed: int = 0, config: DemoConfig | None = None, log=print) -> list[dict]:
+def run_demo(out: Path, *, seed: int = 0, config: DemoConfig | None = None, log=print) -> dict:
+    """The demo under `seed` (task, SFT model, splits); training seeds seed .. seed + config.seeds - 1. Returns
+    run_pipeline's {"records", "summary"}."""
     config = config or DemoConfig()
     config = replace(config, task=replace(config.task, seed=seed), train=replace(config.train, seed=seed))
     with torch_threads(config.engine.threads):
         return _run(Path(out), seed, config, log)
 
 
-def _run(out: Path, seed: int, config: DemoConfig, log) -> list[dict]:
+def _run(out: Path, seed: int, config: DemoConfig, log) -> dict:
     start = time.perf_counter()
     task = make_task(config.task)
     log(f"task: {len(task.train)} noisy train pairs ({config.task.flip_rate:.0%} flipped), "
@@ -77,11 +84,11 @@ def _run(out: Path, seed: int, config: DemoConfig, log) -> list[dict]:
     run_config = RunConfig(out=str(out), methods=list(config.methods), fractions=list(config.fractions),
                            train=config.train, engine=config.engine, seed=seed,
                            warmup_epochs=config.warmup_epochs, validation_epochs=config.validation_epochs,
-                           start_from=config.start_from,
+                           start_from=config.start_from, seeds=config.seeds,
                            eval=EvalConfig(max_new_tokens=config.max_new_tokens, batch_size=256,
                                            eval_prompts=max(1, len(task.eval_prompts))))
-    records = run_pipeline(run_config, splits=splits, base=base, judge=OracleJudge(task), log=log)
+    results = run_pipeline(run_config, splits=splits, base=base, judge=OracleJudge(task), log=log)
     write_manifest(out, "demo", {"seed": seed, "config": asdict(config), "hidden_columns": list(HIDDEN_COLUMNS),
-                                 "seconds": time.perf_counter() - start, "results": records})
+                                 "seconds": time.perf_counter() - start})
     log(f"demo finished in {time.perf_counter() - start:.0f}s")
-    return records
+    return results

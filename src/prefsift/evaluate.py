@@ -72,13 +72,17 @@ def win_rate_prompts(data, limit: int) -> list:
     return prompts[:limit]
 
 
+def preference_outcomes(policy_logps: np.ndarray, reference_logps: np.ndarray, beta: float) -> np.ndarray:
+    """Per held-out pair: 1 where the implicit reward ranks chosen above rejected, ½ on a zero margin, 0 below;
+    NaN for a pair TRL drops (prompt fills max_length)."""
+    margin = implicit_reward_margin(policy_logps, reference_logps, beta)
+    return np.where(np.isnan(margin), np.nan, (margin > 0) + 0.5 * (margin == 0))
+
+
 def preference_accuracy(policy_logps: np.ndarray, reference_logps: np.ndarray, beta: float) -> float:
     """Share of held-out pairs whose implicit reward ranks chosen above rejected (ties count half)."""
-    margin = implicit_reward_margin(policy_logps, reference_logps, beta)
-    margin = margin[~np.isnan(margin)]
-    if len(margin) == 0:
-        return float("nan")
-    return float(np.mean(margin > 0) + 0.5 * np.mean(margin == 0))
+    outcomes = preference_outcomes(policy_logps, reference_logps, beta)
+    return float(np.nanmean(outcomes)) if not np.isnan(outcomes).all() else float("nan")
 
 
 @dataclass
@@ -89,15 +93,18 @@ class WinRate:
     losses: int
     policy_mean_score: float
     baseline_mean_score: float
+    outcomes: list[float]  # per prompt: 1 win, ½ tie, 0 loss
 
 
 def win_rate(judge: Judge, prompts: list, policy_answers: list[str], baseline_answers: list[str],
              tie_tolerance: float = 1e-9) -> WinRate:
+    """The judge scores both answers to each prompt; a difference within `tie_tolerance` is a tie (counts ½)."""
     a = np.asarray(judge.score(prompts, policy_answers), dtype=float)
     b = np.asarray(judge.score(prompts, baseline_answers), dtype=float)
-    wins, ties = int((a > b + tie_tolerance).sum()), int((np.abs(a - b) <= tie_tolerance).sum())
-    losses = len(a) - wins - ties
-    return WinRate((wins + 0.5 * ties) / max(len(a), 1), wins, ties, losses, float(a.mean()), float(b.mean()))
+    outcomes = np.where(np.abs(a - b) <= tie_tolerance, 0.5, (a > b).astype(float))
+    wins, ties = int((outcomes == 1).sum()), int((outcomes == 0.5).sum())
+    return WinRate(float(outcomes.mean()) if len(a) else float("nan"), wins, ties, len(a) - wins - ties,
+                   float(a.mean()), float(b.mean()), outcomes.tolist())
 
 
 def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=None, prompts: list | None = None,
@@ -125,7 +132,9 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
             if reference_logps is None:
                 reference_logps = compute_logps(reference.model, reference.tokenizer, test_pairs,
                                                 desc="reference", **kwargs)
-            record["pref_accuracy"] = preference_accuracy(policy_logps, reference_logps, engine.beta)
+            outcomes = preference_outcomes(policy_logps, reference_logps, engine.beta)
+            record["pref_accuracy"] = float(np.nanmean(outcomes))
+            record["pref_outcomes"] = [None if np.isnan(x) else float(x) for x in outcomes]  # None: dropped
     if prompts and reference is not None:
         if judge is None:
             raise ModelError("a win rate needs a judge (--judge-model: a reward model)")
@@ -138,6 +147,6 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
         record.update({"win_rate": result.win_rate, "wins": result.wins, "ties": result.ties,
                        "losses": result.losses, "judge": judge.name,
                        "policy_mean_score": result.policy_mean_score,
-                       "baseline_mean_score": result.baseline_mean_score})
+                       "baseline_mean_score": result.baseline_mean_score, "win_outcomes": result.outcomes})
     record["eval_seconds"] = time.perf_counter() - start
     return record

@@ -28,6 +28,7 @@ from prefsift.resources import Resources
 from prefsift.score import ScoreResult, score_pairs
 from prefsift.scorers import Scorer
 from prefsift.select import select_indices
+from prefsift.stats import summarize
 from prefsift.train import train
 
 
@@ -130,12 +131,13 @@ def train_validation_model(config: RunConfig, warmup: LoadedModel, validation: L
                         out / "models" / "validation" if config.save_models else None)
 
 
-def budgets(config: RunConfig, scores: dict[str, np.ndarray], n_train: int, log) -> list[tuple[float, int | None]]:
-    """Step 4: the sizes compared: each fraction, and the share the LossDiff-IRM band rule keeps."""
-    plans: list[tuple[float, int | None]] = [(f, None) for f in config.fractions]
+def budgets(config: RunConfig, scores: dict[str, np.ndarray], n_train: int, log) -> list[tuple[str, float, int | None]]:
+    """Step 4: the sizes compared, (label, fraction, count): each fraction, and the share the LossDiff-IRM band rule
+    keeps (its own count under each seed, so it is labelled, not numbered)."""
+    plans: list[tuple[str, float, int | None]] = [(f"{f:g}", f, None) for f in config.fractions]
     if config.rule_share and "lossdiff_irm" in scores:
         keep = int((scores["lossdiff_irm"] == 1.0).sum())
-        plans.append((round(keep / n_train, 3), keep))
+        plans.append(("lossdiff-irm rule", round(keep / n_train, 3), keep))
         log(f"the LossDiff-IRM band rule keeps {keep} of {n_train} pairs ({keep / n_train:.1%})")
     return plans
 
@@ -154,24 +156,44 @@ def _hidden_share(raw, rows: np.ndarray, column: str) -> float | None:
     return float(flags[rows].sum() / flags.sum()) if flags.sum() else None
 
 
+def compute_units(config: RunConfig, scorer: Scorer | None, start: str, n_train: int, n_warmup: int,
+                  n_validation: int, n_subset: int) -> dict[str, float]:
+    """What a row cost, all of it, in pair passes (one forward pass over one pair's tokens; a DPO training step on a
+    pair is three: forward and backward). The reference pass over the training pairs is DPO's own and every row
+    pays it; a row pays the warm-up when it starts from it or its score needs it, the validation model when its
+    score needs it, each scoring pass, and its own training."""
+    needs = scorer.needs if scorer is not None else ()
+    units = {"reference": float(n_train), "train": 3.0 * n_subset * config.train.epochs}
+    if start == "warmup" or {"policy", "validation"} & set(needs):
+        units["warmup"] = 3.0 * n_warmup * config.warmup_epochs
+    if "validation" in needs:
+        units["validation"] = 3.0 * n_validation * config.validation_epochs + n_validation
+    units["scoring"] = float(n_train * (("policy" in needs) + ("validation" in needs)))
+    if scorer is not None:
+        units["scoring"] += scorer.compute_passes(n_train, n_validation)
+    return units
+
+
 def train_and_evaluate(config: RunConfig, plan: tuple, start_model: LoadedModel, base: LoadedModel, splits: Splits,
                        scores: dict[str, np.ndarray], ref_train: np.ndarray, ref_test: np.ndarray | None,
                        judge: Judge | None, baseline_answers: list[str] | None, log) -> dict:
     """Steps 5 and 6 for one (method, budget): select, train from `start_model`, evaluate against the reference."""
-    name, scorer, fraction, count = plan
+    name, scorer, budget, fraction, count = plan
     train_data, has_test = splits.train, ref_test is not None
     dropped = np.isnan(ref_train[:, 0])
     rows = np.flatnonzero(~dropped) if scorer is None else selected_rows(scorer, scores, fraction, count)
     log(f"{name} @ {fraction:.0%}: training on {len(rows)} pairs")
     policy, seconds = trained_copy(start_model, f"{name}-{fraction}", train_data.pairs.select(rows.tolist()),
                                    ref_train[rows], replace(config.train, seed=config.seed), config.engine)
-    record = {"method": name, "fraction": fraction, "n_pairs": len(rows), "train_seconds": round(seconds, 3)}
+    record = {"method": name, "budget": budget, "fraction": fraction, "n_pairs": len(rows),
+              "train_seconds": round(seconds, 3)}
     evaluation = evaluate(policy, base, test_pairs=splits.test.pairs if has_test else None,
                           prompts=splits.eval_prompts if baseline_answers is not None else None, judge=judge,
                           config=config.eval, engine=config.engine, reference_logps=ref_test,
                           baseline_answers=baseline_answers)
     record.update({"win_rate": evaluation.get("win_rate"), "pref_accuracy": evaluation.get("pref_accuracy")})
-    record.update({k: evaluation[k] for k in ("wins", "ties", "losses") if k in evaluation})
+    record.update({k: evaluation[k] for k in ("wins", "ties", "losses", "win_outcomes", "pref_outcomes")
+                   if k in evaluation})
     for column, label in (("is_flipped", "flipped_kept"), ("is_near_tie", "near_tie_kept")):
         share = _hidden_share(train_data.raw, rows, column)
         if share is not None:
@@ -180,11 +202,58 @@ def train_and_evaluate(config: RunConfig, plan: tuple, start_model: LoadedModel,
     return record
 
 
-def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: LoadedModel | None = None,
-                 judge: Judge | None = None, log=print) -> list[dict]:
-    """Run the flow of the module docstring; returns the result records (also written under config.out)."""
-    start = time.perf_counter()
+def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Resources, judge: Judge | None,
+             baseline_answers: list[str] | None, log) -> list[dict]:
+    """Steps 1-6 under one training seed: warm-up, validation model, scores, then every subset from every start."""
+    out = Path(config.out) / f"seed-{config.seed}"
     scorers = config.scorers()
+    resources = template.for_seed(config.seed)
+    train_data = splits.train
+    n_train = len(train_data.pairs)
+    ref_train = resources.logps("reference")
+    has_test = splits.test is not None and len(splits.test.pairs) > 0
+    ref_test = resources.logps("reference", pairs=splits.test, tag="test-reference") if has_test else None
+    starts = ("warmup", "reference") if config.start_from == "both" else (config.start_from,)
+    needs = {role for s in scorers for role in s.needs}
+    timings: dict[str, float] = {}
+    warmup = None
+    if needs & {"policy", "validation"} or "warmup" in starts:
+        warmup, timings["warmup"] = train_warmup(config, base, train_data, ref_train, out, log)
+        resources.add("policy", warmup, stages={"warmup": timings["warmup"]})
+    if "validation" in needs:
+        ref_val = resources.logps("reference", pairs=splits.validation, tag="validation-reference")
+        validation, timings["validation"] = train_validation_model(config, warmup, splits.validation, ref_val,
+                                                                   out, log)
+        resources.add("validation", validation, stages=dict(timings))
+    # Step 3, the one score path: the same stage as `prefsift score`, every method over one provider.
+    scored: ScoreResult = score_pairs(train_data, scorers, resources, out / "scores")
+    plans = [("full", None, "full", 1.0, None)] if config.full else []
+    plans += [(s.name, s, b, f, c) for b, f, c in budgets(config, scored.scores, n_train, log) for s in scorers]
+    n_warmup = max(1, round(config.warmup_fraction * n_train))
+    records = []
+    for start in starts:
+        start_model = warmup if start == "warmup" else base
+        for plan in plans:
+            record = train_and_evaluate(config, plan, start_model, base, splits, scored.scores, ref_train, ref_test,
+                                        judge, baseline_answers, log)
+            units = compute_units(config, plan[1], start, n_train, n_warmup, len(splits.validation.pairs),
+                                  record["n_pairs"])
+            # seconds, like units: the scores' passes and the trainings behind them, the warm-up when the row
+            # starts from it, and the row's own training
+            own = scored.seconds.get(plan[0], 0.0)
+            warm = timings.get("warmup", 0.0) if start == "warmup" and not (
+                plan[1] is not None and {"policy", "validation"} & set(plan[1].needs)) else 0.0
+            records.append({"seed": config.seed, "start_from": start, **record, "compute": sum(units.values()),
+                            "compute_parts": units, "seconds": round(own + warm + record.pop("train_seconds"), 3)})
+    return records
+
+
+def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: LoadedModel | None = None,
+                 judge: Judge | None = None, log=print) -> dict:
+    """Run the flow of the module docstring over every seed; returns {"records", "summary"} (also written under
+    config.out: results.json, results.md, the plots; the seconds each row took in timings.json)."""
+    start = time.perf_counter()
+    config.scorers()  # every method and parameter checked before anything runs
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     engine = config.engine
@@ -198,56 +267,32 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
                                  engine.max_length)
     has_test = splits.test is not None and len(splits.test.pairs) > 0
     eval_prompts = splits.eval_prompts if judge is not None and has_test else []
-    train_data = splits.train
-    n_train = len(train_data.pairs)
+    splits.eval_prompts = eval_prompts
+    n_train = len(splits.train.pairs)
     log(f"train {n_train} pairs, validation {len(splits.validation.pairs)}, "
-        f"test {len(splits.test.pairs) if splits.test else 0}, eval prompts {len(eval_prompts)}"
+        f"test {len(splits.test.pairs) if splits.test else 0}, eval prompts {len(eval_prompts)}, "
+        f"seeds {config.seeds}"
         + (f"; {splits.n_held_out_prompts_removed} training pairs removed: their prompt is held out"
            if splits.n_held_out_prompts_removed else ""))
-
-    # Reference passes: once each, reused by the warm-up, the validation model, every subset, score and eval.
-    resources = Resources(train_data, engine, {"reference": base, "validation_pairs": splits.validation},
-                          out_dir=out / "scores", seed=config.seed, trust_remote_code=config.trust_remote_code)
-    ref_train = resources.logps("reference")
-    ref_val = (resources.logps("reference", pairs=splits.validation, tag="validation-reference")
-               if len(splits.validation.pairs) else None)
-    ref_test = resources.logps("reference", pairs=splits.test, tag="test-reference") if has_test else None
-    dropped = np.isnan(ref_train[:, 0])
+    # The reference passes and the reference's answers do not depend on the seed: once, shared by every seed.
+    template = Resources(splits.train, engine, {"reference": base, "validation_pairs": splits.validation},
+                         out_dir=out, seed=config.seed, trust_remote_code=config.trust_remote_code)
+    dropped = np.isnan(template.logps("reference")[:, 0])
     if dropped.all():
         raise ConfigError(f"every training pair's prompt fills max_length={engine.max_length}: raise max_length")
     if dropped.any():
         log(f"{int(dropped.sum())} pairs have a prompt longer than max_length: TRL drops them, so does every subset")
-
-    needs = {role for s in scorers for role in s.needs}
-    timings: dict[str, float] = {}
-    warmup = None
-    if needs & {"policy", "validation"} or config.start_from == "warmup":
-        warmup, timings["warmup"] = train_warmup(config, base, train_data, ref_train, out, log)
-        resources.add("policy", warmup, stages={"warmup": timings["warmup"]})
-    if "validation" in needs:
-        validation, timings["validation"] = train_validation_model(config, warmup, splits.validation, ref_val,
-                                                                   out, log)
-        resources.add("validation", validation, stages=dict(timings))
-
-    # Step 3, the one score path. With start_from=warmup every subset (full and random too) starts from the
-    # warm-up model: a shared cost reported as warmup_seconds, not charged to the scores.
-    shared = frozenset({"warmup"} if config.start_from == "warmup" else set())
-    scored: ScoreResult = score_pairs(train_data, scorers, resources, out / "scores", shared_stages=shared)
-    scores = scored.scores
     baseline_answers = (greedy_answers(base.model, base.tokenizer, eval_prompts,
                                        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
                         if eval_prompts else None)
-    start_model = warmup if config.start_from == "warmup" and warmup is not None else base
-    plans = [("full", None, 1.0, None)] if config.full else []
-    plans += [(s.name, s, f, c) for f, c in budgets(config, scores, n_train, log) for s in scorers]
-    records = [train_and_evaluate(config, plan, start_model, base, splits, scores, ref_train, ref_test, judge,
-                                  baseline_answers, log)
-               | ({"warmup_seconds": round(timings["warmup"], 3)} if shared else {})
-               | {"score_seconds": round(scored.seconds.get(plan[0], 0.0), 3)}
-               for plan in plans]
-    write_results(records, out)
-    write_manifest(out, "run", {"config": asdict(config), "data_hash": train_data.data_hash, "model": base.source,
-                                "model_fingerprint": base.fingerprint, "timings": timings,
+    records = []
+    for k in range(config.seeds):
+        records += run_seed(replace(config, seed=config.seed + k), splits, base, template, judge, baseline_answers,
+                            log)
+    summary = summarize(records, ceilings={s.name for s in config.scorers() if s.ceiling})
+    write_results(records, summary, out)
+    write_manifest(out, "run", {"config": asdict(config), "data_hash": splits.train.data_hash, "model": base.source,
+                                "model_fingerprint": base.fingerprint,
                                 "n_held_out_prompts_removed": splits.n_held_out_prompts_removed,
                                 "seconds": time.perf_counter() - start})
-    return records
+    return {"records": records, "summary": summary}

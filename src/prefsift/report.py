@@ -1,4 +1,6 @@
-"""What a run bought: results.json (DESIGN.md's record per method and fraction), a Markdown table, a plot."""
+"""What a run bought: results.json (one record per method, budget and seed, and a summary per method and budget
+with intervals and paired differences), timings.json (the seconds, which no two machines share), a Markdown table
+and a plot of quality against the compute each row used."""
 
 from __future__ import annotations
 
@@ -6,51 +8,80 @@ import json
 import math
 from pathlib import Path
 
-RESULT_FIELDS = ("method", "fraction", "n_pairs", "win_rate", "pref_accuracy", "score_seconds", "train_seconds")
+TIMING_FIELDS = ("seconds",)
 
 
 def _cell(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.0f}" if value.is_integer() and abs(value) >= 10 else f"{value:.3f}"
     return str(value)
 
 
 def one_line(record: dict) -> str:
     """`key=value, ...` with floats to three decimals: the CLI's summary of a record."""
-    return ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+    return ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                     if not isinstance(v, list | dict))
 
 
-def markdown_table(records: list[dict]) -> str:
-    extra = [c for c in ("warmup_seconds", "flipped_kept", "near_tie_kept", "wins", "ties", "losses")
-             if any(c in r for r in records)]
-    header = [*RESULT_FIELDS, *extra]
+def _interval(row: dict, name: str, signed: bool = False) -> str:
+    if name not in row:
+        return "–"
+    sign = "+" if signed else ""
+    text = f"{row[name]:{sign}.3f} [{row[name + '_low']:{sign}.3f}, {row[name + '_high']:{sign}.3f}]"
+    return text + (" *" if row.get(name + "_significant") else "")
+
+
+def markdown_table(summary: list[dict]) -> str:
+    """The summary as a table: mean [95% interval] of each metric; Δ: paired difference from random at the same
+    budget, and from the full data; * marks a difference whose interval excludes 0."""
+    metrics = [m for m in ("win_rate", "pref_accuracy") if any(m in r for r in summary)]
+    extra = [c for c in ("flipped_kept",) if any(c in r for r in summary)]
+    header = ["start", "method", "budget", "pairs"]
+    for metric in metrics:
+        header += [metric, "Δ random", "Δ full"]
+    header += ["compute × full", *extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for record in records:
-        lines.append("| " + " | ".join(_cell(record.get(c)) for c in header) + " |")
+    for row in summary:
+        name = row["method"] + (" (ceiling)" if row.get("ceiling") else "")
+        cells = [row["start_from"], name, row["budget"], _cell(row["n_pairs"])]
+        for metric in metrics:
+            cells += [_interval(row, metric), _interval(row, f"{metric}_vs_random", True),
+                      _interval(row, f"{metric}_vs_full", True)]
+        cells += [_cell(row.get("compute_ratio")), *(_cell(row.get(c)) for c in extra)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_win_rate(records: list[dict], path: Path) -> Path | None:
+def plot_quality_against_compute(summary: list[dict], path: Path) -> Path | None:
+    """Each (start, method, budget): its metric's mean with the 95% interval as a bar, against the compute it used
+    (pair passes, all of it: warm-up, validation model, scoring, training)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    usable = [r for r in records if r.get("win_rate") is not None]
-    if not usable:
+    metric = "win_rate" if any("win_rate" in r for r in summary) else "pref_accuracy"
+    rows = [r for r in summary if metric in r]
+    if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in usable):
-        points = sorted((r["n_pairs"], r["win_rate"]) for r in usable if r["method"] == method)
-        xs, ys = zip(*points, strict=True)
-        style = {"marker": "*", "markersize": 12, "linestyle": "none"} if method == "full" else {"marker": "o"}
-        ax.plot(xs, ys, label=method, **style)
-    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("training pairs used")
-    ax.set_ylabel("win rate vs the reference policy")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    for row in rows:
+        label = row["method"] + (" (ceiling)" if row.get("ceiling") else "")
+        marker = "o" if row["start_from"] == "warmup" else "s"
+        ax.errorbar(row["compute"], row[metric], yerr=[[row[metric] - row[metric + "_low"]],
+                                                         [row[metric + "_high"] - row[metric]]],
+                    fmt=marker, color=colors[row["method"]], capsize=3,
+                    label=label if row is next(r for r in rows if r["method"] == row["method"]) else None)
+    if metric == "win_rate":
+        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("compute used (pair passes: warm-up + validation model + scoring + training)")
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (95% interval)")
+    ax.set_title("o: continues from the warm-up model   □: trains from the reference", fontsize=9)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -58,12 +89,18 @@ def plot_win_rate(records: list[dict], path: Path) -> Path | None:
     return path
 
 
-def write_results(records: list[dict], out_dir: Path, title: str = "prefsift results") -> dict[str, Path]:
+def write_results(records: list[dict], summary: list[dict], out_dir: Path, title: str = "prefsift results"
+                  ) -> dict[str, Path]:
+    """results.json holds only what the same seed reproduces exactly; the seconds go to timings.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
-    paths["json"].write_text(json.dumps(records, indent=2) + "\n")
-    paths["markdown"].write_text(f"# {title}\n\n" + markdown_table(records))
-    plot = plot_win_rate(records, out_dir / "win_rate.png")
+    paths = {"json": out_dir / "results.json", "timings": out_dir / "timings.json",
+             "markdown": out_dir / "results.md"}
+    exact = [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+    paths["json"].write_text(json.dumps({"records": exact, "summary": summary}, indent=1, allow_nan=False) + "\n")
+    keys = ("seed", "start_from", "method", "budget", *TIMING_FIELDS)
+    paths["timings"].write_text(json.dumps([{k: r.get(k) for k in keys} for r in records], indent=1) + "\n")
+    paths["markdown"].write_text(f"# {title}\n\n" + markdown_table(summary))
+    plot = plot_quality_against_compute(summary, out_dir / "quality_vs_compute.png")
     if plot is not None:
         paths["plot"] = plot
     return paths

@@ -170,6 +170,15 @@ class Resources:
                 out[chosen], out[rejected] = values[:, 0], values[:, 1]
         return out
 
+    def for_seed(self, seed: int) -> Resources:
+        """A provider for another seed: the same loaded sources and finished passes (the reference's), none of the
+        models trained for this one."""
+        base = {r: v for r, v in self._loaded.items() if r not in self.stages}
+        sources = {r: v for r, v in self.sources.items() if r not in self.stages}
+        return Resources(self.pairs, self.engine, {**sources, **base}, out_dir=self.out_dir, seed=seed,
+                         trust_remote_code=self.trust_remote_code, seconds=dict(self.seconds), _loaded=base,
+                         _by_source=self._by_source, _logps=self._logps)
+
     def cost(self, needs: tuple[str, ...], shared: set[str] = frozenset()) -> float:  # type: ignore[assignment]
         """Seconds a method's roles cost: their log-prob passes and the trainings that made them (once each),
         less the `shared` trainings every compared subset pays anyway."""

@@ -136,5 +136,10 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
     if out_dir is not None:
         trainer.save_model(str(out_dir))  # safetensors weights (or the LoRA adapter) + tokenizer
         loaded.tokenizer.save_pretrained(str(out_dir))
+    if hasattr(model, "merge_and_unload"):
+        # A LoRA policy continues as a plain model (the adapter merged in), so it can be scored, copied and
+        # trained again with a fresh adapter, as the TIF pipeline's warm-up model is.
+        model = model.merge_and_unload()
+        loaded.model = model
     model.eval()
     return TrainResult(model, time.perf_counter() - start, len(pairs), trainer.state.log_history)

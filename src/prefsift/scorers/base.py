@@ -46,12 +46,18 @@ class Scorer:
     needs: ClassVar[tuple[str, ...]] = ()  # roles, keys of prefsift.resources.ROLES
     columns: ClassVar[tuple[str, ...]]  # the score columns it writes
     Params: ClassVar[type[ScorerParams]] = ScorerParams
+    ceiling: ClassVar[bool] = False  # selects by hidden labels (a benchmark's oracle): a ceiling, not a method
 
     def __init__(self, params: ScorerParams | None = None) -> None:
         self.params = params if params is not None else self.Params()
 
     def score(self, resources) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def compute_passes(self, n_pairs: int, n_validation: int) -> float:
+        """Pair passes (forward-pass equivalents over one pair) the scorer spends beyond the log-prob passes of the
+        roles it needs, which the pipeline counts itself: what the compute column charges it."""
+        return 0.0
 
     def selection_rule(self) -> dict[str, Any]:
         """`select_indices` keyword arguments of the method's own rule (rule, column(s), band cut-offs). A

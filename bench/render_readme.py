@@ -1,0 +1,64 @@
+"""Render the README's result tables from the results files committed under bench/results: no number in the
+README is typed by hand. Each table sits between `<!-- NAME -->` and `<!-- /NAME -->` markers.
+
+    python bench/render_readme.py          # rewrites README.md in place
+    python bench/render_readme.py --check  # exits 1 if README.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from prefsift.report import markdown_table
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def demo_table(path: Path) -> str:
+    record = json.loads(path.read_text())
+    m = record["machine"]
+    head = (f"`{record['command']}`: {record['wall_seconds'] / 60:.1f} minutes on {m['cores']} cores "
+            f"({m['cpu']}, torch {m['torch']}); from `bench/results/{path.name}`.\n\n")
+    return head + markdown_table(record["summary"])
+
+
+def real_table(path: Path) -> str:
+    record = json.loads(path.read_text())
+    m = record["machine"]
+    head = (f"`{record['command']}`: {record['wall_seconds'] / 60:.1f} minutes on {m['cores']} cores "
+            f"({m['cpu']}); {record['description']}; from `bench/results/{path.name}`.\n\n")
+    return head + markdown_table(record["summary"])
+
+
+TABLES = {"demo-table": (RESULTS / "demo.json", demo_table), "real-table": (RESULTS / "real.json", real_table)}
+
+
+def render(text: str) -> str:
+    for name, (path, render_one) in TABLES.items():
+        if not path.is_file():
+            continue
+        pattern = re.compile(rf"(<!-- {name} -->\n).*?(<!-- /{name} -->)", re.S)
+        text = pattern.sub(lambda match, p=path, f=render_one: match.group(1) + f(p) + match.group(2), text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    readme = ROOT / "README.md"
+    old = readme.read_text()
+    new = render(old)
+    if args.check:
+        sys.exit(0 if new == old else 1)
+    readme.write_text(new)
+    print("README.md " + ("updated" if new != old else "already up to date"))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,8 +3,6 @@ same results.json, byte for byte."""
 
 from __future__ import annotations
 
-import json
-
 from prefsift.bench.task import TaskConfig
 from prefsift.demo import DemoConfig, run_demo
 

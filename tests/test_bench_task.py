@@ -151,9 +151,13 @@ def test_corruption_rates_realised_and_flags_consistent(task):
                 for p in prompts
                 if p.startswith(family) and len(p) == len(row["prompt"])
             )
-    for row in task.validation + task.test:  # trusted splits: clean labels, no ties
+    for row in task.test:  # the test split: clean labels, no ties
         assert row["oracle_margin"] >= config.tie_epsilon
         assert not (row["is_flipped"] or row["is_near_tie"] or row["is_near_duplicate"])
+    flipped = [row for row in task.validation if row["is_flipped"]]  # validation: mostly, not perfectly, clean
+    assert len(flipped) == round(config.validation_flip_rate * len(task.validation))
+    for row in task.validation:
+        assert abs(row["oracle_margin"]) >= config.tie_epsilon and (row["oracle_margin"] < 0) == row["is_flipped"]
 
 
 def test_config_rejects_impossible_rates():

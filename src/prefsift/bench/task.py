@@ -42,7 +42,7 @@ class TaskConfig:
     )
     n_train: int = field(default=5000, metadata={"help": "Number of (noisy) training pairs."})
     n_validation: int = field(
-        default=200, metadata={"help": "Number of clean validation pairs (trusted set)."}
+        default=200, metadata={"help": "Number of validation pairs (the trusted set LossDiff trains θ_val on)."}
     )
     n_test: int = field(
         default=500, metadata={"help": "Number of clean test pairs (held-out preference accuracy)."}
@@ -63,6 +63,10 @@ class TaskConfig:
     flip_rate: float = field(
         default=0.2,
         metadata={"help": "Share of training pairs whose chosen/rejected are swapped (label noise)."},
+    )
+    validation_flip_rate: float = field(
+        default=0.05,
+        metadata={"help": "Share of validation pairs flipped: a trusted set is mostly, not perfectly, clean."},
     )
     near_tie_rate: float = field(
         default=0.1, metadata={"help": "Share of training pairs whose two responses differ by < tie_epsilon."}
@@ -98,7 +102,7 @@ class TaskConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 2 <= self.min_len <= self.max_len:
             raise ConfigError(f"need 2 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
-        rates = ("flip_rate", "flip_lazy_share", "near_tie_rate", "near_duplicate_rate")
+        rates = ("flip_rate", "flip_lazy_share", "near_tie_rate", "near_duplicate_rate", "validation_flip_rate")
         for name in (*rates, "sft_lazy_rate", "sft_exact_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -380,6 +384,10 @@ def make_task(config: TaskConfig) -> BenchmarkTask:
     eval_prompts = [pool.draw(eval_rng) for _ in range(config.n_eval_prompts)]
     test = _clean_pairs(stream("test"), pool, config, config.n_test)
     validation = _clean_pairs(stream("validation"), pool, config, config.n_validation)
+    noise = stream("validation-noise")  # its own stream: the rate leaves the validation pairs drawn unchanged
+    for row in noise.sample(validation, round(config.validation_flip_rate * len(validation))):
+        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+        row["oracle_margin"], row["is_flipped"] = -row["oracle_margin"], True
     sft_examples = _sft_examples(stream("sft"), pool, config)
     train = _train_pairs(stream("train"), pool, config)
     return BenchmarkTask(

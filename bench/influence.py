@@ -148,7 +148,7 @@ def main() -> None:
           f"‖ḡ‖²/mean(1−σ(Δ_val)) {typical:.4g}")
     sweep = {}
     print("finite-difference step sweep (step = ε‖v‖/‖θ_scope‖; ε·median|dd|: the log-margin change in nats):")
-    for step in [float(s) for s in args.steps.split(",")]:
+    for step in [float(s) for s in args.steps.split(",") if s]:
         values = inf.finite_difference(model, tokenizer, train, direction, params, step=step,
                                        batch_tokens=args.batch_tokens, **kw)
         sweep[step] = accuracy(values)

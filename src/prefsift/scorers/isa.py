@@ -25,10 +25,10 @@ from prefsift.scorers.base import Scorer, ScorerParams, register
 
 COVARIANCE_TYPES = ("auto", "full", "tied", "diag", "spherical")
 # auto: one shared full covariance (tied) once there are this many items per dimension, else diagonal. Measured on
-# MiniLM (384-d) completion items of HH-RLHF (bench/isa.py), held-out log-likelihood per item, tied vs diag:
-# fitted on 0.5 x dim items -70474 vs 656, 1 x dim -2371 vs 659, 2 x dim 695 vs 660, 3 x dim 781 vs 661. Full
-# covariances (one per component) overfit even fitted on 800 items (2 x dim): held-out -1557 against 1069 on
-# the fitted items.
+# MiniLM (384-d) completion items of HH-RLHF (bench/results/isa-minilm-all.txt), held-out log-likelihood per item,
+# tied vs diag: fitted on 0.5 x dim items -77781 vs 655, 1 x dim -2518 vs 657, 2 x dim 684 vs 658, 3 x dim 770 vs
+# 659; on 2,308 items (6 x dim) tied 810, full 789, diag 660. Full covariances (one per component) need more items
+# than tied: fitted on 800 (2 x dim) they scored -1557 held out against 1069 on the fitted items.
 TIED_ITEMS_PER_DIM = 2
 ORDERS = ("descending-delta", "ascending-delta", "atypical", "typical")  # the last two name the first two
 COMBINE = ("mean", "max", "min")

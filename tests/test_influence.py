@@ -123,6 +123,17 @@ def test_fast_paths_match_per_example_gradients(bpe_tokenizer, data, cases, seed
     assert np.abs(jvp - reference).max() <= JVP_TOLERANCE * scale
 
 
+def test_a_bad_step_is_caught_against_exact_gradients(bpe_tokenizer, data, cases):
+    train, _ = data
+    model, params, direction, reference = cases[0, "all"]
+    kw = {"max_length": None, "n_pairs": 4}
+    coarse = inf.finite_difference(model, bpe_tokenizer, train, direction, params, step=0.1, max_length=None)
+    with pytest.warns(UserWarning, match="off exact gradients"):
+        error = inf.check_against_exact(model, bpe_tokenizer, train, coarse, direction, params, **kw)
+    assert error == pytest.approx(np.abs(coarse[:4] - reference[:4]).max() / np.abs(reference[:4]).max(), rel=1e-4)
+    assert inf.check_against_exact(model, bpe_tokenizer, train, reference, direction, params, **kw) < 1e-6
+
+
 def test_scopes(bpe_tokenizer):
     model = make_tiny_llama(bpe_tokenizer)
     last = inf.scope_parameters(model, "last_k", last_k=1)

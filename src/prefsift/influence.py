@@ -310,6 +310,24 @@ def directional_derivatives(model, tokenizer, pairs, direction: Direction, param
     raise ConfigError(f"unknown influence method '{method}' (known: {', '.join(METHODS)})")
 
 
+def check_against_exact(model, tokenizer, pairs, directional: np.ndarray, direction: Direction,
+                        params: dict[str, nn.Parameter], *, max_length: int | None, n_pairs: int = 4,
+                        tolerance: float = 0.05) -> float:
+    """Largest error of `directional` on the first `n_pairs` scored pairs against per-example gradients, as a share
+    of their largest |value|; warns above `tolerance`. Cheap insurance: the best finite-difference step moved 100x
+    between the models measured (bench/results/influence.txt)."""
+    rows = [i for i in range(len(directional)) if np.isfinite(directional[i])][:n_pairs]
+    if not rows:
+        return 0.0
+    exact = per_example(model, tokenizer, pairs.select(rows), direction, params, max_length=max_length)
+    scale = np.abs(exact).max()
+    error = float(np.abs(directional[rows] - exact).max() / scale) if scale > 0 else 0.0
+    if error > tolerance:
+        warnings.warn(f"finite differences are {error:.0%} off exact gradients on {len(rows)} pairs: change the "
+                      "step (or use method 'jvp')", stacklevel=2)
+    return error
+
+
 def influence(margins: np.ndarray, directional: np.ndarray, beta: float) -> np.ndarray:
     """IF(d) = β(1 − σ(Δ_θ(d))) · ⟨ḡ_val, g_w − g_l⟩."""
     return beta * (1.0 - 1.0 / (1.0 + np.exp(-np.asarray(margins, dtype=float)))) * directional
@@ -347,9 +365,10 @@ def influence_scores(model, tokenizer, pairs, validation_pairs, *, policy_logps:
                      reference_logps: np.ndarray, validation_reference_logps: np.ndarray, beta: float,
                      max_length: int | None, batch_tokens: int = 8192, method: str = "finite-difference",
                      step: float = DEFAULT_STEP, scope: str = "all", last_k: int = 1, run_dir: Path | None = None,
-                     identity: dict | None = None) -> np.ndarray:
+                     identity: dict | None = None, check_pairs: int = 4) -> np.ndarray:
     """IF of every pair of `pairs` (tables with prompt/chosen/rejected) under `model` (the policy θ): ḡ_val over
-    `validation_pairs`, then ⟨ḡ_val, g_w − g_l⟩ by `method`, weighted by β(1 − σ(Δ_θ)) from the given log-probs."""
+    `validation_pairs`, then ⟨ḡ_val, g_w − g_l⟩ by `method`, weighted by β(1 − σ(Δ_θ)) from the given log-probs.
+    A finite difference is checked against exact gradients on `check_pairs` pairs (a warning when off by > 5%)."""
     params = scope_parameters(model, scope, last_k)
     identity = {**(identity or {}), "scope": scope, "last_k": last_k if scope == "last_k" else None}
     direction = cached_validation_gradient(model, tokenizer, validation_pairs, validation_reference_logps, params,
@@ -357,5 +376,8 @@ def influence_scores(model, tokenizer, pairs, validation_pairs, *, policy_logps:
     directional = directional_derivatives(model, tokenizer, pairs, direction, params, method=method, step=step,
                                           max_length=max_length, batch_tokens=batch_tokens, run_dir=run_dir,
                                           identity=identity)
+    if method == "finite-difference" and check_pairs:
+        check_against_exact(model, tokenizer, pairs, directional, direction, params, max_length=max_length,
+                            n_pairs=check_pairs)
     margins = beta * ((policy_logps[:, 0] - reference_logps[:, 0]) - (policy_logps[:, 1] - reference_logps[:, 1]))
     return influence(margins, directional, beta)

@@ -237,6 +237,7 @@ def test_analysis_overlap_known_answer(tmp_path):
     result = analyze(scores, fraction=0.5)
     assert result["budget"]["count"] == 50
     assert result["overlaps"]["lossdiff"]["overlap"] == 0.5
+    assert result["overlaps"]["lossdiff"]["chance"] == 0.5
     assert result["correlations"]["lossdiff"]["spearman"] == pytest.approx(spearmanr(scores["lossdiff"], i)[0])
     assert overlap_coefficient([1, 2, 3, 4], [3, 4]) == 1.0
     assert "| lossdiff | " in render_markdown(result)

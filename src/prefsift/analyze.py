@@ -67,7 +67,8 @@ def analyze(scores: Mapping[str, Sequence], *, band_low: float = BAND_LOW, band_
     selections with the TIF selection at one budget. The budget is `fraction` of the pairs when given; else the
     pairs LossDiff-IRM keeps at the band cut-offs (the paper's headline ~64% at 10-90%) when both proxies are
     there, else the pairs the TIF band keeps. Every selection is a middle band of that size (`select_indices`,
-    rule band / intersection), so the overlaps compare which pairs, not how many."""
+    rule band / intersection), so the overlaps compare which pairs, not how many. Each overlap comes with its
+    chance level k/n (unrelated selections of k of n pairs): at the paper's 64% budget chance alone gives 0.64."""
     if "influence" not in scores:
         raise PrefsiftError("no 'influence' column: score with the 'if' or 'tif' method first")
     columns = {name: np.asarray(scores[name], dtype=float) for name in ("influence", *PROXIES) if name in scores}
@@ -91,8 +92,10 @@ def analyze(scores: Mapping[str, Sequence], *, band_low: float = BAND_LOW, band_
     selections = {p: select_indices(table, "band", column=p, count=budget) for p in proxies}
     if len(proxies) == 2:
         selections["lossdiff-irm"] = select_indices(table, "intersection", columns=list(PROXIES), count=budget)
-    overlaps = {name: {"overlap": overlap_coefficient(rows, tif), "paper": list(PAPER["overlap"][name])}
-                for name, rows in selections.items()}
+    # Two selections of k pairs drawn independently share k/n of them on average: the overlap's chance level.
+    chance = budget / max(n_valid, 1)
+    overlaps = {name: {"overlap": overlap_coefficient(rows, tif), "chance": chance,
+                       "paper": list(PAPER["overlap"][name])} for name, rows in selections.items()}
     return {"n_pairs": len(columns["influence"]), "n_valid": n_valid,
             "budget": {"count": budget, "fraction": budget / max(n_valid, 1), "from": how},
             "correlations": correlations, "overlaps": overlaps}
@@ -107,9 +110,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {name} | {c['pearson']:.3f} | {c['spearman']:.3f} | {c['paper_pearson']:.2f} |")
     lines += ["", f"Overlap coefficient with the TIF selection, {budget['count']} pairs each "
                   f"({budget['fraction']:.0%}; budget from {budget['from']}):", "",
-              "| selection | overlap with TIF | paper |", "|---|---|---|"]
+              "| selection | overlap with TIF | chance (k/n) | paper |", "|---|---|---|---|"]
     for name, o in result["overlaps"].items():
-        lines.append(f"| {name} | {o['overlap']:.3f} | {o['paper'][0]:.2f}-{o['paper'][1]:.2f} |")
+        lines.append(f"| {name} | {o['overlap']:.3f} | {o['chance']:.3f} | {o['paper'][0]:.2f}-{o['paper'][1]:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ def test_the_fit_recovers_known_parameters_from_noisy_points():
     assert fit.r2 > 0.95
 
 
-@pytest.mark.parametrize("interval,runs,boot", [("covariance", 200, 0), ("bootstrap", 25, 120)])
+@pytest.mark.parametrize("interval,runs,boot", [("covariance", 200, 0), ("bootstrap", 20, 100)])
 def test_intervals_cover_the_truth_about_as_often_as_they_claim(interval, runs, boot):
     hits = {k: 0 for k in TRUE}
     for seed in range(runs):

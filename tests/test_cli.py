@@ -170,3 +170,48 @@ def test_train_config_yaml_and_eval_without_reference(workspace, tmp_path):
     one_line_error(invoke("run", "--config", bad), "expected a mapping")
     bad.write_text("data: x\nmodel: y\nfractions: [a]\n")
     one_line_error(invoke("run", "--config", bad), "must be a number")
+
+
+def test_scale_plans_the_share_of_a_known_curve(tmp_path):
+    r, a, b = 0.7, 0.5, 8.0  # R(x) = r − (r − a)·exp(−b·x), sampled without noise
+    shares = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
+    csv = tmp_path / "points.csv"
+    csv.write_text("share,score\n" + "".join(f"{x},{r - (r - a) * np.exp(-b * x)}\n" for x in shares))
+    result = invoke("scale", "--points", csv, "--out", tmp_path / "scale")
+    assert result.exit_code == 0, result.output
+    fitted = json.loads((tmp_path / "scale" / "scaling.json").read_text())
+    assert fitted["params"]["b"] == pytest.approx(b, rel=1e-4)
+    assert fitted["plan"]["share"] == pytest.approx(np.log(20) / b, rel=1e-4)  # 95% of the gain
+    assert (tmp_path / "scale" / "scaling.png").stat().st_size > 1000
+    one_line_error(invoke("scale", "--out", tmp_path / "s2"), "exactly one of --points or --results")
+
+
+def test_several_methods_one_scores_file_and_analyze(workspace, tmp_path):
+    """`--method tif,lossdiff-irm` runs each model's passes once into one scores file; `analyze` reads it."""
+    root, model, data = workspace
+    warm, val = root / "warm-analyze", root / "val-analyze"
+    common = ["--max-length", 64, "--batch-size", 4, "--no-gradient-checkpointing"]
+    assert invoke("train", "--data", data, "--model", model, "--out", warm, "--learning-rate", 5e-3,
+                  *common).exit_code == 0
+    assert invoke("train", "--data", data, "--model", warm, "--out", val, "--learning-rate", 5e-3,
+                  *common).exit_code == 0
+    out = tmp_path / "scores"
+    result = invoke("score", "--data", data, "--method", "tif,lossdiff-irm", "--model", warm, "--reference", model,
+                    "--validation", val, "--validation-data", data, "--max-length", 64, "--out", out,
+                    "--param", "lossdiff-irm.band_low=0.2", "--param", "tif.step=1e-4")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["methods"]["lossdiff-irm"]["params"]["band_low"] == 0.2
+    assert manifest["methods"]["tif"]["params"]["step"] == 1e-4
+    one_line_error(invoke("select", "--scores", out, "--fraction", 0.5, "--out", tmp_path / "s"), "--method")
+    result = invoke("select", "--scores", out, "--method", "tif", "--out", tmp_path / "s")
+    assert result.exit_code == 0 and "band" in result.output
+    result = invoke("analyze", str(out))
+    assert result.exit_code == 0, result.output
+    analysis = json.loads((out / "analysis.json").read_text())
+    table = pq.read_table(out / "scores.parquet").to_pydict()
+    irm, influence = np.asarray(table["irm"]), np.asarray(table["influence"])
+    assert analysis["correlations"]["irm"]["pearson"] == pytest.approx(np.corrcoef(irm, influence)[0, 1], abs=1e-6)
+    one_line_error(invoke("score", "--data", data, "--method", "irm,irm", "--out", tmp_path / "x"), "distinct")
+    one_line_error(invoke("score", "--data", data, "--method", "random,irm", "--param", "band_low=0.2", "--out",
+                          tmp_path / "x"), "name one")

@@ -50,8 +50,8 @@ def test_yaml_that_is_not_utf8(tmp_path):
 
 
 def test_params_and_flat_options():
-    assert parse_params(["band_low=0.2", "scope=last_k", "lora=true", "name="]) == {
-        "band_low": 0.2, "scope": "last_k", "lora": True, "name": ""}
+    assert parse_params(["band_low=0.2", "scope=last_k", "lora=true", "name=", "lossdiff-irm.band-high=0.8"]) == {
+        "band_low": 0.2, "scope": "last_k", "lora": True, "name": "", "lossdiff-irm.band_high": 0.8}
     with pytest.raises(ConfigError, match="key=value"):
         parse_params(["band_low"])
     train, engine = split_flags({"beta": 0.3, "epochs": 2.0}, TrainConfig, EngineConfig)

@@ -95,7 +95,8 @@ def _quiet() -> None:
 def score(
     data: DataOpt,
     out: Annotated[Path, typer.Option(help="Output directory (scores.parquet, pairs.parquet, manifest.json).")],
-    param: Annotated[list[str] | None, typer.Option("--param", help="A method parameter, key=value (repeatable); "
+    param: Annotated[list[str] | None, typer.Option("--param", help="A method parameter, key=value, or "
+                                                    "method.key=value with several methods (repeatable); "
                                                     "`prefsift methods` lists each method's.")] = None,
     config: ConfigOpt = None,
     *,
@@ -107,11 +108,13 @@ def score(
     from prefsift.scorers import get_scorer
 
     score_config, engine, data_options = _settings(config, flags, ScoreConfig, EngineConfig, DataConfig)
-    params = parse_params(param)
     from prefsift.resources import require
+    from prefsift.score import method_params
 
     # An unknown method, a bad parameter or a missing model fails before anything is loaded.
-    require(get_scorer(score_config.method, **params).needs, score_config.sources(), score_config.method)
+    params = method_params(score_config.methods(), parse_params(param))
+    for name in score_config.methods():
+        require(get_scorer(name, **params[name]).needs, score_config.sources(), name)
     _apply_threads(engine)
     loaded = _load(data, data_options)
     result = run_score(loaded, score_config, engine, out, params)
@@ -309,6 +312,70 @@ def demo(
     results = run_demo(out, seed=seed, config=config, log=lambda line: console.print(line, highlight=False))
     typer.echo(markdown_table(results["summary"]))
     console.print(f"results → {out / 'results.md'}, plot → {out / 'quality_vs_compute.png'}", highlight=False)
+
+
+@app.command()
+@friendly
+def scale(
+    out: Annotated[Path, typer.Option(help="Output directory (scaling.json, scaling.md, scaling.png).")],
+    points: Annotated[Path | None, typer.Option(help="CSV of measured points: a `share` (0-1) or `percent` column "
+                                                     "and a `score` column.")] = None,
+    results: Annotated[Path | None, typer.Option(help="A run or demo directory: its rows of --method at each "
+                                                      "budget, `full`, and the reference (share 0, score ½).")] = None,
+    method: Annotated[str, typer.Option(help="Whose rows of --results to fit.")] = "random",
+    metric: Annotated[str, typer.Option(help="win_rate or pref_accuracy (of --results).")] = "win_rate",
+    start_from: Annotated[str, typer.Option(help="warmup or reference rows of --results.")] = "reference",
+    part: Annotated[float, typer.Option(help="Part of the plateau gain the planned share must reach.", min=0.01,
+                                        max=0.999)] = 0.95,
+    interval: Annotated[str, typer.Option(help="covariance or bootstrap intervals.")] = "covariance",
+) -> None:
+    """Fit the exponential plateau R(x) = r − (r − a)·exp(−b·x) to quality against the share of the data, and plan
+    the smallest share that reaches PART of the plateau gain."""
+    import numpy as np
+
+    from prefsift.scaling import fit_plateau, plan_share, read_points, summary_markdown, write_scaling_report
+
+    if (points is None) == (results is None):
+        raise ConfigError("give exactly one of --points or --results")
+    if interval not in ("covariance", "bootstrap"):
+        raise ConfigError(f"--interval must be covariance or bootstrap (got {interval!r})")
+    if points is not None:
+        measured = read_points(points)
+        share, score = measured.share, measured.score
+    else:
+        import json
+
+        path = results / "results.json"
+        if not path.is_file():
+            raise ConfigError(f"no results.json in {results}: run `prefsift run` or `prefsift demo` into it")
+        rows = [r for r in json.loads(path.read_text())["summary"] if r["start_from"] == start_from
+                and r["method"] in (method, "full") and metric in r]
+        share = np.asarray([0.0] + [r["fraction"] for r in rows])
+        score = np.asarray([0.5] + [r[metric] for r in rows])  # the reference against itself: ½
+    fit = fit_plateau(share, score, interval=interval)
+    plan = plan_share(fit, part=part)
+    write_scaling_report(fit, plan, out)
+    typer.echo(summary_markdown(fit, plan))
+
+
+@app.command()
+@friendly
+def analyze(
+    scores: Annotated[Path, typer.Argument(help="A score directory holding influence (if/tif) and lossdiff-irm "
+                                                "scores, e.g. a run's seed-0/scores.")],
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: SCORES).")] = None,
+    fraction: Annotated[float | None, typer.Option(help="Budget of the overlaps (default: the LossDiff-IRM "
+                                                        "intersection's share).", min=0.0, max=1.0)] = None,
+    band_low: Annotated[float, typer.Option(help="Lower percentile of the bands.", min=0.0, max=1.0)] = 0.1,
+    band_high: Annotated[float, typer.Option(help="Upper percentile of the bands.", min=0.0, max=1.0)] = 0.9,
+) -> None:
+    """How well the cheap scores track exact influence: Pearson and Spearman of LossDiff and IRM with IF, the
+    overlap of their selections with TIF's at one budget (beside chance and the paper's numbers), a scatter plot."""
+    from prefsift.analyze import analyze_dir
+
+    result = analyze_dir(scores, out, band_low=band_low, band_high=band_high, fraction=fraction)
+    typer.echo(result["markdown"])
+    console.print(f"→ {', '.join(str(p) for p in result['files'])}", highlight=False)
 
 
 def main() -> None:

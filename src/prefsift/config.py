@@ -233,10 +233,12 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--param takes key=value (got {item!r})")
+        method, dot, name = key.strip().rpartition(".")  # `method.key`: method names keep their dashes
+        key = method + dot + name.replace("-", "_")
         try:
-            params[key.strip().replace("-", "_")] = yaml.load(raw, Loader=_Loader) if raw.strip() else raw  # noqa: S506
+            params[key] = yaml.load(raw, Loader=_Loader) if raw.strip() else raw  # noqa: S506 - a SafeLoader
         except yaml.YAMLError:
-            params[key.strip().replace("-", "_")] = raw
+            params[key] = raw
     return params
 
 
@@ -277,7 +279,8 @@ class DataConfig(Checked):
 class ScoreConfig(Checked):
     """`prefsift score`: the method and the sources of the roles it needs (see prefsift.resources.ROLES)."""
 
-    method: str = option("irm", "Scoring method (see the README's scorer table; its parameters: --param k=v).")
+    method: str = option("irm", "Scoring method, or several comma-separated (one pass each model, one scores "
+                                "file): `prefsift methods` lists them and their parameters (--param k=v).")
     model: str | None = option(None, "Policy θ: hub id, local directory or .gguf file.")
     reference: str | None = option(None, "Reference (SFT) model π_ref; default: --model.")
     validation: str | None = option(None, "Validation model θ_val (lossdiff, lossdiff-irm).")
@@ -286,6 +289,12 @@ class ScoreConfig(Checked):
     embedder: str | None = option(None, "Embedding model (methods that embed).")
     seed: int = option(0, "Seed of random scores and of any sampling a scorer does.", low=0)
     trust_remote_code: bool = option(False, "Let a model run its own code (off unless you ask).")
+
+    def methods(self) -> list[str]:
+        names = [m.strip() for m in self.method.split(",") if m.strip()]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"--method: one or more distinct names, comma-separated (got {self.method!r})")
+        return names
 
     def sources(self) -> dict[str, str | None]:
         from prefsift.resources import ROLES
@@ -357,6 +366,8 @@ class RunConfig(Checked):
     save_models: bool = option(True, "Save the warm-up and validation models under OUT/models (reloadable by "
                                      "`prefsift score` and `prefsift train --model`).")
     judge_model: str | None = option(None, "Reward model judging win rates.")
+    embedder: str | None = option(None, "Embedding model of the methods that embed (isa, density); default: the "
+                                        "SFT model's last-token hidden state, the ISA paper's choice.")
     seed: int = option(0, "Seed of splits, random scores and training (overrides train.seed).", low=0)
     trust_remote_code: bool = option(False, "Let a model run its own code.")
     engine: EngineConfig = option(default_factory=EngineConfig, help="β, max_length, precision: shared by all.")

@@ -275,8 +275,13 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
         + (f"; {splits.n_held_out_prompts_removed} training pairs removed: their prompt is held out"
            if splits.n_held_out_prompts_removed else ""))
     # The reference passes and the reference's answers do not depend on the seed: once, shared by every seed.
-    template = Resources(splits.train, engine, {"reference": base, "validation_pairs": splits.validation},
-                         out_dir=out, seed=config.seed, trust_remote_code=config.trust_remote_code)
+    sources = {"reference": base, "validation_pairs": splits.validation, "embedder": config.embedder}
+    if config.embedder is None and any("embedder" in s.needs for s in config.scorers()):
+        from prefsift.embeddings import CausalEmbedder
+
+        sources["embedder"] = CausalEmbedder.of(base)
+    template = Resources(splits.train, engine, sources, out_dir=out, seed=config.seed,
+                         trust_remote_code=config.trust_remote_code)
     dropped = np.isnan(template.logps("reference")[:, 0])
     if dropped.all():
         raise ConfigError(f"every training pair's prompt fills max_length={engine.max_length}: raise max_length")

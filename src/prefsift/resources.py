@@ -185,7 +185,8 @@ class Resources:
         stages: dict[str, float] = {}
         for role in needs:
             stages.update(self.stages.get(role, {}))
-        passes = {id(self._loaded[r].model): self.seconds.get(r, 0.0) for r in needs if r in self.seconds}
+        passes = {id(getattr(self._loaded[r], "model", self._loaded[r])): self.seconds[r] for r in needs
+                  if r in self.seconds and r in self._loaded}
         return sum(passes.values()) + sum(s for name, s in stages.items() if name not in shared)
 
     def describe(self) -> dict[str, dict]:

@@ -41,6 +41,12 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
         for role in scorer.needs:
             if role in LOGPS_COLUMNS:
                 resources.logps(role)  # once per model, shared by every scorer that needs it; timed apart
+        if "embedder" in scorer.needs and hasattr(scorer.params, "item"):
+            from prefsift.embeddings import embed_items
+
+            start = time.perf_counter()  # the embedding pass, shared like a log-prob pass, charged to each user
+            embed_items(resources, scorer.params.item, batch_size=getattr(scorer.params, "batch_size", 32))
+            resources.seconds["embedder"] = resources.seconds.get("embedder", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         columns = scorer.score(resources)
         if set(columns) != set(scorer.columns):
@@ -88,15 +94,31 @@ def write_scores(out_dir: Path, scores: dict[str, np.ndarray], data: LoadedPairs
     write_manifest(out_dir, "score", record)
 
 
+def method_params(methods: list[str], params: dict) -> dict[str, dict]:
+    """`--param` values by method: `key=v` belongs to the one method given, `method.key=v` to that method."""
+    out: dict[str, dict] = {name: {} for name in methods}
+    for key, value in params.items():
+        name, dot, field = key.rpartition(".")
+        if not dot:
+            if len(methods) > 1:
+                raise ConfigError(f"--param {key}: with several methods, name one ({methods[0]}.{key}=...)")
+            name, field = methods[0], key
+        if name not in out:
+            raise ConfigError(f"--param {key}: '{name}' is not one of the methods ({', '.join(methods)})")
+        out[name][field] = value
+    return out
+
+
 def score(data: LoadedPairs, config: ScoreConfig, engine: EngineConfig, out_dir: Path | None = None,
-          params: dict | None = None) -> ScoreResult:
-    """`prefsift score`: one method, its models from the config's sources."""
+          params: dict[str, dict] | None = None) -> ScoreResult:
+    """`prefsift score`: one method or several over one provider, models from the config's sources. `params`:
+    {method: {parameter: value}}."""
     from prefsift.scorers import get_scorer
 
-    scorer = get_scorer(config.method, **(params or {}))
+    scorers = [get_scorer(name, **(params or {}).get(name, {})) for name in config.methods()]
     resources = Resources(data, engine, config.sources(), out_dir=out_dir, seed=config.seed,
                           trust_remote_code=config.trust_remote_code)
-    return score_pairs(data, [scorer], resources, out_dir)
+    return score_pairs(data, scorers, resources, out_dir)
 
 
 def reference_logps_from_scores(scores_dir: Path, data: LoadedPairs, reference, engine: EngineConfig

@@ -40,7 +40,7 @@ class TaskConfig:
     seed: int = field(
         default=0, metadata={"help": "Seed of every random choice; same config gives the same task."}
     )
-    n_train: int = field(default=5000, metadata={"help": "Number of (noisy) training pairs."})
+    n_train: int = field(default=2000, metadata={"help": "Number of (noisy) training pairs."})
     n_validation: int = field(
         default=200, metadata={"help": "Number of validation pairs (the trusted set LossDiff trains θ_val on)."}
     )
@@ -61,7 +61,7 @@ class TaskConfig:
         metadata={"help": "Oracle penalty for a response whose length differs from the answer's."},
     )
     flip_rate: float = field(
-        default=0.2,
+        default=0.3,
         metadata={"help": "Share of training pairs whose chosen/rejected are swapped (label noise)."},
     )
     validation_flip_rate: float = field(

@@ -115,6 +115,10 @@ class DensityScorer(Scorer):
         if self.params.item == "pair":
             self.columns = ("density", "density_weight", "density_kde")  # type: ignore[misc]
 
+    def compute_passes(self, n_pairs: int, n_validation: int) -> float:
+        # the embedding pass: two items a pair (each prompt + one response) or one (prompt + both)
+        return (2.0 if self.params.item == "completion" else 1.0) * n_pairs
+
     def selection_rule(self) -> dict:
         return {"rule": "top", "column": "density"}
 

@@ -116,6 +116,10 @@ class ISAScorer(Scorer):
         if self.params.item == "pair":
             self.columns = ("isa",)  # type: ignore[misc]
 
+    def compute_passes(self, n_pairs: int, n_validation: int) -> float:
+        # the embedding pass: two items a pair (each prompt + one response) or one (prompt + both)
+        return (2.0 if self.params.item == "completion" else 1.0) * n_pairs
+
     def selection_rule(self) -> dict:
         return {"rule": "top" if self.params.descending() else "bottom", "column": "isa"}
 

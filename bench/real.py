@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--model", default=default_model())
     parser.add_argument("--n-pairs", type=int, default=330, help="first N valid pairs of the file (0: all)")
+    parser.add_argument("--test-fraction", type=float, default=0.3, help="share held out for preference accuracy")
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -52,7 +53,8 @@ def main() -> None:
         rows.to_json(str(subset), lines=True)
         config = RunConfig(
             data=str(subset), model=args.model, out=str(Path(out) / "run"), validation_fraction=0.1,
-            test_fraction=0.2, methods=["random", "irm", "lossdiff", "lossdiff-irm"], fractions=[args.fraction],
+            test_fraction=args.test_fraction, methods=["random", "irm", "lossdiff", "lossdiff-irm"],
+            fractions=[args.fraction],
             rule_share=False, start_from="warmup", seeds=args.seeds, judge_model=args.judge_model,
             save_models=False, engine=EngineConfig(max_length=args.max_length, dtype="float32", threads=args.threads,
                                                    batch_tokens=4096),
@@ -63,10 +65,12 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         results = run_pipeline(config)
-    description = (f"first {len(rows)} pairs of {args.data.name}, split 70/10/20 by prompt; SmolLM2-135M-Instruct "
+    split = f"{1 - 0.1 - args.test_fraction:.0%}/10%/{args.test_fraction:.0%}"
+    description = (f"first {len(rows)} pairs of {args.data.name}, split {split} by prompt; SmolLM2-135M-Instruct "
                    f"GGUF, fp32, LoRA r16, lr 5e-5, 1 epoch each; max_length {args.max_length}; "
                    f"{args.seeds} seed(s); intervals over the test pairs (and seeds)")
-    record = {"command": f"python bench/real.py --n-pairs {args.n_pairs} --fraction {args.fraction}",
+    record = {"command": f"python bench/real.py --n-pairs {args.n_pairs} --fraction {args.fraction} "
+                         f"--test-fraction {args.test_fraction}",
               "description": description, "machine": machine(),
               "wall_seconds": round(time.perf_counter() - start, 1), **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,7 @@ def trained_copy(parent: LoadedModel, tag: str, pairs, ref_logps: np.ndarray, co
     """Train a copy of `parent`. Saved, it is fingerprinted by content like any model on disk; in memory, by
     parent, recipe and data, so resumable shards of a run with another recipe are never taken for its own."""
     child = LoadedModel(copy.deepcopy(parent.model), parent.tokenizer, str(save_dir or f"{parent.source}#{tag}"), "")
-    result = train(child, pairs, config, engine, out_dir=save_dir, ref_logps=ref_logps)
+    result = train(child, pairs, config, engine, out_dir=save_dir, ref_logps=ref_logps, quiet=True)
     if save_dir is not None:
         child.fingerprint = fingerprint_files(str(save_dir), None)
     else:

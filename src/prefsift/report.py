@@ -45,7 +45,7 @@ def markdown_table(summary: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary:
         name = row["method"] + (" (ceiling)" if row.get("ceiling") else "")
-        cells = [row["start_from"], name, row["budget"], _cell(row["n_pairs"])]
+        cells = [row["start_from"], name, row["budget"], f"{row['n_pairs']:.0f}"]  # a mean over seeds
         for metric in metrics:
             cells += [_interval(row, metric), _interval(row, f"{metric}_vs_random", True),
                       _interval(row, f"{metric}_vs_full", True)]

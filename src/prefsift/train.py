@@ -75,11 +75,12 @@ def _peft_config(config: TrainConfig):
 
 
 def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig | None = None,
-          out_dir: Path | None = None, ref_logps: np.ndarray | None = None) -> TrainResult:
+          out_dir: Path | None = None, ref_logps: np.ndarray | None = None, quiet: bool = False) -> TrainResult:
     """Train `loaded.model` in place on `pairs` (prompt, chosen, rejected) and return it.
 
     `ref_logps`: (n, 2) reference log-probs of `pairs` (from scores.parquet); computed here with prefsift's
-    engine when absent. Pairs TRL would drop (prompt longer than max_length) are left out.
+    engine when absent. Pairs TRL would drop (prompt longer than max_length) are left out. `quiet` drops TRL's
+    progress bar and metric lines (a pipeline that trains dozens of subsets logs its own line for each).
     """
     engine = engine or EngineConfig()
     if len(pairs) == 0:
@@ -87,15 +88,15 @@ def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Engi
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="prefsift-train-") as scratch:  # TRL wants an output_dir even unsaved
         return _train(loaded, pairs, config, engine, out_dir, ref_logps, str(out_dir) if out_dir else scratch,
-                      start)
+                      start, quiet)
 
 
 def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig, out_dir: Path | None,
-           ref_logps: np.ndarray | None, output_dir: str, start: float) -> TrainResult:
+           ref_logps: np.ndarray | None, output_dir: str, start: float, quiet: bool) -> TrainResult:
     forward_before = loaded.model.__dict__.get("forward")  # e.g. accelerate's device-map hook, or nothing
     device = next(loaded.model.parameters()).device
     compute = autocast_dtype(engine, device)
-    common = _common_args(config, engine, output_dir, compute, device.type == "cuda")
+    common = _common_args(config, engine, output_dir, compute, device.type == "cuda") | {"disable_tqdm": quiet}
     # TRL 1.16's configs still set transformers' `gradient_checkpointing`, which transformers 5.24 deprecates for a
     # name TRL does not take yet: the warning is about TRL, not about anything the user can change.
     warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -260,7 +260,8 @@ def eval_(
     common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": trust_remote_code}
     policy = load_model(model, **common)
     ref = load_model(reference, **common) if reference else None
-    judge = RewardModelJudge(load_reward_model(judge_model, **common), engine.max_length) if judge_model else None
+    judge = (RewardModelJudge(load_reward_model(judge_model, **common), engine.max_length, eval_config.batch_size)
+             if judge_model else None)
     prompts = win_rate_prompts(loaded_data, eval_config.eval_prompts) if judge is not None else None
     record = evaluate(policy, ref, test_pairs=loaded_data.pairs, prompts=prompts, judge=judge, config=eval_config,
                       engine=engine)

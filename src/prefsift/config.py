@@ -189,7 +189,7 @@ def cli_options(*classes: type, exclude: tuple[str, ...] = ()):
                 taken.add(f.name)
                 default = f.default if f.default is not _MISSING else None
                 kind = _cli_type(hints[f.name])
-                extra = f" [default: {default}]" if default is not None and kind is not bool else ""
+                extra = f" \\[default: {default}]" if default is not None and kind is not bool else ""  # rich markup
                 decl = [_flag(f.name) + (f"/--no-{f.name.replace('_', '-')}" if kind is bool else "")]
                 annotation = Annotated[kind | None, typer.Option(*decl, help=f.metadata.get("help", "") + extra,
                                                                  show_default=kind is bool and default)]
@@ -381,6 +381,10 @@ class RunConfig(Checked):
             raise ConfigError(f"run trains with DPO (the TIF pipeline); train.algo is {self.train.algo!r}")
         if not self.methods:
             raise ConfigError("methods: give at least one method")
+        if len(set(self.fractions)) != len(self.fractions):
+            raise ConfigError(f"fractions: each once (got {self.fractions})")
+        if not self.fractions and not self.rule_share:
+            raise ConfigError("fractions is empty and rule_share is off: no budget to compare methods at")
         names = [s.name for s in self.scorers()]
         if len(set(names)) != len(names):
             raise ConfigError(f"methods: each method once (got {', '.join(names)})")

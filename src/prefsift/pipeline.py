@@ -100,8 +100,12 @@ def trained_copy(parent: LoadedModel, tag: str, pairs, ref_logps: np.ndarray, co
     """Train a copy of `parent`. Saved, it is fingerprinted by content like any model on disk; in memory, by
     parent, recipe and data, so resumable shards of a run with another recipe are never taken for its own."""
     child = LoadedModel(copy.deepcopy(parent.model), parent.tokenizer, str(save_dir or f"{parent.source}#{tag}"), "")
-    result = train(child, pairs, config, engine, out_dir=save_dir, ref_logps=ref_logps, quiet=True)
+    result = train(child, pairs, config, engine, ref_logps=ref_logps, quiet=True)
     if save_dir is not None:
+        # the whole model (a LoRA adapter merged in): an adapter saved on a merged parent would name the SFT model
+        # as its base and reload without the parent's own training
+        child.model.save_pretrained(save_dir)
+        child.tokenizer.save_pretrained(save_dir)
         child.fingerprint = fingerprint_files(str(save_dir), None)
     else:
         recipe = json.dumps([parent.fingerprint, asdict(config), asdict(engine), data_hash_of(pairs["pair_id"]),
@@ -137,15 +141,17 @@ def budgets(config: RunConfig, scores: dict[str, np.ndarray], n_train: int, log)
     plans: list[tuple[str, float, int | None]] = [(f"{f:g}", f, None) for f in config.fractions]
     if config.rule_share and "lossdiff_irm" in scores:
         keep = int((scores["lossdiff_irm"] == 1.0).sum())
-        plans.append(("lossdiff-irm rule", round(keep / n_train, 3), keep))
         log(f"the LossDiff-IRM band rule keeps {keep} of {n_train} pairs ({keep / n_train:.1%})")
+        if keep:
+            plans.append(("lossdiff-irm rule", round(keep / n_train, 3), keep))
     return plans
 
 
 def selected_rows(scorer: Scorer, scores: dict[str, np.ndarray], fraction: float, count: int | None) -> np.ndarray:
     rule = scorer.selection_rule()
     rule.pop("low", None), rule.pop("high", None)  # a budget replaces the rule's own cut-offs
-    return select_indices(scores, rule.pop("rule"), **rule, fraction=None if count else fraction, count=count)
+    return select_indices(scores, rule.pop("rule"), **rule, fraction=None if count is not None else fraction,
+                          count=count)
 
 
 def _hidden_share(raw, rows: np.ndarray, column: str) -> float | None:
@@ -163,8 +169,12 @@ def compute_units(config: RunConfig, scorer: Scorer | None, start: str, n_train:
     pays it; a row pays the warm-up when it starts from it or its score needs it, the validation model when its
     score needs it, each scoring pass, and its own training."""
     needs = scorer.needs if scorer is not None else ()
-    units = {"reference": float(n_train), "train": 3.0 * n_subset * config.train.epochs}
-    if start == "warmup" or {"policy", "validation"} & set(needs):
+    uses_warmup = start == "warmup" or bool({"policy", "validation"} & set(needs))
+    # the reference pass over every training pair is needed by the warm-up and by a score against the reference;
+    # a row without either needs it over its own subset only
+    units = {"reference": float(n_train if uses_warmup or "reference" in needs else n_subset),
+             "train": 3.0 * n_subset * config.train.epochs}
+    if uses_warmup:
         units["warmup"] = 3.0 * n_warmup * config.warmup_epochs
     if "validation" in needs:
         units["validation"] = 3.0 * n_validation * config.validation_epochs + n_validation
@@ -243,8 +253,9 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
             own = scored.seconds.get(plan[0], 0.0)
             warm = timings.get("warmup", 0.0) if start == "warmup" and not (
                 plan[1] is not None and {"policy", "validation"} & set(plan[1].needs)) else 0.0
+            seconds = round(own + warm + record.pop("train_seconds"), 3)
             records.append({"seed": config.seed, "start_from": start, **record, "compute": sum(units.values()),
-                            "compute_parts": units, "seconds": round(own + warm + record.pop("train_seconds"), 3)})
+                            "compute_parts": units, "seconds": seconds})
     return records
 
 
@@ -263,8 +274,9 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     if judge is None and config.judge_model:
         from prefsift.reward import load_reward_model
 
-        judge = RewardModelJudge(load_reward_model(config.judge_model, dtype=engine.dtype, device=engine.device),
-                                 engine.max_length)
+        judge = RewardModelJudge(load_reward_model(config.judge_model, dtype=engine.dtype, device=engine.device,
+                                                   trust_remote_code=config.trust_remote_code),
+                                 engine.max_length, config.eval.batch_size)
     has_test = splits.test is not None and len(splits.test.pairs) > 0
     eval_prompts = splits.eval_prompts if judge is not None and has_test else []
     splits.eval_prompts = eval_prompts

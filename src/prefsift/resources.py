@@ -72,7 +72,7 @@ class Resources:
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> trainings that made it, seconds
     _loaded: dict[str, Any] = field(default_factory=dict)
     _by_source: dict[str, Any] = field(default_factory=dict)
-    _logps: dict[int, np.ndarray] = field(default_factory=dict)
+    _logps: dict[tuple, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.sources.get("reference") is None and self.sources.get("policy") is not None:
@@ -140,7 +140,7 @@ class Resources:
 
         loaded = self.model(role)
         data = self.pairs if pairs is None else pairs
-        key = hash((id(loaded.model), id(data)))
+        key = self._pass_key(loaded, data)
         if key not in self._logps:
             run = None
             if self.out_dir is not None:
@@ -158,8 +158,14 @@ class Resources:
                 self.seconds[role] = time.perf_counter() - start
         return self._logps[key]
 
+    @staticmethod
+    def _pass_key(loaded: Any, data: Any) -> tuple:
+        # The fingerprint as well as the object: a seed's trained copies are freed after it, and a later seed's copy
+        # may be allocated at the same address (id), which alone would hand it the earlier seed's log-probs.
+        return id(loaded.model), loaded.fingerprint, id(data), data.data_hash
+
     def has_logps(self, role: str) -> bool:
-        return role in self._loaded and hash((id(self._loaded[role].model), id(self.pairs))) in self._logps
+        return role in self._loaded and self._pass_key(self._loaded[role], self.pairs) in self._logps
 
     def logps_columns(self) -> dict[str, np.ndarray]:
         """Every computed pass over the scored pairs under its TRL column names, for scores.parquet."""
@@ -179,15 +185,14 @@ class Resources:
                          trust_remote_code=self.trust_remote_code, seconds=dict(self.seconds), _loaded=base,
                          _by_source=self._by_source, _logps=self._logps)
 
-    def cost(self, needs: tuple[str, ...], shared: set[str] = frozenset()) -> float:  # type: ignore[assignment]
-        """Seconds a method's roles cost: their log-prob passes and the trainings that made them (once each),
-        less the `shared` trainings every compared subset pays anyway."""
+    def cost(self, needs: tuple[str, ...]) -> float:
+        """Seconds a method's roles cost: their log-prob passes and the trainings that made them (once each)."""
         stages: dict[str, float] = {}
         for role in needs:
             stages.update(self.stages.get(role, {}))
         passes = {id(getattr(self._loaded[r], "model", self._loaded[r])): self.seconds[r] for r in needs
                   if r in self.seconds and r in self._loaded}
-        return sum(passes.values()) + sum(s for name, s in stages.items() if name not in shared)
+        return sum(passes.values()) + sum(stages.values())
 
     def describe(self) -> dict[str, dict]:
         """The manifest's record of every loaded role: source, content fingerprint and tokenizer hash."""

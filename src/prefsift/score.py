@@ -28,8 +28,8 @@ class ScoreResult:
     n_dropped: int  # pairs TRL would drop (prompt fills max_length): NaN in every score column
 
 
-def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, out_dir: Path | None = None, *,
-                shared_stages: frozenset[str] = frozenset(), extra: dict | None = None) -> ScoreResult:
+def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, out_dir: Path | None = None
+                ) -> ScoreResult:
     """Score every pair of `data` with each scorer; with `out_dir`, write the files other stages read."""
     if data.kind == "unpaired":
         raise ConfigError("scoring needs preference pairs (prompt, chosen, rejected); this data is unpaired (KTO)")
@@ -51,7 +51,7 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
         columns = scorer.score(resources)
         if set(columns) != set(scorer.columns):
             raise RuntimeError(f"scorer {scorer.name} wrote {sorted(columns)}, declared {list(scorer.columns)}")
-        seconds[scorer.name] = time.perf_counter() - start + resources.cost(scorer.needs, set(shared_stages))
+        seconds[scorer.name] = time.perf_counter() - start + resources.cost(scorer.needs)
         for name, values in columns.items():
             values = np.asarray(values, dtype=float)
             if len(values) != len(data.pairs):
@@ -72,7 +72,7 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
             "engine": dataclasses.asdict(resources.engine), "seed": resources.seed,
             "data": {"source": data.source, "kind": data.kind, "hash": data.data_hash, "n_pairs": len(data.pairs),
                      "n_invalid": len(data.invalid)},
-            "models": resources.describe(), "n_dropped_too_long": result.n_dropped, **(extra or {}),
+            "models": resources.describe(), "n_dropped_too_long": result.n_dropped,
         }
         write_scores(Path(out_dir), scores, data, record)
     return result
@@ -129,6 +129,8 @@ def reference_logps_from_scores(scores_dir: Path, data: LoadedPairs, reference, 
     fingerprint, tokenizer) or max_length differ from training's, or a pair is missing: log-probs of another
     model would silently train against the wrong reference."""
     manifest = read_manifest(Path(scores_dir))
+    if "ref_chosen_logps" not in pq.read_schema(Path(scores_dir) / "scores.parquet").names:
+        raise PrefsiftError(f"{scores_dir}/scores.parquet has no reference log-probs (score with irm or lossdiff)")
     scored = manifest.get("models", {}).get("reference", {})
     scored_length = manifest.get("engine", {}).get("max_length")
     if scored.get("fingerprint") != reference.fingerprint or \
@@ -139,8 +141,6 @@ def reference_logps_from_scores(scores_dir: Path, data: LoadedPairs, reference, 
         raise PrefsiftError(f"{scores_dir} was scored at max_length {scored_length}, training uses "
                             f"{engine.max_length}: pass --max-length {scored_length}, or drop --scores")
     table = pq.read_table(Path(scores_dir) / "scores.parquet").to_pydict()
-    if "ref_chosen_logps" not in table:
-        raise PrefsiftError(f"{scores_dir}/scores.parquet has no reference log-probs (score with irm/lossdiff)")
     index = {pid: i for i, pid in enumerate(table["pair_id"])}
     missing = [pid for pid in data.pairs["pair_id"] if pid not in index]
     if missing:

@@ -5,9 +5,11 @@ against the reference policy's answer), a preference accuracy's are test pairs (
 methods compared at the same budget share seeds and items, so their difference is taken item by item and seed by
 seed (paired), which removes the variance the items and the seeds have in common.
 
-Intervals come from a two-stage bootstrap: resample the seeds, then the items within each resampled seed. It covers
-both sources of noise (which model the training seed produced, which prompts were drawn), where a plain binomial
-interval over prompts would ignore the first. With one seed it reduces to the bootstrap over items.
+Intervals come from a two-way bootstrap: each replicate resamples the seeds and, independently, the items, and
+uses the same item draw for every seed, since every seed is judged on the same prompts and test pairs (resampling
+items within each seed apart would divide the items' variance by the number of seeds and make intervals too
+narrow). It covers both sources of noise (which model the training seed produced, which prompts were drawn), where a
+plain binomial interval over prompts would ignore the first. With one seed it reduces to the bootstrap over items.
 """
 
 from __future__ import annotations
@@ -51,12 +53,12 @@ def _as_matrix(outcomes) -> np.ndarray:
 
 def bootstrap_interval(outcomes, *, confidence: float = CONFIDENCE, n_bootstrap: int = N_BOOTSTRAP,
                        seed: int = 0) -> Interval:
-    """Mean of a (seeds, items) matrix with a two-stage percentile-bootstrap interval."""
+    """Mean of a (seeds, items) matrix with a two-way percentile-bootstrap interval (seeds and shared items)."""
     matrix = _as_matrix(outcomes)
     rng = np.random.default_rng(seed)
     n_seeds, n_items = matrix.shape
     seed_draws = rng.integers(0, n_seeds, size=(n_bootstrap, n_seeds))
-    item_draws = rng.integers(0, n_items, size=(n_bootstrap, n_seeds, n_items))
+    item_draws = rng.integers(0, n_items, size=(n_bootstrap, 1, n_items))  # one item draw for all the seeds
     resampled = matrix[seed_draws[:, :, None], item_draws]  # (B, seeds, items)
     means = np.nanmean(resampled.reshape(n_bootstrap, -1), axis=1)
     alpha = (1 - confidence) / 2
@@ -65,7 +67,7 @@ def bootstrap_interval(outcomes, *, confidence: float = CONFIDENCE, n_bootstrap:
 
 
 def paired_difference(outcomes, baseline, **kwargs) -> Interval:
-    """Mean of `outcomes − baseline`, paired by seed and item, with the same two-stage bootstrap interval."""
+    """Mean of `outcomes − baseline`, paired by seed and item, with the same two-way bootstrap interval."""
     a, b = _as_matrix(outcomes), _as_matrix(baseline)
     if a.shape != b.shape:
         raise ValueError(f"paired outcomes need the same (seeds, items) shape: {a.shape} vs {b.shape}")

@@ -126,6 +126,11 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
         args = KTOConfig(**common, precompute_ref_log_probs=True)
         trainer = KTOTrainer(model=loaded.model, args=args, train_dataset=unpaired,
                              processing_class=loaded.tokenizer, peft_config=_peft_config(config))
+    if quiet:  # with tqdm off, transformers swaps the bar for a callback that prints every log line
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     trainer.train()
     model = trainer.model
     # TRL's fused LM head replaces `forward` on the instance with a method bound to THIS object; a deepcopy of the

@@ -21,8 +21,10 @@ from prefsift.demo import ALL_METHODS, DemoConfig, run_demo
 
 
 def machine() -> dict:
+    """The machine, and its 1-minute load when asked: on a shared 2-core box a neighbour's load moves wall times."""
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:

@@ -22,8 +22,9 @@ RESULTS = ROOT / "bench" / "results"
 def demo_table(path: Path) -> str:
     record = json.loads(path.read_text())
     m = record["machine"]
+    load = f", load average {m['load_average_1min']} when it ended" if "load_average_1min" in m else ""
     head = (f"`{record['command']}`: {record['wall_seconds'] / 60:.1f} minutes on {m['cores']} cores "
-            f"({m['cpu']}, torch {m['torch']}); from `bench/results/{path.name}`.\n\n")
+            f"({m['cpu']}, torch {m['torch']}{load}); from `bench/results/{path.name}`.\n\n")
     return head + markdown_table(record["summary"])
 
 

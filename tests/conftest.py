@@ -17,6 +17,16 @@ def random_text(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: tiny models run as fast on one, and on a shared 2-core box 2 OpenMP threads spin-waiting on
+    a busy core run ~10-15x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on a tiny corpus. A prompt that ends inside a word ("the ca" + "t sat")

@@ -21,7 +21,7 @@ from prefsift.data import load_pairs
 from prefsift.logps import compute_logps, tokenize_pairs
 from prefsift.models import LoadedModel, load_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # one_thread: conftest.py
 
 HH_TEST = Path("/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
 MAX_LENGTH = 128  # short sequences keep the test to about a minute; truncation is exercised on the way
@@ -35,13 +35,6 @@ def smollm2_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core box, 2 OpenMP threads spin-waiting on a busy core run ~15x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

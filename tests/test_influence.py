@@ -27,13 +27,7 @@ def table(rows: list[dict]) -> Dataset:
     return Dataset.from_list([{**r, "pair_id": f"{i:03d}"} for i, r in enumerate(rows)])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and OpenMP threads spinning on a shared box slow them ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

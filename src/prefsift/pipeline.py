@@ -1,7 +1,8 @@
 """`prefsift run`: the TIF paper's pipeline from one config, each step a named function over the stages.
 
     split → reference passes → warm-up DPO (θ) → validation DPO from θ (θ_val) → score (one score path) →
-    budgets → train each subset → evaluate each policy → results.json, results.md, win_rate.png
+    budgets → train each subset → evaluate each policy, over every seed → results.json (records and a summary
+    with intervals and paired differences), timings.json, results.md, quality_vs_compute.png
 """
 
 from __future__ import annotations

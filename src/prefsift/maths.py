@@ -18,8 +18,9 @@ def implicit_reward_margin(policy: np.ndarray, reference: np.ndarray, beta: floa
 
 
 def dpo_loss(margin: np.ndarray) -> np.ndarray:
-    """−log σ(Δ), computed stably."""
-    return np.logaddexp(0.0, -margin)
+    """−log σ(Δ), computed stably; NaN (a pair TRL drops) stays NaN without a warning."""
+    with np.errstate(invalid="ignore"):
+        return np.logaddexp(0.0, -margin)
 
 
 def tie_keys(pair_ids: Sequence[str] | None, n: int) -> np.ndarray:

@@ -73,3 +73,13 @@ def test_a_bad_flag_names_the_flag(tmp_path):
     result = CliRunner().invoke(app, ["train", "--data", "x", "--model", "m", "--out", str(tmp_path / "o"),
                                       "--epochs", "0"])
     assert result.exit_code == 2 and "--epochs must be > 0" in result.output
+
+
+def test_scheduler_choices_are_transformers_own():
+    from transformers import SchedulerType
+
+    from prefsift.config import SCHEDULERS
+
+    assert set(SCHEDULERS) == {s.value for s in SchedulerType}
+    with pytest.raises(ConfigError, match="lr_scheduler_type must be one of"):
+        TrainConfig(lr_scheduler_type="bogus")

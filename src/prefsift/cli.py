@@ -199,6 +199,9 @@ def train(
                                                    defaults=scored)
     _apply_threads(engine)
     loaded_data = _load(data, data_options)
+    if train_config.algo == "kto" and (scores is not None or reference):
+        raise ConfigError("--scores/--reference feed DPO's reference log-probs; KTO computes its own reference "
+                          "from --model")
     common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": trust_remote_code}
     policy = load_model(model, **common)
     ref_model = load_model(reference, **common) if reference and reference != model else policy
@@ -215,9 +218,6 @@ def train(
                                 desc="reference log-probs")
         if ref_model is not policy:
             del ref_model  # only its log-probs are needed from here on
-    elif scores is not None or reference:
-        raise ConfigError("--scores/--reference feed DPO's reference log-probs; KTO computes its own reference "
-                          "from --model")
     result = run_train(policy, loaded_data.pairs, train_config, engine, out, ref_logps=ref)
     write_manifest(out, "train", {"model": model, "fingerprint": policy.fingerprint, "reference": reference,
                                   "data": {"source": data, "hash": loaded_data.data_hash, "n_pairs": result.n_pairs},

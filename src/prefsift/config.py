@@ -303,6 +303,11 @@ class ScoreConfig(Checked):
 
 
 ALGOS = ("dpo", "kto")
+# transformers' SchedulerType values (a test keeps this list equal to them; importing transformers here would slow
+# every `prefsift --help`)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay", "greedy")
 
 
 @dataclasses.dataclass
@@ -314,7 +319,8 @@ class TrainConfig(Checked):
     epochs: float = option(1.0, "Passes over the training pairs.", low=0, low_open=True)
     batch_size: int = option(8, "Pairs per device and step.", low=1)
     gradient_accumulation_steps: int = option(1, "Steps accumulated per update.", low=1)
-    lr_scheduler_type: str = option("linear", "transformers scheduler name (linear, cosine, constant, ...).")
+    lr_scheduler_type: str = option("linear", "transformers scheduler name (linear, cosine, constant, ...).",
+                                    choices=SCHEDULERS)
     warmup_steps: float = option(0.0, "Learning-rate warm-up steps (< 1: share of the steps).", low=0)
     seed: int = option(0, "Seed of shuffling and initialisation.", low=0)
     lora: bool = option(False, "Train a LoRA adapter (peft) instead of all weights.")

@@ -44,19 +44,20 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             config = RunConfig(out=str(Path(out)), methods=["random", "lossdiff-irm"], fractions=[], full=False,
                                warmup_fraction=share, warmup_epochs=demo.warmup_epochs,
-                               validation_epochs=demo.validation_epochs, start_from=demo.start_from,
+                               validation_epochs=demo.validation_epochs, start_from="warmup",
                                train=demo.train, engine=demo.engine, seed=args.seed,
                                eval=EvalConfig(max_new_tokens=demo.max_new_tokens, batch_size=256))
             start = time.perf_counter()
-            records = run_pipeline(config, splits=splits, base=base, judge=OracleJudge(task), log=lambda _: None)
+            records = run_pipeline(config, splits=splits, base=base, judge=OracleJudge(task),
+                                   log=lambda _: None)["records"]
             wall = time.perf_counter() - start
         by_method = {r["method"]: r for r in records}
         rows.append((share, by_method["lossdiff-irm"], by_method["random"], wall))
-    print(f"{'warm-up share':>13} {'warm-up s':>9} {'score s':>8} {'kept':>5} {'LD-IRM win':>10} {'random win':>10} "
+    print(f"{'warm-up share':>13} {'LD-IRM pair passes':>18} {'kept':>5} {'LD-IRM win':>10} {'random win':>10} "
           f"{'LD-IRM flipped kept':>19} {'run s':>6}")
     for share, ours, rand, wall in rows:
-        print(f"{share:>13.2f} {ours['warmup_seconds']:>9.1f} {ours['score_seconds']:>8.1f} {ours['n_pairs']:>5} "
-              f"{ours['win_rate']:>10.3f} {rand['win_rate']:>10.3f} {ours['flipped_kept']:>19.3f} {wall:>6.0f}")
+        print(f"{share:>13.2f} {ours['compute']:>18.0f} {ours['n_pairs']:>5} {ours['win_rate']:>10.3f} "
+              f"{rand['win_rate']:>10.3f} {ours['flipped_kept']:>19.3f} {wall:>6.0f}")
 
 
 if __name__ == "__main__":

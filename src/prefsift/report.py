@@ -37,7 +37,7 @@ def markdown_table(summary: list[dict]) -> str:
     """The summary as a table: mean [95% interval] of each metric; Δ: paired difference from random at the same
     budget, and from the full data; * marks a difference whose interval excludes 0."""
     metrics = [m for m in ("win_rate", "pref_accuracy") if any(m in r for r in summary)]
-    extra = [c for c in ("flipped_kept",) if any(c in r for r in summary)]
+    extra = [c for c in ("flipped_kept", "seconds") if any(c in r for r in summary)]
     header = ["start", "method", "budget", "pairs"]
     for metric in metrics:
         header += [metric, "Δ random", "Δ full"]

@@ -54,6 +54,11 @@ class Scorer:
     def score(self, resources) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def missing_input(self, has_reward_model: bool, columns: list[str]) -> str | None:
+        """Why this scorer cannot score data with these input `columns` (and a reward model or not), beyond the
+        roles it `needs`; None when it can. `prefsift compare` leaves such a method out of `all`."""
+        return None
+
     def compute_passes(self, n_pairs: int, n_validation: int) -> float:
         """Pair passes (forward-pass equivalents over one pair) the scorer spends beyond the log-prob passes of the
         roles it needs, which the pipeline counts itself: what the compute column charges it."""

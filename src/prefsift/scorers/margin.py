@@ -26,6 +26,11 @@ class MarginScorer(Scorer):
     columns = ("margin",)
     Params = MarginParams
 
+    def missing_input(self, has_reward_model: bool, columns: list[str]) -> str | None:
+        if has_reward_model or all(c in columns for c in RATING_COLUMNS):
+            return None
+        return f"method '{self.name}' needs a --reward-model or the columns {' and '.join(RATING_COLUMNS)}"
+
     def score(self, resources) -> dict[str, np.ndarray]:
         if resources.has("reward_model"):
             from prefsift.reward import reward_scores

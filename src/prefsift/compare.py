@@ -1,0 +1,92 @@
+"""`prefsift compare`: every selection rule prefsift has (or a chosen list) on the user's own model and data, at the
+same budgets, through the pipeline and the statistics of `prefsift run` (seeds, 95% intervals, paired differences
+from random at the same budget), with each method's measured cost beside its quality.
+
+The published rules disagree on which pairs help (the smallest implicit margins, the largest, the easiest first,
+the middle band of influence, an external reward margin, ...); this is where a user finds out which wins on theirs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from prefsift.config import RunConfig
+from prefsift.errors import ConfigError
+from prefsift.report import markdown_table
+from prefsift.scorers import SCORERS, get_scorer
+
+# Roles a run provides whatever the user gives: the SFT model as reference, the warm-up policy and validation model
+# it trains, the validation split, and an embedder (the SFT model's last-token state unless one is named).
+_RUN_ROLES = {"reference", "policy", "validation", "validation_pairs", "embedder"}
+
+
+def applicable_methods(reward_model: str | None, columns: list[str]) -> list[str]:
+    """Every registered method a run on this data can score, ceilings aside (they select by hidden labels): a
+    method needing a reward model only with one, a method reading the data's ratings only when they are there."""
+    roles = _RUN_ROLES | ({"reward_model"} if reward_model else set())
+    names = []
+    for name in sorted(SCORERS):
+        scorer = get_scorer(name)
+        if scorer.ceiling or not set(scorer.needs) <= roles:
+            continue
+        if scorer.missing_input(reward_model is not None, columns) is not None:
+            continue
+        names.append(name)
+    return names
+
+
+def resolve_methods(methods: list[str | dict], reward_model: str | None, columns: list[str]) -> list:
+    """`all`, or the user's list with `random` put first (every paired difference is taken against it)."""
+    if methods == ["all"]:
+        methods = applicable_methods(reward_model, columns)
+    methods = list(methods)
+    names = [m if isinstance(m, str) else m.get("name") for m in methods]
+    if "random" not in names:
+        methods.insert(0, "random")
+    return methods
+
+
+def mean_seconds(records: list[dict]) -> dict[tuple, float]:
+    """Measured seconds of each (start, method, budget), averaged over seeds: the method's scoring passes, the
+    trainings its scores needed, and the subset's training."""
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        groups.setdefault((r["start_from"], r["method"], r["budget"]), []).append(r["seconds"])
+    return {k: float(np.mean(v)) for k, v in groups.items()}
+
+
+def compare(config: RunConfig, *, log=print) -> dict:
+    """Run every method of `config` through `run_pipeline` and write compare.md: the summary table with a measured
+    `seconds` column. Returns {"records", "summary", "markdown"}."""
+    from prefsift.pipeline import run_pipeline
+
+    if len(config.scorers()) < 2:
+        raise ConfigError("compare needs at least one method besides random")
+    if config.seeds < 2:
+        log("one seed: intervals cover the test items only, not training noise (--seeds 3 or more to compare)")
+    results = run_pipeline(config, log=log)
+    seconds = mean_seconds(results["records"])
+    rows = [{**row, "seconds": round(seconds[(row["start_from"], row["method"], row["budget"])], 1)}
+            for row in results["summary"]]
+    markdown = markdown_table(rows)
+    out = Path(config.out)
+    (out / "compare.md").write_text("# prefsift compare\n\n" + markdown + "\n" + _legend(rows))
+    (out / "compare.json").write_text(json.dumps(rows, indent=1, allow_nan=False) + "\n")
+    return {**results, "summary": rows, "markdown": markdown}
+
+
+def _legend(rows: list[dict]) -> str:
+    significant = sorted({(r["method"], r["budget"]) for r in rows
+                          if any(r.get(f"{m}_vs_random_significant") for m in ("win_rate", "pref_accuracy"))})
+    lines = ["Δ random: paired difference from random at the same budget (same seeds, same test items), 95% "
+             "two-way bootstrap interval; * marks an interval that excludes 0. `seconds`: measured, mean over "
+             "seeds (scoring passes, the trainings a score needs, the subset's training); `compute × full`: pair "
+             "passes against training on all pairs.", ""]
+    if significant:
+        lines.append("Significant against random: " + ", ".join(f"{m} @ {b}" for m, b in significant) + ".")
+    else:
+        lines.append("No method differs significantly from random here.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,67 @@
+"""`prefsift compare`: every rule at the same budgets, through the run's statistics, with the cost of each."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from conftest import make_pairs, make_tiny_llama
+from typer.testing import CliRunner
+
+from prefsift.cli import app
+from prefsift.compare import applicable_methods, resolve_methods
+from prefsift.scorers import SCORERS
+
+
+def test_all_means_what_the_data_and_models_allow():
+    bare = applicable_methods(None, ["prompt", "chosen", "rejected"])
+    rated = applicable_methods(None, ["prompt", "chosen", "rejected", "score_chosen", "score_rejected"])
+    assert "oracle" not in bare and "oracle" in SCORERS  # a ceiling selects by hidden labels: never a method here
+    assert "margin" not in bare and "margin" in rated  # the dataset's ratings make the reward margin possible
+    assert {"random", "irm", "lossdiff", "lossdiff-irm"} <= set(bare)
+    assert set(rated) - set(bare) == set(applicable_methods("some/reward-model", ["prompt"])) - set(bare)
+    assert resolve_methods(["irm"], None, [])[0] == "random"  # the baseline every difference is taken against
+
+
+def test_compare_cli(tmp_path, bpe_tokenizer):
+    model_dir = tmp_path / "sft"
+    make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
+    bpe_tokenizer.save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    rows = [{**r, "score_chosen": float(rng.integers(1, 10)), "score_rejected": float(rng.integers(1, 10))}
+            for r in make_pairs(60, seed=5)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, [
+        "compare", "--data", str(data), "--model", str(model_dir), "--out", str(out), "--methods", "irm,margin",
+        "--fractions", "0.25", "--seeds", "2", "--start-from", "reference", "--no-rule-share", "--no-full",
+        "--test-fraction", "0.3", "--max-length", "64", "--learning-rate", "1e-3", "--batch-size", "8",
+        "--no-gradient-checkpointing", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    table = (out / "compare.md").read_text()
+    for method in ("random", "irm", "margin"):
+        assert f"| reference | {method} | 0.25 |" in table
+    assert "seconds" in table.splitlines()[2]
+    assert (out / "quality_vs_compute.png").stat().st_size > 0
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())}
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert len(records) == 3 * 2  # three methods, two seeds
+    for method in ("irm", "margin"):
+        assert rows[method]["seconds"] > 0
+        # the paired difference from random: same seeds, same test items, computed here from the raw outcomes
+        mine = np.concatenate([r["pref_outcomes"] for r in sorted(records, key=lambda r: r["seed"])
+                               if r["method"] == method])
+        base = np.concatenate([r["pref_outcomes"] for r in sorted(records, key=lambda r: r["seed"])
+                               if r["method"] == "random"])
+        assert abs(rows[method]["pref_accuracy_vs_random"] - np.mean(mine - base)) < 1e-4  # rounded to 4 places
+        assert rows[method]["pref_accuracy_vs_random_low"] <= rows[method]["pref_accuracy_vs_random"] \
+            <= rows[method]["pref_accuracy_vs_random_high"]
+
+
+def test_compare_refuses_bad_methods(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(10)))
+    result = CliRunner().invoke(app, ["compare", "--data", str(data), "--model", "x", "--methods", "nope",
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "unknown method 'nope'" in result.output and "Traceback" not in result.output

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -34,12 +36,50 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
 def write_manifest(out_dir: Path, stage: str, record: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "manifest.json"
     full = {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record, "versions": versions()}
-    path.write_text(json.dumps(full, indent=2, default=str) + "\n")
+    _write_text(path, json.dumps(full, indent=2, default=str) + "\n")
     return path
+
+
+DROPPED = "dropped.jsonl"
+
+
+def dropped_record(stage: str, reason: str, *, pair_id: str | None = None, row: int | None = None) -> dict[str, Any]:
+    """One left-out row: `{"pair_id" or "row", "stage", "reason"}` (pair_id once a row became a pair; `row` is the
+    input's 1-based line or record number, given too where known)."""
+    record: dict[str, Any] = {}
+    if pair_id is not None:
+        record["pair_id"] = pair_id
+    if row is not None:
+        record["row"] = row
+    if not record:
+        raise ValueError("a dropped record names a pair_id or a row")
+    return {**record, "stage": stage, "reason": reason}
+
+
+def write_dropped(out_dir: Path, records: list[dict[str, Any]]) -> Path:
+    """`dropped.jsonl` in `out_dir`: every row a stage left out and why, one JSON object a line (see
+    `dropped_record`); written even when empty, so its absence never reads as "nothing dropped"."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / DROPPED
+    _write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def read_dropped(directory: Path) -> list[dict[str, Any]]:
+    path = Path(directory) / DROPPED
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -48,4 +88,10 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "manifest.json"
     if not path.is_file():
         raise PrefsiftError(f"no manifest.json in {directory}: is it a prefsift output directory?")
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise PrefsiftError(f"{path} is not valid JSON ({error}): rerun the stage that wrote it") from None
+    if not isinstance(record, dict):
+        raise PrefsiftError(f"{path} is not a prefsift manifest (not a JSON object)")
+    return record

@@ -1,0 +1,182 @@
+"""Output directories: checked before any work, locked while a run writes them, replaced whole or not at all.
+
+A stage writes its results into a fresh staging directory beside `out` and `commit` swaps it in only when every
+file is written, so a failure part-way (a full disk, a crash, an interrupt) leaves the earlier results untouched and
+never a mix. What the old directory holds beyond the results (resumable shards, caches, other stages' folders) moves
+into the new one, so resume keeps working. A lock file beside `out` stops two runs from writing one directory.
+
+    check_output(out, "score")            # before loading anything: one line if `out` cannot be used
+    with locked(out):                     # the whole run, shards included
+        with staged(out, "score") as tmp: # results go to tmp; swapped in at the end of the block
+            write(tmp / "scores.parquet")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefsift.errors import PrefsiftError
+
+# Entries a directory may hold without a manifest: the resumable passes' caches of an unfinished run.
+CACHE_ENTRIES = {"shards", "embeddings", "influence"}
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _stage_of(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / "manifest.json").read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_output(out: Path, stage: str, *, flag: str = "--out") -> None:
+    """One line, before any work, when `out` cannot take `stage`'s results: it is a file, it sits under a file,
+    it holds another stage's results, or it holds files that are not prefsift's (a swap would lose them)."""
+    out = Path(out)
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is a file" if parent == out else f"is under {parent}, which is a file"
+                raise PrefsiftError(f"{flag} {out} {what}: give a directory")
+            break
+    if not out.is_dir():
+        return
+    entries = {p.name for p in out.iterdir()}
+    found = _stage_of(out)
+    if found is not None and found != stage:
+        raise PrefsiftError(f"{flag} {out} holds the results of `prefsift {found}`, not {stage}: choose another "
+                            f"directory")
+    if found is None and entries - CACHE_ENTRIES - {"manifest.json"}:
+        raise PrefsiftError(f"{flag} {out} is not empty and holds no prefsift {stage} results: choose an empty or new "
+                            f"directory")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_path(out: Path) -> Path:
+    return Path(out).parent / f".{Path(out).name}.lock"
+
+
+@contextlib.contextmanager
+def locked(out: Path, *, flag: str = "--out") -> Iterator[None]:
+    """Hold `out`'s lock file (created with O_EXCL, holding pid and host) for the block. A lock left by a dead process
+    on this host is taken over; a live one is refused with one line. Also the first write: a read-only or missing
+    parent fails here, with one line, before any work."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PrefsiftError(f"{flag} {out}: cannot create its parent ({error.strerror})") from None
+    path = lock_path(out)
+    me = f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid_text, _, host = path.read_text().partition(" ")
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                pid, host = -1, socket.gethostname()  # an empty lock: its writer died between open and write
+            if host.strip() == socket.gethostname() and (pid < 0 or not _pid_alive(pid)):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise PrefsiftError(f"{flag} {out} is being written by process {pid} on {host.strip()} (lock {path}); "
+                                f"wait for it, or delete the lock if that run is gone") from None
+        except OSError as error:
+            raise PrefsiftError(f"{flag} {out} is not writable ({error.strerror})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    else:
+        raise PrefsiftError(f"{flag} {out}: cannot take its lock {path}")
+    try:
+        recover(out)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text() == me:
+                path.unlink()
+
+
+def recover(out: Path) -> None:
+    """Finish or undo a swap a crash interrupted (called under the lock, so every staging or old sibling is a dead
+    run's): an old directory comes back when `out` is gone, else its caches move into `out`; staging is removed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for sibling in sorted(out.parent.glob(f".{out.name}.*-*-*")):
+        if not sibling.is_dir():
+            continue
+        kind = sibling.name[len(out.name) + 2:].split("-")[0]
+        if kind == "old":
+            if not out.exists():
+                sibling.rename(out)
+                continue
+            _move_missing(sibling, out)
+            shutil.rmtree(sibling, ignore_errors=True)
+        elif kind == "staging":
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _move_missing(source: Path, target: Path) -> None:
+    """Entries of `source` that `target` lacks (shards, caches, other stages' folders) move into it."""
+    for entry in source.iterdir():
+        if not (target / entry.name).exists():
+            entry.rename(target / entry.name)
+
+
+def commit(staging: Path, out: Path) -> None:
+    """Swap the complete `staging` directory in as `out`. Two renames; between them a crash leaves `out` missing and
+    the old directory beside it, which `recover` renames back."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = _sibling(out, "old")
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except OSError:
+        old.rename(out)  # the old results go back where they were
+        raise
+    _move_missing(old, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged(out: Path, stage: str, *, flag: str = "--out") -> Iterator[Path]:
+    """A staging directory beside `out` for `stage`'s results, swapped in as `out` when the block ends normally and
+    removed (the old results untouched) when it raises. Disk-full and permission errors become one line."""
+    out = Path(out)
+    check_output(out, stage, flag=flag)
+    staging = _sibling(out, "staging")
+    try:
+        staging.mkdir(parents=True)
+        yield staging
+        commit(staging, out)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise PrefsiftError(f"cannot write {out}: {reason}; earlier results there are unchanged") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

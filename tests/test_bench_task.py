@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,7 +135,7 @@ def test_corruption_rates_realised_and_flags_consistent(task):
         config.near_duplicate_rate, abs=0.01
     )
     for row in rows:
-        assert set(row) == {"prompt", "chosen", "rejected", *HIDDEN_COLUMNS}
+        assert set(row) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", *HIDDEN_COLUMNS}
         assert row["chosen"] != row["rejected"]
         margin = task.oracle_reward(row["prompt"], row["chosen"]) - task.oracle_reward(
             row["prompt"], row["rejected"]
@@ -142,6 +143,11 @@ def test_corruption_rates_realised_and_flags_consistent(task):
         assert row["oracle_margin"] == pytest.approx(margin)
         assert row["is_flipped"] == (row["oracle_margin"] < 0)
         assert row["is_near_tie"] == (abs(row["oracle_margin"]) < config.tie_epsilon)
+    # the visible ratings are the oracle reward plus noise: they recover the true order more often than not
+    rated = np.asarray([r["score_chosen"] - r["score_rejected"] for r in rows])
+    truth = np.asarray([r["oracle_margin"] for r in rows])
+    real = np.abs(truth) >= config.tie_epsilon
+    assert 0.7 < np.mean(np.sign(rated[real]) == np.sign(truth[real])) < 0.95
     prompts = {r["prompt"] for r in rows if not r["is_near_duplicate"]}
     for row in rows:
         if row["is_near_duplicate"]:

@@ -88,6 +88,11 @@ class TaskConfig:
         default=0.05,
         metadata={"help": "Oracle margin below which a pair is a near-tie (other pairs are above)."},
     )
+    rating_noise: float = field(
+        default=0.25,
+        metadata={"help": "Std of the Gaussian noise on the training pairs' visible score_chosen/score_rejected "
+                          "ratings (the oracle reward plus noise: an external rater, as UltraFeedback's ratings)."},
+    )
     sft_lazy_rate: float = field(
         default=0.45, metadata={"help": "Share of SFT demonstrations that lazily echo the input."}
     )
@@ -111,6 +116,8 @@ class TaskConfig:
             raise ConfigError("near_tie_rate + max(flip_rate, near_duplicate_rate) must be <= 1")
         if self.sft_lazy_rate + self.sft_exact_rate > 1.0:
             raise ConfigError("sft_lazy_rate + sft_exact_rate must be <= 1")
+        if not (0.0 <= self.rating_noise < float("inf")):
+            raise ConfigError(f"rating_noise must be a finite number >= 0, got {self.rating_noise}")
         if not 0.0 < self.tie_epsilon < 1.0 or not 0.0 <= self.length_penalty < 1.0:
             raise ConfigError("tie_epsilon must be in (0, 1) and length_penalty in [0, 1)")
 
@@ -390,6 +397,14 @@ def make_task(config: TaskConfig) -> BenchmarkTask:
         row["oracle_margin"], row["is_flipped"] = -row["oracle_margin"], True
     sft_examples = _sft_examples(stream("sft"), pool, config)
     train = _train_pairs(stream("train"), pool, config)
+    # An external rater's scores, visible like UltraFeedback's: the oracle reward plus noise, rated per response, so
+    # they disagree with a flipped label only as often as the noise makes them (their own stream: nothing else moves).
+    ratings = stream("ratings")
+    for row in train:
+        for side in ("chosen", "rejected"):
+            noisy = oracle_reward(row["prompt"], row[side], length_penalty=config.length_penalty) \
+                + ratings.gauss(0.0, config.rating_noise)
+            row[f"score_{side}"] = round(noisy, 3)
     return BenchmarkTask(
         config=config,
         train=train,

@@ -44,7 +44,7 @@ class MarginScorer(Scorer):
         raw = resources.pairs.raw
         if raw is None or not all(c in raw.column_names for c in RATING_COLUMNS):
             known = ", ".join(raw.column_names) if raw is not None else "none"
-            raise PrefsiftError(f"method 'margin' needs a --reward-model or the columns score_chosen and "
+            raise PrefsiftError(f"method '{self.name}' needs a --reward-model or the columns score_chosen and "
                                 f"score_rejected (columns: {known})")
         try:
             chosen, rejected = (np.asarray(raw[c], dtype=float) for c in RATING_COLUMNS)

@@ -1,0 +1,107 @@
+"""The peer selection rules against hand computations from independent, unpacked log-probs (test_scorers.naive)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_pairs, make_tiny_llama
+from test_scorers import BETA, naive, provider
+
+from prefsift.errors import ConfigError, PrefsiftError
+from prefsift.models import LoadedModel
+from prefsift.scorers import SCORERS, get_scorer
+from prefsift.select import select_indices
+
+
+@pytest.fixture(scope="module")
+def setting(bpe_tokenizer):
+    rows = make_pairs(30, seed=21)
+    rng = np.random.default_rng(3)
+    for row in rows:  # ratings as UltraFeedback gives them: chosen mostly, not always, above rejected
+        row["score_chosen"], row["score_rejected"] = float(rng.integers(1, 11)), float(rng.integers(1, 11))
+    models = {role: LoadedModel(make_tiny_llama(bpe_tokenizer, seed=s), bpe_tokenizer, role, role)
+              for role, s in (("policy", 5), ("reference", 6))}
+    lp = {role: naive(m.model, bpe_tokenizer, rows) for role, m in models.items()}
+    irm = BETA * ((lp["policy"][:, 0] - lp["reference"][:, 0]) - (lp["policy"][:, 1] - lp["reference"][:, 1]))
+    return rows, models, irm
+
+
+def test_small_margin_keeps_the_smallest_absolute_margins(setting):
+    rows, models, irm = setting
+    scorer = get_scorer("small-margin")
+    out = scorer.score(provider(rows, models))["small_margin"]
+    np.testing.assert_allclose(out, np.abs(irm), rtol=1e-4, atol=1e-6)
+    assert (irm < 0).any() and (irm > 0).any()  # both signs occur, so |.| matters
+    kept = select_indices({"small_margin": out}, **scorer.selection_rule(), count=7)
+    np.testing.assert_array_equal(kept, np.sort(np.argsort(np.abs(irm))[:7]))
+
+
+def test_small_margin_band(setting):
+    rows, models, irm = setting
+    scorer = get_scorer("small-margin", band_low=0.1, band_high=0.5)
+    out = scorer.score(provider(rows, models))["small_margin"]
+    kept = select_indices({"small_margin": out}, **scorer.selection_rule())
+    rank = np.empty(len(irm))
+    rank[np.argsort(np.abs(irm))] = np.arange(len(irm)) / (len(irm) - 1)
+    np.testing.assert_array_equal(kept, np.flatnonzero((rank >= 0.1) & (rank <= 0.5)))
+    with pytest.raises(ConfigError, match="band_low=0.2 needs band_high"):
+        get_scorer("small-margin", band_low=0.2)
+    with pytest.raises(ConfigError, match="0 <= low < high <= 1"):
+        get_scorer("small-margin", band_low=0.6, band_high=0.5)
+
+
+def test_large_margin_keeps_the_largest_signed_margins(setting):
+    rows, models, irm = setting
+    scorer = get_scorer("large-margin")
+    out = scorer.score(provider(rows, models))["large_margin"]
+    np.testing.assert_allclose(out, irm, rtol=1e-4, atol=1e-6)
+    kept = select_indices({"large_margin": out}, **scorer.selection_rule(), count=5)
+    np.testing.assert_array_equal(kept, np.sort(np.argsort(-irm)[:5]))
+
+
+def test_alignment_potential_is_the_authors_z_score_difference(setting):
+    rows, models, irm = setting
+    rated = np.array([r["score_chosen"] - r["score_rejected"] for r in rows])
+    for weight in (1.0, 2.5):
+        out = get_scorer("alignment-potential", logp_weight=weight).score(provider(rows, models))
+        z_ex = (rated - rated.mean()) / np.sqrt(np.mean((rated - rated.mean()) ** 2))
+        implicit = np.abs(irm)
+        z_im = (implicit - implicit.mean()) / np.sqrt(np.mean((implicit - implicit.mean()) ** 2))
+        np.testing.assert_allclose(out["alignment_potential"], z_ex - weight * z_im, rtol=1e-4, atol=1e-5)
+
+
+def test_alignment_potential_without_spread_in_the_implicit_margin(bpe_tokenizer):
+    rows = [{**r, "score_chosen": float(i), "score_rejected": 0.0} for i, r in enumerate(make_pairs(5, seed=2))]
+    same = LoadedModel(make_tiny_llama(bpe_tokenizer), bpe_tokenizer, "m", "m")  # policy = reference: IRM ≡ 0
+    out = get_scorer("alignment-potential").score(provider(rows, {"policy": same, "reference": same}))
+    np.testing.assert_allclose(out["alignment_potential"], (np.arange(5) - 2) / np.sqrt(2))
+
+
+def test_alignment_potential_needs_an_external_margin(setting):
+    rows, models, _ = setting
+    bare = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    with pytest.raises(PrefsiftError, match="method 'alignment-potential' needs a --reward-model or the columns"):
+        get_scorer("alignment-potential").score(provider(bare, models))
+
+
+def test_reward_margin_is_margin_under_its_own_name():
+    rows = make_pairs(3, seed=4)
+    rated = [{**r, "score_chosen": c, "score_rejected": w} for r, c, w in zip(rows, (9.0, 3.0, 5.5), (2.0, 4.0, 5.0),
+                                                                              strict=True)]
+    scorer = get_scorer("reward-margin")
+    np.testing.assert_allclose(scorer.score(provider(rated))["reward_margin"], [7.0, -1.0, 0.5])
+    assert scorer.selection_rule() == {"rule": "top", "column": "reward_margin"}
+    with pytest.raises(PrefsiftError, match="method 'reward-margin' needs a --reward-model"):
+        scorer.score(provider(rows))
+
+
+def test_peer_rules_are_listed_by_prefsift_methods():
+    from typer.testing import CliRunner
+
+    from prefsift.cli import app
+
+    result = CliRunner().invoke(app, ["methods"])
+    assert result.exit_code == 0, result.output
+    for name in ("small-margin", "large-margin", "alignment-potential", "reward-margin"):
+        assert name in SCORERS
+        assert f"{name}: needs" in result.output

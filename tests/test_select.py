@@ -1,12 +1,21 @@
-"""Selection rules: against hand-built expectations."""
+"""Selection rules against hand-built expectations; `prefsift select` on a score directory: explicit columns,
+dropped.jsonl, degenerate-score warnings."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import json
 
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from datasets import Dataset
+from typer.testing import CliRunner
+
+from prefsift.cli import app
+from prefsift.data import load_pairs
 from prefsift.errors import ConfigError
-from prefsift.select import percentile_ranks, select_indices
+from prefsift.score import write_scores
+from prefsift.select import percentile_ranks, score_warnings, select_from_scores, select_indices
 
 
 def table(values, ids=None):
@@ -87,3 +96,115 @@ def test_bad_selection_options(kwargs, message):
     rule = kwargs.pop("rule")
     with pytest.raises(ConfigError, match=message):
         select_indices(table([1.0, 2.0]), rule, **kwargs)
+
+
+# ---- prefsift select on a score directory: explicit columns, dropped.jsonl, degenerate-score warnings ----------
+
+
+def hh_rows(n: int) -> list[dict]:
+    """HH-RLHF-style transcripts (implicit prompt), multi-turn, whose two answers share their first letters: TRL's
+    character-prefix extract_prompt cuts those inside the answer."""
+    rows = []
+    for i in range(n):
+        prompt = f"\n\nHuman: question {i}?\n\nAssistant: An earlier answer {i}.\n\nHuman: and then?\n\nAssistant:"
+        rows.append({"chosen": prompt + f" Duck {i} says yes.", "rejected": prompt + f" Ducks {i} say no.",
+                     "source": f"s{i}"})
+    return rows
+
+
+def score_dir(tmp_path, rows, irm, *, policy="fp-warm", reference="fp-sft", nan_rows=()):
+    """A score directory written by score.py's own writer, with the given irm column; `nan_rows` are pairs whose
+    prompt filled max_length (NaN log-probs and scores, as the log-prob engine leaves them)."""
+    data = load_pairs(Dataset.from_list(rows))
+    n = len(data.pairs)
+    irm = np.asarray(irm, dtype=float)
+    logps = np.zeros(n)
+    for r in nan_rows:
+        irm[r], logps[r] = np.nan, np.nan
+    scores = {"pair_id": np.asarray(data.pairs["pair_id"], dtype=object), "irm": irm,
+              "chosen_logps": logps, "rejected_logps": logps, "ref_chosen_logps": logps,
+              "ref_rejected_logps": logps}
+    record = {"methods": {"irm": {"rule": {"rule": "band", "column": "irm", "low": 0.1, "high": 0.9}}},
+              "default_rule": {"rule": "band", "column": "irm", "low": 0.1, "high": 0.9},
+              "engine": {"max_length": 64}, "data": {"kind": data.kind, "hash": data.data_hash},
+              "models": {"policy": {"fingerprint": policy}, "reference": {"fingerprint": reference}}}
+    out = tmp_path / "scores"
+    write_scores(out, scores, data, record)
+    return out, data
+
+
+def test_select_writes_explicit_prompt_columns_for_implicit_input(tmp_path):
+    from trl.data_utils import extract_prompt, maybe_extract_prompt
+
+    rows = hh_rows(12)
+    scores, _ = score_dir(tmp_path, rows, np.arange(12.0))
+    select_from_scores(scores, tmp_path / "sel", rule="all")
+    lines = [json.loads(x) for x in (tmp_path / "sel" / "selected.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and set(lines[0]) == {"prompt", "chosen", "rejected", "pair_id"}
+    by_source = {r["chosen"]: r for r in rows}
+    for line in lines:
+        original = by_source[line["prompt"] + line["chosen"]]  # the transcript back, exactly
+        assert line["prompt"] + line["rejected"] == original["rejected"]
+        assert line["prompt"].endswith("\n\nAssistant:")
+        assert maybe_extract_prompt(dict(line)) == line  # TRL keeps an explicit prompt as it is
+    # the input's own columns, kept on request, are what TRL splits inside the answer (" D" | "uck 0 says ...")
+    select_from_scores(scores, tmp_path / "orig", rule="all", output_columns="original")
+    original = [json.loads(x) for x in (tmp_path / "orig" / "selected.jsonl").read_text().splitlines()]
+    assert set(original[0]) == {"chosen", "rejected", "source", "pair_id"}
+    assert all(not extract_prompt(dict(r))["prompt"].endswith("Assistant:") for r in original)
+    assert pq.read_table(tmp_path / "sel" / "selected.parquet").to_pylist() == lines
+
+
+def test_rule_all_keeps_no_nan_pair_and_dropped_jsonl_says_why(tmp_path):
+    rows = hh_rows(10)
+    scores, data = score_dir(tmp_path, rows, np.linspace(-1, 1, 10), nan_rows=(2, 7))
+    result = CliRunner().invoke(app, ["select", "--scores", str(scores), "--rule", "all", "--out",
+                                      str(tmp_path / "sel")])
+    assert result.exit_code == 0, result.output
+    assert "kept 8 of 10 pairs (all); 2 not considered (NaN score)" in result.output
+    kept = {json.loads(x)["pair_id"] for x in (tmp_path / "sel" / "selected.jsonl").read_text().splitlines()}
+    ids = data.pairs["pair_id"]
+    assert kept == set(ids) - {ids[2], ids[7]}
+    dropped = [json.loads(x) for x in (tmp_path / "sel" / "dropped.jsonl").read_text().splitlines()]
+    assert dropped == [{"pair_id": ids[r], "stage": "select", "reason": "NaN score: prompt fills max_length=64"}
+                       for r in (2, 7)]
+    assert json.loads((tmp_path / "sel" / "manifest.json").read_text())["n_dropped"] == 2
+
+
+def test_select_with_scores_carries_the_score_columns(tmp_path):
+    rows = hh_rows(10)
+    irm = np.random.default_rng(0).normal(size=10)
+    scores, data = score_dir(tmp_path, rows, irm)
+    select_from_scores(scores, tmp_path / "sel", rule="top", column="irm", count=4, with_scores=True)
+    table = pq.read_table(tmp_path / "sel" / "selected.parquet").to_pydict()
+    by_id = dict(zip(data.pairs["pair_id"], irm, strict=True))
+    assert table["irm"] == [by_id[p] for p in table["pair_id"]]
+    assert sorted(table["irm"]) == sorted(np.sort(irm)[-4:])
+
+
+def test_degenerate_scores_get_one_clear_warning(tmp_path):
+    rows = hh_rows(30)
+    # IRM scored with the policy equal to the reference: 0 for every pair
+    scores, _ = score_dir(tmp_path, rows, np.zeros(30), policy="same", reference="same")
+    result = CliRunner().invoke(app, ["select", "--scores", str(scores), "--fraction", "0.5", "--out",
+                                      str(tmp_path / "sel")])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("warning:") == 1
+    assert "irm is constant" in result.output and "policy equals the reference" in result.output
+    assert "prefsift train" in result.output
+
+    pair_ids = [f"p{i:02d}" for i in range(40)]
+    mostly_nan = {"pair_id": pair_ids, "s": np.r_[np.full(25, np.nan), np.arange(15.0)]}
+    (warning,) = score_warnings(mostly_nan, ["s"], {"engine": {"max_length": 64}}, "top")
+    assert "NaN for 25 of 40 pairs" in warning and "--max-length" in warning
+    few = {"pair_id": pair_ids, "s": np.arange(40.0) % 3}
+    (warning,) = score_warnings(few, ["s"], {}, "band")
+    assert "only 3 distinct values" in warning
+    # a tie straddling the cut of a top rule: 10 pairs score 5.0, the top 8 keeps 4 of them by pair_id
+    tied = {"pair_id": pair_ids, "s": np.r_[np.arange(30.0) / 10, np.full(10, 5.0)]}
+    tied["s"][:4] = 9.0 + np.arange(4)
+    rows_kept = select_indices(tied, "top", column="s", count=8)
+    (warning,) = score_warnings(tied, ["s"], {}, "top", rows_kept)
+    assert "10 pairs share the score 5 at the cut and 4 of them are kept" in warning
+    spread = {"pair_id": pair_ids, "s": np.random.default_rng(1).normal(size=40)}
+    assert score_warnings(spread, ["s"], {}, "top", select_indices(spread, "top", column="s", count=8)) == []

@@ -115,12 +115,18 @@ def score(
     params = method_params(score_config.methods(), parse_params(param))
     for name in score_config.methods():
         require(get_scorer(name, **params[name]).needs, score_config.sources(), name)
+    from prefsift.output import check_output, locked
+
+    check_output(out, "score")  # a file, another stage's results, a foreign directory: before any work
     _apply_threads(engine)
-    loaded = _load(data, data_options)
-    result = run_score(loaded, score_config, engine, out, params)
+    with locked(out):
+        loaded = _load(data, data_options)
+        result = run_score(loaded, score_config, engine, out, params)
     columns = [c for c in result.scores if c != "pair_id"]
-    dropped = f" ({result.n_dropped} dropped: prompt fills max_length)" if result.n_dropped else ""
-    console.print(f"scored {len(result.scores['pair_id'])} pairs{dropped} with {score_config.method} in "
+    n_scored = len(result.scores["pair_id"]) - result.n_dropped
+    left_out = result.n_dropped + len(loaded.invalid)
+    dropped = f" ({left_out} left out → {out / 'dropped.jsonl'})" if left_out else ""
+    console.print(f"scored {n_scored} of {len(result.scores['pair_id'])} pairs{dropped} with {score_config.method} in "
                   f"{sum(result.seconds.values()):.1f}s: {', '.join(columns)} → {out / 'scores.parquet'}",
                   highlight=False)
 
@@ -157,13 +163,24 @@ def select(
     columns: Annotated[str | None, typer.Option(help="Comma-separated columns for 'intersection'.")] = None,
     low: Annotated[float | None, typer.Option(help="Lower percentile cut-off of a band, in [0, 1].")] = None,
     high: Annotated[float | None, typer.Option(help="Upper percentile cut-off of a band, in [0, 1].")] = None,
+    output_columns: Annotated[str, typer.Option("--output-columns", help="split: prefsift's explicit prompt, "
+                                                "chosen, rejected (what TRL and the exports read); original: the "
+                                                "input's own columns. Both keep pair_id.")] = "split",
+    with_scores: Annotated[bool, typer.Option("--with-scores/--no-scores", help="Also write the score columns "
+                                              "beside each pair.")] = False,
 ) -> None:
-    """Keep the pairs a rule picks; write them in the input's own columns plus pair_id."""
+    """Keep the pairs a rule picks; write them with explicit prompt / chosen / rejected columns plus pair_id, list
+    the pairs it could not consider (NaN score) in dropped.jsonl, and warn about a degenerate score."""
     from prefsift.select import select_from_scores
 
     result = select_from_scores(scores, out, rule=rule, fraction=fraction, count=count, column=column,
-                                columns=columns.split(",") if columns else None, low=low, high=high, method=method)
-    console.print(f"kept {result['n_selected']} of {result['n_pairs']} pairs ({result['rule']}) → "
+                                columns=columns.split(",") if columns else None, low=low, high=high, method=method,
+                                output_columns=output_columns, with_scores=with_scores)
+    for warning in result["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    dropped = (f"; {result['n_dropped']} not considered (NaN score) → {out / 'dropped.jsonl'}"
+               if result["n_dropped"] else "")
+    console.print(f"kept {result['n_selected']} of {result['n_pairs']} pairs ({result['rule']}){dropped} → "
                   f"{out / 'selected.jsonl'}", highlight=False)
 
 

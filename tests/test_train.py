@@ -102,3 +102,122 @@ def test_a_copy_of_a_trained_model_is_independent(bpe_tokenizer, tiny_llama):
     with torch.no_grad():
         assert not torch.allclose(first(ids).logits, second(ids).logits)  # the copy's own forward, own weights
     np.testing.assert_allclose(compute_logps(first, bpe_tokenizer, pairs, max_length=64), before)
+
+
+# --- soft selection (weight column) and curriculum (order) --------------------------------------------------------
+
+def _weighted_setting(bpe_tokenizer, n: int = 8):
+    """Pairs, a reference unlike the policy (so per-pair losses differ) and its log-probs."""
+    pairs = Dataset.from_list(make_pairs(n, seed=31))
+    ref = compute_logps(make_tiny_llama(bpe_tokenizer, seed=2), bpe_tokenizer, pairs, max_length=64)
+    return pairs, ref
+
+
+def _loss_and_grads(bpe_tokenizer, pairs: Dataset, ref: np.ndarray) -> tuple[float, dict[str, torch.Tensor]]:
+    """One batch holding every pair through the trainer prefsift builds: its loss and the gradient of it."""
+    from prefsift.train import make_trainer
+
+    model = make_tiny_llama(bpe_tokenizer, seed=1)  # the same weights on every call
+    config = TrainConfig(batch_size=len(pairs), gradient_checkpointing=False)
+    trainer, _ = make_trainer(LoadedModel(model, bpe_tokenizer, "t", "x"), pairs, config, ENGINE, "unused",
+                              ref_logps=ref, quiet=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert len(batch["ref_chosen_logps"]) == len(pairs)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a: tuple[float, dict], b: tuple[float, dict]) -> None:
+    assert a[0] == pytest.approx(b[0], rel=1e-6)
+    assert a[1].keys() == b[1].keys() and len(a[1]) > 0
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-5, atol=1e-8)
+
+
+def test_weight_one_is_trls_own_loss(bpe_tokenizer, one_thread):
+    pairs, ref = _weighted_setting(bpe_tokenizer)
+    trl_own = _loss_and_grads(bpe_tokenizer, pairs, ref)  # no weight column: TRL's _compute_loss untouched
+    weighted = _loss_and_grads(bpe_tokenizer, pairs.add_column("weight", [1.0] * len(pairs)), ref)
+    _assert_same(weighted, trl_own)
+    assert trl_own[0] != pytest.approx(np.log(2), abs=1e-3)  # the reference differs: a real loss, not log 2
+
+
+def test_weight_zero_is_dropping_the_pair(bpe_tokenizer, one_thread):
+    pairs, ref = _weighted_setting(bpe_tokenizer)
+    weights = [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    kept = [i for i, w in enumerate(weights) if w]
+    dropped = _loss_and_grads(bpe_tokenizer, pairs.select(kept), ref[kept])
+    weighted = _loss_and_grads(bpe_tokenizer, pairs.add_column("weight", weights), ref)
+    _assert_same(weighted, dropped)
+
+
+def test_weighted_loss_is_the_weighted_mean_of_pair_losses(bpe_tokenizer, one_thread):
+    """train() with a weight column logs Σ w·ℓ / Σ w at its first step, ℓ from prefsift's own log-prob engine."""
+    pairs, ref = _weighted_setting(bpe_tokenizer)
+    weights = np.array([0.5, 2.0, 0.0, 1.0, 3.0, 0.25, 1.0, 0.0])
+    policy = make_tiny_llama(bpe_tokenizer, seed=1)
+    lp = compute_logps(policy, bpe_tokenizer, pairs, max_length=64)
+    margin = ENGINE.beta * ((lp[:, 0] - ref[:, 0]) - (lp[:, 1] - ref[:, 1]))
+    expected = np.sum(weights * np.logaddexp(0, -margin)) / weights.sum()
+    config = TrainConfig(batch_size=len(pairs), learning_rate=1e-3, logging_steps=1, gradient_checkpointing=False)
+    result = train(LoadedModel(policy, bpe_tokenizer, "t", "x"), pairs.add_column("weight", weights.tolist()),
+                   config, ENGINE, ref_logps=ref, quiet=True)
+    first = next(h["loss"] for h in result.log_history if "loss" in h)
+    assert first == pytest.approx(expected, abs=1e-4)
+    assert abs(expected - np.mean(np.logaddexp(0, -margin))) > 1e-3  # the weights change the loss
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    ([1.0, -1.0], "finite numbers >= 0"), ([0.0, 0.0], "every pair has weight 0"),
+    ([1.0, float("nan")], "finite numbers >= 0")])
+def test_bad_weights_are_refused(bpe_tokenizer, tiny_llama, weights, message):
+    pairs = Dataset.from_list(make_pairs(2, seed=3)).add_column("weight", weights)
+    with pytest.raises(ConfigError, match=message):
+        train(LoadedModel(tiny_llama, bpe_tokenizer, "t", "x"), pairs, TrainConfig(), ENGINE)
+
+
+def test_kto_refuses_weights_and_order(bpe_tokenizer, tiny_llama):
+    pairs = Dataset.from_list(make_pairs(2, seed=3)).add_column("weight", [1.0, 1.0])
+    with pytest.raises(ConfigError, match="KTO takes neither"):
+        train(LoadedModel(tiny_llama, bpe_tokenizer, "t", "x"), pairs, TrainConfig(algo="kto"), ENGINE)
+
+
+def _batches_seen(bpe_tokenizer, monkeypatch, order, descending: bool = False) -> tuple[list[float], np.ndarray]:
+    """The reference log-prob of each pair in the order the trainer's loss sees them (one epoch)."""
+    pairs, ref = _weighted_setting(bpe_tokenizer)
+    seen: list[float] = []
+    original = train_module._DPOTrainerWithReferenceLogps._compute_loss
+
+    def record(self, model, inputs, return_outputs):
+        seen.extend(inputs["ref_chosen_logps"].tolist())
+        return original(self, model, inputs, return_outputs)
+
+    monkeypatch.setattr(train_module._DPOTrainerWithReferenceLogps, "_compute_loss", record)
+    config = TrainConfig(batch_size=2, gradient_checkpointing=False, order="difficulty" if order is not None else None,
+                         order_descending=descending)
+    train(LoadedModel(make_tiny_llama(bpe_tokenizer, seed=1), bpe_tokenizer, "t", "x"), pairs, config, ENGINE,
+          ref_logps=ref, quiet=True, order=order)
+    return seen, ref
+
+
+def test_curriculum_order_reaches_the_trainer(bpe_tokenizer, monkeypatch, one_thread):
+    difficulty = np.array([0.7, 0.1, np.nan, 0.4, 0.9, 0.2, 0.4, 0.3])
+    seen, ref = _batches_seen(bpe_tokenizer, monkeypatch, difficulty)
+    # easiest first, the tie (rows 3 and 6) in the data's order, the pair without a score last
+    np.testing.assert_allclose(seen, ref[[1, 5, 7, 3, 6, 0, 4, 2], 0], rtol=1e-6)
+    seen, ref = _batches_seen(bpe_tokenizer, monkeypatch, difficulty, descending=True)
+    np.testing.assert_allclose(seen, ref[[4, 0, 3, 6, 7, 5, 1, 2], 0], rtol=1e-6)
+
+
+def test_without_an_order_training_shuffles(bpe_tokenizer, monkeypatch, one_thread):
+    seen, ref = _batches_seen(bpe_tokenizer, monkeypatch, None)
+    assert sorted(seen) == pytest.approx(sorted(ref[:, 0].tolist()), rel=1e-6)  # every pair once
+    assert seen != pytest.approx(ref[:, 0].tolist(), rel=1e-6)  # not in the data's order
+
+
+def test_order_needs_its_column_name_and_values(bpe_tokenizer, tiny_llama):
+    pairs = Dataset.from_list(make_pairs(2, seed=3))
+    with pytest.raises(ConfigError, match="needs both the score column's name"):
+        train(LoadedModel(tiny_llama, bpe_tokenizer, "t", "x"), pairs, TrainConfig(order="loss"), ENGINE)

@@ -289,6 +289,8 @@ class ScoreConfig(Checked):
     embedder: str | None = option(None, "Embedding model (methods that embed).")
     seed: int = option(0, "Seed of random scores and of any sampling a scorer does.", low=0)
     trust_remote_code: bool = option(False, "Let a model run its own code (off unless you ask).")
+    allow_dropped: bool = option(False, "Go on when more than half of the pairs are dropped (prompt fills "
+                                        "max_length, non-finite score); every pair dropped always stops.")
 
     def methods(self) -> list[str]:
         names = [m.strip() for m in self.method.split(",") if m.strip()]
@@ -330,6 +332,10 @@ class TrainConfig(Checked):
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (TRL's default; off "
                                                 "for tiny models).")
     logging_steps: int = option(10, "Log every N steps.", low=1)
+    order: str | None = option(None, "Curriculum: train in the order of this score column (from --scores' "
+                                     "scores.parquet, else a column of the data), lowest first (Selective DPO: "
+                                     "easiest first); shuffling is off only then. DPO only.")
+    order_descending: bool = option(False, "With --order: highest score first.")
 
 
 @dataclasses.dataclass

@@ -3,6 +3,12 @@
 TRL's `precompute_ref_log_probs` runs a full reference pass before training; prefsift hands it the
 `ref_chosen_logps` / `ref_rejected_logps` it computed while scoring (or computes them with its faster engine),
 and a small subclass tells TRL to take them as they are.
+
+Two more things the subclass adds, each only when asked:
+- soft selection: a `weight` column (`prefsift weigh` writes one) trains with a per-pair weighted DPO loss,
+  Σ wᵢ·ℓᵢ / Σ wᵢ over each batch (trl#5613 asks TRL for it; TRL 1.16 has no per-pair hook);
+- curriculum: `order` trains in the order of a score (Selective DPO: easy first), TRL's shuffling turned off
+  through transformers' own `train_sampling_strategy="sequential"`, only then.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.data_utils import unpair_preference_dataset
@@ -24,14 +31,75 @@ from prefsift.errors import ConfigError
 from prefsift.logps import compute_logps
 from prefsift.models import LoadedModel, lora_config
 
+WEIGHT_COLUMN = "weight"
+
+
+class _WeightCollator:
+    """TRL's preference collator, plus the batch's `weight` tensor when the examples carry one."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        if WEIGHT_COLUMN in examples[0]:
+            batch[WEIGHT_COLUMN] = torch.tensor([e[WEIGHT_COLUMN] for e in examples], dtype=torch.float32)
+        return batch
+
 
 class _DPOTrainerWithReferenceLogps(DPOTrainer):
-    """DPOTrainer that takes `ref_chosen_logps` / `ref_rejected_logps` already in the dataset as they are."""
+    """DPOTrainer that takes `ref_chosen_logps` / `ref_rejected_logps` already in the dataset as they are, and
+    weighs each pair's loss by a `weight` column when the dataset has one.
+
+    TRL 1.16 reduces the per-pair loss inside `_compute_loss` with `.mean()` and exposes no per-pair hook (trl#5613;
+    its draft, trl#5804, was closed unmerged). So the weighted path lets TRL run everything as usual (its forward,
+    its metrics), keeps the forward's per-token log-probs through a hook on the model, and reduces TRL's own
+    sigmoid loss −log σ(β·Δᵢ) again with the weights:
+
+        loss = Σ wᵢ·ℓᵢ / Σ wᵢ   (over the batch)
+
+    Why this normalization and not mean(w·ℓ): with every weight 1 it is TRL's mean exactly, a weight 0 is the pair
+    dropped from the batch exactly (mean(w·ℓ) would still divide by it), and scaling all weights leaves the
+    learning rate's meaning unchanged. A batch whose weights are all 0 contributes a zero gradient."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.data_collator = _WeightCollator(self.data_collator)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):  # noqa: D401 - TRL's hook
         if "ref_chosen_logps" in dataset.column_names and "ref_rejected_logps" in dataset.column_names:
             return dataset
         return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if WEIGHT_COLUMN not in self._signature_columns:  # else transformers drops the column as unused
+            self._signature_columns = [*self._signature_columns, WEIGHT_COLUMN]
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        weight = inputs.pop(WEIGHT_COLUMN, None)
+        if weight is None:
+            return super()._compute_loss(model, inputs, return_outputs)
+        if (self.loss_types != ["sigmoid"] or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None
+                or self.use_weighting or not self.precompute_ref_logps or return_outputs):
+            raise ValueError("the weighted DPO loss is the sigmoid loss with precomputed reference log-probs")
+        captured = {}
+        handle = model.register_forward_hook(lambda module, args, output: captured.__setitem__("out", output))
+        try:
+            super()._compute_loss(model, inputs, return_outputs=False)  # TRL's forward and metrics
+        finally:
+            handle.remove()
+        outputs = captured["out"]
+        seq_len = inputs["completion_mask"].size(1) - 1
+        chosen_logps, rejected_logps = outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+        delta_score = (chosen_logps - inputs["ref_chosen_logps"]) - (rejected_logps - inputs["ref_rejected_logps"])
+        per_pair = -F.logsigmoid(self.beta * delta_score)  # TRL's "sigmoid" loss, term for term
+        weight = weight.to(per_pair.device, per_pair.dtype)
+        total = weight.sum()
+        loss = (weight * per_pair).sum() / total if total > 0 else (0.0 * per_pair).sum()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+        return loss
 
 
 @dataclass
@@ -75,12 +143,16 @@ def _peft_config(config: TrainConfig):
 
 
 def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig | None = None,
-          out_dir: Path | None = None, ref_logps: np.ndarray | None = None, quiet: bool = False) -> TrainResult:
+          out_dir: Path | None = None, ref_logps: np.ndarray | None = None, quiet: bool = False,
+          order: np.ndarray | None = None) -> TrainResult:
     """Train `loaded.model` in place on `pairs` (prompt, chosen, rejected) and return it.
 
     `ref_logps`: (n, 2) reference log-probs of `pairs` (from scores.parquet); computed here with prefsift's
     engine when absent. Pairs TRL would drop (prompt longer than max_length) are left out. `quiet` drops TRL's
     progress bar and metric lines (a pipeline that trains dozens of subsets logs its own line for each).
+    A `weight` column in `pairs` trains DPO with those per-pair weights. `order` (one value a pair, e.g. the column
+    `config.order` names, read by `order_values`) trains in the order of that value, ascending unless
+    `config.order_descending`, without shuffling.
     """
     engine = engine or EngineConfig()
     if len(pairs) == 0:
@@ -88,12 +160,37 @@ def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Engi
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="prefsift-train-") as scratch:  # TRL wants an output_dir even unsaved
         return _train(loaded, pairs, config, engine, out_dir, ref_logps, str(out_dir) if out_dir else scratch,
-                      start, quiet)
+                      start, quiet, order)
 
 
-def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig, out_dir: Path | None,
-           ref_logps: np.ndarray | None, output_dir: str, start: float, quiet: bool) -> TrainResult:
-    forward_before = loaded.model.__dict__.get("forward")  # e.g. accelerate's device-map hook, or nothing
+def pair_weights(pairs: Dataset) -> np.ndarray | None:
+    """The `weight` column as numbers (None without one), refused unless finite, >= 0 and not all 0."""
+    if WEIGHT_COLUMN not in pairs.column_names:
+        return None
+    try:
+        weights = np.asarray(pairs[WEIGHT_COLUMN], dtype=float)
+    except (TypeError, ValueError):
+        raise ConfigError("the weight column must hold numbers") from None
+    if not np.all(np.isfinite(weights)) or (weights < 0).any():
+        raise ConfigError("the weight column must hold finite numbers >= 0 (prefsift weigh writes NaN scores as 0)")
+    if not (weights > 0).any():
+        raise ConfigError("every pair has weight 0: nothing to train on")
+    return weights
+
+
+def curriculum_rows(order: np.ndarray, descending: bool) -> np.ndarray:
+    """Row indices in the order training sees them: by `order`, ascending (or descending), ties in the data's
+    own order, NaN (a pair without a score) last."""
+    order = np.asarray(order, dtype=float)
+    key = -order if descending else order
+    return np.argsort(np.where(np.isnan(key), np.inf, key), kind="stable")
+
+
+def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig, output_dir: str,
+                 ref_logps: np.ndarray | None = None, quiet: bool = False, order: np.ndarray | None = None
+                 ) -> tuple[DPOTrainer | KTOTrainer, int]:
+    """The TRL trainer `train` runs, built but not started (a test steps it itself), and the number of pairs it
+    trains on."""
     device = next(loaded.model.parameters()).device
     compute = autocast_dtype(engine, device)
     common = _common_args(config, engine, output_dir, compute, device.type == "cuda") | {"disable_tqdm": quiet}
@@ -102,6 +199,10 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
     warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
     if any(p.dtype in (torch.bfloat16, torch.float16) for p in loaded.model.parameters()):
         loaded.model.float()  # fp32 master weights; the forward autocasts to `compute`
+    if (config.order is None) != (order is None):
+        raise ConfigError("a curriculum needs both the score column's name (order) and its values" if order is None
+                          else "order values given without naming their column (order)")
+    weights = pair_weights(pairs)
     keep = ["prompt", "chosen", "rejected"] if "chosen" in pairs.column_names else ["prompt", "completion", "label"]
     pairs = pairs.select_columns(keep)
     if config.algo == "dpo":
@@ -113,19 +214,34 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
                                       batch_tokens=engine.batch_tokens, desc="reference log-probs")
         pairs = pairs.add_column("ref_chosen_logps", ref_logps[:, 0].tolist())
         pairs = pairs.add_column("ref_rejected_logps", ref_logps[:, 1].tolist())
+        if weights is not None:
+            pairs = pairs.add_column(WEIGHT_COLUMN, weights.tolist())
+        if order is not None:
+            if len(order) != len(pairs):
+                raise ConfigError(f"{len(order)} order values for {len(pairs)} pairs")
+            pairs = pairs.select(curriculum_rows(order, config.order_descending).tolist())
+            common["train_sampling_strategy"] = "sequential"  # the order is the curriculum: no shuffling
         pairs = pairs.filter(lambda row: not np.isnan(row["ref_chosen_logps"]))
         if len(pairs) == 0:
             raise ConfigError(f"every pair's prompt fills max_length={engine.max_length}: nothing left to train on")
         args = DPOConfig(**common, precompute_ref_log_probs=True)
-        trainer = _DPOTrainerWithReferenceLogps(model=loaded.model, args=args, train_dataset=pairs,
-                                                processing_class=loaded.tokenizer,
-                                                peft_config=_peft_config(config))
-    else:
-        unpaired = unpair_preference_dataset(pairs) if "chosen" in pairs.column_names else pairs
-        # KTO: TRL precomputes its reference pass once, so no second copy of the model stays in memory.
-        args = KTOConfig(**common, precompute_ref_log_probs=True)
-        trainer = KTOTrainer(model=loaded.model, args=args, train_dataset=unpaired,
-                             processing_class=loaded.tokenizer, peft_config=_peft_config(config))
+        return _DPOTrainerWithReferenceLogps(model=loaded.model, args=args, train_dataset=pairs,
+                                             processing_class=loaded.tokenizer,
+                                             peft_config=_peft_config(config)), len(pairs)
+    if weights is not None or order is not None:
+        raise ConfigError("a weight column and a curriculum order train DPO; KTO takes neither")
+    unpaired = unpair_preference_dataset(pairs) if "chosen" in pairs.column_names else pairs
+    # KTO: TRL precomputes its reference pass once, so no second copy of the model stays in memory.
+    args = KTOConfig(**common, precompute_ref_log_probs=True)
+    return KTOTrainer(model=loaded.model, args=args, train_dataset=unpaired, processing_class=loaded.tokenizer,
+                      peft_config=_peft_config(config)), len(pairs)
+
+
+def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig, out_dir: Path | None,
+           ref_logps: np.ndarray | None, output_dir: str, start: float, quiet: bool,
+           order: np.ndarray | None) -> TrainResult:
+    forward_before = loaded.model.__dict__.get("forward")  # e.g. accelerate's device-map hook, or nothing
+    trainer, n_pairs = make_trainer(loaded, pairs, config, engine, output_dir, ref_logps, quiet, order)
     if quiet:  # with tqdm off, transformers swaps the bar for a callback that prints every log line
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -148,4 +264,4 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
         model = model.merge_and_unload()
         loaded.model = model
     model.eval()
-    return TrainResult(model, time.perf_counter() - start, len(pairs), trainer.state.log_history)
+    return TrainResult(model, time.perf_counter() - start, n_pairs, trainer.state.log_history)

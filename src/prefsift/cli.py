@@ -9,11 +9,40 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from prefsift.config import DataConfig, EngineConfig, EvalConfig, RunConfig, ScoreConfig, TrainConfig, cli_options
 from prefsift.errors import ConfigError, PrefsiftError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+try:  # typer ≥ 0.22 carries its own copy of click
+    import typer._click.exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer on plain click
+    import click.exceptions as click_errors
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (a missing option, a value typer cannot parse) as one line and exit 2, like prefsift's own
+    errors, instead of click's usage block or rich's box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as error:
+            typer.echo(error.ctx.get_help() if error.ctx else str(error))
+            code = 0
+        except click_errors.UsageError as error:
+            where = f"; see `{error.ctx.command_path} --help`" if error.ctx is not None else ""
+            console.print(f"[bold red]error:[/] {error.format_message().rstrip('.')}{where}", highlight=False,
+                          soft_wrap=True)
+            code = 2
+        except click_errors.ClickException as error:
+            console.print(f"[bold red]error:[/] {error.format_message()}", highlight=False, soft_wrap=True)
+            code = error.exit_code
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Score preference pairs with the model you will align, keep the subset worth training on, "
                        "train with TRL, and measure what it bought.")
 console = Console(stderr=True)
@@ -182,6 +211,35 @@ def select(
                if result["n_dropped"] else "")
     console.print(f"kept {result['n_selected']} of {result['n_pairs']} pairs ({result['rule']}){dropped} → "
                   f"{out / 'selected.jsonl'}", highlight=False)
+
+
+def _export_options(fn):  # ExportConfig lives in export.py; imported only when the command is built
+    from prefsift.export import ExportConfig
+
+    return cli_options(ExportConfig)(fn)
+
+
+@app.command()
+@friendly
+@_export_options
+def export(
+    selected: Annotated[Path, typer.Option(help="A `prefsift select` output directory, or a subset file.")],
+    out: Annotated[str, typer.Option(help="Where to: a directory (datasets, llamafactory), a .jsonl file (trl, "
+                                          "openrlhf, axolotl) or a hub repo id owner/name (hub).")],
+    *,
+    flags: dict,
+) -> None:
+    """Write a selected subset in the layout TRL, LLaMA-Factory, OpenRLHF or Axolotl reads, or as a datasets
+    directory or hub dataset; prints the command that consumes it."""
+    from prefsift.export import ExportConfig
+    from prefsift.export import export as run_export
+
+    (config,) = _settings(None, flags, ExportConfig)
+    result = run_export(selected, out, config)
+    skipped = f" ({result.n_invalid} invalid rows skipped)" if result.n_invalid else ""
+    where = ", ".join(str(p) for p in result.paths) or f"hub:{out}"
+    console.print(f"exported {result.n_pairs} pairs{skipped} as {config.format} → {where}", highlight=False)
+    console.print(f"read it with: {result.usage}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -421,6 +479,28 @@ def scale(
     plan = plan_share(fit, part=part)
     write_scaling_report(fit, plan, out)
     typer.echo(summary_markdown(fit, plan))
+
+
+@app.command()
+@friendly
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A directory written by `prefsift run`, `compare` or `demo`.")],
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: RUN_DIR).")] = None,
+    method: Annotated[str, typer.Option(help="Whose rows the scaling curve fits (with the full data's).")] = "random",
+    metric: Annotated[str | None, typer.Option(help="win_rate or pref_accuracy (default: win_rate when judged).")
+                      ] = None,
+    start_from: Annotated[str | None, typer.Option(help="warmup or reference rows (default: reference).")] = None,
+) -> None:
+    """One HTML page (plots inline) and a Markdown version: the methods table with intervals, quality against
+    compute, the data-scaling curve, and each method's score distribution with what its rule keeps marked."""
+    from prefsift.run_report import write_report
+
+    if metric not in (None, "win_rate", "pref_accuracy"):
+        raise ConfigError(f"--metric must be win_rate or pref_accuracy (got {metric!r})")
+    if start_from not in (None, "warmup", "reference"):
+        raise ConfigError(f"--start-from must be warmup or reference (got {start_from!r})")
+    paths = write_report(run_dir, out, method=method, metric=metric, start_from=start_from)
+    console.print(f"report → {paths['html']}, {paths['markdown']}", highlight=False)
 
 
 @app.command()

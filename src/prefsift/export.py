@@ -1,0 +1,227 @@
+"""`prefsift export`: a selected subset in the layout another trainer reads, with the command that consumes it.
+
+Every layout starts from prefsift's split (explicit prompt / chosen / rejected, `load_pairs` on the subset), so no
+consumer has to guess where a prompt ends: TRL's `extract_prompt` cuts HH-RLHF transcripts at the longest common
+*character* prefix, inside the answer, whenever the two answers start alike.
+
+    datasets      a `save_to_disk` directory (prompt, chosen, rejected, pair_id [, weight])
+    hub           the same dataset pushed to the Hugging Face hub (`--out` is the repo id)
+    trl           JSON lines in TRL's explicit-prompt preference layout
+    llamafactory  a data file + its `dataset_info.json` entry (pairwise: `"ranking": true`; alpaca for text,
+                  sharegpt for messages)
+    openrlhf      JSON lines with prompt / chosen / rejected keys (`--prompt_key prompt --chosen_key chosen
+                  --rejected_key rejected`)
+    axolotl       JSON lines for `type: user_defined.default` (text) or `type: chat_template.default` (messages)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from prefsift.config import Checked, option
+from prefsift.data import LoadedPairs, load_pairs
+from prefsift.errors import ConfigError, DataError, PrefsiftError
+from prefsift.select import write_jsonl
+
+FORMATS = ("datasets", "hub", "trl", "llamafactory", "openrlhf", "axolotl")
+# LLaMA-Factory's sharegpt reader with OpenAI-style messages: these tags map our role/content keys to its roles
+LLAMAFACTORY_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                     "system_tag": "system"}
+
+
+@dataclasses.dataclass
+class ExportConfig(Checked):
+    """`prefsift export`: where a selected subset goes and in which layout."""
+
+    format: str = option("trl", "Layout: datasets, hub, trl, llamafactory, openrlhf, axolotl.", choices=FORMATS)
+    name: str = option("prefsift_subset", "Dataset name: LLaMA-Factory's dataset_info.json key and data file stem.")
+    split: str = option("train", "Split name of a hub push.")
+    private: bool = option(True, "Hub push: a private dataset repository.")
+
+    def check(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
+            raise ConfigError(f"name must be a plain file stem without spaces or slashes (got {self.name!r})")
+
+
+@dataclasses.dataclass
+class Exported:
+    paths: list[Path]  # files written (none for a hub push)
+    n_pairs: int
+    conversational: bool
+    usage: str  # how the consuming tool reads it
+    n_invalid: int = 0
+
+
+def read_selected(selected: str | Path) -> tuple[LoadedPairs, list | None]:
+    """A `prefsift select` output directory (its selected.parquet) or any pairs file, through prefsift's own
+    normalization; with the subset's `weight` column when it has one."""
+    path = Path(selected)
+    if path.is_dir():
+        for name in ("selected.parquet", "selected.jsonl"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise PrefsiftError(f"{selected} holds no selected.parquet or selected.jsonl: run `prefsift select` "
+                                "into it, or pass the subset file")
+    elif not path.is_file():
+        raise PrefsiftError(f"--selected {selected}: no such file or directory")
+    data = load_pairs(str(path))
+    if data.kind == "unpaired":
+        raise DataError(f"{selected}: unpaired (KTO) rows; export writes preference pairs")
+    weight = data.raw["weight"] if "weight" in data.raw.column_names else None
+    return data, weight
+
+
+def _table(data: LoadedPairs, weight: list | None) -> dict[str, list]:
+    columns = {name: list(data.pairs[name]) for name in ("prompt", "chosen", "rejected", "pair_id")}
+    if weight is not None:
+        columns["weight"] = [None if w is None else float(w) for w in weight]
+    return columns
+
+
+def _rows(columns: dict[str, list]) -> list[dict]:
+    names = list(columns)
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+def _one_answer(messages: list[dict], side: str, pair_id: str, tool: str) -> dict:
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise PrefsiftError(f"pair {pair_id}: {side} is {len(messages)} message(s) ({messages[0]['role']} first); "
+                            f"{tool}'s pairwise format takes one assistant message")
+    return messages[0]
+
+
+def _alternating_prompt(prompt: list[dict], pair_id: str) -> None:
+    """LLaMA-Factory's sharegpt reader drops (with a log line only) a prompt that does not alternate user /
+    assistant from a user turn, after an optional system message, and end on a user turn: refuse it here."""
+    turns = prompt[1:] if prompt and prompt[0]["role"] == "system" else prompt
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
+    if [m["role"] for m in turns] != expected or len(turns) % 2 == 0:
+        raise PrefsiftError(f"pair {pair_id}: prompt roles {[m['role'] for m in prompt]} do not alternate user / "
+                            "assistant ending on user, as LLaMA-Factory's sharegpt format needs")
+
+
+def _write_json(path: Path, value: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path
+
+
+def _jsonl_path(out: Path, fmt: str) -> Path:
+    if out.suffix != ".jsonl":
+        raise ConfigError(f"--out of --format {fmt} is a .jsonl file (got {out})")
+    return out
+
+
+def export_datasets(columns: dict[str, list], out: Path) -> list[Path]:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty directory: save_to_disk needs a new one")
+    datasets.Dataset.from_dict(columns).save_to_disk(str(out))
+    return [out]
+
+
+def export_hub(columns: dict[str, list], repo_id: str, config: ExportConfig) -> None:
+    if repo_id.count("/") != 1 or repo_id.startswith("/") or repo_id.endswith("/"):
+        raise ConfigError(f"--out of --format hub is a dataset repo id, owner/name (got {repo_id!r})")
+    try:
+        datasets.Dataset.from_dict(columns).push_to_hub(repo_id, split=config.split, private=config.private)
+    except (OSError, ValueError) as error:  # offline, no token, no permission: the hub's own message, one line
+        raise PrefsiftError(f"push to {repo_id} failed: {str(error).splitlines()[0]}") from None
+
+
+def export_llamafactory(columns: dict[str, list], conversational: bool, out: Path, name: str) -> list[Path]:
+    """DIR/<name>.json + DIR/dataset_info.json (an existing one keeps its other entries)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out of --format llamafactory is a directory (LLaMA-Factory's dataset_dir); {out} is "
+                          "a file")
+    rows = []
+    for prompt, chosen, rejected, pair_id in zip(columns["prompt"], columns["chosen"], columns["rejected"],
+                                                 columns["pair_id"], strict=True):
+        if conversational:
+            _alternating_prompt(prompt, pair_id)
+            rows.append({"conversations": prompt, "chosen": _one_answer(chosen, "chosen", pair_id, "LLaMA-Factory"),
+                         "rejected": _one_answer(rejected, "rejected", pair_id, "LLaMA-Factory"),
+                         "pair_id": pair_id})
+        else:
+            rows.append({"instruction": prompt, "chosen": chosen, "rejected": rejected, "pair_id": pair_id})
+    if conversational:
+        entry = {"file_name": f"{name}.json", "formatting": "sharegpt", "ranking": True,
+                 "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+                 "tags": dict(LLAMAFACTORY_TAGS)}
+    else:
+        entry = {"file_name": f"{name}.json", "ranking": True,
+                 "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}
+    info_path = out / "dataset_info.json"
+    info = {}
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise PrefsiftError(f"{info_path} is not valid JSON ({error.msg}, line {error.lineno})") from None
+        if not isinstance(info, dict):
+            raise PrefsiftError(f"{info_path} is not a mapping of dataset names")
+    info[name] = entry
+    return [_write_json(out / f"{name}.json", rows), _write_json(info_path, info)]
+
+
+def export_axolotl(columns: dict[str, list], conversational: bool, out: Path) -> list[Path]:
+    if not conversational:  # user_defined.default: prompt_format "{prompt}" keeps the text as it is
+        rows = [{"prompt": p, "chosen": c, "rejected": r, "pair_id": i} for p, c, r, i in
+                zip(columns["prompt"], columns["chosen"], columns["rejected"], columns["pair_id"], strict=True)]
+    else:  # chat_template.default: the prompt messages, one chosen and one rejected message
+        rows = [{"messages": p, "chosen": _one_answer(c, "chosen", i, "Axolotl"),
+                 "rejected": _one_answer(r, "rejected", i, "Axolotl"), "pair_id": i} for p, c, r, i in
+                zip(columns["prompt"], columns["chosen"], columns["rejected"], columns["pair_id"], strict=True)]
+    return [write_jsonl(_jsonl_path(out, "axolotl"), rows)]
+
+
+def usage(fmt: str, out: str, conversational: bool, config: ExportConfig) -> str:
+    """How the consuming tool reads what was written (the README gives the same, with context)."""
+    if fmt == "datasets":
+        return f"datasets.load_from_disk({out!r}) → TRL's DPOTrainer(train_dataset=...)"
+    if fmt == "hub":
+        return f"datasets.load_dataset({out!r}, split={config.split!r})"
+    if fmt == "trl":
+        return f"DPOTrainer(train_dataset=datasets.load_dataset('json', data_files={out!r}, split='train'), ...)"
+    if fmt == "llamafactory":
+        return f"llamafactory-cli train with `stage: dpo`, `dataset_dir: {out}`, `dataset: {config.name}`"
+    if fmt == "openrlhf":
+        return (f"deepspeed --module openrlhf.cli.train_dpo --dataset {out} --prompt_key prompt --chosen_key chosen "
+                "--rejected_key rejected" + (" --apply_chat_template" if conversational else ""))
+    kind = ("type: chat_template.default, field_messages: messages, field_chosen: chosen, field_rejected: rejected"
+            if conversational else "type: {field_prompt: prompt, field_chosen: chosen, field_rejected: rejected}")
+    return f"axolotl yaml: rl: dpo, datasets: [{{path: {out}, ds_type: json, split: train, {kind}}}]"
+
+
+def export(selected: str | Path, out: str, config: ExportConfig | None = None) -> Exported:
+    """Write the subset at `selected` to `out` in `config.format`'s layout."""
+    config = config or ExportConfig()
+    data, weight = read_selected(selected)
+    columns = _table(data, weight)
+    conversational = data.conversational
+    target = Path(out)
+    fmt = config.format
+    if fmt == "datasets":
+        paths = export_datasets(columns, target)
+    elif fmt == "hub":
+        export_hub(columns, out, config)
+        paths = []
+    elif fmt in ("trl", "openrlhf"):  # both read prompt / chosen / rejected, text or messages, as they are
+        paths = [write_jsonl(_jsonl_path(target, fmt), _rows(columns))]
+    elif fmt == "llamafactory":
+        paths = export_llamafactory(columns, conversational, target, config.name)
+    elif fmt == "axolotl":
+        paths = export_axolotl(columns, conversational, target)
+    else:  # the config's choices check makes this unreachable
+        raise ConfigError(f"unknown format {fmt!r}")
+    return Exported(paths, len(data.pairs), conversational, usage(fmt, out, conversational, config),
+                    len(data.invalid))

@@ -3,7 +3,13 @@ same results.json, byte for byte."""
 
 from __future__ import annotations
 
+import base64
+import re
+
+from typer.testing import CliRunner
+
 from prefsift.bench.task import TaskConfig
+from prefsift.cli import app
 from prefsift.demo import DemoConfig, run_demo
 
 
@@ -43,3 +49,19 @@ def test_same_seed_same_results_json(tmp_path):
     assert {r["seed"] for r in first["records"]} == {4, 5} and {r["start_from"] for r in first["records"]} == {
         "warmup", "reference"}
     assert all(row["n_seeds"] == 2 for row in first["summary"])
+
+    # `prefsift report` over the demo directory: one self-contained page and its Markdown version
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "a"), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report" / "report.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 3  # quality against compute, the scaling curve, the score distributions
+    assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    for row in first["summary"]:  # every summary row, with its mean, is in the page's table
+        assert f"<td>{row['method']}" in page and f"{row['win_rate']:.3f}" in page
+    md = (tmp_path / "report" / "report.md").read_text()
+    for name in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
+        assert (tmp_path / "report" / name).is_file()
+    # the reference start's scaling fit: random at 10%, the rule's share and the full data over 2 seeds, plus the
+    # reference against itself at share 0
+    assert "R² =" in md and "points" in md and "7 points" in page

@@ -155,7 +155,7 @@ def score(
     n_scored = len(result.scores["pair_id"]) - result.n_dropped
     left_out = result.n_dropped + len(loaded.invalid)
     dropped = f" ({left_out} left out → {out / 'dropped.jsonl'})" if left_out else ""
-    console.print(f"scored {n_scored} of {len(result.scores['pair_id'])} pairs{dropped} with {score_config.method} in "
+    console.print(f"scored {n_scored} pairs{dropped} with {score_config.method} in "
                   f"{sum(result.seconds.values()):.1f}s: {', '.join(columns)} → {out / 'scores.parquet'}",
                   highlight=False)
 

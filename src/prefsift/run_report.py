@@ -1,0 +1,171 @@
+"""`prefsift report RUN_DIR`: one self-contained HTML page (plots inline) and a Markdown version over a run, demo or
+compare directory: the methods table with intervals, quality against compute, the data-scaling curve when the run
+measured enough budgets, and each method's score distribution with the pairs its rule keeps marked."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from prefsift.errors import PrefsiftError
+from prefsift.report import markdown_table
+from prefsift.scaling import fit_plateau, plan_share, plot_fit, summary_markdown
+
+
+def scaling_points(records: list[dict], *, method: str = "random", metric: str = "win_rate",
+                   start_from: str = "reference") -> tuple[np.ndarray, np.ndarray]:
+    """(share, score) points of one method's rows and the full data's, one per seed, plus the reference itself at
+    share 0 for a win rate against it (½ by definition). The paper's protocol measures 0-100% of the data."""
+    rows = [r for r in records if r["start_from"] == start_from and r["method"] in (method, "full")
+            and r.get(metric) is not None]
+    share = [r["fraction"] for r in rows]
+    score = [r[metric] for r in rows]
+    if metric == "win_rate" and start_from == "reference":
+        share.append(0.0)
+        score.append(0.5)
+    return np.asarray(share, dtype=float), np.asarray(score, dtype=float)
+
+
+def _score_dir(run_dir: Path) -> Path | None:
+    """The scores a report draws distributions from: the directory itself, or the first seed's."""
+    for candidate in (run_dir, *sorted(run_dir.glob("seed-*/scores"))):
+        if (candidate / "scores.parquet").is_file() and (candidate / "manifest.json").is_file():
+            return candidate
+    return None
+
+
+def plot_score_distributions(scores_dir: Path, path: Path, fraction: float | None) -> Path | None:
+    """A histogram per method's score column with what its rule keeps shaded: its band (its own cut-offs) or, for
+    a top/bottom rule, the share `fraction` of the pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((scores_dir / "manifest.json").read_text())
+    table = pq.read_table(scores_dir / "scores.parquet").to_pydict()
+    panels = []
+    for name, method in (manifest.get("methods") or {}).items():
+        rule = method.get("rule", {})
+        for column in rule.get("columns") or [rule.get("column")]:
+            if column in table:
+                values = np.asarray(table[column], dtype=float)
+                values = values[np.isfinite(values)]
+                if len(values) and np.ptp(values) > 0:
+                    panels.append((name, column, rule, values))
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, (name, column, rule, values) in zip(axes.flat, panels, strict=False):
+        ax.hist(values, bins=40, color="0.6")
+        kind = rule.get("rule")
+        if kind in ("band", "intersection") and rule.get("low") is not None:
+            lo, hi = np.quantile(values, [rule["low"], rule["high"]])
+            label = f"band {rule['low']:.0%}-{rule['high']:.0%}"
+        elif kind in ("top", "bottom") and fraction:
+            cut = np.quantile(values, 1 - fraction if kind == "top" else fraction)
+            lo, hi = (cut, values.max()) if kind == "top" else (values.min(), cut)
+            label = f"{kind} {fraction:.0%}"
+        else:
+            lo = hi = None
+            label = kind or ""
+        if lo is not None:
+            ax.axvspan(lo, hi, color="tab:blue", alpha=0.2, label=f"kept: {label}")
+            ax.legend(fontsize=7)
+        ax.set_title(f"{name}: {column}", fontsize=9)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _inline(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _html_table(markdown: str) -> str:
+    lines = [line.strip().strip("|").split("|") for line in markdown.strip().splitlines()]
+    head, body = lines[0], lines[2:]
+    cells = "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
+    out = [f"<table><thead><tr>{cells}</tr></thead><tbody>"]
+    for row in body:
+        out.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>")
+    return "\n".join(out) + "</tbody></table>"
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, method: str = "random",
+                 metric: str | None = None, start_from: str | None = None) -> dict[str, Path]:
+    """report.html (self-contained) and report.md (+ its PNGs) under `out_dir` (default: `run_dir`)."""
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise PrefsiftError(f"no results.json in {run_dir}: give a directory written by `prefsift run`, `compare` "
+                            "or `demo`")
+    try:
+        results = json.loads(path.read_text())
+        records, summary = results["records"], results["summary"]
+    except (ValueError, KeyError, TypeError):
+        raise PrefsiftError(f"{path} is not a prefsift results file") from None
+    out.mkdir(parents=True, exist_ok=True)
+    metric = metric or ("win_rate" if any(r.get("win_rate") is not None for r in records) else "pref_accuracy")
+    starts = [r["start_from"] for r in records]
+    start_from = start_from or ("reference" if "reference" in starts else (starts[0] if starts else "reference"))
+    sections: list[tuple[str, str, Path | None]] = []  # (title, markdown text, image)
+    table = markdown_table(summary)
+    sections.append(("Methods", table + "\nΔ: paired difference (same seeds, same test items) with its 95% "
+                     "interval; * marks an interval that excludes 0.", None))
+    plot = run_dir / "quality_vs_compute.png"
+    if plot.is_file():
+        sections.append(("Quality against compute", "", plot))
+    share, score = scaling_points(records, method=method, metric=metric, start_from=start_from)
+    try:
+        fit = fit_plateau(share, score)
+        plan = plan_share(fit)
+        image = plot_fit(fit, out / "report-scaling.png", plan, title=f"{method}, {start_from} start",
+                         ylabel=metric.replace("_", " "))
+        sections.append(("Data scaling", summary_markdown(fit, plan).split("\n", 2)[2], image))
+    except PrefsiftError as error:
+        sections.append(("Data scaling", f"No fit: {error}. Compare {method} at more budgets (e.g. `fractions: "
+                         "[0.1, 0.25, 0.5, 0.75]`) or fit measured points with `prefsift scale --points`.", None))
+    scores_dir = _score_dir(run_dir)
+    fractions = [r["fraction"] for r in summary if r["method"] not in ("full",)]
+    if scores_dir is not None:
+        image = plot_score_distributions(scores_dir, out / "report-scores.png", min(fractions) if fractions else None)
+        if image is not None:
+            sections.append(("Score distributions", f"Scores of {scores_dir.relative_to(run_dir.parent)}; shaded: "
+                             "what each method's rule keeps (its band, or its smallest budget).", image))
+    title = f"prefsift report: {run_dir.name}"
+    md = [f"# {title}", ""]
+    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+            "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style></head><body>",
+            f"<h1>{html.escape(title)}</h1>"]
+    for name, text, image in sections:
+        md += [f"## {name}", "", text, ""] + ([f"![{name}]({image.name})", ""] if image else [])
+        page.append(f"<h2>{html.escape(name)}</h2>")
+        for block in text.split("\n\n"):
+            if block.strip().startswith("|"):
+                page.append(_html_table(block))
+            elif block.strip():
+                page.append(f"<p>{html.escape(block.strip())}</p>")
+        if image:
+            page.append(_inline(image))
+    page.append("</body></html>")
+    if plot.is_file() and out != run_dir:
+        (out / plot.name).write_bytes(plot.read_bytes())
+    paths = {"html": out / "report.html", "markdown": out / "report.md"}
+    paths["html"].write_text("\n".join(page), encoding="utf-8")
+    paths["markdown"].write_text("\n".join(md), encoding="utf-8")
+    return paths

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from prefsift.errors import ConfigError, PrefsiftError
-from prefsift.manifest import read_manifest, write_manifest
+from prefsift.manifest import dropped_record, read_manifest, write_dropped, write_manifest
 from prefsift.maths import band_mask, percentile_ranks, tie_keys
 
 RULES = ("top", "bottom", "band", "intersection", "all")
@@ -119,11 +119,6 @@ def method_rule(manifest: dict, method: str | None, where: Path) -> dict:
 
 COLUMN_MODES = ("split", "original")
 SPLIT_COLUMNS = ("prompt", "chosen", "rejected", "pair_id")
-
-
-def dropped_record(pair_id: str, stage: str, reason: str) -> dict[str, str]:
-    """One line of dropped.jsonl: a pair a stage left out, and why (the shape every stage writes)."""
-    return {"pair_id": pair_id, "stage": stage, "reason": reason}
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -312,9 +307,9 @@ def select_from_scores(scores_dir: str | Path, out_dir: str | Path, *, rule: str
     path = write_subset(out_dir, source, rows, extra=extra)
     # the pairs the rule could not consider (NaN in a column it reads), each with its reason
     max_length = manifest.get("engine", {}).get("max_length")
-    dropped = [dropped_record(table["pair_id"][r], "select", _dropped_reason(table, r, names, max_length))
+    dropped = [dropped_record("select", _dropped_reason(table, r, names, max_length), pair_id=table["pair_id"][r])
                for r in np.flatnonzero(nan_mask(table, names))]
-    write_jsonl(out_dir / "dropped.jsonl", dropped)
+    write_dropped(out_dir, dropped)  # the record shape every stage writes (manifest.py)
     warnings = score_warnings(table, names, manifest, rule, rows)
     record = {"scores": str(scores_dir), "method": method, "rule": rule, "column": column, "columns": columns,
               "fraction": fraction, "count": count, "low": low, "high": high, "n_pairs": len(table["pair_id"]),

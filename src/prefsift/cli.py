@@ -434,7 +434,7 @@ def demo(
     config = DemoConfig(seeds=seeds, methods=list(ALL_METHODS) if all_methods else DemoConfig().methods)
     results = run_demo(out, seed=seed, config=config, log=lambda line: console.print(line, highlight=False))
     typer.echo(markdown_table(results["summary"]))
-    console.print(f"results → {out / 'results.md'}, plot → {out / 'quality_vs_compute.png'}", highlight=False)
+    console.print(f"results → {out / 'results.md'}, report → {out / 'report.html'}", highlight=False)
 
 
 @app.command()

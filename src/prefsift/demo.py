@@ -26,9 +26,11 @@ from prefsift.pipeline import RunConfig, Splits, run_pipeline
 from prefsift.train import TrainConfig
 
 # The default set fits 10 minutes on 2 cores; --all adds exact influence (its top and its middle band), ISA and
-# density sampling over the SFT model's embeddings.
+# density sampling over the SFT model's embeddings, and the peer rules of the literature (the task's visible
+# score_chosen/score_rejected ratings are their external reward).
 DEFAULT_METHODS = ("random", "irm", "lossdiff", "lossdiff-irm", "oracle")
-ALL_METHODS = (*DEFAULT_METHODS, "if", "tif", "isa", "density")
+PEER_METHODS = ("small-margin", "large-margin", "reward-margin", "alignment-potential")
+ALL_METHODS = (*DEFAULT_METHODS, "if", "tif", "isa", "density", *PEER_METHODS)
 
 
 @dataclass
@@ -90,6 +92,9 @@ def _run(out: Path, seed: int, config: DemoConfig, log) -> dict:
                            eval=EvalConfig(max_new_tokens=config.max_new_tokens, batch_size=256,
                                            eval_prompts=max(1, len(task.eval_prompts))))
     results = run_pipeline(run_config, splits=splits, base=base, judge=OracleJudge(task), log=log)
+    from prefsift.run_report import write_report
+
+    write_report(out)  # report.html: the table, quality against compute, the scaling fit, the score distributions
     write_manifest(out, "demo", {"seed": seed, "config": asdict(config), "hidden_columns": list(HIDDEN_COLUMNS),
                                  "seconds": time.perf_counter() - start})
     log(f"demo finished in {time.perf_counter() - start:.0f}s")

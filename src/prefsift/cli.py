@@ -244,6 +244,35 @@ def export(
 
 @app.command()
 @friendly
+def weigh(
+    scores: Annotated[Path, typer.Option(help="Directory written by `prefsift score` (or a run's scores/).")],
+    out: Annotated[Path, typer.Option(help="Output directory (selected.jsonl, selected.parquet with a weight "
+                                           "column; dropped.jsonl).")],
+    column: Annotated[str, typer.Option(help="Score column turned into weights.")],
+    transform: Annotated[str, typer.Option(help="rank (percentile rank, 0-1), softmax (mean weight 1) or band "
+                                                "(1 inside [--low, --high], 0 outside).")],
+    temperature: Annotated[float | None, typer.Option(help="Softmax temperature (default 1; smaller: sharper).")
+                           ] = None,
+    low: Annotated[float | None, typer.Option(help="Band: lower percentile, in [0, 1].")] = None,
+    high: Annotated[float | None, typer.Option(help="Band: upper percentile, in [0, 1].")] = None,
+    reverse: Annotated[bool, typer.Option("--reverse", help="Weigh the negated score: lower scores weigh "
+                                                            "more.")] = False,
+    output_columns: Annotated[str, typer.Option("--output-columns", help="split: prefsift's explicit prompt, "
+                                                "chosen, rejected; original: the input's own columns.")] = "split",
+) -> None:
+    """Soft selection: turn a score into per-pair weights; `prefsift train` on the file trains weighted DPO."""
+    from prefsift.weights import weigh_scores
+
+    result = weigh_scores(scores, out, column=column, transform=transform, temperature=temperature, low=low,
+                          high=high, reverse=reverse, output_columns=output_columns)
+    nan = f", {result['n_nan']} without a score" if result["n_nan"] else ""
+    console.print(f"weighted {result['n_weighted']} of {result['n_pairs']} pairs ({result['n_zero']} at weight 0 "
+                  f"left out{nan}; weights {result['weight_min']:.3g}-{result['weight_max']:.3g}, mean "
+                  f"{result['weight_mean']:.3g}) → {out / 'selected.jsonl'}", highlight=False)
+
+
+@app.command()
+@friendly
 @cli_options(TrainConfig, EngineConfig, DataConfig)
 def train(
     data: DataOpt,
@@ -254,7 +283,7 @@ def train(
                                                        "Its log-probs come from --scores when given.")] = None,
     scores: Annotated[Path | None, typer.Option(help="A score directory whose reference log-probs are reused "
                                                       "(TRL then skips its reference pass); max_length and β "
-                                                      "default to its own.")] = None,
+                                                      "default to its own; --order reads its column here.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Let a model run its own code.")] = False,
     config: ConfigOpt = None,
     *,
@@ -266,6 +295,7 @@ def train(
     from prefsift.manifest import read_manifest, write_manifest
     from prefsift.models import load_model
     from prefsift.score import reference_logps_from_scores
+    from prefsift.train import order_values, training_pairs
     from prefsift.train import train as run_train
 
     scored = {k: v for k, v in read_manifest(scores).get("engine", {}).items() if k in ("max_length", "beta")} \
@@ -274,6 +304,7 @@ def train(
                                                    defaults=scored)
     _apply_threads(engine)
     loaded_data = _load(data, data_options)
+    order = order_values(train_config.order, loaded_data, scores) if train_config.order else None
     if train_config.algo == "kto" and (scores is not None or reference):
         raise ConfigError("--scores/--reference feed DPO's reference log-probs; KTO computes its own reference "
                           "from --model")
@@ -293,7 +324,7 @@ def train(
                                 desc="reference log-probs")
         if ref_model is not policy:
             del ref_model  # only its log-probs are needed from here on
-    result = run_train(policy, loaded_data.pairs, train_config, engine, out, ref_logps=ref)
+    result = run_train(policy, training_pairs(loaded_data), train_config, engine, out, ref_logps=ref, order=order)
     write_manifest(out, "train", {"model": model, "fingerprint": policy.fingerprint, "reference": reference,
                                   "data": {"source": data, "hash": loaded_data.data_hash, "n_pairs": result.n_pairs},
                                   "config": dataclasses.asdict(train_config), "engine": dataclasses.asdict(engine),

@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prefsift.config import EngineConfig
+from prefsift.errors import PrefsiftError
 
 
 @dataclass
@@ -309,12 +310,15 @@ class LogpsRun:
 
 def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_tokens: int = EngineConfig.batch_tokens,
                   run: LogpsRun | None = None, desc: str = "log-probs", flush_rows: int = 512,
-                  flush_seconds: float = 60.0) -> np.ndarray:
+                  flush_seconds: float = 60.0, check_dropped: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Summed completion log-probs of every pair of `pairs` (a table with prompt/chosen/rejected columns).
 
     Returns an (n, 2) array [chosen_logps, rejected_logps] in row order, NaN where TRL would drop the pair.
     With `run`, finished batches are written to a shard every `flush_rows` pairs or `flush_seconds`, whichever
     comes first, so a kill loses at most about a minute of work; a rerun skips them and gives identical values.
+
+    Before any forward pass, `check_dropped(n_dropped, n)` may refuse the plan (one line); without it, a plan that
+    drops every pair is refused: a table of NaN is never a result.
     """
     n = len(pairs)
     out = np.full((n, 2), np.nan)
@@ -324,6 +328,11 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
         rows = pairs[lo:lo + 1024]
         tokenized += tokenize_pairs(tokenizer, rows["prompt"], rows["chosen"], rows["rejected"], max_length)
     plan = BatchPlan.of(tokenized, batch_tokens)
+    if check_dropped is not None:
+        check_dropped(n - plan.n_kept, n)
+    elif n and not plan.n_kept:
+        raise PrefsiftError(f"max_length {max_length} drops all {n} pairs (each prompt alone fills it): raise "
+                            f"--max-length")
     done: dict[int, np.ndarray] = {}
     if run is not None:
         run.shard_dir.mkdir(parents=True, exist_ok=True)

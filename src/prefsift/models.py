@@ -110,14 +110,80 @@ def _from_pretrained(source: str, common: dict, auto_class: type = AutoModelForC
     if gguf_file:
         # Dequantize into plain fp32/bf16 Linear layers: left quantized, TRL refuses to fine-tune the model.
         extra = {"gguf_file": gguf_file, "quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
-    return auto_class.from_pretrained(directory, **common, **extra)
+    if auto_class is AutoModelForCausalLM:
+        return auto_class.from_pretrained(directory, **common, **extra)
+    # Any other head (a reward model's score layer) must come from the weights: transformers fills a missing head
+    # with random numbers and only logs it, and a random head's outputs would be reported as judgments.
+    model, info = auto_class.from_pretrained(directory, **common, **extra, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(f"'{source}' has no {auto_class.__name__.removeprefix('AutoModelFor')} head in its weights "
+                         f"(missing {', '.join(missing[:3])}): transformers would give it a random one; give a "
+                         f"trained reward model (e.g. TRL's RewardTrainer output), not a causal LM")
+    return model
+
+
+def _quiet_transformers() -> None:
+    """No "Loading weights" bar and no load report: prefsift checks what they say (missing heads) itself."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers, decided at once (and remembered): offline, transformers would retry for ~30 s
+    before failing. HF_HUB_OFFLINE=1 says offline without asking."""
+    global _HUB_REACHABLE
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    if _HUB_REACHABLE is None:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return _HUB_REACHABLE
+
+
+_HUB_REACHABLE: bool | None = None
+
+
+def go_offline_unless_reachable() -> bool:
+    """When the hub cannot be reached, switch huggingface_hub to offline mode (cached files still load, at once);
+    returns whether we are online."""
+    if hub_reachable():
+        return True
+    import os
+
+    import huggingface_hub.constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    return False
+
+
+def check_device(device: torch.device) -> None:
+    """One line before any loading when the device is not there (a typo'd index, CUDA asked on a CPU build)."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device} asked for, but torch sees no CUDA GPU here: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelError(f"device {device} asked for, but there are {torch.cuda.device_count()} GPUs")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("device mps asked for, but torch has no MPS backend here: use --device cpu")
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     directory, gguf_file = split_gguf(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001 - a truncated tokenizer.json or GGUF: each its own type
         raise ModelError(f"cannot load tokenizer from '{source}': {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # as TRL does
@@ -140,8 +206,16 @@ def load_model(
     directory, gguf_file = split_gguf(source)
     if looks_local(source) and not Path(directory).exists():
         raise ModelError(f"model path not found: {source}")
+    online = True if Path(directory).exists() else go_offline_unless_reachable()
     torch_device = torch.device(device) if device else default_device()
+    check_device(torch_device)
     torch_dtype = parse_dtype(dtype, torch_device)
+    if torch_dtype == torch.float16 and torch_device.type == "cpu":
+        import warnings
+
+        warnings.warn("float16 on a CPU is slow and loses precision (log-probs move by tenths of a nat): use "
+                      "--dtype float32 or bfloat16", stacklevel=2)
+    _quiet_transformers()
     common = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
               "attn_implementation": attn_implementation, **model_kwargs}
     adapter = Path(directory) / "adapter_config.json"
@@ -152,13 +226,23 @@ def load_model(
             base_source = json.loads(adapter.read_text()).get("base_model_name_or_path")
             if not base_source:
                 raise ModelError(f"{adapter} names no base model (base_model_name_or_path)")
+            if not (Path(directory) / "adapter_model.safetensors").is_file():
+                # peft would fall back to adapter_model.bin, a pickle: loading it can run code
+                raise ModelError(f"{directory} holds no adapter_model.safetensors: prefsift loads adapter weights "
+                                 f"from safetensors only (convert a .bin with peft's save_pretrained)")
             base = _from_pretrained(base_source, common, auto_class)
             model = PeftModel.from_pretrained(base, directory).merge_and_unload()
         else:
             model = _from_pretrained(source, common, auto_class)
         model.to(torch_device).eval()
-    except (OSError, ValueError, RuntimeError, AssertionError) as error:
+    except ModelError:
+        raise
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001 - truncated safetensors/GGUF, a bad config: each its own type
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if not online:
+            reason = f"the hub is unreachable (offline) and it is not in the local cache ({reason[:120]})"
         raise ModelError(f"cannot load model from '{source}' onto {torch_device}: {reason}") from None
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     if not Path(directory).exists():  # a hub model: its revision is the fingerprint

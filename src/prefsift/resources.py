@@ -68,6 +68,7 @@ class Resources:
     out_dir: Path | None = None  # where resumable shards go
     seed: int = 0
     trust_remote_code: bool = False
+    allow_dropped: bool = False  # more than half of the pairs dropped by a log-prob pass goes on (score_pairs)
     seconds: dict[str, float] = field(default_factory=dict)  # role -> seconds of its log-prob pass
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> trainings that made it, seconds
     _loaded: dict[str, Any] = field(default_factory=dict)
@@ -150,10 +151,17 @@ class Resources:
                             "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "data": data.data_hash}
                 run = LogpsRun(Path(self.out_dir), tag or role, identity)
             start = time.perf_counter()
+
+            def check(n_dropped: int, n: int) -> None:  # before any forward pass: most pairs dropped stops here
+                from prefsift.score import check_dropped
+
+                reason = [{"stage": "score", "reason": f"prompt fills max_length {self.engine.max_length}"}] * n_dropped
+                check_dropped(n_dropped, n, self.allow_dropped or pairs is not None, reason)
+
             self._logps[key] = compute_logps(loaded.model, loaded.tokenizer, data.pairs,
                                              max_length=self.engine.max_length,
                                              batch_tokens=self.engine.batch_tokens, run=run,
-                                             desc=f"{tag or role} log-probs")
+                                             desc=f"{tag or role} log-probs", check_dropped=check)
             if pairs is None:
                 self.seconds[role] = time.perf_counter() - start
         return self._logps[key]

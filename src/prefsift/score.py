@@ -4,7 +4,6 @@ over one provider (shared passes run once), and write scores.parquet + pairs.par
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 from prefsift.config import EngineConfig, ScoreConfig  # noqa: F401 (ScoreConfig: re-exported)
 from prefsift.data import LoadedPairs
 from prefsift.errors import ConfigError, PrefsiftError
-from prefsift.manifest import read_manifest, tokenizer_fingerprint, write_manifest
+from prefsift.manifest import dropped_record, read_manifest, tokenizer_fingerprint, write_dropped, write_manifest
 from prefsift.resources import LOGPS_COLUMNS, Resources
 from prefsift.scorers import Scorer
 
@@ -25,12 +24,17 @@ from prefsift.scorers import Scorer
 class ScoreResult:
     scores: dict[str, np.ndarray]  # pair_id + score columns + TRL-named log-prob columns
     seconds: dict[str, float]  # method -> its cost: own time, its passes, the trainings its models needed
-    n_dropped: int  # pairs TRL would drop (prompt fills max_length): NaN in every score column
+    n_dropped: int  # pairs left out here (prompt fills max_length, a non-finite score): NaN in every score column
+    dropped: list[dict] = dataclasses.field(default_factory=list)  # dropped.jsonl's records, input rows included
 
 
 def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, out_dir: Path | None = None
                 ) -> ScoreResult:
-    """Score every pair of `data` with each scorer; with `out_dir`, write the files other stages read."""
+    """Score every pair of `data` with each scorer; with `out_dir`, write the files other stages read.
+
+    A pair whose prompt fills max_length, or whose score is not finite (NaN, ±inf: a dataset's rating column, a
+    diverged model), is left out: NaN in every score column, a record in dropped.jsonl. A run that would leave out
+    every pair, or more than half without `resources.allow_dropped`, stops with one line instead of writing them."""
     if data.kind == "unpaired":
         raise ConfigError("scoring needs preference pairs (prompt, chosen, rejected); this data is unpaired (KTO)")
     for scorer in scorers:  # every missing model is named before any model is loaded
@@ -58,13 +62,20 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
                 raise RuntimeError(f"scorer {scorer.name} wrote {len(values)} values for {len(data.pairs)} pairs")
             scores[name] = values
     logps = resources.logps_columns()
-    dropped = np.zeros(len(data.pairs), dtype=bool)
+    too_long = np.zeros(len(data.pairs), dtype=bool)
     for values in logps.values():
-        dropped |= np.isnan(values)
+        too_long |= np.isnan(values)
+    records = [dropped_record("data", row.reason, row=row.row) for row in data.invalid]
+    records += _score_drops(data, scores, too_long, resources.engine.max_length)
+    dropped = too_long.copy()
     for name in [c for c in scores if c != "pair_id"]:
-        scores[name] = np.where(dropped, np.nan, scores[name])  # a pair TRL drops is never selected
+        dropped |= ~np.isfinite(scores[name])
+    for name in [c for c in scores if c != "pair_id"]:
+        # a pair TRL drops, or with an inf score (which would rank first), is never selected
+        scores[name] = np.where(dropped, np.nan, scores[name])
+    check_dropped(int(dropped.sum()), len(data.pairs), resources.allow_dropped, records)
     scores.update(logps)
-    result = ScoreResult(scores, seconds, int(dropped.sum()))
+    result = ScoreResult(scores, seconds, int(dropped.sum()), records)
     if out_dir is not None:
         record = {
             "methods": {s.name: {**s.describe(), "seconds": seconds[s.name]} for s in scorers},
@@ -72,26 +83,76 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
             "engine": dataclasses.asdict(resources.engine), "seed": resources.seed,
             "data": {"source": data.source, "kind": data.kind, "hash": data.data_hash, "n_pairs": len(data.pairs),
                      "n_invalid": len(data.invalid)},
-            "models": resources.describe(), "n_dropped_too_long": result.n_dropped,
+            "models": resources.describe(), "n_dropped_too_long": int(too_long.sum()),
+            "n_dropped": result.n_dropped,
         }
-        write_scores(Path(out_dir), scores, data, record)
+        write_scores(Path(out_dir), scores, data, record, records)
     return result
 
 
-def _replace(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    tmp.replace(path)  # atomic: a reader never sees half a file
+def _score_drops(data: LoadedPairs, scores: dict[str, np.ndarray], too_long: np.ndarray,
+                 max_length: int | None) -> list[dict]:
+    """dropped.jsonl's score-stage records: one a pair, the first reason found, with its input row."""
+    rows = data.rows or [None] * len(data.pairs)
+    names = [c for c in scores if c != "pair_id"]
+    out = []
+    for i in np.flatnonzero(too_long | np.any([~np.isfinite(scores[c]) for c in names], axis=0)
+                            if names else too_long):
+        if too_long[i]:
+            reason = f"prompt fills max_length {max_length}"
+        else:
+            name = next(c for c in names if not np.isfinite(scores[c][i]))
+            reason = f"non-finite score {name}={scores[name][i]}"
+        out.append(dropped_record("score", reason, pair_id=str(scores["pair_id"][i]), row=rows[i]))
+    return out
 
 
-def write_scores(out_dir: Path, scores: dict[str, np.ndarray], data: LoadedPairs, record: dict) -> None:
-    """scores.parquet (pair_id + scores + TRL-named log-probs), pairs.parquet (the input's own rows), and the
-    manifest last, so a directory with a manifest is complete."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def check_dropped(n_dropped: int, n: int, allow: bool, records: list[dict] | None = None) -> None:
+    """One line instead of a run of NaN: every pair left out always stops; more than half stops unless allowed."""
+    if n_dropped == 0 or (n_dropped * 2 <= n and n_dropped < n) or (allow and n_dropped < n):
+        return
+    reasons: dict[str, int] = {}
+    for record in records or []:
+        if record["stage"] == "score":
+            key = record["reason"].split("=")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    why = ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "NaN scores"
+    if n_dropped == n:
+        raise PrefsiftError(f"every one of the {n} pairs would be dropped ({why}): nothing to score; for a long "
+                            f"prompt raise --max-length")
+    raise PrefsiftError(f"{n_dropped} of {n} pairs would be dropped ({why}): raise --max-length, or pass "
+                        f"--allow-dropped to keep the rest")
+
+
+def write_scores(out_dir: Path, scores: dict[str, np.ndarray], data: LoadedPairs, record: dict,
+                 dropped: list[dict] | None = None) -> None:
+    """scores.parquet (pair_id + scores + TRL-named log-probs), pairs.parquet (the input's own rows),
+    dropped.jsonl and the manifest, all into a staging directory swapped in whole: a failure part-way leaves the
+    earlier results untouched (prefsift.output)."""
+    from prefsift.output import staged
+
     table = pa.table({k: list(v) if k == "pair_id" else v for k, v in scores.items()})
-    _replace(out_dir / "scores.parquet", lambda p: pq.write_table(table, p))
-    _replace(out_dir / "pairs.parquet", lambda p: pq.write_table(data.raw.with_format("arrow")[:], p))
-    write_manifest(out_dir, "score", record)
+    with staged(Path(out_dir), "score") as tmp:
+        pq.write_table(table, tmp / "scores.parquet")
+        write_pairs_parquet(data, tmp / "pairs.parquet")
+        write_dropped(tmp, dropped or [])
+        write_manifest(tmp, "score", record)
+
+
+def write_pairs_parquet(data: LoadedPairs, path: Path) -> None:
+    """The input's own rows, batch by batch: a memory-mapped table is never gathered into memory whole."""
+    table = data.raw.with_format("arrow")
+    writer = None
+    try:
+        for start in range(0, max(len(data.raw), 1), 8192):
+            batch = table[start:start + 8192]
+            if writer is None:
+                writer = pq.ParquetWriter(path, batch.schema)
+            if batch.num_rows:
+                writer.write_table(batch)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def method_params(methods: list[str], params: dict) -> dict[str, dict]:
@@ -117,7 +178,7 @@ def score(data: LoadedPairs, config: ScoreConfig, engine: EngineConfig, out_dir:
 
     scorers = [get_scorer(name, **(params or {}).get(name, {})) for name in config.methods()]
     resources = Resources(data, engine, config.sources(), out_dir=out_dir, seed=config.seed,
-                          trust_remote_code=config.trust_remote_code)
+                          trust_remote_code=config.trust_remote_code, allow_dropped=config.allow_dropped)
     return score_pairs(data, scorers, resources, out_dir)
 
 

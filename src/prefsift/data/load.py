@@ -48,6 +48,7 @@ class LoadedPairs:
     n_read: int = 0
     source: str = ""
     data_hash: str = ""
+    rows: list[int] = field(default_factory=list)  # each pair's 1-based input line / record number
 
     @property
     def conversational(self) -> bool:
@@ -96,6 +97,8 @@ def load_pairs(
     messages = kind == "conversational" or unpaired_messages
     normalize = _row_normalizer(kind, assistant_marker, unpaired_messages=unpaired_messages)
 
+    if prompt_key != "prompt" and prompt_key not in columns:  # a typo'd --prompt-key is not an implicit prompt
+        _require_columns(columns, (prompt_key,), "--prompt-key")
     present = raw.values if raw.values is not None else raw.table.select_columns([k for k in keys if k in columns])[:]
     inputs = zip(*(present.get(k, [None] * len(raw.rows)) for k in keys), strict=True)
     out: dict[str, list[Any]] = {"pair_id": [], **{name: [] for name in names}}
@@ -125,12 +128,13 @@ def load_pairs(
     features = _features(kind, messages)
     return LoadedPairs(
         pairs=arrow_dataset(pa.Table.from_pydict(out, schema=features.arrow_schema), features, data_hash[:16]),
-        raw=_raw_rows(raw.table, kept, out["pair_id"]),
+        raw=_raw_rows(*_kept_table(raw, kept), out["pair_id"]),
         kind=kind,
         invalid=invalid,
         n_read=len(raw.rows),
         source=os.fspath(source) if isinstance(source, (str, os.PathLike)) else raw.where,
         data_hash=data_hash,
+        rows=[raw.rows[i] for i in kept],
     )
 
 
@@ -182,12 +186,29 @@ def _features(kind: str, messages: bool) -> datasets.Features:
     return datasets.Features({"pair_id": _STRING, "prompt": text, "chosen": text, "rejected": text})
 
 
-def _raw_rows(table: datasets.Dataset, kept: list[int], pair_ids: list[str]) -> datasets.Dataset:
-    """The kept rows in the input's own columns plus `pair_id` (ours replaces any stored one).
+def _has_json(table: datasets.Dataset) -> bool:
+    return any(type(f).__name__ == "Json" for f in table.features.values())
+
+
+def _kept_table(raw: RawTable, kept: list[int]) -> tuple[datasets.Dataset, list[int] | None]:
+    """The kept rows' table. When an invalid row made a column mix types (messages in good rows, a string in a
+    bad one), datasets stored the whole column as Json; rebuilt from the kept rows alone, the good rows' messages
+    keep their real type instead of turning into JSON strings in pairs.parquet and the subsets."""
+    if raw.values is None or not _has_json(raw.table):
+        return raw.table, kept
+    try:
+        return arrow_dataset(pa.Table.from_pydict({k: [v[i] for i in kept] for k, v in raw.values.items()})), None
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return raw.table, kept  # the kept rows mix types too: Json is their honest type
+
+
+def _raw_rows(table: datasets.Dataset, kept: list[int] | None, pair_ids: list[str]) -> datasets.Dataset:
+    """The kept rows (all of `table` when `kept` is None) in the input's own columns plus `pair_id` (ours replaces
+    any stored one).
 
     Built in Arrow, in memory: no cache files written next to the user's data, no progress bars.
     """
-    rows: pa.Table = table.with_format("arrow")[kept]
+    rows: pa.Table = table.with_format("arrow")[kept] if kept is not None else table.with_format("arrow")[:]
     features = table.features.copy()
     if "pair_id" in features:
         rows = rows.drop_columns(["pair_id"])

@@ -112,7 +112,32 @@ def normalize_conversation_pair(
             raise Invalid("no shared prompt messages")
     _require_nonempty(chosen_msgs, "chosen response")
     _require_nonempty(rejected_msgs, "rejected response")
+    for name, response in (("chosen", chosen_msgs), ("rejected", rejected_msgs)):
+        _check_roles(prompt_msgs, response, name)
     return prompt_msgs, chosen_msgs, rejected_msgs
+
+
+# Roles chat templates know. A tool result may follow an assistant turn; system / developer lead.
+ROLES = {"system", "developer", "user", "assistant", "tool", "function", "ipython"}
+_TURNS = {"user", "assistant"}
+
+
+def _check_roles(prompt: list[Message], response: list[Message], name: str) -> None:
+    """A response is the assistant's answer to a prompt that ends with the user's (or a tool's) turn, and user and
+    assistant turns alternate: otherwise a user turn would be scored as the "response"."""
+    for where, messages in (("prompt", prompt), (name, response)):
+        for message in messages:
+            if message["role"] not in ROLES:
+                raise Invalid(f"unknown role '{message['role']}' in {where} (roles: {', '.join(sorted(ROLES))})")
+    if response[0]["role"] != "assistant" or response[-1]["role"] != "assistant":
+        role = (response[0] if response[0]["role"] != "assistant" else response[-1])["role"]
+        raise Invalid(f"{name} response is not an assistant turn (it holds a {role} message)")
+    if prompt and prompt[-1]["role"] == "assistant":
+        raise Invalid("prompt ends with an assistant turn: roles do not alternate")
+    conversation = prompt + response
+    for a, b in zip(conversation, conversation[1:], strict=False):
+        if a["role"] == b["role"] and a["role"] in _TURNS:
+            raise Invalid(f"roles do not alternate: two {a['role']} turns in a row ({name})")
 
 
 def normalize_unpaired(prompt: Any, completion: Any, label: Any, *, conversational: bool) -> tuple[Text, Text, bool]:

@@ -99,11 +99,11 @@ def _read_file(path: Path, where: str, text_columns: tuple[str, ...]) -> RawTabl
     fmt, compressed = _file_format(path)
     try:
         if fmt == "jsonl":
-            with _open_text(path, compressed) as f:
-                raw = _from_records(_jsonl_records(f, where), where, "line")
+            with _open_binary(path, compressed) as f:
+                raw = _from_records(_jsonl_records(_decoded_lines(f, where), where), where, "line")
         elif fmt == "json":
-            with _open_text(path, compressed) as f:
-                raw = _read_json(f, where)
+            with _open_binary(path, compressed) as f:
+                raw = _read_json(io.StringIO("".join(_decoded_lines(f, where))), where)
         elif fmt == "parquet":
             raw = _read_parquet(path, where, compressed)
         else:
@@ -119,10 +119,20 @@ def _read_file(path: Path, where: str, text_columns: tuple[str, ...]) -> RawTabl
     return raw
 
 
-def _open_text(path: Path, compressed: bool) -> IO[str]:
-    if compressed:
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
+def _open_binary(path: Path, compressed: bool) -> IO[bytes]:
+    return gzip.open(path, "rb") if compressed else open(path, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def _decoded_lines(f: IO[bytes], where: str) -> Iterator[str]:
+    """The file's lines as text, decoded one by one so that invalid UTF-8 is reported with its line."""
+    for number, line in enumerate(f, start=1):
+        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a UTF-8 byte-order mark
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where} line {number}: not UTF-8 text (byte 0x{line[e.start]:02x} at column "
+                            f"{e.start + 1})") from None
 
 
 def _jsonl_records(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -132,7 +142,9 @@ def _jsonl_records(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where} line {number}: invalid JSON ({e.msg} at column {e.colno})") from e
+            raise DataError(f"{where} line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{where} line {number}: JSON nested too deeply") from None
         if not isinstance(record, dict):
             raise DataError(f"{where} line {number}: expected a JSON object, got {_json_type(record)}")
         yield number, record
@@ -146,7 +158,9 @@ def _read_json(f: IO[str], where: str) -> RawTable:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+        raise DataError(f"{where} line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             raise DataError(f"{where} record {number}: expected a JSON object, got {_json_type(record)}")

@@ -78,3 +78,38 @@ def test_evaluate_win_rate_against_the_reference(models):
     ties = sum(len(a) == len(b) for a, b in zip(ours, theirs, strict=True))
     assert record["wins"] == wins and record["ties"] == ties
     assert record["win_rate"] == pytest.approx((wins + 0.5 * ties) / 2)
+
+
+def test_what_the_judge_saw_and_each_pair_margin_are_written(models, bpe_tokenizer, tmp_path, capsys):
+    import json
+
+    from prefsift.evaluate import write_eval_outputs
+
+    policy, reference = models
+    rows = make_pairs(6, seed=41)
+    prompts = ["\n\nHuman: hi\n\nAssistant:", "\n\nHuman: tell me a joke\n\nAssistant:"]
+    test = Dataset.from_list([{"pair_id": f"p{i}", **r} for i, r in enumerate(rows)])
+    record = evaluate(policy, reference, test_pairs=test, prompts=prompts, judge=LengthJudge(),
+                      config=EvalConfig(max_new_tokens=6, batch_size=1), engine=EngineConfig(beta=0.2,
+                                                                                             max_length=None))
+    assert "policy answers: 100%" in capsys.readouterr().err  # the judge's generation has a progress bar
+    summary = write_eval_outputs(record, tmp_path, pair_ids=test["pair_id"], prompts=prompts)
+    assert "answers" not in summary and summary["win_rate"] == record["win_rate"]
+    answers = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    ours = greedy_answers(policy.model, bpe_tokenizer, prompts, max_new_tokens=6, quiet=True)
+    theirs = greedy_answers(reference.model, bpe_tokenizer, prompts, max_new_tokens=6, quiet=True)
+    assert [a["prompt"] for a in answers] == prompts
+    assert [(a["answer"], a["reference_answer"]) for a in answers] == list(zip(ours, theirs, strict=True))
+    assert [(a["score"], a["reference_score"]) for a in answers] == [(len(a), len(b)) for a, b in zip(ours, theirs,
+                                                                                                       strict=True)]
+    assert [a["outcome"] for a in answers] == [1.0 if len(a) > len(b) else 0.5 if len(a) == len(b) else 0.0
+                                               for a, b in zip(ours, theirs, strict=True)]
+    pairs = [json.loads(x) for x in (tmp_path / "eval_pairs.jsonl").read_text().splitlines()]
+    lp, lr = naive(policy.model, bpe_tokenizer, rows), naive(reference.model, bpe_tokenizer, rows)
+    margin = 0.2 * ((lp[:, 0] - lr[:, 0]) - (lp[:, 1] - lr[:, 1]))
+    assert [p["pair_id"] for p in pairs] == [f"p{i}" for i in range(6)]
+    assert [p["margin"] for p in pairs] == pytest.approx(margin.tolist(), abs=1e-4)
+    assert [p["correct"] for p in pairs] == [float(m > 0) for m in margin]
+    quiet = evaluate(policy, reference, prompts=prompts, judge=LengthJudge(), config=EvalConfig(max_new_tokens=2),
+                     quiet=True)
+    assert "answers" in quiet and "policy answers" not in capsys.readouterr().err

@@ -339,7 +339,7 @@ def train(
 def eval_(
     model: Annotated[str, typer.Option(help="The aligned policy.")],
     data: DataOpt,
-    out: Annotated[Path, typer.Option(help="Output directory (eval.json).")],
+    out: Annotated[Path, typer.Option(help="Output directory (eval.json, eval_pairs.jsonl, answers.jsonl).")],
     reference: Annotated[str | None, typer.Option(help="Reference (SFT) policy.")] = None,
     judge_model: Annotated[str | None, typer.Option(help="Reward model judging the win rate.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Let a model run its own code.")] = False,
@@ -352,7 +352,7 @@ def eval_(
     import dataclasses
     import json
 
-    from prefsift.evaluate import RewardModelJudge, evaluate, win_rate_prompts
+    from prefsift.evaluate import RewardModelJudge, evaluate, win_rate_prompts, write_eval_outputs
     from prefsift.manifest import write_manifest
     from prefsift.models import load_model
     from prefsift.report import one_line
@@ -372,6 +372,8 @@ def eval_(
     record = evaluate(policy, ref, test_pairs=loaded_data.pairs, prompts=prompts, judge=judge, config=eval_config,
                       engine=engine)
     out.mkdir(parents=True, exist_ok=True)
+    # item by item beside the summary: eval_pairs.jsonl (margins), answers.jsonl (what the judge saw)
+    record = write_eval_outputs(record, out, pair_ids=list(loaded_data.pairs["pair_id"]), prompts=prompts)
     (out / "eval.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     write_manifest(out, "eval", {"model": model, "reference": reference, "data_hash": loaded_data.data_hash,
                                  "config": dataclasses.asdict(eval_config), "engine": dataclasses.asdict(engine)})

@@ -4,11 +4,13 @@ reference policy's, judged by a pluggable judge (the embedded oracle, or a rewar
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from prefsift.config import EngineConfig, EvalConfig  # noqa: F401 (EvalConfig: re-exported)
 from prefsift.errors import ConfigError, ModelError
@@ -42,14 +44,17 @@ class RewardModelJudge:
 
 
 @torch.inference_mode()
-def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int = 128, batch_size: int = 32) -> list[str]:
-    """Greedy completions of each prompt (plain text, or messages through the chat template), new tokens only."""
+def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int = 128, batch_size: int = 32,
+                   desc: str = "answers", quiet: bool = False) -> list[str]:
+    """Greedy completions of each prompt (plain text, or messages through the chat template), new tokens only; a
+    progress bar over the prompts unless `quiet`."""
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list)
              else p for p in prompts]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     device = next(model.parameters()).device
     answers: list[str] = []
+    progress = tqdm(total=len(texts), desc=desc, unit="prompt", dynamic_ncols=True, disable=quiet or not texts)
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
@@ -59,7 +64,9 @@ def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int = 128
                 if tokenizer.eos_token_id in row:  # generate pads finished rows; cut at the first EOS
                     row = row[: row.index(tokenizer.eos_token_id)]
                 answers.append(tokenizer.decode(row, skip_special_tokens=True))
+            progress.update(len(texts[start:start + batch_size]))
     finally:
+        progress.close()
         tokenizer.padding_side = side
     return answers
 
@@ -94,6 +101,8 @@ class WinRate:
     policy_mean_score: float
     baseline_mean_score: float
     outcomes: list[float]  # per prompt: 1 win, ½ tie, 0 loss
+    policy_scores: list[float] = field(default_factory=list)  # the judge's score of each answer
+    baseline_scores: list[float] = field(default_factory=list)
 
 
 def win_rate(judge: Judge, prompts: list, policy_answers: list[str], baseline_answers: list[str],
@@ -104,13 +113,17 @@ def win_rate(judge: Judge, prompts: list, policy_answers: list[str], baseline_an
     outcomes = np.where(np.abs(a - b) <= tie_tolerance, 0.5, (a > b).astype(float))
     wins, ties = int((outcomes == 1).sum()), int((outcomes == 0.5).sum())
     return WinRate(float(outcomes.mean()) if len(a) else float("nan"), wins, ties, len(a) - wins - ties,
-                   float(a.mean()), float(b.mean()), outcomes.tolist())
+                   float(a.mean()), float(b.mean()), outcomes.tolist(), a.tolist(), b.tolist())
 
 
 def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=None, prompts: list | None = None,
              judge: Judge | None = None, config: EvalConfig | None = None, engine: EngineConfig | None = None,
-             reference_logps: np.ndarray | None = None, baseline_answers: list[str] | None = None) -> dict:
-    """Preference accuracy on `test_pairs` and win rate on `prompts` (needs `judge`); returns a flat record.
+             reference_logps: np.ndarray | None = None, baseline_answers: list[str] | None = None,
+             quiet: bool = False) -> dict:
+    """Preference accuracy on `test_pairs` and win rate on `prompts` (needs `judge`); returns a flat record, with
+    the per-item outputs as lists: `pref_margins` (each test pair's implicit reward margin, None where TRL drops
+    it) and `pref_outcomes`; `answers` / `baseline_answers` (what the judge saw) with `policy_scores` /
+    `baseline_scores` and `win_outcomes`. `quiet` hides the generation progress bars.
 
     Without a reference there is no implicit reward: `logp_accuracy` (chosen more likely than rejected) is reported
     instead, and no win rate.
@@ -133,20 +146,51 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
                 reference_logps = compute_logps(reference.model, reference.tokenizer, test_pairs,
                                                 desc="reference", **kwargs)
             outcomes = preference_outcomes(policy_logps, reference_logps, engine.beta)
+            margins = implicit_reward_margin(policy_logps, reference_logps, engine.beta)
             record["pref_accuracy"] = float(np.nanmean(outcomes))
             record["pref_outcomes"] = [None if np.isnan(x) else float(x) for x in outcomes]  # None: dropped
+            record["pref_margins"] = [None if np.isnan(x) else float(x) for x in margins]
     if prompts and reference is not None:
         if judge is None:
             raise ModelError("a win rate needs a judge (--judge-model: a reward model)")
         if baseline_answers is None:
             baseline_answers = greedy_answers(reference.model, reference.tokenizer, prompts,
-                                              max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+                                              max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                              desc="reference answers", quiet=quiet)
         answers = greedy_answers(policy.model, policy.tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                                 batch_size=config.batch_size)
+                                 batch_size=config.batch_size, desc="policy answers", quiet=quiet)
         result = win_rate(judge, prompts, answers, baseline_answers)
         record.update({"win_rate": result.win_rate, "wins": result.wins, "ties": result.ties,
                        "losses": result.losses, "judge": judge.name,
                        "policy_mean_score": result.policy_mean_score,
-                       "baseline_mean_score": result.baseline_mean_score, "win_outcomes": result.outcomes})
+                       "baseline_mean_score": result.baseline_mean_score, "win_outcomes": result.outcomes,
+                       "answers": answers, "baseline_answers": list(baseline_answers),
+                       "policy_scores": result.policy_scores, "baseline_scores": result.baseline_scores})
     record["eval_seconds"] = time.perf_counter() - start
     return record
+
+
+PER_ITEM = ("pref_margins", "answers", "baseline_answers", "policy_scores", "baseline_scores")
+
+
+def write_eval_outputs(record: dict, out_dir: Path, *, pair_ids: list[str] | None = None,
+                       prompts: list | None = None) -> dict:
+    """What an evaluation saw, item by item, beside its summary: `eval_pairs.jsonl` (pair_id, the implicit reward
+    margin, correct: 1, ½ on a zero margin, 0, null where TRL drops the pair) and `answers.jsonl` (prompt, the
+    policy's and the reference's greedy answers, the judge's score of each, the outcome). Returns `record` without
+    the per-item lists those files hold."""
+    from prefsift.select import write_jsonl
+
+    out_dir = Path(out_dir)
+    if "pref_margins" in record and pair_ids is not None:
+        write_jsonl(out_dir / "eval_pairs.jsonl", (
+            {"pair_id": pid, "margin": margin, "correct": outcome} for pid, margin, outcome in
+            zip(pair_ids, record["pref_margins"], record["pref_outcomes"], strict=True)))
+    if "answers" in record and prompts is not None:
+        write_jsonl(out_dir / "answers.jsonl", (
+            {"prompt": prompt, "answer": answer, "reference_answer": reference, "score": score,
+             "reference_score": reference_score, "outcome": outcome}
+            for prompt, answer, reference, score, reference_score, outcome in
+            zip(prompts, record["answers"], record["baseline_answers"], record["policy_scores"],
+                record["baseline_scores"], record["win_outcomes"], strict=True)))
+    return {k: v for k, v in record.items() if k not in PER_ITEM}

@@ -178,6 +178,37 @@ def pair_weights(pairs: Dataset) -> np.ndarray | None:
     return weights
 
 
+def training_pairs(loaded) -> Dataset:
+    """The normalized pairs of a `LoadedPairs`, with the input's `weight` column when it has one (what `prefsift
+    weigh` writes): soft selection reaches `train` through the data file."""
+    pairs = loaded.pairs
+    if loaded.raw is not None and WEIGHT_COLUMN in loaded.raw.column_names:
+        pairs = pairs.add_column(WEIGHT_COLUMN, loaded.raw[WEIGHT_COLUMN])
+    return pairs
+
+
+def order_values(column: str, loaded, scores_dir: Path | None = None) -> np.ndarray:
+    """One curriculum value a training pair: `column` of SCORES/scores.parquet matched by pair_id when the score
+    directory has it, else the data's own column of that name (e.g. written by `prefsift select --with-scores`)."""
+    import pyarrow.parquet as pq
+
+    if scores_dir is not None and column in pq.read_schema(Path(scores_dir) / "scores.parquet").names:
+        table = pq.read_table(Path(scores_dir) / "scores.parquet", columns=["pair_id", column]).to_pydict()
+        index = {pid: i for i, pid in enumerate(table["pair_id"])}
+        missing = [pid for pid in loaded.pairs["pair_id"] if pid not in index]
+        if missing:
+            raise ConfigError(f"{len(missing)} training pairs have no '{column}' in {scores_dir} (e.g. {missing[0]})")
+        values = table[column]
+        return np.asarray([values[index[pid]] for pid in loaded.pairs["pair_id"]], dtype=float)
+    if loaded.raw is not None and column in loaded.raw.column_names:
+        try:
+            return np.asarray(loaded.raw[column], dtype=float)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--order {column}: the data's column is not numeric") from None
+    where = f"{scores_dir}/scores.parquet nor " if scores_dir is not None else ""
+    raise ConfigError(f"--order {column}: neither {where}the data has a column of that name")
+
+
 def curriculum_rows(order: np.ndarray, descending: bool) -> np.ndarray:
     """Row indices in the order training sees them: by `order`, ascending (or descending), ties in the data's
     own order, NaN (a pair without a score) last."""

@@ -143,13 +143,29 @@ def _forward_batch(model, pairs: list[TokenizedPair], pad_id: int) -> tuple[torc
               "position_ids": position_ids.to(device), "use_cache": False}
     rows_t, preds_t = torch.tensor(rows, device=device), torch.tensor(predictors, device=device)
     hidden = backbone(**inputs).last_hidden_state
-    logits = _scale_logits(base.config, head(hidden[rows_t, preds_t]).float())
-    token_logps = logits.log_softmax(-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    token_logps = _token_logps(base.config, head, hidden[rows_t, preds_t], torch.tensor(targets, device=device))
     sums = torch.zeros(batch * 2, dtype=torch.float64, device=device)
     index = rows_t * 2 + torch.tensor(sides, device=device)
     sums.index_add_(0, index, token_logps.double())
     sums = sums.view(batch, 2).cpu()
     return sums[:, 0], sums[:, 1]
+
+
+# Logits the LM head holds at once: 2^24 floats (64 MB in fp32), i.e. 341 positions of a 49k vocabulary. A batch's
+# full-vocabulary logits would be positions × vocabulary (1.6 GB for 8k positions), then as much again for the
+# log-softmax; chunks this size cost no measurable speed (the head's matmul stays large).
+HEAD_ELEMENTS = 1 << 24
+
+
+def _token_logps(config, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each row of `hidden` (positions × hidden size), through the LM head a chunk of positions at a
+    time: memory is bounded by HEAD_ELEMENTS whatever the batch."""
+    step = max(1, HEAD_ELEMENTS // head.weight.shape[0])
+    out = []
+    for lo in range(0, hidden.shape[0], step):
+        logits = _scale_logits(config, head(hidden[lo:lo + step]).float())
+        out.append(logits.log_softmax(-1).gather(-1, targets[lo:lo + step, None])[:, 0])
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def _scale_logits(config, logits: torch.Tensor) -> torch.Tensor:
@@ -248,10 +264,37 @@ def logps_of_tokenized(model, tokenized: list[TokenizedPair | None], *, pad_id: 
     return out
 
 
+# A packed pair's mask is width² entries (bool + the model's dtype): ~9 GB at 36k tokens. A pair longer than this
+# goes alone through `_forward_long`, whose memory grows linearly with its length.
+LONG_PAIR_TOKENS = 8192
+
+
 def forward_batch(model, pairs: list[TokenizedPair], pad_id: int, packed: bool | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(pairs) == 1 and len(pairs[0]) > LONG_PAIR_TOKENS and can_pack(model):
+        return _forward_long(model, pairs[0])
     use_packed = packed_path_ok(model, pairs[0], pad_id) if packed is None else packed
     return (_forward_batch if use_packed else _forward_batch_unpacked)(model, pairs, pad_id)
+
+
+@torch.inference_mode()
+def _forward_long(model, pair: TokenizedPair, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """One very long pair: each side as its own unpadded row with no mask (the model's causal kernel, no width²
+    mask), and the LM head on the completion's positions only, `chunk` at a time (no length × vocabulary logits)."""
+    base, backbone, head = _backbone_and_head(model)
+    device = head.weight.device
+    sums = []
+    for completion in (pair.chosen_ids, pair.rejected_ids):
+        ids = torch.tensor([pair.prompt_ids + completion], device=device)
+        hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state[0]
+        targets = torch.arange(max(len(pair.prompt_ids), 1), ids.shape[1], device=device)
+        total = torch.zeros((), dtype=torch.float64)
+        for lo in range(0, len(targets), chunk):
+            at = targets[lo:lo + chunk]
+            logits = _scale_logits(base.config, head(hidden[at - 1]).float())
+            total += logits.log_softmax(-1).gather(-1, ids[0, at][:, None]).double().sum().cpu()
+        sums.append(total)
+    return sums[0].view(1), sums[1].view(1)
 
 
 @dataclass
@@ -348,8 +391,10 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
             run.write(pending[0], pending[1], np.concatenate(pending[2]))
         pending, last_flush = ([], [], []), time.monotonic()
 
-    # the path is chosen once, on the first (longest) batch, whichever batches a resumed run still has to compute
-    packed = packed_path_ok(model, tokenized[plan.batches[0][0]], pad_id) if plan.batches else None
+    # the path is chosen once, on the longest pair short enough to pack, whichever batches a resumed run still has
+    # to compute (a longer pair goes alone through `_forward_long`)
+    short = [b[0] for b in plan.batches if len(tokenized[b[0]]) <= LONG_PAIR_TOKENS]  # type: ignore[arg-type]
+    packed = packed_path_ok(model, tokenized[short[0]], pad_id) if short else None
     with tqdm(total=n, desc=desc, unit="pair", dynamic_ncols=True, disable=n == 0) as progress:
         progress.update(n - plan.n_kept)
         for number, batch in enumerate(plan.batches):

@@ -39,6 +39,7 @@ ROLES: dict[str, Role] = {
 LOGPS_COLUMNS = {"policy": ("chosen_logps", "rejected_logps"),
                  "reference": ("ref_chosen_logps", "ref_rejected_logps"),
                  "validation": ("val_chosen_logps", "val_rejected_logps")}
+REWARD_COLUMNS = ("chosen_reward", "rejected_reward")  # a reward model's pass, stored beside its difference
 
 
 def flag_of(role: str) -> str:
@@ -74,6 +75,7 @@ class Resources:
     _loaded: dict[str, Any] = field(default_factory=dict)
     _by_source: dict[str, Any] = field(default_factory=dict)
     _logps: dict[tuple, np.ndarray] = field(default_factory=dict)
+    _rewards: dict[tuple, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.sources.get("reference") is None and self.sources.get("policy") is not None:
@@ -166,6 +168,29 @@ class Resources:
                 self.seconds[role] = time.perf_counter() - start
         return self._logps[key]
 
+    def rewards(self, role: str = "reward_model", *, batch_size: int = 16) -> np.ndarray:
+        """(n, 2) [chosen, rejected] rewards of the scored pairs under the reward model of `role`, once per model,
+        batched, with resumable shards under out_dir like a log-prob pass (a failure after it loses nothing)."""
+        from prefsift.logps import LogpsRun
+        from prefsift.manifest import tokenizer_fingerprint
+        from prefsift.reward import pair_rewards
+
+        loaded = self.model(role)
+        key = self._pass_key(loaded, self.pairs)
+        if key not in self._rewards:
+            run = None
+            if self.out_dir is not None:
+                identity = {"fingerprint": loaded.fingerprint, "max_length": self.engine.max_length,
+                            "batch_size": batch_size, "dtype": str(next(loaded.model.parameters()).dtype),
+                            "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "data": self.pairs.data_hash,
+                            "pass": "reward"}
+                run = LogpsRun(Path(self.out_dir), role, identity)
+            start = time.perf_counter()
+            self._rewards[key] = pair_rewards(loaded.model, loaded.tokenizer, self.pairs.pairs, batch_size=batch_size,
+                                              max_length=self.engine.max_length, run=run, desc="reward model")
+            self.seconds[role] = time.perf_counter() - start
+        return self._rewards[key]
+
     @staticmethod
     def _pass_key(loaded: Any, data: Any) -> tuple:
         # The fingerprint as well as the object: a seed's trained copies are freed after it, and a later seed's copy
@@ -182,6 +207,10 @@ class Resources:
             if self.has_logps(role):
                 values = self.logps(role)
                 out[chosen], out[rejected] = values[:, 0], values[:, 1]
+        loaded = self._loaded.get("reward_model")
+        if loaded is not None and self._pass_key(loaded, self.pairs) in self._rewards:
+            values = self._rewards[self._pass_key(loaded, self.pairs)]
+            out[REWARD_COLUMNS[0]], out[REWARD_COLUMNS[1]] = values[:, 0], values[:, 1]
         return out
 
     def for_seed(self, seed: int) -> Resources:
@@ -190,8 +219,9 @@ class Resources:
         base = {r: v for r, v in self._loaded.items() if r not in self.stages}
         sources = {r: v for r, v in self.sources.items() if r not in self.stages}
         return Resources(self.pairs, self.engine, {**sources, **base}, out_dir=self.out_dir, seed=seed,
-                         trust_remote_code=self.trust_remote_code, seconds=dict(self.seconds), _loaded=base,
-                         _by_source=self._by_source, _logps=self._logps)
+                         trust_remote_code=self.trust_remote_code, allow_dropped=self.allow_dropped,
+                         seconds=dict(self.seconds), _loaded=base, _by_source=self._by_source, _logps=self._logps,
+                         _rewards=self._rewards)
 
     def cost(self, needs: tuple[str, ...]) -> float:
         """Seconds a method's roles cost: their log-prob passes and the trainings that made them (once each)."""

@@ -33,14 +33,9 @@ class MarginScorer(Scorer):
 
     def score(self, resources) -> dict[str, np.ndarray]:
         if resources.has("reward_model"):
-            from prefsift.reward import reward_scores
-
-            loaded = resources.model("reward_model")
-            pairs = resources.pairs.pairs
-            kwargs = {"max_length": resources.engine.max_length, "batch_size": self.params.batch_size}
-            chosen = reward_scores(loaded.model, loaded.tokenizer, pairs["prompt"], pairs["chosen"], **kwargs)
-            rejected = reward_scores(loaded.model, loaded.tokenizer, pairs["prompt"], pairs["rejected"], **kwargs)
-            return {"margin": chosen - rejected}
+            # one batched pass with resumable shards; chosen_reward / rejected_reward are stored beside the margin
+            rewards = resources.rewards("reward_model", batch_size=self.params.batch_size)
+            return {"margin": rewards[:, 0] - rewards[:, 1]}
         raw = resources.pairs.raw
         if raw is None or not all(c in raw.column_names for c in RATING_COLUMNS):
             known = ", ".join(raw.column_names) if raw is not None else "none"

@@ -105,3 +105,50 @@ def test_peer_rules_are_listed_by_prefsift_methods():
     for name in ("small-margin", "large-margin", "alignment-potential", "reward-margin"):
         assert name in SCORERS
         assert f"{name}: needs" in result.output
+
+
+def test_selective_is_the_held_out_dpo_loss_of_cross_fitted_models(bpe_tokenizer, monkeypatch, one_thread):
+    """Each pair's score is the mean over seeds of its DPO loss under the model trained on the other fold(s),
+    recomputed here from those models with the unpacked textbook log-probs."""
+    import copy
+
+    import prefsift.train as train_module
+
+    rows = make_pairs(12, seed=23)
+    sft = LoadedModel(make_tiny_llama(bpe_tokenizer, seed=7), bpe_tokenizer, "sft", "sft")
+    trainings = []  # (pair_ids trained on, a copy of the trained model)
+    real_train = train_module.train
+
+    def spy(loaded, pairs, config, engine, **kwargs):
+        result = real_train(loaded, pairs, config, engine, **kwargs)
+        trainings.append((set(pairs["pair_id"]), copy.deepcopy(result.model)))
+        return result
+
+    monkeypatch.setattr(train_module, "train", spy)
+    scorer = get_scorer("selective", folds=2, seeds=2, learning_rate=5e-3, batch_size=3)
+    context = provider(rows, {"reference": sft}, max_length=64)
+    out = scorer.score(context)["selective"]
+
+    ids = list(context.pairs.pairs["pair_id"])
+    ref = naive(sft.model, bpe_tokenizer, rows)
+    assert len(trainings) == 4  # 2 folds × 2 seeds
+    expected = np.zeros(len(rows))
+    for seed in range(2):
+        seen = [trainings[2 * seed + k][0] for k in range(2)]
+        assert seen[0].isdisjoint(seen[1]) and len(seen[0]) == len(seen[1]) == 6  # two halves
+        for trained_on, model in trainings[2 * seed: 2 * seed + 2]:
+            held = [i for i, pid in enumerate(ids) if pid not in trained_on]
+            lp = naive(model, bpe_tokenizer, [rows[i] for i in held])
+            margin = BETA * ((lp[:, 0] - ref[held, 0]) - (lp[:, 1] - ref[held, 1]))
+            expected[held] += np.logaddexp(0, -margin) / 2
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(expected - np.log(2)).max() > 1e-2  # the cross-fitting models moved off the reference
+    assert scorer.selection_rule() == {"rule": "bottom", "column": "selective"}
+    # a seed: 2 trainings on 6 pairs at 3 passes a pair (36) and one pass over the 12 held-out pairs: 48; 2 seeds
+    assert scorer.compute_passes(12, 0) == 96
+
+
+def test_selective_needs_as_many_pairs_as_folds(bpe_tokenizer):
+    sft = LoadedModel(make_tiny_llama(bpe_tokenizer), bpe_tokenizer, "sft", "sft")
+    with pytest.raises(PrefsiftError, match="folds=3 parts: it needs at least that many pairs"):
+        get_scorer("selective", folds=3).score(provider(make_pairs(2), {"reference": sft}))

@@ -33,7 +33,8 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch):
     config = {"data": str(data), "model": str(model_dir), "out": str(tmp_path / "run"), "fractions": [0.25],
               "validation_fraction": 0.1, "test_fraction": 0.1, "warmup_fraction": 0.5, "judge_model": str(judge_dir),
               "eval": {"max_new_tokens": 4, "eval_prompts": 4}, "engine": {"max_length": 64},
-              "train": {"learning_rate": 1e-3, "batch_size": 8, "epochs": 1.0, "gradient_checkpointing": False}}
+              "train": {"learning_rate": 1e-3, "batch_size": 8, "epochs": 1.0, "gradient_checkpointing": False},
+              "min_test_pairs": 0}  # 8 test pairs: allowed on request
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["run", "--config", str(config_path)])
@@ -68,6 +69,30 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch):
     assert {"irm", "lossdiff", "lossdiff_irm", "ref_chosen_logps", "val_chosen_logps"} <= set(scores)
     assert (tmp_path / "run" / "results.md").read_text().count("\n|") >= 1 + len(results["summary"])
     assert (tmp_path / "run" / "quality_vs_compute.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "pref_accuracy_vs_compute.png").stat().st_size > 1000
+
+    # what a user takes away from each row: its subset, what its evaluation saw, item by item
+    seed_dir = tmp_path / "run" / "seed-0"
+    scored = dict(zip(scores["pair_id"], scores["irm"], strict=True))
+    test_ids = [json.loads(x)["pair_id"] for x in (seed_dir / "eval" / "warmup-full" / "eval_pairs.jsonl")
+                .read_text().splitlines()]
+    assert len(test_ids) == 8 and not set(test_ids) & set(scores["pair_id"])  # held-out pairs only
+    for record in records:
+        slug = record["method"] if record["method"] == "full" else (
+            f"{record['method']}-{record['budget']}".replace(" ", "-"))
+        subset = [json.loads(x) for x in (seed_dir / "selected" / slug / "selected.jsonl").read_text().splitlines()]
+        assert len(subset) == record["n_pairs"]
+        assert {"prompt", "chosen", "rejected", "pair_id"} <= set(subset[0])
+        if record["method"] == "irm":  # the method's score column travels with its subset
+            assert all(row["irm"] == scored[row["pair_id"]] for row in subset)
+        evaluated = seed_dir / "eval" / f"warmup-{slug}"
+        pairs = [json.loads(x) for x in (evaluated / "eval_pairs.jsonl").read_text().splitlines()]
+        assert [p["correct"] for p in pairs] == record["pref_outcomes"]
+        assert all((p["margin"] > 0) == (p["correct"] == 1.0) for p in pairs)
+        answers = [json.loads(x) for x in (evaluated / "answers.jsonl").read_text().splitlines()]
+        assert [a["outcome"] for a in answers] == record["win_outcomes"] and len(answers) == 4
+        assert all(isinstance(a["answer"], str) and isinstance(a["score"], float) for a in answers)
+    assert not list((seed_dir / "models").glob("warmup-*"))  # subset models are dropped unless asked for
     # score once, select many: the run's scores directory feeds `prefsift select`
     result = CliRunner().invoke(app, ["select", "--scores", str(run_scores), "--rule", "band",
                                       "--column", "irm", "--fraction", "0.5", "--out", str(tmp_path / "sel")])
@@ -131,3 +156,37 @@ def test_user_given_test_file_prompts_are_not_trained_on(tmp_path):
     in_validation = set(splits.validation.pairs["prompt"])
     expected_removed = sum(1 for p in prompts if p in held_out and p not in in_validation)
     assert splits.n_held_out_prompts_removed == expected_removed >= 1
+
+
+def test_run_without_a_judge_keeps_models_on_request_and_refuses_a_tiny_test_split(tmp_path, bpe_tokenizer):
+    model_dir = tmp_path / "sft"
+    make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
+    bpe_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(60, seed=34)))
+    config = {"data": str(data), "model": str(model_dir), "out": str(tmp_path / "run"), "methods": ["random"],
+              "fractions": [0.5], "rule_share": False, "full": False, "start_from": "reference",
+              "test_fraction": 0.2, "engine": {"max_length": 64},
+              "train": {"learning_rate": 1e-3, "batch_size": 8, "gradient_checkpointing": False}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "the test split holds 12 pairs (fewer than min_test_pairs=20)" in result.output
+    assert f"±{1.96 * (0.25 / 12) ** 0.5:.2f}" in result.output and "Traceback" not in result.output
+
+    path.write_text(yaml.safe_dump({**config, "test_fraction": 0.4, "save_subset_models": True}))
+    result = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    (record,) = json.loads((run / "results.json").read_text())["records"]
+    assert record["win_rate"] is None and record["pref_accuracy"] is not None
+    assert (run / "quality_vs_compute.png").stat().st_size > 1000  # preference accuracy: no judge needed
+    evaluated = run / "seed-0" / "eval" / "reference-random-0.5"
+    assert len((evaluated / "eval_pairs.jsonl").read_text().splitlines()) == 24
+    assert not (evaluated / "answers.jsonl").exists()  # no judge, no answers
+    from prefsift.models import load_model
+
+    saved = load_model(str(run / "seed-0" / "models" / "reference-random-0.5"), device="cpu")
+    assert sum(p.numel() for p in saved.model.parameters()) == sum(
+        p.numel() for p in make_tiny_llama(bpe_tokenizer).parameters())

@@ -377,6 +377,11 @@ class RunConfig(Checked):
                            "differences cover them. The splits stay those of `seed`.", low=1)
     save_models: bool = option(True, "Save the warm-up and validation models under OUT/models (reloadable by "
                                      "`prefsift score` and `prefsift train --model`).")
+    save_subset_models: bool = option(False, "Also save every subset's trained model under "
+                                              "OUT/seed-S/models/<start>-<method>-<budget> (one model a row: large).")
+    min_test_pairs: int = option(20, "Refuse a test split of fewer pairs (an accuracy near 0.5 over 20 pairs already "
+                                     "has a 95% interval of ±0.22). 0 allows any size: the summary's intervals then "
+                                     "show how little it says.", low=0)
     judge_model: str | None = option(None, "Reward model judging win rates.")
     reward_model: str | None = option(None, "Sequence-classification reward model of the methods that score with one "
                                             "(reward-margin, alignment-potential); default: the data's "

@@ -21,14 +21,14 @@ from prefsift import __version__
 from prefsift.config import EngineConfig, RunConfig, TrainConfig
 from prefsift.data import LoadedPairs, data_hash_of, load_pairs
 from prefsift.errors import ConfigError
-from prefsift.evaluate import Judge, RewardModelJudge, evaluate, greedy_answers, win_rate_prompts
+from prefsift.evaluate import Judge, RewardModelJudge, evaluate, greedy_answers, win_rate_prompts, write_eval_outputs
 from prefsift.manifest import write_manifest
 from prefsift.models import LoadedModel, fingerprint_files, load_model
 from prefsift.report import one_line, write_results
 from prefsift.resources import Resources
 from prefsift.score import ScoreResult, score_pairs
 from prefsift.scorers import Scorer
-from prefsift.select import select_indices
+from prefsift.select import SPLIT_COLUMNS, select_indices, write_subset
 from prefsift.stats import summarize
 from prefsift.train import train
 
@@ -185,23 +185,44 @@ def compute_units(config: RunConfig, scorer: Scorer | None, start: str, n_train:
     return units
 
 
+def artifact_name(method: str, budget: str) -> str:
+    """A row's directory name: `irm-0.1`, `lossdiff-irm-rule`, `full`."""
+    return method if method == budget else f"{method}-{budget}".replace(" rule", "-rule").replace(" ", "-")
+
+
 def train_and_evaluate(config: RunConfig, plan: tuple, start_model: LoadedModel, base: LoadedModel, splits: Splits,
                        scores: dict[str, np.ndarray], ref_train: np.ndarray, ref_test: np.ndarray | None,
-                       judge: Judge | None, baseline_answers: list[str] | None, log) -> dict:
-    """Steps 5 and 6 for one (method, budget): select, train from `start_model`, evaluate against the reference."""
+                       judge: Judge | None, baseline_answers: list[str] | None, log, *, start: str = "warmup",
+                       seed_dir: Path | None = None, quiet: bool = False) -> dict:
+    """Steps 5 and 6 for one (method, budget): select, train from `start_model`, evaluate against the reference.
+
+    Under `seed_dir` it keeps what a user takes away: the subset (selected/<method>-<budget>/selected.jsonl, with
+    the method's score columns), what the evaluation saw (eval/<start>-<method>-<budget>/: eval_pairs.jsonl,
+    answers.jsonl) and, with `save_subset_models`, the trained model (models/<start>-<method>-<budget>/)."""
     name, scorer, budget, fraction, count = plan
     train_data, has_test = splits.train, ref_test is not None
     dropped = np.isnan(ref_train[:, 0])
     rows = np.flatnonzero(~dropped) if scorer is None else selected_rows(scorer, scores, fraction, count)
     log(f"{name} @ {fraction:.0%}: training on {len(rows)} pairs")
+    slug = artifact_name(name, budget)
+    if seed_dir is not None:  # the same subset under every start: written once per seed and row
+        extra = {c: scores[c] for c in scorer.columns if c in scores} if scorer is not None else {}
+        write_subset(seed_dir / "selected" / slug, train_data.pairs.select_columns(list(SPLIT_COLUMNS)), rows,
+                     extra=extra)
+    save_dir = seed_dir / "models" / f"{start}-{slug}" if seed_dir is not None and config.save_subset_models else None
     policy, seconds = trained_copy(start_model, f"{name}-{fraction}", train_data.pairs.select(rows.tolist()),
-                                   ref_train[rows], replace(config.train, seed=config.seed), config.engine)
+                                   ref_train[rows], replace(config.train, seed=config.seed), config.engine,
+                                   save_dir)
     record = {"method": name, "budget": budget, "fraction": fraction, "n_pairs": len(rows),
               "train_seconds": round(seconds, 3)}
     evaluation = evaluate(policy, base, test_pairs=splits.test.pairs if has_test else None,
                           prompts=splits.eval_prompts if baseline_answers is not None else None, judge=judge,
                           config=config.eval, engine=config.engine, reference_logps=ref_test,
-                          baseline_answers=baseline_answers)
+                          baseline_answers=baseline_answers, quiet=quiet)
+    if seed_dir is not None:
+        write_eval_outputs(evaluation, seed_dir / "eval" / f"{start}-{slug}",
+                           pair_ids=list(splits.test.pairs["pair_id"]) if has_test else None,
+                           prompts=splits.eval_prompts if baseline_answers is not None else None)
     record.update({"win_rate": evaluation.get("win_rate"), "pref_accuracy": evaluation.get("pref_accuracy")})
     record.update({k: evaluation[k] for k in ("wins", "ties", "losses", "win_outcomes", "pref_outcomes")
                    if k in evaluation})
@@ -214,7 +235,7 @@ def train_and_evaluate(config: RunConfig, plan: tuple, start_model: LoadedModel,
 
 
 def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Resources, judge: Judge | None,
-             baseline_answers: list[str] | None, log) -> list[dict]:
+             baseline_answers: list[str] | None, log, quiet: bool = False) -> list[dict]:
     """Steps 1-6 under one training seed: warm-up, validation model, scores, then every subset from every start."""
     out = Path(config.out) / f"seed-{config.seed}"
     scorers = config.scorers()
@@ -246,7 +267,7 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
         start_model = warmup if start == "warmup" else base
         for plan in plans:
             record = train_and_evaluate(config, plan, start_model, base, splits, scored.scores, ref_train, ref_test,
-                                        judge, baseline_answers, log)
+                                        judge, baseline_answers, log, start=start, seed_dir=out, quiet=quiet)
             units = compute_units(config, plan[1], start, n_train, n_warmup, len(splits.validation.pairs),
                                   record["n_pairs"])
             # seconds, like units: the scores' passes and the trainings behind them, the warm-up when the row
@@ -260,16 +281,27 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     return records
 
 
+def check_test_size(n_test: int, minimum: int) -> None:
+    """Refuse a test split too small to tell methods apart (RunConfig.min_test_pairs; 0 allows any size)."""
+    if n_test < minimum:
+        half = 1.96 * (0.25 / n_test) ** 0.5 if n_test else float("inf")
+        raise ConfigError(f"the test split holds {n_test} pairs (fewer than min_test_pairs={minimum}): an accuracy "
+                          f"near 0.5 over them has a 95% interval of ±{half:.2f}; raise test_fraction, give "
+                          "test_data, or set min_test_pairs: 0 to run anyway")
+
+
 def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: LoadedModel | None = None,
-                 judge: Judge | None = None, log=print) -> dict:
+                 judge: Judge | None = None, log=print, quiet: bool = False) -> dict:
     """Run the flow of the module docstring over every seed; returns {"records", "summary"} (also written under
-    config.out: results.json, results.md, the plots; the seconds each row took in timings.json)."""
+    config.out: results.json, results.md, the plots; the seconds each row took in timings.json; per seed, each
+    row's subset, evaluation outputs and, on request, model). `quiet` hides the generation progress bars."""
     start = time.perf_counter()
     config.scorers()  # every method and parameter checked before anything runs
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     engine = config.engine
     splits = splits or make_splits(config)
+    check_test_size(len(splits.test.pairs) if splits.test is not None else 0, config.min_test_pairs)
     base = base or load_model(config.model, dtype=engine.dtype, device=engine.device,
                               trust_remote_code=config.trust_remote_code)
     if judge is None and config.judge_model:
@@ -302,12 +334,13 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     if dropped.any():
         log(f"{int(dropped.sum())} pairs have a prompt longer than max_length: TRL drops them, so does every subset")
     baseline_answers = (greedy_answers(base.model, base.tokenizer, eval_prompts,
-                                       max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+                                       max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                                       desc="reference answers", quiet=quiet)
                         if eval_prompts else None)
     records = []
     for k in range(config.seeds):
         records += run_seed(replace(config, seed=config.seed + k), splits, base, template, judge, baseline_answers,
-                            log)
+                            log, quiet)
     summary = summarize(records, ceilings={s.name for s in config.scorers() if s.ceiling})
     write_results(records, summary, out)
     write_manifest(out, "run", {"config": asdict(config), "data_hash": splits.train.data_hash, "model": base.source,

@@ -54,7 +54,7 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_quality_against_compute(summary: list[dict], path: Path) -> Path | None:
+def plot_quality_against_compute(summary: list[dict], path: Path, metric: str | None = None) -> Path | None:
     """Each (start, method, budget): its metric's mean with the 95% interval as a bar, against the compute it used
     (pair passes, all of it: warm-up, validation model, scoring, training)."""
     import matplotlib
@@ -62,7 +62,8 @@ def plot_quality_against_compute(summary: list[dict], path: Path) -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = "win_rate" if any("win_rate" in r for r in summary) else "pref_accuracy"
+    if metric is None:  # the win rate when a judge gave one, else preference accuracy (no judge needed)
+        metric = "win_rate" if any("win_rate" in r for r in summary) else "pref_accuracy"
     rows = [r for r in summary if metric in r]
     if not rows:
         return None
@@ -103,4 +104,8 @@ def write_results(records: list[dict], summary: list[dict], out_dir: Path, title
     plot = plot_quality_against_compute(summary, out_dir / "quality_vs_compute.png")
     if plot is not None:
         paths["plot"] = plot
+    if any("win_rate" in r for r in summary):  # preference accuracy against compute as well, judge or not
+        accuracy = plot_quality_against_compute(summary, out_dir / "pref_accuracy_vs_compute.png", "pref_accuracy")
+        if accuracy is not None:
+            paths["pref_accuracy_plot"] = accuracy
     return paths

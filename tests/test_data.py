@@ -422,6 +422,46 @@ def test_invalid_implicit_and_conversational_rows(tmp_path: Path) -> None:
     ]
 
 
+def test_conversational_roles_must_alternate_and_answer_as_the_assistant(tmp_path: Path) -> None:
+    good = {"prompt": [user("q")], "chosen": [assistant("good")], "rejected": [assistant("bad")]}
+    rows = [
+        good,
+        {"prompt": [user("q")], "chosen": [user("yes")], "rejected": [assistant("no")]},  # a user turn as "response"
+        {"prompt": [{"role": "wizard", "content": "q"}], "chosen": [assistant("a")], "rejected": [assistant("b")]},
+        {"prompt": [user("q"), user("again")], "chosen": [assistant("a")], "rejected": [assistant("b")]},
+        {"prompt": [user("q"), assistant("a")], "chosen": [assistant("b")], "rejected": [assistant("c")]},
+        {"prompt": [user("q")], "chosen": [assistant("a"), user("more?")], "rejected": [assistant("c")]},
+        {"prompt": [{"role": "system", "content": "be kind"}, user("q2")], "chosen": [assistant("a")],
+         "rejected": [assistant("b")]},
+    ]
+    loaded = load_pairs(write_jsonl(tmp_path / "c.jsonl", rows))
+    assert [(r.row, r.reason.split(" (")[0]) for r in loaded.invalid] == [
+        (2, "chosen response is not an assistant turn"),
+        (3, "unknown role 'wizard' in prompt"),
+        (4, "roles do not alternate: two user turns in a row"),
+        (5, "prompt ends with an assistant turn: roles do not alternate"),
+        (6, "chosen response is not an assistant turn"),
+    ]
+    assert loaded.rows == [1, 7]  # each kept pair's input line
+
+
+def test_one_bad_row_does_not_turn_good_rows_into_json(tmp_path: Path) -> None:
+    good = [{"prompt": [user(f"q{i}")], "chosen": [assistant("a")], "rejected": [assistant(f"b{i}")]} for i in range(3)]
+    rows = [good[0], {"prompt": "a string", "chosen": "x", "rejected": [1]}, good[1], good[2]]
+    loaded = load_pairs(write_jsonl(tmp_path / "c.jsonl", rows))
+    assert [r.row for r in loaded.invalid] == [2]
+    raw = loaded.raw.with_format("arrow")[:]
+    for name in ("prompt", "chosen", "rejected"):  # the input's message lists, not JSON strings
+        assert pa.types.is_list(raw.schema.field(name).type), raw.schema
+    assert loaded.raw[0]["chosen"] == [assistant("a")]
+
+
+def test_a_dataset_dict_without_split_says_which_it_took(tmp_path: Path) -> None:
+    path = write_saved_dict(tmp_path / "dd", STANDARD)
+    assert "split 'train' of train, test; --split picks another" in load_pairs(path).summary()
+    assert "split" not in load_pairs(path, split="test").summary()
+
+
 def test_on_invalid_fail_raises_at_the_first_bad_row(tmp_path: Path) -> None:
     rows = [dict(r) for r in STANDARD] * 2
     rows[1] = {"prompt": "p", "chosen": "same", "rejected": "same"}
@@ -464,13 +504,33 @@ def test_broken_json_line_names_its_line(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(STANDARD[0]) + "\n\n" + '{"prompt": "x", "chosen": \n')
     message = one_line_error(path)
-    assert message.startswith(f"{path} line 3: invalid JSON (")
+    assert message == f"{path} line 3, column 27: invalid JSON (Expecting value)"  # line and column, once each
     path.write_text(json.dumps(STANDARD[0]) + "\n[1, 2]\n")
     assert one_line_error(path) == f"{path} line 2: expected a JSON object, got an array"
     gz = tmp_path / "d.json.gz"
     with gzip.open(gz, "wt") as f:
         f.write('[\n  {"prompt": "a"},\n  {"prompt": }\n]')
-    assert one_line_error(gz).startswith(f"{gz} line 3: invalid JSON (")
+    assert one_line_error(gz) == f"{gz} line 3, column 14: invalid JSON (Expecting value)"
+
+
+def test_invalid_utf8_and_deep_nesting_name_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(STANDARD[0]).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')
+    assert one_line_error(path) == f"{path} line 2: not UTF-8 text (byte 0xe9 at column 16)"
+    gz = tmp_path / "d.jsonl.gz"
+    with gzip.open(gz, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + json.dumps(STANDARD[0]).encode() + b"\n\xff\n")  # a BOM is fine, 0xff is not
+    assert one_line_error(gz) == f"{gz} line 2: not UTF-8 text (byte 0xff at column 1)"
+    path.write_text(json.dumps(STANDARD[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert one_line_error(path) == f"{path} line 2: JSON nested too deeply"
+
+
+def test_a_typod_prompt_key_says_the_column_is_missing(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in STANDARD))
+    with pytest.raises(DataError, match=r"missing column 'question' \(columns: .*prompt.*\); map yours with "
+                                        r"--prompt-key"):
+        load_pairs(path, prompt_key="question")
 
 
 def test_missing_column_lists_the_existing_ones(tmp_path: Path) -> None:

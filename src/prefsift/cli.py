@@ -113,9 +113,14 @@ def _load(data: str, options):
 def _quiet() -> None:
     """Score preference pairs with the model you will align, keep the subset worth training on, train with TRL,
     and measure what it bought."""
+    import warnings
+
     import datasets
 
     datasets.disable_progress_bars()  # its "Creating parquet from Arrow format" bars are not prefsift's progress
+    # libraries' deprecation notices are for their callers' code, not for prefsift's users
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 @app.command()
@@ -302,6 +307,9 @@ def train(
         if scores is not None else {}
     train_config, engine, data_options = _settings(config, flags, TrainConfig, EngineConfig, DataConfig,
                                                    defaults=scored)
+    from prefsift.output import check_output, locked, staged
+
+    check_output(out, "train")  # before any model is loaded or trained
     _apply_threads(engine)
     loaded_data = _load(data, data_options)
     order = order_values(train_config.order, loaded_data, scores) if train_config.order else None
@@ -324,11 +332,15 @@ def train(
                                 desc="reference log-probs")
         if ref_model is not policy:
             del ref_model  # only its log-probs are needed from here on
-    result = run_train(policy, training_pairs(loaded_data), train_config, engine, out, ref_logps=ref, order=order)
-    write_manifest(out, "train", {"model": model, "fingerprint": policy.fingerprint, "reference": reference,
-                                  "data": {"source": data, "hash": loaded_data.data_hash, "n_pairs": result.n_pairs},
-                                  "config": dataclasses.asdict(train_config), "engine": dataclasses.asdict(engine),
-                                  "scores": str(scores) if scores else None, "seconds": result.seconds})
+    # the model is saved into a staging directory swapped in whole: a failure keeps an earlier model at --out intact
+    with locked(out), staged(out, "train") as tmp:
+        result = run_train(policy, training_pairs(loaded_data), train_config, engine, tmp, ref_logps=ref,
+                           order=order)
+        write_manifest(tmp, "train", {"model": model, "fingerprint": policy.fingerprint, "reference": reference,
+                                      "data": {"source": data, "hash": loaded_data.data_hash,
+                                               "n_pairs": result.n_pairs},
+                                      "config": dataclasses.asdict(train_config), "engine": dataclasses.asdict(engine),
+                                      "scores": str(scores) if scores else None, "seconds": result.seconds})
     console.print(f"trained {train_config.algo} on {result.n_pairs} pairs in {result.seconds:.1f}s → {out}",
                   highlight=False)
 
@@ -359,6 +371,9 @@ def eval_(
     from prefsift.reward import load_reward_model
 
     eval_config, engine, data_options = _settings(config, flags, EvalConfig, EngineConfig, DataConfig)
+    from prefsift.output import check_output, locked, staged
+
+    check_output(out, "eval")  # before any model is loaded
     _apply_threads(engine)
     loaded_data = _load(data, data_options)
     if loaded_data.kind == "unpaired":
@@ -371,12 +386,18 @@ def eval_(
     prompts = win_rate_prompts(loaded_data, eval_config.eval_prompts) if judge is not None else None
     record = evaluate(policy, ref, test_pairs=loaded_data.pairs, prompts=prompts, judge=judge, config=eval_config,
                       engine=engine)
-    out.mkdir(parents=True, exist_ok=True)
-    # item by item beside the summary: eval_pairs.jsonl (margins), answers.jsonl (what the judge saw)
-    record = write_eval_outputs(record, out, pair_ids=list(loaded_data.pairs["pair_id"]), prompts=prompts)
-    (out / "eval.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-    write_manifest(out, "eval", {"model": model, "reference": reference, "data_hash": loaded_data.data_hash,
-                                 "config": dataclasses.asdict(eval_config), "engine": dataclasses.asdict(engine)})
+    with locked(out), staged(out, "eval") as tmp:  # eval.json and its item files replace earlier ones whole
+        # item by item beside the summary: eval_pairs.jsonl (margins), answers.jsonl (what the judge saw)
+        record = write_eval_outputs(record, tmp, pair_ids=list(loaded_data.pairs["pair_id"]), prompts=prompts)
+        try:
+            text = json.dumps(record, indent=2, allow_nan=False)
+        except ValueError:  # a NaN is not JSON, and not a result
+            bad = sorted(k for k, v in record.items() if isinstance(v, float) and v != v)
+            raise PrefsiftError(f"evaluation gave no number for {', '.join(bad) or 'a metric'} (every pair dropped? "
+                                f"raise --max-length)") from None
+        (tmp / "eval.json").write_text(text + "\n")
+        write_manifest(tmp, "eval", {"model": model, "reference": reference, "data_hash": loaded_data.data_hash,
+                                     "config": dataclasses.asdict(eval_config), "engine": dataclasses.asdict(engine)})
     console.print(one_line(record), highlight=False)
 
 

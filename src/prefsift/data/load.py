@@ -49,6 +49,7 @@ class LoadedPairs:
     source: str = ""
     data_hash: str = ""
     rows: list[int] = field(default_factory=list)  # each pair's 1-based input line / record number
+    note: str = ""  # e.g. which split of a DatasetDict was taken
 
     @property
     def conversational(self) -> bool:
@@ -59,7 +60,8 @@ class LoadedPairs:
     def summary(self) -> str:
         """One line: `read 2312 rows, kept 2300, skipped 12 (5 chosen == rejected, 7 empty ...)`."""
         line = f"read {self.n_read} rows, kept {len(self.pairs)}, skipped {len(self.invalid)}"
-        return line + (f" ({_reason_counts(self.invalid)})" if self.invalid else "")
+        line += f" ({_reason_counts(self.invalid)})" if self.invalid else ""
+        return line + (f"; {self.note}" if self.note else "")
 
 
 def load_pairs(
@@ -135,6 +137,7 @@ def load_pairs(
         source=os.fspath(source) if isinstance(source, (str, os.PathLike)) else raw.where,
         data_hash=data_hash,
         rows=[raw.rows[i] for i in kept],
+        note=raw.note,
     )
 
 

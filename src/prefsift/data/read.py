@@ -44,6 +44,7 @@ class RawTable:
     # as datasets' Json feature, which reads a string that is itself valid JSON back decoded ("true" -> True),
     # so validation uses these instead.
     values: dict[str, list[Any]] | None = None
+    note: str = ""  # said once in the summary (e.g. which split of a DatasetDict was taken)
 
 
 def read_source(
@@ -54,7 +55,7 @@ def read_source(
 ) -> RawTable:
     """Read `source` into a `RawTable`. `text_columns` are read as strings from CSV (no type guessing)."""
     if isinstance(source, datasets.DatasetDict):
-        return _from_dataset(_pick_split(source, split, "dataset"), "dataset")
+        return _from_dataset(_pick_split(source, split, "dataset"), "dataset", _split_note(source, split))
     if isinstance(source, datasets.Dataset):
         return _from_dataset(source, "dataset")
     if not isinstance(source, (str, os.PathLike)):
@@ -140,7 +141,7 @@ def _jsonl_records(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.rstrip("\r\n"))  # the newline would move the error to "line 2"
         except json.JSONDecodeError as e:
             raise DataError(f"{where} line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
         except RecursionError:
@@ -229,9 +230,17 @@ def _read_saved(path: Path, where: str, split: str | None) -> RawTable:
         loaded = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises many types for a damaged directory
         raise DataError(f"{where}: cannot load saved dataset ({_short(e)})") from e
+    note = ""
     if isinstance(loaded, datasets.DatasetDict):
+        note = _split_note(loaded, split)
         loaded = _pick_split(loaded, split, where)
-    return _from_dataset(loaded, where)
+    return _from_dataset(loaded, where, note)
+
+
+def _split_note(dd: datasets.DatasetDict, split: str | None) -> str:
+    if split is not None or len(dd) < 2:
+        return ""
+    return f"split 'train' of {', '.join(dd)}; --split picks another"
 
 
 def _pick_split(dd: datasets.DatasetDict, split: str | None, where: str) -> datasets.Dataset:
@@ -253,10 +262,10 @@ def _read_hub(text: str, split: str | None) -> RawTable:
     return _from_dataset(loaded, text)
 
 
-def _from_dataset(ds: datasets.Dataset, where: str) -> RawTable:
+def _from_dataset(ds: datasets.Dataset, where: str, note: str = "") -> RawTable:
     if len(ds) == 0:
         raise DataError(f"{where}: no rows")
-    return RawTable(ds.with_format(None), list(range(1, len(ds) + 1)), where, "row")
+    return RawTable(ds.with_format(None), list(range(1, len(ds) + 1)), where, "row", note=note)
 
 
 def _json_type(value: Any) -> str:

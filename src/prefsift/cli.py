@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -53,6 +54,9 @@ ConfigOpt = Annotated[Path | None, typer.Option(help="YAML file of options (flat
                                                      "flags given on the command line win.")]
 
 
+_ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def friendly(fn):
     """Users' errors print as one line and exit 2; an interrupt says that finished shards are kept."""
 
@@ -67,6 +71,14 @@ def friendly(fn):
             console.print("[yellow]interrupted:[/] finished log-prob shards are kept; rerun the same command to "
                           "resume from them")
             raise typer.Exit(130) from None
+        except OSError as error:
+            if error.errno not in _ENVIRONMENT_ERRORS:
+                raise
+            # a full disk or a read-only place mid-run: the finished shards are kept, earlier results untouched
+            where = f" ({error.filename})" if error.filename else ""
+            console.print(f"[bold red]error:[/] cannot write{where}: {error.strerror}; finished shards are kept, "
+                          f"rerun to resume", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 

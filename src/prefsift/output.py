@@ -132,17 +132,23 @@ def recover(out: Path) -> None:
             if not out.exists():
                 sibling.rename(out)
                 continue
-            _move_missing(sibling, out)
-            shutil.rmtree(sibling, ignore_errors=True)
+            if _move_missing(sibling, out):
+                shutil.rmtree(sibling, ignore_errors=True)
         elif kind == "staging":
             shutil.rmtree(sibling, ignore_errors=True)
 
 
-def _move_missing(source: Path, target: Path) -> None:
-    """Entries of `source` that `target` lacks (shards, caches, other stages' folders) move into it."""
+def _move_missing(source: Path, target: Path) -> bool:
+    """Entries of `source` that `target` lacks (shards, caches, other stages' folders) move into it; returns whether
+    all did (one that cannot move stays in `source` for `recover`)."""
+    moved = True
     for entry in source.iterdir():
         if not (target / entry.name).exists():
-            entry.rename(target / entry.name)
+            try:
+                entry.rename(target / entry.name)
+            except OSError:
+                moved = False
+    return moved
 
 
 def commit(staging: Path, out: Path) -> None:
@@ -158,8 +164,9 @@ def commit(staging: Path, out: Path) -> None:
     except OSError:
         old.rename(out)  # the old results go back where they were
         raise
-    _move_missing(old, out)
-    shutil.rmtree(old, ignore_errors=True)
+    # the new results are in place: from here nothing raises; what cannot move now, `recover` moves next time
+    if _move_missing(old, out):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

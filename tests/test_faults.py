@@ -1,0 +1,491 @@
+"""Every bad input and every fault, through the CLI: a non-zero exit, exactly one line of error, no traceback, and
+the results an earlier run left behind still there, whole. A fault injected at random points of a run always
+leaves either the old results or the new ones, complete."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import make_pairs, make_tiny_llama
+from typer.testing import CliRunner
+
+from prefsift.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """Exit 2, no traceback, exactly one `error:` line holding every fragment; returns that line."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(directory) -> dict[str, bytes]:
+    """Every result file of a directory by name (caches and shards aside): what must survive a failed rerun."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, bpe_tokenizer):
+    """A tiny SFT model, a tiny reward model (a trained-looking score head in its weights) and 30 pairs."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("faults")
+    torch.set_num_threads(1)
+    model = root / "sft"
+    make_tiny_llama(bpe_tokenizer).save_pretrained(model)
+    bpe_tokenizer.save_pretrained(model)
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=bpe_tokenizer.pad_token_id)
+    reward = root / "rm"
+    LlamaForSequenceClassification(config).save_pretrained(reward)
+    bpe_tokenizer.save_pretrained(reward)
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(30, seed=5)))
+    return root, model, reward, data
+
+
+# ------------------------------------------------------------------ bad option values: one line, before any work
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("score", "--method", "random", "--device", "cuda0"), "--device must look like cpu, cuda"),
+    (("score", "--method", "random", "--batch-tokens", "0"), "--batch-tokens must be >= 1"),
+    (("score", "--method", "irm", "--beta", "nan"), "--beta must be a finite number"),
+    (("score", "--method", "random", "--max-length", "abc"), "Invalid value for '--max-length'"),
+    (("score", "--method", "random", "--seed", "-1"), "--seed must be >= 0"),
+    (("score", "--method", "random", "--param", "x=1"), "unknown option(s) x"),
+    (("eval", "--eval-prompts", "-1"), "--eval-prompts must be >= 1"),
+    (("eval", "--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
+    (("eval", "--batch-size", "0"), "--batch-size must be >= 1"),
+    (("eval", "--max-length", "0"), "--max-length must be >= 2"),
+    (("train", "--learning-rate", "nan"), "--learning-rate must be a finite number"),
+    (("train", "--epochs", "0"), "--epochs must be > 0"),
+    (("train", "--epochs", "-1"), "--epochs must be > 0"),
+])
+def test_bad_option_values(ws, tmp_path, args, fragment):
+    root, model, _, data = ws
+    command, *rest = args
+    extra = ("--model", model) if command in ("eval", "train") or "irm" in rest else ()
+    one_line_error(invoke(command, "--data", data, "--out", tmp_path / "o", *extra, *rest), fragment)
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(("yaml", "fragment"), [
+    ("seed: true\n", "seed must be an integer (got True)"),
+    ("seed: -1\n", "seed must be >= 0"),
+    ("max_length: .nan\n", "max_length must be an integer"),
+    ("device: gpu\n", "device must look like cpu"),
+    ("methd: irm\n", "unknown option 'methd'"),
+])
+def test_bad_config_values(ws, tmp_path, yaml, fragment):
+    _, _, _, data = ws
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml)
+    one_line_error(invoke("score", "--data", data, "--out", tmp_path / "o", "--method", "random", "--config", config),
+                   fragment)
+
+
+def test_usage_errors_and_a_config_that_is_not_utf8(ws, tmp_path):
+    _, _, _, data = ws
+    one_line_error(invoke("score", "--data", data), "Missing option '--out'", "score --help")
+    one_line_error(invoke("scroe"), "No such command 'scroe'")
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"seed: \xff\n")
+    one_line_error(invoke("score", "--data", data, "--out", tmp_path / "o", "--config", config), "not UTF-8")
+
+
+def test_cuda_on_a_machine_without_one(ws, tmp_path, monkeypatch):
+    _, model, _, data = ws
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error(invoke("score", "--data", data, "--out", tmp_path / "o", "--method", "irm", "--model", model,
+                          "--device", "cuda:1"), "torch sees no CUDA GPU", "--device cpu")
+
+
+# ------------------------------------------------------------------ settings that would drop or NaN most pairs
+
+
+def test_a_max_length_that_drops_most_pairs_stops_and_keeps_earlier_results(ws, tmp_path):
+    root, model, _, data = ws
+    out = tmp_path / "scores"
+    assert invoke("score", "--data", data, "--out", out, "--method", "irm", "--model", model).exit_code == 0
+    before = snapshot(out)
+    one_line_error(invoke("score", "--data", data, "--out", out, "--method", "irm", "--model", model,
+                          "--max-length", "2"), "every one of the 30 pairs would be dropped", "max_length 2")
+    # a max_length between most prompts' lengths: more than half dropped stops unless asked for
+    tokens = sorted(len(t) for t in _prompt_tokens(model, data))
+    middle = tokens[len(tokens) // 4]  # about three quarters of the prompts reach it
+    one_line_error(invoke("score", "--data", data, "--out", out, "--method", "irm", "--model", model,
+                          "--max-length", middle), "of 30 pairs would be dropped", "--allow-dropped")
+    assert snapshot(out) == before
+    result = invoke("score", "--data", data, "--out", tmp_path / "allowed", "--method", "irm", "--model", model,
+                    "--max-length", middle, "--allow-dropped")
+    assert result.exit_code == 0, result.output
+    dropped = [json.loads(line) for line in (tmp_path / "allowed" / "dropped.jsonl").read_text().splitlines()]
+    n = sum(t >= middle for t in tokens)
+    assert n > 15 and len(dropped) == n and f"{n} left out" in result.output
+    assert {d["stage"] for d in dropped} == {"score"} and all(d["reason"] == f"prompt fills max_length {middle}"
+                                                              for d in dropped)
+    irm = pq.read_table(tmp_path / "allowed" / "scores.parquet").to_pydict()
+    assert sum(np.isnan(irm["irm"])) == n and {d["pair_id"] for d in dropped} == {
+        p for p, v in zip(irm["pair_id"], irm["irm"], strict=True) if np.isnan(v)}
+
+
+def _prompt_tokens(model, data):
+    from prefsift.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model))
+    return [tokenizer(json.loads(line)["prompt"])["input_ids"] for line in data.read_text().splitlines()]
+
+
+def test_non_finite_scores_are_reported_by_row(tmp_path):
+    rows = make_pairs(6, seed=3)
+    for row, chosen in zip(rows, [1.0, float("inf"), 2.0, None, 3.0, -float("inf")], strict=True):
+        row["score_chosen"], row["score_rejected"] = chosen, 0.5
+    data = tmp_path / "rated.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json writes Infinity, as pandas does
+    result = invoke("score", "--data", data, "--out", tmp_path / "m", "--method", "margin")
+    assert result.exit_code == 0, result.output
+    assert "3 left out" in result.output
+    dropped = [json.loads(line) for line in (tmp_path / "m" / "dropped.jsonl").read_text().splitlines()]
+    assert [(d["row"], d["reason"]) for d in dropped] == [
+        (2, "non-finite score margin=inf"), (4, "non-finite score margin=nan"), (6, "non-finite score margin=-inf")]
+    margin = pq.read_table(tmp_path / "m" / "scores.parquet")["margin"].to_pylist()
+    assert margin[0] == 0.5 and all(np.isnan(margin[i]) for i in (1, 3, 5))  # never ranked first, never null
+
+
+# ------------------------------------------------------------------ output location, checked first
+
+
+def test_output_location_is_checked_before_any_work(ws, tmp_path, monkeypatch):
+    root, model, _, data = ws
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    score = ("score", "--data", data, "--method", "random", "--out")
+    one_line_error(invoke(*score, afile), "is a file: give a directory")
+    one_line_error(invoke(*score, afile / "sub"), f"is under {afile}, which is a file")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    one_line_error(invoke(*score, mine), "not empty and holds no prefsift score results")
+    assert (mine / "notes.txt").read_text() == "my notes"
+    scored = tmp_path / "scored"
+    assert invoke(*score, scored).exit_code == 0
+    before = snapshot(scored)
+    one_line_error(invoke("eval", "--data", data, "--model", model, "--out", scored), "holds the results of "
+                                                                                       "`prefsift score`, not eval")
+    one_line_error(invoke("train", "--data", data, "--model", model, "--out", scored), "not train")
+    assert snapshot(scored) == before
+
+    import prefsift.output
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(prefsift.output.os, "open", read_only)
+    one_line_error(invoke(*score, tmp_path / "ro"), "is not writable (Permission denied)")
+
+
+def test_a_lock_stops_a_second_run_and_a_dead_runs_lock_is_taken_over(ws, tmp_path):
+    _, _, _, data = ws
+    out = tmp_path / "locked"
+    lock = tmp_path / ".locked.lock"
+    import socket
+
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}")  # a live process holds it
+    one_line_error(invoke("score", "--data", data, "--method", "random", "--out", out),
+                   f"is being written by process {os.getppid()}")
+    assert not out.exists()
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    lock.write_text(f"{dead} {socket.gethostname()}")
+    result = invoke("score", "--data", data, "--method", "random", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert not lock.exists()  # released after the run
+
+
+# ------------------------------------------------------------------ atomic replace, and faults at random points
+
+
+def _score_files(directory) -> tuple[int, list]:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return manifest["seed"], pq.read_table(directory / "scores.parquet")["random"].to_pylist()
+
+
+def test_disk_full_while_writing_keeps_the_earlier_results(ws, tmp_path, monkeypatch):
+    _, _, _, data = ws
+    out = tmp_path / "s"
+    assert invoke("score", "--data", data, "--method", "random", "--out", out, "--seed", 1).exit_code == 0
+    before = snapshot(out)
+    import prefsift.manifest
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prefsift.manifest, "_write_text", full)
+    one_line_error(invoke("score", "--data", data, "--method", "random", "--out", out, "--seed", 2),
+                   "the disk is full", "earlier results there are unchanged")
+    assert snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no staging directory, no lock left behind
+
+
+FILES = {"scores.parquet", "pairs.parquet", "dropped.jsonl", "manifest.json"}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_fault_at_a_random_point_leaves_old_or_new_results_whole(ws, tmp_path, monkeypatch, seed):
+    """A write, a rename or the scorer fails at the k-th call of a run (k drawn per seed over every such call a
+    clean run makes): the directory then holds exactly the old results or exactly the new ones."""
+    import pathlib
+
+    import pyarrow.parquet
+
+    import prefsift.manifest
+    import prefsift.scorers.random
+
+    _, _, _, data = ws
+    reference = {}
+    for s in (1, 2):  # what old (seed 1) and new (seed 2) results look like, written undisturbed
+        assert invoke("score", "--data", data, "--method", "random", "--out", tmp_path / f"ref{s}", "--seed",
+                      s).exit_code == 0
+        reference[s] = _score_files(tmp_path / f"ref{s}")
+    out = tmp_path / "s"
+    shutil.copytree(tmp_path / "ref1", out)
+    points = [(pyarrow.parquet, "write_table"), (pyarrow.parquet.ParquetWriter, "write_table"),
+              (prefsift.manifest, "_write_text"), (pathlib.Path, "rename"), (pathlib.Path, "mkdir"),
+              (prefsift.scorers.random.RandomScorer, "score")]
+    calls = {"n": 0, "fail_at": None}
+
+    def wrap(original):
+        def counted(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == calls["fail_at"]:
+                raise OSError(errno.ENOSPC, "No space left on device") if calls["n"] % 2 else RuntimeError("crash")
+            return original(*args, **kwargs)
+        return counted
+
+    for owner, name in points:
+        monkeypatch.setattr(owner, name, wrap(getattr(owner, name)))
+    assert invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "count", "--seed",
+                  2).exit_code == 0
+    total = calls["n"]
+    calls.update(n=0, fail_at=random.Random(seed).randint(1, total))
+    result = invoke("score", "--data", data, "--method", "random", "--out", out, "--seed", 2)
+    assert result.exit_code != 0
+    assert {p.name for p in out.iterdir()} == FILES
+    seed_found, values = _score_files(out)
+    assert values == reference[seed_found][1], "a mix of old and new results"
+    if seed_found == 2:  # the new results are complete: every file of the new run
+        assert json.loads((out / "manifest.json").read_text())["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ref1", "ref2", "count", "s"])  # nothing stray
+    calls["fail_at"] = None
+    assert invoke("score", "--data", data, "--method", "random", "--out", out, "--seed", 2).exit_code == 0
+    assert _score_files(out) == reference[2]
+
+
+def test_a_kill_between_the_two_renames_is_recovered(ws, tmp_path):
+    """A kill after the old directory was moved aside and before the new one took its place: the next run (under
+    the lock) brings the old one back first; a dead run's staging directory is removed."""
+    _, _, _, data = ws
+    out = tmp_path / "s"
+    assert invoke("score", "--data", data, "--method", "random", "--out", out, "--seed", 1).exit_code == 0
+    before = snapshot(out)
+    (out / "shards").mkdir()
+    (out / "shards" / "kept.txt").write_text("resumable")
+    out.rename(tmp_path / ".s.old-99999-abcd")
+    (tmp_path / ".s.staging-99999-ef01").mkdir()
+    from prefsift.output import locked
+
+    with locked(out):
+        assert snapshot(out) == before and (out / "shards" / "kept.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    assert invoke("score", "--data", data, "--method", "random", "--out", out, "--seed", 2).exit_code == 0
+    assert (out / "shards" / "kept.txt").read_text() == "resumable"  # caches move into the new directory
+
+
+# ------------------------------------------------------------------ corrupt shard, content fingerprint
+
+
+def test_a_zero_byte_shard_is_recomputed_and_resume_gives_the_same_values(ws, tmp_path):
+    _, model, _, data = ws
+    out = tmp_path / "s"
+    args = ("score", "--data", data, "--method", "irm", "--model", model, "--out", out)
+    assert invoke(*args).exit_code == 0
+    values = pq.read_table(out / "scores.parquet").to_pydict()
+    shards = sorted((out / "shards").rglob("*.parquet"))
+    assert shards
+    shards[0].write_bytes(b"")  # a kill mid-write on a filesystem without atomic rename
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(out / "scores.parquet").to_pydict() == values
+    assert shards[0].stat().st_size > 0  # recomputed and rewritten
+
+
+def test_weights_rewritten_under_the_same_name_size_and_time_are_not_stale(ws, tmp_path):
+    _, model, _, data = ws
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    out = tmp_path / "s"
+    args = ("score", "--data", data, "--method", "random,irm", "--model", copy, "--out", out)
+    assert invoke(*args).exit_code == 0
+    before = pq.read_table(out / "scores.parquet")["chosen_logps"].to_pylist()
+    from safetensors.torch import load_file, save_file
+
+    weights = copy / "model.safetensors"
+    stat = weights.stat()
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    tensors[name] = tensors[name] * 1.5  # same names, same size
+    save_file(tensors, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size
+    assert invoke(*args).exit_code == 0
+    after = pq.read_table(out / "scores.parquet")["chosen_logps"].to_pylist()
+    assert not np.allclose(before, after)  # computed anew, not read from the old model's shards
+
+
+# ------------------------------------------------------------------ models that are not what they claim
+
+
+def test_a_causal_lm_as_reward_model_or_judge_is_refused(ws, tmp_path):
+    _, model, _, data = ws
+    one_line_error(invoke("score", "--data", data, "--method", "margin", "--reward-model", model, "--out",
+                          tmp_path / "m"), "no SequenceClassification head in its weights", "score.weight")
+    one_line_error(invoke("eval", "--data", data, "--model", model, "--reference", model, "--judge-model", model,
+                          "--out", tmp_path / "e", "--eval-prompts", 2, "--max-new-tokens", 2),
+                   "no SequenceClassification head")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "e").exists()
+
+
+def test_truncated_weights_and_pickled_adapters_are_one_line(ws, tmp_path):
+    _, model, _, data = ws
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", broken, "--out", tmp_path / "o"),
+                   f"cannot load model from '{broken}'")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model),
+                                                             "peft_type": "LORA"}))
+    (adapter / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", adapter, "--out", tmp_path / "o"),
+                   "no adapter_model.safetensors", "safetensors only")
+
+
+def test_fp16_on_a_cpu_is_warned_about(ws):
+    _, model, _, _ = ws
+    from prefsift.models import load_model
+
+    with pytest.warns(UserWarning, match="float16 on a CPU"):
+        load_model(str(model), device="cpu", dtype="float16")
+
+
+def test_offline_is_detected_at_once(monkeypatch, tmp_path, ws):
+    import socket
+    import time
+
+    import prefsift.models
+
+    _, _, _, data = ws
+    monkeypatch.setattr(prefsift.models, "_HUB_REACHABLE", None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.monotonic()
+    line = one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", "prefsift-tests/no-model",
+                                 "--out", tmp_path / "o"), "the hub is unreachable (offline)")
+    assert time.monotonic() - start < 10 and "prefsift-tests/no-model" in line
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+# ------------------------------------------------------------------ rows that are not what they claim
+
+
+def test_conversational_rows_with_wrong_roles_are_dropped_with_their_reason(tmp_path):
+    def m(role, text):
+        return {"role": role, "content": text}
+
+    good = [{"prompt": [m("user", f"hi {i}")], "chosen": [m("assistant", "yes sure")],
+             "rejected": [m("assistant", f"no {i}")]} for i in range(3)]
+    rows = [good[0], {"prompt": [m("user", "hi")], "chosen": [m("user", "yes")], "rejected": [m("assistant", "n")]},
+            good[1], {"prompt": "a string", "chosen": "x", "rejected": [1]}, good[2]]
+    data = tmp_path / "conv.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    assert "scored 3 pairs (2 left out" in " ".join(result.output.split())
+    dropped = [json.loads(line) for line in (tmp_path / "s" / "dropped.jsonl").read_text().splitlines()]
+    assert [(d["row"], d["stage"]) for d in dropped] == [(2, "data"), (4, "data")]
+    assert dropped[0]["reason"].startswith("chosen response is not an assistant turn")
+    pairs = pq.read_table(tmp_path / "s" / "pairs.parquet")
+    assert pairs["chosen"].to_pylist()[0] == [m("assistant", "yes sure")]  # messages, not JSON strings
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a",, }\n', "line 2, column 16: invalid JSON"),
+    (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "\xe9"}\n', "line 2: not UTF-8 text"),
+    ("[" * 50_000 + "]" * 50_000 + "\n", "line 1: JSON nested too deeply"),
+])
+def test_data_errors_name_the_line(tmp_path, content, fragment):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(content if isinstance(content, bytes) else content.encode())
+    one_line_error(invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "o"), fragment)
+
+
+def test_a_typod_prompt_key_says_the_column_is_missing(ws, tmp_path):
+    _, _, _, data = ws
+    one_line_error(invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "o", "--prompt-key",
+                          "question"), "missing column 'question'", "--prompt-key")
+
+
+# ------------------------------------------------------------------ the reward pass keeps its work
+
+
+def test_reward_scores_survive_a_failed_output_and_are_stored_per_side(ws, tmp_path, monkeypatch):
+    _, _, reward, data = ws
+    out = tmp_path / "m"
+    import prefsift.manifest
+
+    original = prefsift.manifest._write_text
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prefsift.manifest, "_write_text", full)
+    args = ("score", "--data", data, "--method", "margin", "--reward-model", reward, "--out", out)
+    one_line_error(invoke(*args), "the disk is full")
+    assert list((out / "shards").rglob("*.parquet"))  # the computed rewards are kept
+    monkeypatch.setattr(prefsift.manifest, "_write_text", original)
+    import prefsift.reward
+
+    monkeypatch.setattr(prefsift.reward, "_score_texts", lambda *a, **k: pytest.fail("reward pass recomputed"))
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out / "scores.parquet").to_pydict()
+    np.testing.assert_allclose(table["margin"], np.subtract(table["chosen_reward"], table["rejected_reward"]))

@@ -18,7 +18,7 @@ from prefsift.data import load_pairs
 from prefsift.pipeline import split_pairs
 
 
-def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch):
+def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch, one_thread):
     model_dir, judge_dir = tmp_path / "sft", tmp_path / "judge"
     make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
     bpe_tokenizer.save_pretrained(model_dir)
@@ -158,7 +158,8 @@ def test_user_given_test_file_prompts_are_not_trained_on(tmp_path):
     assert splits.n_held_out_prompts_removed == expected_removed >= 1
 
 
-def test_run_without_a_judge_keeps_models_on_request_and_refuses_a_tiny_test_split(tmp_path, bpe_tokenizer):
+def test_run_without_a_judge_keeps_models_on_request_and_refuses_a_tiny_test_split(tmp_path, bpe_tokenizer,
+                                                                                   one_thread):
     model_dir = tmp_path / "sft"
     make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
     bpe_tokenizer.save_pretrained(model_dir)
@@ -190,3 +191,39 @@ def test_run_without_a_judge_keeps_models_on_request_and_refuses_a_tiny_test_spl
     saved = load_model(str(run / "seed-0" / "models" / "reference-random-0.5"), device="cpu")
     assert sum(p.numel() for p in saved.model.parameters()) == sum(
         p.numel() for p in make_tiny_llama(bpe_tokenizer).parameters())
+
+
+def test_readme_walkthrough_runs_as_written(tmp_path, bpe_tokenizer, monkeypatch, one_thread):
+    """The README's "From an SFT model to a trained subset model" block, line by line, on a tiny SFT model and
+    HH-style transcripts (implicit prompt): shell lines through the shell, prefsift lines through the CLI."""
+    import re
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- walkthrough -->\n```bash\n(.*?)```\n<!-- /walkthrough -->", readme, re.S).group(1)
+    make_tiny_llama(bpe_tokenizer).save_pretrained(tmp_path / "sft")
+    bpe_tokenizer.save_pretrained(tmp_path / "sft")
+    rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+            for r in make_pairs(420, seed=35)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    assert sum(c.startswith("prefsift ") for c in commands) == 7
+    for command in commands:
+        if command.startswith("prefsift "):
+            result = CliRunner().invoke(app, shlex.split(command)[1:])
+            assert result.exit_code == 0, f"{command}\n{result.output}"
+            assert "warning:" not in result.output, f"{command}\n{result.output}"
+        else:
+            subprocess.run(command, shell=True, check=True, cwd=tmp_path)
+    assert [len((tmp_path / f).read_text().splitlines()) for f in ("test.jsonl", "validation.jsonl", "train.jsonl")
+            ] == [200, 100, 120]
+    assert (tmp_path / "aligned" / "model.safetensors").is_file()
+    assert 0 <= json.loads((tmp_path / "eval" / "eval.json").read_text())["pref_accuracy"] <= 1
+    subset = [json.loads(x) for x in (tmp_path / "subset" / "selected.jsonl").read_text().splitlines()]
+    exported = [json.loads(x) for x in (tmp_path / "subset-trl.jsonl").read_text().splitlines()]
+    assert exported == subset and 0 < len(subset) < 120
+    transcripts = {r["chosen"]: r["rejected"] for r in rows}
+    assert all(transcripts[x["prompt"] + x["chosen"]] == x["prompt"] + x["rejected"] for x in exported)

@@ -217,3 +217,29 @@ def test_a_packed_path_that_disagrees_falls_back(bpe_tokenizer, tiny_llama, monk
     with pytest.warns(UserWarning, match="packed forward disagrees"):
         fallback = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
     np.testing.assert_allclose(fallback, right, rtol=1e-5)
+
+
+def test_a_very_long_pair_goes_alone_through_the_causal_kernel(bpe_tokenizer, tiny_llama, monkeypatch):
+    """A pair longer than LONG_PAIR_TOKENS is never packed (its mask would grow with the square of its length): it
+    runs alone, unmasked, with the LM head on its completion only, and gives the same log-probs."""
+    import prefsift.logps as engine
+
+    data = Dataset.from_list(make_pairs(12, seed=9))
+    expected = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
+    monkeypatch.setattr(engine, "LONG_PAIR_TOKENS", 30)
+    widths, long_calls = [], []
+    packed, long = engine._forward_batch, engine._forward_long
+    monkeypatch.setattr(engine, "_forward_batch", lambda m, pairs, pad: (widths.append(max(map(len, pairs))),
+                                                                         packed(m, pairs, pad))[1])
+    monkeypatch.setattr(engine, "_forward_long", lambda m, pair: (long_calls.append(len(pair)), long(m, pair))[1])
+    got = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, batch_tokens=60)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    assert long_calls and min(long_calls) > 30 and max(widths) <= 30  # every long pair alone, none packed
+
+
+def test_a_max_length_that_drops_every_pair_is_refused(bpe_tokenizer, tiny_llama):
+    from prefsift.errors import PrefsiftError
+
+    data = Dataset.from_list(make_pairs(5, seed=2))
+    with pytest.raises(PrefsiftError, match="max_length 3 drops all 5 pairs"):
+        compute_logps(tiny_llama, bpe_tokenizer, data, max_length=3)

@@ -59,3 +59,26 @@ def test_pickled_weights_are_refused(saved, tmp_path):
 def test_one_line_errors(saved, kwargs, message):
     with pytest.raises(ModelError, match=message):
         load_model(**{"source": str(saved), **kwargs})
+
+
+def test_a_reward_model_reads_pairs_through_its_chat_template(bpe_tokenizer):
+    from prefsift.errors import PrefsiftError
+    from prefsift.reward import reward_text, transcript_messages
+
+    hh = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: a joke?\n\nAssistant:"
+    assert transcript_messages(hh) == [{"role": "user", "content": "hi there"},
+                                       {"role": "assistant", "content": "hello"},
+                                       {"role": "user", "content": "a joke?"}]
+    assert transcript_messages("just a question") is None
+    # an HH transcript becomes its turns, the response the assistant's: the template's own format
+    assert reward_text(bpe_tokenizer, hh, " why not") == ("<|user|>hi there\n<|assistant|>hello\n<|user|>a joke?\n"
+                                                          "<|assistant|>why not\n")
+    assert reward_text(bpe_tokenizer, "q", " a") == "<|user|>q\n<|assistant|>a\n"  # any other string: one turn
+    messages = [{"role": "user", "content": "q"}]
+    assert reward_text(bpe_tokenizer, messages, [{"role": "assistant", "content": "a"}]) == \
+        "<|user|>q\n<|assistant|>a\n"
+    plain = bpe_tokenizer.__class__(tokenizer_object=bpe_tokenizer.backend_tokenizer, eos_token="<|eos|>")
+    plain.chat_template = None
+    assert reward_text(plain, hh, " why not") == hh + " why not"  # no template: the text as it is
+    with pytest.raises(PrefsiftError, match="no chat template, and these pairs are conversational"):
+        reward_text(plain, messages, [{"role": "assistant", "content": "a"}])

@@ -221,3 +221,10 @@ def test_order_needs_its_column_name_and_values(bpe_tokenizer, tiny_llama):
     pairs = Dataset.from_list(make_pairs(2, seed=3))
     with pytest.raises(ConfigError, match="needs both the score column's name"):
         train(LoadedModel(tiny_llama, bpe_tokenizer, "t", "x"), pairs, TrainConfig(order="loss"), ENGINE)
+
+
+def test_run_refuses_a_curriculum_it_cannot_feed():
+    from prefsift.config import RunConfig
+
+    with pytest.raises(ConfigError, match="train.order .* is an option of `prefsift train --order`"):
+        RunConfig(data="pairs.jsonl", model="sft", train=TrainConfig(order="selective"))

@@ -399,6 +399,9 @@ class RunConfig(Checked):
             raise ConfigError("validation_fraction + test_fraction must leave some training pairs (< 1)")
         if self.train.algo != "dpo":
             raise ConfigError(f"run trains with DPO (the TIF pipeline); train.algo is {self.train.algo!r}")
+        if self.train.order is not None:  # a curriculum needs its scores' values, which `prefsift train` reads
+            raise ConfigError("train.order (a curriculum) is an option of `prefsift train --order`; run trains each "
+                              "subset shuffled")
         if not self.methods:
             raise ConfigError("methods: give at least one method")
         if len(set(self.fractions)) != len(self.fractions):

@@ -5,8 +5,11 @@ hard for the model's capacity (and, in the paper, trains on them easiest first: 
 Cross-fitting: the training pairs are split into `folds` parts; for each part a copy of the reference (SFT) model is
 trained by DPO (prefsift.train, TRL) on the other parts, and the held-out part's DPO loss −log σ(β·Δ) is computed
 under that copy against the reference. Each pair is held out once a seed; the score is its loss averaged over
-`seeds` (a fresh split and training seed each). The paper's default is two halves, each model validated on the
-half it did not see, repeated over seeds; lower loss = easier, and the rule keeps the bottom.
+`seeds` (a fresh split and training seed each). Lower loss = easier, and the rule keeps the bottom.
+
+The defaults are the authors' (github.com/glorgao/SelectiveDPO, curriculum-lens): two halves, each model validated
+on the half it did not see, three seeds (six models), the losses averaged; they keep the easiest 50%
+(`prefsift select --fraction 0.5`) and train on it easiest first with a SequentialSampler (`--order selective`).
 """
 
 from __future__ import annotations

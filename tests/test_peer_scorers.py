@@ -26,19 +26,30 @@ def setting(bpe_tokenizer):
     return rows, models, irm
 
 
-def test_small_margin_keeps_the_smallest_absolute_margins(setting):
+def test_small_margin_keeps_the_smallest_signed_margins(setting):
+    """The authors' script: the signed gap sorted ascending, a reversed pair first."""
     rows, models, irm = setting
     scorer = get_scorer("small-margin")
+    out = scorer.score(provider(rows, models))["small_margin"]
+    np.testing.assert_allclose(out, irm, rtol=1e-4, atol=1e-6)
+    kept = select_indices({"small_margin": out}, **scorer.selection_rule(), count=7)
+    np.testing.assert_array_equal(kept, np.sort(np.argsort(irm)[:7]))
+
+
+def test_small_margin_absolute_keeps_the_closest_to_a_tie(setting):
+    rows, models, irm = setting
+    scorer = get_scorer("small-margin", margin="absolute")
     out = scorer.score(provider(rows, models))["small_margin"]
     np.testing.assert_allclose(out, np.abs(irm), rtol=1e-4, atol=1e-6)
     assert (irm < 0).any() and (irm > 0).any()  # both signs occur, so |.| matters
     kept = select_indices({"small_margin": out}, **scorer.selection_rule(), count=7)
     np.testing.assert_array_equal(kept, np.sort(np.argsort(np.abs(irm))[:7]))
+    assert set(kept) != set(np.argsort(irm)[:7])  # and it picks other pairs than the signed rule
 
 
 def test_small_margin_band(setting):
     rows, models, irm = setting
-    scorer = get_scorer("small-margin", band_low=0.1, band_high=0.5)
+    scorer = get_scorer("small-margin", margin="absolute", band_low=0.1, band_high=0.5)
     out = scorer.score(provider(rows, models))["small_margin"]
     kept = select_indices({"small_margin": out}, **scorer.selection_rule())
     rank = np.empty(len(irm))
@@ -48,6 +59,8 @@ def test_small_margin_band(setting):
         get_scorer("small-margin", band_low=0.2)
     with pytest.raises(ConfigError, match="0 <= low < high <= 1"):
         get_scorer("small-margin", band_low=0.6, band_high=0.5)
+    with pytest.raises(ConfigError, match="margin must be one of signed, absolute"):
+        get_scorer("small-margin", margin="abs")
 
 
 def test_large_margin_keeps_the_largest_signed_margins(setting):

@@ -1,11 +1,12 @@
-"""Small margin (Qi et al. 2025, "Difficulty-Based Preference Data Selection by DPO Implicit Reward Gap"; the same
-rule as Yang et al. 2024): keep the pairs whose implicit reward margin is closest to zero, the ones the model cannot
-yet tell apart (the hard, informative ones in that reading).
+"""Small margin (Qi et al. 2025, "Difficulty-Based Preference Data Selection by DPO Implicit Reward Gap"; Yang et al.
+2024): keep the pairs with the smallest implicit reward margin, the ones the model finds hardest.
 
-The score is |IRM(d)| = |β[(log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π_ref(y_l))]|, so a pair the policy
-ranks the wrong way by a wide margin (likely a flipped label) counts as easy to tell apart, not as small. The rule
-keeps the bottom of |IRM| at a fraction or count; `band_high` turns it into a percentile band of |IRM| instead
-(e.g. 0.05-0.5: the smaller half without the near-exact ties).
+IRM(d) = β[(log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π_ref(y_l))]. The authors' selection script
+(github.com/Difficulty-Based-Preference-Data-Select, `src/data_select,py`) sorts the SIGNED gap ascending and keeps the
+head, so a pair the model ranks the wrong way comes first: that is the default (`margin=signed`). `margin=absolute`
+ranks by |IRM| instead (the pairs closest to a tie; a confidently reversed pair, a likely flipped label, then counts
+as easy to tell apart). The rule keeps the bottom at a fraction or count; `band_high` turns it into a percentile band
+(e.g. 0.05-0.5 of |IRM|: the smaller half without the near-exact ties).
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ from prefsift.scorers.base import Scorer, ScorerParams, register
 
 @dataclasses.dataclass
 class SmallMarginParams(ScorerParams):
-    """Bottom of |IRM| (the paper's rule), or a percentile band of it."""
+    """Bottom of the (signed or absolute) IRM, the paper's rule, or a percentile band of it."""
 
-    band_low: float = option(0.0, "Lower percentile of |IRM| kept when band_high is set.", low=0.0, high=1.0)
-    band_high: float | None = option(None, "Upper percentile of |IRM| kept; unset: keep the bottom of |IRM| at "
-                                           "the --fraction/--count asked (the paper's rule).", low=0.0, high=1.0)
+    margin: str = option("signed", "signed: the smallest IRM first, reversed pairs included (the authors' script); "
+                                   "absolute: the smallest |IRM| first (closest to a tie).",
+                         choices=("signed", "absolute"))
+    band_low: float = option(0.0, "Lower percentile of the score kept when band_high is set.", low=0.0, high=1.0)
+    band_high: float | None = option(None, "Upper percentile of the score kept; unset: keep the bottom at the "
+                                           "--fraction/--count asked (the paper's rule).", low=0.0, high=1.0)
 
     def check(self) -> None:
         if self.band_high is not None:
             check_band(self.band_low, self.band_high)
         elif self.band_low != 0.0:
-            raise ConfigError(f"band_low={self.band_low} needs band_high (a band of |IRM|); without band_high the "
-                              "rule keeps the bottom of |IRM|")
+            raise ConfigError(f"band_low={self.band_low} needs band_high (a percentile band); without band_high "
+                              "the rule keeps the bottom")
 
 
 @register
@@ -53,4 +57,4 @@ class SmallMarginScorer(Scorer):
     def score(self, resources) -> dict[str, np.ndarray]:
         margin = implicit_reward_margin(resources.logps("policy"), resources.logps("reference"),
                                         resources.engine.beta)
-        return {"small_margin": np.abs(margin)}
+        return {"small_margin": np.abs(margin) if self.params.margin == "absolute" else margin}

@@ -153,15 +153,18 @@ def test_weight_zero_is_dropping_the_pair(bpe_tokenizer, one_thread):
     _assert_same(weighted, dropped)
 
 
-def test_weighted_loss_is_the_weighted_mean_of_pair_losses(bpe_tokenizer, one_thread):
-    """train() with a weight column logs Σ w·ℓ / Σ w at its first step, ℓ from prefsift's own log-prob engine."""
+@pytest.mark.parametrize(("checkpointing", "lora"), [(False, False), (True, False), (False, True)])
+def test_weighted_loss_is_the_weighted_mean_of_pair_losses(bpe_tokenizer, one_thread, checkpointing, lora):
+    """train() with a weight column logs Σ w·ℓ / Σ w at its first step, ℓ from prefsift's own log-prob engine;
+    also with activations recomputed and with a LoRA adapter (zero at the start: the same model)."""
     pairs, ref = _weighted_setting(bpe_tokenizer)
     weights = np.array([0.5, 2.0, 0.0, 1.0, 3.0, 0.25, 1.0, 0.0])
     policy = make_tiny_llama(bpe_tokenizer, seed=1)
     lp = compute_logps(policy, bpe_tokenizer, pairs, max_length=64)
     margin = ENGINE.beta * ((lp[:, 0] - ref[:, 0]) - (lp[:, 1] - ref[:, 1]))
     expected = np.sum(weights * np.logaddexp(0, -margin)) / weights.sum()
-    config = TrainConfig(batch_size=len(pairs), learning_rate=1e-3, logging_steps=1, gradient_checkpointing=False)
+    config = TrainConfig(batch_size=len(pairs), learning_rate=1e-3, logging_steps=1,
+                         gradient_checkpointing=checkpointing, lora=lora, lora_r=4, lora_alpha=8)
     result = train(LoadedModel(policy, bpe_tokenizer, "t", "x"), pairs.add_column("weight", weights.tolist()),
                    config, ENGINE, ref_logps=ref, quiet=True)
     first = next(h["loss"] for h in result.log_history if "loss" in h)

@@ -83,6 +83,35 @@ def test_alignment_potential_is_the_authors_z_score_difference(setting):
         np.testing.assert_allclose(out["alignment_potential"], z_ex - weight * z_im, rtol=1e-4, atol=1e-5)
 
 
+def test_alignment_potential_with_a_reward_model(setting, bpe_tokenizer):
+    """The external margin from a sequence-classification reward model, one (prompt, response) at a time; the
+    data's rating columns are there too, and the reward model wins."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from prefsift.reward import reward_text
+
+    rows, models, irm = setting
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=bpe_tokenizer.pad_token_id)
+    reward = LlamaForSequenceClassification(config).eval()
+
+    def one(prompt, response):  # one unpadded sequence, the text the reward model reads
+        ids = bpe_tokenizer(reward_text(bpe_tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            return reward(torch.tensor([ids])).logits[0, 0].item()
+
+    external = np.array([one(r["prompt"], r["chosen"]) - one(r["prompt"], r["rejected"]) for r in rows])
+    context = provider(rows, {**models, "reward_model": LoadedModel(reward, bpe_tokenizer, "rm", "rm")},
+                       max_length=1024)
+    out = get_scorer("alignment-potential", batch_size=4).score(context)["alignment_potential"]
+    implicit = np.abs(irm)
+    expected = (external - external.mean()) / external.std() - (implicit - implicit.mean()) / implicit.std()
+    np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-4)
+
+
 def test_alignment_potential_without_spread_in_the_implicit_margin(bpe_tokenizer):
     rows = [{**r, "score_chosen": float(i), "score_rejected": 0.0} for i, r in enumerate(make_pairs(5, seed=2))]
     same = LoadedModel(make_tiny_llama(bpe_tokenizer), bpe_tokenizer, "m", "m")  # policy = reference: IRM ≡ 0

@@ -2,7 +2,8 @@
 
     split → reference passes → warm-up DPO (θ) → validation DPO from θ (θ_val) → score (one score path) →
     budgets → train each subset → evaluate each policy, over every seed → results.json (records and a summary
-    with intervals and paired differences), timings.json, results.md, quality_vs_compute.png
+    with intervals and paired differences), timings.json, results.md, quality_vs_compute.png; per seed, each row's
+    subset (seed-S/selected/), what its evaluation saw (seed-S/eval/) and, on request, its model (seed-S/models/)
 """
 
 from __future__ import annotations

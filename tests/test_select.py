@@ -208,3 +208,18 @@ def test_degenerate_scores_get_one_clear_warning(tmp_path):
     assert "10 pairs share the score 5 at the cut and 4 of them are kept" in warning
     spread = {"pair_id": pair_ids, "s": np.random.default_rng(1).normal(size=40)}
     assert score_warnings(spread, ["s"], {}, "top", select_indices(spread, "top", column="s", count=8)) == []
+
+
+def test_select_output_refusals_are_one_line(tmp_path):
+    scores, _ = score_dir(tmp_path, hh_rows(6), np.arange(6.0))
+    result = CliRunner().invoke(app, ["select", "--scores", str(scores), "--rule", "all", "--output-columns", "both",
+                                      "--out", str(tmp_path / "sel")])
+    assert result.exit_code == 2 and "--output-columns must be one of split, original (got 'both')" in result.output
+    # pairs scored from other column names (--chosen-key ...) cannot be re-split with the defaults: say what works
+    renamed = [{"good": r["chosen"], "bad": r["rejected"]} for r in hh_rows(6)]
+    data = load_pairs(Dataset.from_list(renamed), chosen_key="good", rejected_key="bad")
+    scores = {"pair_id": np.asarray(data.pairs["pair_id"], dtype=object), "irm": np.arange(6.0)}
+    write_scores(tmp_path / "renamed", scores, data, {"default_rule": {"rule": "all"}, "data": {}})
+    result = CliRunner().invoke(app, ["select", "--scores", str(tmp_path / "renamed"), "--out", str(tmp_path / "s2")])
+    assert result.exit_code == 2 and "--output-columns original" in result.output
+    assert select_from_scores(tmp_path / "renamed", tmp_path / "s3", output_columns="original")["n_selected"] == 6

@@ -163,7 +163,7 @@ def write_subset(out_dir: str | Path, table: datasets.Dataset, rows: Sequence[in
     for column, values in (extra or {}).items():
         if column in arrow.column_names:
             raise ConfigError(f"the subset already has a '{column}' column; it cannot also carry the score of "
-                              "that name (use --columns split)")
+                              "that name (use --output-columns split)")
         values = np.asarray(values, dtype=float)[rows] if len(rows) else np.zeros(0)
         arrow = arrow.append_column(column, pa.array(values, pa.float64()))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +181,7 @@ def subset_source(scores_dir: Path, pair_ids: Sequence[str], columns: str, data_
     from prefsift.data import load_pairs
 
     if columns not in COLUMN_MODES:
-        raise ConfigError(f"--columns must be one of {', '.join(COLUMN_MODES)} (got {columns!r})")
+        raise ConfigError(f"--output-columns must be one of {', '.join(COLUMN_MODES)} (got {columns!r})")
     path = scores_dir / "pairs.parquet"
     if columns == "original":
         raw = datasets.Dataset(pq.read_table(path).replace_schema_metadata(None))
@@ -191,7 +191,7 @@ def subset_source(scores_dir: Path, pair_ids: Sequence[str], columns: str, data_
             raw = load_pairs(str(path), **dict(data_keys)).pairs.select_columns(list(SPLIT_COLUMNS))
         except PrefsiftError as error:
             raise PrefsiftError(f"cannot rebuild the prompt/chosen/rejected split of {path} ({error}); "
-                                "write the input's own columns with --columns original") from None
+                                "write the input's own columns with --output-columns original") from None
         stored = raw["pair_id"]
     if list(stored) != list(pair_ids):
         raise PrefsiftError(f"{scores_dir}: pairs.parquet and scores.parquet disagree (rewritten by hand, or scored "
@@ -277,7 +277,7 @@ def select_from_scores(scores_dir: str | Path, out_dir: str | Path, *, rule: str
     keep pair_id, and `with_scores` adds the score columns. The record's `warnings` flag degenerate scores."""
     scores_dir, out_dir = Path(scores_dir), Path(out_dir)
     if output_columns not in COLUMN_MODES:
-        raise ConfigError(f"--columns must be one of {', '.join(COLUMN_MODES)} (got {output_columns!r})")
+        raise ConfigError(f"--output-columns must be one of {', '.join(COLUMN_MODES)} (got {output_columns!r})")
     manifest = read_manifest(scores_dir)
     for name in ("scores.parquet", "pairs.parquet"):
         if not (scores_dir / name).is_file():

@@ -657,3 +657,38 @@ def test_real_hh_rlhf_harmless_base() -> None:
         trl_prompt = extract_prompt(row)["prompt"]
         inside_response += len(trl_prompt) > len(ours[0])
     assert inside_response == 445
+
+
+# ---------------------------------------------------------------- streaming: the same pairs, flat memory
+
+
+def _same(a, b) -> None:
+    assert (a.kind, a.n_read, a.invalid, a.data_hash, a.rows) == (b.kind, b.n_read, b.invalid, b.data_hash, b.rows)
+    assert a.pairs.features == b.pairs.features and a.pairs.to_list() == b.pairs.to_list()
+    assert a.raw.to_list() == b.raw.to_list()
+
+
+@pytest.mark.parametrize("rows", [
+    STANDARD + [{"prompt": "x", "chosen": "y", "rejected": "y"}, STANDARD[0]],  # invalid and duplicate rows
+    [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}, {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "c"}],
+    [{"prompt": [user(f"q{i}")], "chosen": [assistant("a")], "rejected": [assistant(f"b{i}")]} for i in range(5)],
+    # a column absent (null) in the first chunks and a string later: one schema for the whole file
+    [{**r, "source": None} for r in STANDARD] + [{"prompt": "p", "chosen": "c", "rejected": "r", "source": "web"}],
+    # a column whose type changes between chunks: the whole-file reader's Json column takes it
+    [{**STANDARD[0], "score": 1}, {**STANDARD[1], "score": "high"}, {**STANDARD[2], "score": [1, 2]}],
+])
+def test_streamed_reading_gives_the_whole_file_readers_pairs(tmp_path: Path, monkeypatch, rows) -> None:
+    import prefsift.data.load as load
+
+    path = write_jsonl(tmp_path / "d.jsonl.gz", rows)
+    monkeypatch.setattr(load, "CHUNK_ROWS", 2)  # several chunks even for a few rows
+    streamed = load_pairs(path)
+    monkeypatch.setattr(load, "streamable", lambda source: None)
+    _same(streamed, load_pairs(path))
+
+
+def test_a_streamed_file_is_memory_mapped_not_held(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", STANDARD)
+    loaded = load_pairs(path)
+    assert loaded.pairs.cache_files and loaded.raw.cache_files  # Arrow files on disk, mapped
+    assert loaded.raw.to_list()[0] == {**STANDARD[0], "pair_id": loaded.pairs[0]["pair_id"]}

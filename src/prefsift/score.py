@@ -140,19 +140,22 @@ def write_scores(out_dir: Path, scores: dict[str, np.ndarray], data: LoadedPairs
 
 
 def write_pairs_parquet(data: LoadedPairs, path: Path) -> None:
-    """The input's own rows, batch by batch: a memory-mapped table is never gathered into memory whole."""
+    """The input's own rows, batch by batch: never gathered into memory whole. A table backed by one Arrow file (a
+    streamed input) is read from that file batch by batch rather than through its memory map, whose touched pages
+    would stay resident."""
+    files = data.raw.cache_files
+    if len(files) == 1 and data.raw._indices is None:
+        with pa.ipc.open_stream(pa.OSFile(files[0]["filename"])) as reader, \
+                pq.ParquetWriter(path, data.raw.features.arrow_schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+        return
     table = data.raw.with_format("arrow")
-    writer = None
-    try:
-        for start in range(0, max(len(data.raw), 1), 8192):
-            batch = table[start:start + 8192]
-            if writer is None:
-                writer = pq.ParquetWriter(path, batch.schema)
-            if batch.num_rows:
-                writer.write_table(batch)
-    finally:
-        if writer is not None:
-            writer.close()
+    first = table[0:8192]
+    with pq.ParquetWriter(path, first.schema) as writer:
+        writer.write_table(first)
+        for start in range(8192, len(data.raw), 8192):
+            writer.write_table(table[start:start + 8192])
 
 
 def method_params(methods: list[str], params: dict) -> dict[str, dict]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import datasets
@@ -20,7 +24,7 @@ from prefsift.data.normalize import (
     normalize_unpaired,
     pair_id_of,
 )
-from prefsift.data.read import RawTable, arrow_dataset, read_source
+from prefsift.data.read import RawTable, arrow_dataset, read_source, streamable
 from prefsift.errors import DataError
 
 Kind = Literal["standard", "implicit", "conversational", "unpaired"]
@@ -86,48 +90,20 @@ def load_pairs(
     if on_invalid not in ("skip", "fail"):
         raise DataError(f"on_invalid must be 'skip' or 'fail', not {on_invalid!r}")
     text_keys = (prompt_key, chosen_key, rejected_key, completion_key)
-    raw = read_source(source, split=split, text_columns=text_keys)
-    columns = raw.table.column_names
-    if chosen_key in columns or rejected_key in columns or completion_key not in columns:
-        kind = _paired_kind(raw, prompt_key, chosen_key, rejected_key)
-        keys, names = (prompt_key, chosen_key, rejected_key), ("prompt", "chosen", "rejected")
-    else:
-        kind = "unpaired"
-        keys, names = (prompt_key, completion_key, label_key), ("prompt", "completion", "label")
-        _require_columns(columns, keys, "--prompt-key/--completion-key/--label-key")
-    unpaired_messages = kind == "unpaired" and _value_type(raw.table, completion_key) == "messages"
-    messages = kind == "conversational" or unpaired_messages
-    normalize = _row_normalizer(kind, assistant_marker, unpaired_messages=unpaired_messages)
-
-    if prompt_key != "prompt" and prompt_key not in columns:  # a typo'd --prompt-key is not an implicit prompt
-        _require_columns(columns, (prompt_key,), "--prompt-key")
-    present = raw.values if raw.values is not None else raw.table.select_columns([k for k in keys if k in columns])[:]
-    inputs = zip(*(present.get(k, [None] * len(raw.rows)) for k in keys), strict=True)
-    out: dict[str, list[Any]] = {"pair_id": [], **{name: [] for name in names}}
-    kept: list[int] = []
-    invalid: list[InvalidRow] = []
-    seen: dict[str, int] = {}
-    for index, (row, values) in enumerate(zip(raw.rows, inputs, strict=True)):
+    keys = _Keys(prompt_key, chosen_key, rejected_key, completion_key, label_key, assistant_marker, on_invalid)
+    path = streamable(source)
+    if path is not None:
         try:
-            normalized = normalize(*values)
-            pair_id = pair_id_of(*normalized)
-            if pair_id in seen:
-                raise Invalid(f"duplicate of row {seen[pair_id]}")
-        except Invalid as e:
-            if on_invalid == "fail":
-                raise DataError(f"{raw.where} {raw.row_word} {row}: {e}") from None
-            invalid.append(InvalidRow(row, str(e)))
-            continue
-        seen[pair_id] = row
-        kept.append(index)
-        out["pair_id"].append(pair_id)
-        for name, value in zip(names, normalized, strict=True):
-            out[name].append(value)
-
+            return _load_streamed(path, os.fspath(source), keys, text_keys)  # type: ignore[arg-type]
+        except _NotStreamable:
+            pass  # a column whose type changes between chunks: the whole-file reader settles it (datasets' Json)
+    raw = read_source(source, split=split, text_columns=text_keys)
+    plan = _plan(raw, keys)
+    out, kept, invalid = _normalize(raw, plan, keys, {})
     if not kept:
         raise DataError(f"{raw.where}: no valid rows (read {len(raw.rows)}: {_reason_counts(invalid)})")
     data_hash = data_hash_of(out["pair_id"])
-    features = _features(kind, messages)
+    kind, features = plan.kind, plan.features
     return LoadedPairs(
         pairs=arrow_dataset(pa.Table.from_pydict(out, schema=features.arrow_schema), features, data_hash[:16]),
         raw=_raw_rows(*_kept_table(raw, kept), out["pair_id"]),
@@ -139,6 +115,170 @@ def load_pairs(
         rows=[raw.rows[i] for i in kept],
         note=raw.note,
     )
+
+
+@dataclass
+class _Keys:
+    prompt: str
+    chosen: str
+    rejected: str
+    completion: str
+    label: str
+    assistant_marker: str
+    on_invalid: str
+
+
+@dataclass
+class _Plan:
+    """What the first rows say about the whole file: its kind, the input columns read, and how rows normalize."""
+
+    kind: Kind
+    columns: tuple[str, str, str]  # input column names, in the order `names` gives
+    names: tuple[str, str, str]  # normalized column names
+    normalize: Callable[[Any, Any, Any], tuple]
+    features: datasets.Features
+
+
+def _plan(raw: RawTable, keys: _Keys) -> _Plan:
+    columns = raw.table.column_names
+    if keys.chosen in columns or keys.rejected in columns or keys.completion not in columns:
+        kind = _paired_kind(raw, keys.prompt, keys.chosen, keys.rejected)
+        used, names = (keys.prompt, keys.chosen, keys.rejected), ("prompt", "chosen", "rejected")
+    else:
+        kind = "unpaired"
+        used, names = (keys.prompt, keys.completion, keys.label), ("prompt", "completion", "label")
+        _require_columns(columns, used, "--prompt-key/--completion-key/--label-key")
+    if keys.prompt != "prompt" and keys.prompt not in columns:  # a typo'd --prompt-key is not an implicit prompt
+        _require_columns(columns, (keys.prompt,), "--prompt-key")
+    unpaired_messages = kind == "unpaired" and _value_type(raw.table, keys.completion) == "messages"
+    messages = kind == "conversational" or unpaired_messages
+    normalize = _row_normalizer(kind, keys.assistant_marker, unpaired_messages=unpaired_messages)
+    return _Plan(kind, used, names, normalize, _features(kind, messages))  # type: ignore[arg-type]
+
+
+def _normalize(raw: RawTable, plan: _Plan, keys: _Keys, seen: dict[str, int]
+               ) -> tuple[dict[str, list[Any]], list[int], list[InvalidRow]]:
+    """Every row of `raw` normalized: (the kept pairs' columns, the kept rows' indices, the rows left out). `seen`
+    maps the pair_ids met so far (earlier chunks too) to their row, for duplicates."""
+    columns = raw.table.column_names
+    present = raw.values if raw.values is not None else \
+        raw.table.select_columns([k for k in plan.columns if k in columns])[:]
+    inputs = zip(*(present.get(k, [None] * len(raw.rows)) for k in plan.columns), strict=True)
+    out: dict[str, list[Any]] = {"pair_id": [], **{name: [] for name in plan.names}}
+    kept: list[int] = []
+    invalid: list[InvalidRow] = []
+    for index, (row, values) in enumerate(zip(raw.rows, inputs, strict=True)):
+        try:
+            normalized = plan.normalize(*values)
+            pair_id = pair_id_of(*normalized)
+            if pair_id in seen:
+                raise Invalid(f"duplicate of row {seen[pair_id]}")
+        except Invalid as e:
+            if keys.on_invalid == "fail":
+                raise DataError(f"{raw.where} {raw.row_word} {row}: {e}") from None
+            invalid.append(InvalidRow(row, str(e)))
+            continue
+        seen[pair_id] = row
+        kept.append(index)
+        out["pair_id"].append(pair_id)
+        for name, value in zip(plan.names, normalized, strict=True):
+            out[name].append(value)
+    return out, kept, invalid
+
+
+class _NotStreamable(Exception):
+    """The file cannot be read chunk by chunk into one schema; the whole-file reader takes it."""
+
+
+CHUNK_ROWS = 2048  # rows held as Python objects at once while streaming a file
+
+
+def _load_streamed(path: Path, source: str, keys: _Keys, text_keys: tuple[str, ...]) -> LoadedPairs:
+    """A JSON-lines file read CHUNK_ROWS rows at a time: each chunk is normalized and appended to two Arrow files
+    (the pairs, the input's own kept rows) that are then memory-mapped, so memory stays flat in the file's size
+    (the whole-file reader held ~5 bytes of Python objects per input byte)."""
+    from prefsift.data.read import iter_jsonl_chunks
+
+    directory = Path(tempfile.mkdtemp(prefix="prefsift-pairs-"))
+    atexit.register(shutil.rmtree, directory, True)
+    plan: _Plan | None = None
+    seen: dict[str, int] = {}
+    invalid: list[InvalidRow] = []
+    pair_ids: list[str] = []
+    rows: list[int] = []
+    n_read = 0
+    pairs_writer = None
+    raw_parts: list[Path] = []
+    where = source
+    try:
+        for chunk in iter_jsonl_chunks(path, source, CHUNK_ROWS):
+            where = chunk.where
+            if plan is None:
+                plan = _plan(chunk, keys)
+                pairs_writer = pa.ipc.new_stream(pa.OSFile(str(directory / "pairs.arrow"), "wb"),
+                                                 plan.features.arrow_schema)
+            elif _plan_signature(_plan(chunk, keys)) != _plan_signature(plan):
+                raise _NotStreamable
+            out, kept, left_out = _normalize(chunk, plan, keys, seen)
+            n_read += len(chunk.rows)
+            invalid += left_out
+            if not kept:
+                continue
+            pair_ids += out["pair_id"]
+            rows += [chunk.rows[i] for i in kept]
+            pairs_writer.write_table(pa.Table.from_pydict(out, schema=plan.features.arrow_schema))  # type: ignore
+            table, indices = _kept_table(chunk, kept)
+            if _has_json(table):
+                raise _NotStreamable
+            part = directory / f"raw-{len(raw_parts):06d}.arrow"
+            kept_rows = _raw_rows(table, indices, out["pair_id"]).with_format("arrow")[:]
+            with pa.ipc.new_stream(pa.OSFile(str(part), "wb"), kept_rows.schema) as writer:
+                writer.write_table(kept_rows)
+            raw_parts.append(part)
+    finally:
+        if pairs_writer is not None:
+            pairs_writer.close()
+    if plan is None:
+        raise DataError(f"{where}: no rows")
+    if not pair_ids:
+        raise DataError(f"{where}: no valid rows (read {n_read}: {_reason_counts(invalid)})")
+    raw = _concatenate_parts(raw_parts, directory / "raw.arrow")
+    data_hash = data_hash_of(pair_ids)
+    pairs = datasets.Dataset.from_file(str(directory / "pairs.arrow"),
+                                       info=datasets.DatasetInfo(features=plan.features))
+    return LoadedPairs(pairs=pairs, raw=raw, kind=plan.kind, invalid=invalid, n_read=n_read, source=source,
+                       data_hash=data_hash, rows=rows)
+
+
+def _plan_signature(plan: _Plan) -> tuple:
+    return plan.kind, plan.columns, plan.features
+
+
+def _concatenate_parts(parts: list[Path], target: Path) -> datasets.Dataset:
+    """The kept-row chunks as one memory-mapped dataset, their schemas unified (a column null in one chunk and a
+    string in the next is a string); chunks whose types truly differ are not streamable."""
+    schemas = [pa.ipc.open_stream(pa.OSFile(str(p))).schema for p in parts]
+    try:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowException, TypeError, ValueError):
+        raise _NotStreamable from None
+    schema = pa.schema([schema.field(n) for n in dict.fromkeys(n for s in schemas for n in s.names)])
+    features = datasets.Features.from_arrow_schema(schema)
+    features["pair_id"] = _STRING
+    # written in exactly the features' schema: datasets would otherwise cast the mapped table into memory
+    schema = features.arrow_schema
+    with pa.ipc.new_stream(pa.OSFile(str(target), "wb"), schema) as writer:
+        for part in parts:
+            table = pa.ipc.open_stream(pa.OSFile(str(part))).read_all()
+            for name in schema.names:
+                if name not in table.column_names:
+                    table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+            try:
+                writer.write_table(table.select(schema.names).cast(schema))
+            except (pa.ArrowException, TypeError, ValueError):
+                raise _NotStreamable from None
+            part.unlink()
+    return datasets.Dataset.from_file(str(target), info=datasets.DatasetInfo(features=features))
 
 
 def _paired_kind(raw: RawTable, prompt_key: str, chosen_key: str, rejected_key: str) -> Kind:
@@ -218,6 +358,7 @@ def _raw_rows(table: datasets.Dataset, kept: list[int] | None, pair_ids: list[st
         del features["pair_id"]
     features["pair_id"] = _STRING
     rows = rows.replace_schema_metadata(None).append_column("pair_id", pa.array(pair_ids, pa.string()))
+    rows = rows.combine_chunks()  # datasets' gather leaves one chunk a row: 1.6 KB of overhead each, written and read
     return arrow_dataset(rows, features)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -71,6 +72,39 @@ def read_source(
     if _looks_like_path(text):
         raise DataError(f"file not found: {text}")
     return _read_hub(text, split)
+
+
+def streamable(source: Any) -> Path | None:
+    """The local JSON-lines file (.jsonl / .ndjson, optionally .gz) `source` names, which `iter_jsonl_chunks` reads
+    chunk by chunk; None for anything else."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(os.fspath(source)).expanduser()
+    if not path.is_file():
+        return None
+    try:
+        fmt, _ = _file_format(path)
+    except DataError:
+        return None
+    return path if fmt == "jsonl" else None
+
+
+def iter_jsonl_chunks(path: Path, where: str, size: int) -> Iterator[RawTable]:
+    """A JSON-lines file as RawTables of at most `size` records each, read as a stream: only one chunk's Python
+    objects are alive at a time. Errors name the line, as the whole-file reader's do."""
+    fmt, compressed = _file_format(path)
+    try:
+        with _open_binary(path, compressed) as f:
+            records = _jsonl_records(_decoded_lines(f, where), where)
+            while True:
+                chunk = list(itertools.islice(records, size))
+                if not chunk:
+                    return
+                yield _from_records(chunk, where, "line")
+    except (gzip.BadGzipFile, EOFError, OSError) as e:
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise DataError(f"cannot open {where}: {e.strerror}") from e
+        raise DataError(f"{where}: cannot decompress ({_short(e)})") from e
 
 
 def _looks_like_path(text: str) -> bool:

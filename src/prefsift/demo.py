@@ -29,8 +29,16 @@ from prefsift.train import TrainConfig
 # density sampling over the SFT model's embeddings, and the peer rules of the literature (the task's visible
 # score_chosen/score_rejected ratings are their external reward).
 DEFAULT_METHODS = ("random", "irm", "lossdiff", "lossdiff-irm", "oracle")
-PEER_METHODS = ("small-margin", "large-margin", "reward-margin", "alignment-potential")
-ALL_METHODS = (*DEFAULT_METHODS, "if", "tif", "isa", "density", *PEER_METHODS)
+PEER_METHODS: tuple[str | dict, ...] = (
+    "small-margin", "large-margin", "reward-margin", "alignment-potential",
+    # Selective DPO's cross-fitting models train with the demo's own recipe (its defaults are the authors' 7B
+    # ones: lr 1e-6 would leave a tiny model where it started), one seed of two halves to fit the time
+    {"name": "selective", "learning_rate": 2e-4, "batch_size": 32, "epochs": 2.0, "seeds": 1})
+# ISA as its paper ran it: completions embedded one by one, the selected ones trained with KTO; under both readings
+# of its sort order (the literal one keeps atypical items, the other typical ones).
+ISA_METHODS: tuple[dict, ...] = ({"name": "isa", "train_with": "kto", "order": "atypical"},
+                                 {"name": "isa", "label": "isa-typical", "train_with": "kto", "order": "typical"})
+ALL_METHODS = (*DEFAULT_METHODS, "if", "tif", *ISA_METHODS, "density", *PEER_METHODS)
 
 
 @dataclass

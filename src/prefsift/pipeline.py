@@ -29,7 +29,7 @@ from prefsift.report import one_line, write_results
 from prefsift.resources import Resources
 from prefsift.score import ScoreResult, score_pairs
 from prefsift.scorers import Scorer
-from prefsift.select import SPLIT_COLUMNS, select_indices, write_subset
+from prefsift.select import SPLIT_COLUMNS, select_indices, target_count, write_subset
 from prefsift.stats import summarize
 from prefsift.train import train
 
@@ -156,6 +156,36 @@ def selected_rows(scorer: Scorer, scores: dict[str, np.ndarray], fraction: float
                           count=count)
 
 
+def selected_completions(scorer: Scorer, scores: dict[str, np.ndarray], fraction: float, count: int | None
+                         ) -> np.ndarray:
+    """Indices into the 2n completions (i < n: pair i's chosen, else pair i − n's rejected) that a completion-level
+    rule keeps (ISA with KTO, as its paper): twice the pairs a pair-level rule keeps at the same budget, so every
+    row of a budget trains on as many completions."""
+    chosen, rejected = scorer.completion_columns()
+    pair_ids = np.asarray(scores["pair_id"], dtype=object)
+    n_valid = int(np.isfinite(np.asarray(scores[chosen], dtype=float)).sum())
+    k = 2 * target_count(n_valid, None if count is not None else fraction, count)
+    stacked = {"pair_id": np.concatenate([pair_ids + ":chosen", pair_ids + ":rejected"]),
+               "completion": np.concatenate([scores[chosen], scores[rejected]])}
+    return select_indices(stacked, scorer.selection_rule()["rule"], column="completion", count=min(k, 2 * n_valid))
+
+
+def completion_items(pairs, items: np.ndarray):
+    """KTO rows (prompt, completion, label, pair_id) of the selected completions: a chosen one is desirable."""
+    from datasets import Dataset
+
+    n = len(pairs)
+    rows = [int(i) % n for i in items]
+    picked = pairs.select(rows)
+    desirable = [bool(i < n) for i in items]
+    return Dataset.from_dict({
+        "prompt": picked["prompt"],
+        "completion": [c if d else r for c, r, d in zip(picked["chosen"], picked["rejected"], desirable, strict=True)],
+        "label": desirable,
+        "pair_id": [f"{pid}:{'chosen' if d else 'rejected'}" for pid, d in zip(picked["pair_id"], desirable,
+                                                                              strict=True)]})
+
+
 def _hidden_share(raw, rows: np.ndarray, column: str) -> float | None:
     """Share of the pairs flagged in a hidden column (e.g. the demo's is_flipped) that the subset kept."""
     if raw is None or column not in raw.column_names:
@@ -169,13 +199,16 @@ def compute_units(config: RunConfig, scorer: Scorer | None, start: str, n_train:
     """What a row cost, all of it, in pair passes (one forward pass over one pair's tokens; a DPO training step on a
     pair is three: forward and backward). The reference pass over the training pairs is DPO's own and every row
     pays it; a row pays the warm-up when it starts from it or its score needs it, the validation model when its
-    score needs it, each scoring pass, and its own training."""
+    score needs it, each scoring pass, and its own training. A KTO row's 2·n_subset completions cost as many pair
+    passes as n_subset DPO pairs, plus KTO's forward over mismatched completions for its KL estimate (one more
+    pass over the same tokens, and TRL's reference pass over them)."""
     needs = scorer.needs if scorer is not None else ()
     uses_warmup = start == "warmup" or bool({"policy", "validation"} & set(needs))
     # the reference pass over every training pair is needed by the warm-up and by a score against the reference;
     # a row without either needs it over its own subset only
-    units = {"reference": float(n_train if uses_warmup or "reference" in needs else n_subset),
-             "train": 3.0 * n_subset * config.train.epochs}
+    kto = scorer is not None and scorer.completion_columns() is not None
+    units = {"reference": float(n_train if uses_warmup or "reference" in needs else 0 if kto else n_subset),
+             "train": (5.0 if kto else 3.0) * n_subset * config.train.epochs}
     if uses_warmup:
         units["warmup"] = 3.0 * n_warmup * config.warmup_epochs
     if "validation" in needs:
@@ -203,19 +236,33 @@ def train_and_evaluate(config: RunConfig, plan: tuple, start_model: LoadedModel,
     name, scorer, budget, fraction, count = plan
     train_data, has_test = splits.train, ref_test is not None
     dropped = np.isnan(ref_train[:, 0])
-    rows = np.flatnonzero(~dropped) if scorer is None else selected_rows(scorer, scores, fraction, count)
-    log(f"{name} @ {fraction:.0%}: training on {len(rows)} pairs")
     slug = artifact_name(name, budget)
-    if seed_dir is not None:  # the same subset under every start: written once per seed and row
-        extra = {c: scores[c] for c in scorer.columns if c in scores} if scorer is not None else {}
-        write_subset(seed_dir / "selected" / slug, train_data.pairs.select_columns(list(SPLIT_COLUMNS)), rows,
-                     extra=extra)
     save_dir = seed_dir / "models" / f"{start}-{slug}" if seed_dir is not None and config.save_subset_models else None
-    policy, seconds = trained_copy(start_model, f"{name}-{fraction}", train_data.pairs.select(rows.tolist()),
-                                   ref_train[rows], replace(config.train, seed=config.seed), config.engine,
-                                   save_dir)
-    record = {"method": name, "budget": budget, "fraction": fraction, "n_pairs": len(rows),
-              "train_seconds": round(seconds, 3)}
+    if scorer is not None and scorer.completion_columns() is not None:  # completions, trained with KTO
+        items = selected_completions(scorer, scores, fraction, count)
+        subset = completion_items(train_data.pairs, items)
+        rows = np.unique(items % len(train_data.pairs))  # the pairs a kept completion comes from
+        log(f"{name} @ {fraction:.0%}: KTO on {len(items)} completions ({int(subset['label'].count(True))} "
+            "desirable)")
+        if seed_dir is not None:
+            completion = np.concatenate([scores[c] for c in scorer.completion_columns()])[items]
+            write_subset(seed_dir / "selected" / slug, subset, range(len(subset)), extra={name: completion})
+        policy, seconds = trained_copy(start_model, f"{name}-{fraction}", subset, None,
+                                       replace(config.train, seed=config.seed, algo="kto"), config.engine, save_dir)
+        record = {"method": name, "budget": budget, "fraction": fraction, "n_pairs": len(items) // 2,
+                  "n_completions": len(items), "algo": "kto", "train_seconds": round(seconds, 3)}
+    else:
+        rows = np.flatnonzero(~dropped) if scorer is None else selected_rows(scorer, scores, fraction, count)
+        log(f"{name} @ {fraction:.0%}: training on {len(rows)} pairs")
+        if seed_dir is not None:  # the same subset under every start: written once per seed and row
+            extra = {c: scores[c] for c in scorer.columns if c in scores} if scorer is not None else {}
+            write_subset(seed_dir / "selected" / slug, train_data.pairs.select_columns(list(SPLIT_COLUMNS)), rows,
+                         extra=extra)
+        policy, seconds = trained_copy(start_model, f"{name}-{fraction}", train_data.pairs.select(rows.tolist()),
+                                       ref_train[rows], replace(config.train, seed=config.seed), config.engine,
+                                       save_dir)
+        record = {"method": name, "budget": budget, "fraction": fraction, "n_pairs": len(rows),
+                  "train_seconds": round(seconds, 3)}
     evaluation = evaluate(policy, base, test_pairs=splits.test.pairs if has_test else None,
                           prompts=splits.eval_prompts if baseline_answers is not None else None, judge=judge,
                           config=config.eval, engine=config.engine, reference_logps=ref_test,

@@ -262,8 +262,12 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
     if weights is not None or order is not None:
         raise ConfigError("a weight column and a curriculum order train DPO; KTO takes neither")
     unpaired = unpair_preference_dataset(pairs) if "chosen" in pairs.column_names else pairs
+    labels = np.asarray(unpaired["label"], dtype=bool)
+    # The KTO paper balances the two losses, λ_D·n_D / (λ_U·n_U) in [1, 4/3]: a selection of completions (ISA's) rarely
+    # keeps as many desirable as undesirable ones, so λ_D = n_U / n_D, the range's lower end (TRL warns outside it).
+    desirable_weight = float((~labels).sum() / labels.sum()) if labels.any() and (~labels).any() else 1.0
     # KTO: TRL precomputes its reference pass once, so no second copy of the model stays in memory.
-    args = KTOConfig(**common, precompute_ref_log_probs=True)
+    args = KTOConfig(**common, precompute_ref_log_probs=True, desirable_weight=desirable_weight)
     return KTOTrainer(model=loaded.model, args=args, train_dataset=unpaired, processing_class=loaded.tokenizer,
                       peft_config=_peft_config(config)), len(pairs)
 

@@ -10,6 +10,7 @@ special-cases a scorer, and a scorer's parameters reach YAML (`methods: [{name: 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, ClassVar
 
 import numpy as np
@@ -54,6 +55,11 @@ class Scorer:
     def score(self, resources) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def completion_columns(self) -> tuple[str, str] | None:
+        """The score columns of each pair's chosen and rejected completion when the method selects completions and
+        its subsets train with KTO (ISA, as its paper); None: it selects pairs and they train with DPO."""
+        return None
+
     def missing_input(self, has_reward_model: bool, columns: list[str]) -> str | None:
         """Why this scorer cannot score data with these input `columns` (and a reward model or not), beyond the
         roles it `needs`; None when it can. `prefsift compare` leaves such a method out of `all`."""
@@ -95,11 +101,59 @@ def get_scorer(name: str, **params: Any) -> Scorer:
     return cls(from_dict(cls.Params, params, f"method '{name}'"))
 
 
+def labelled(scorer: Scorer, label: str) -> Scorer:
+    """`scorer` under another name, so one method can run twice with other parameters in one comparison (e.g. ISA's
+    two sort orders): its rows, timings and manifest entry carry `label`, and its columns are renamed to match
+    (isa, isa_chosen → isa_typical, isa_typical_chosen) so the two never overwrite each other's scores."""
+    cls = type(scorer)
+    stem, new = cls.name.replace("-", "_"), label.replace("-", "_")
+
+    def rename(column: str) -> str:
+        return new + column[len(stem):] if column.startswith(stem) else f"{new}_{column}"
+
+    class Labelled(cls):  # type: ignore[valid-type, misc]
+        name = label
+        method = cls.name
+
+        def __init__(self, params: ScorerParams | None = None) -> None:
+            super().__init__(params)
+            self.columns = tuple(rename(c) for c in self.columns)
+
+        def score(self, resources) -> dict[str, np.ndarray]:
+            return {rename(k): v for k, v in super().score(resources).items()}
+
+        def selection_rule(self) -> dict[str, Any]:
+            rule = super().selection_rule()
+            if rule.get("column"):
+                rule["column"] = rename(rule["column"])
+            if rule.get("columns"):
+                rule["columns"] = [rename(c) for c in rule["columns"]]
+            return rule
+
+        def completion_columns(self) -> tuple[str, str] | None:
+            columns = super().completion_columns()
+            return None if columns is None else (rename(columns[0]), rename(columns[1]))
+
+        def describe(self) -> dict[str, Any]:
+            return {**super().describe(), "method": cls.name}
+
+    Labelled.__name__ = Labelled.__qualname__ = f"{cls.__name__}[{label}]"
+    return Labelled(scorer.params)
+
+
 def parse_method(spec: Any) -> Scorer:
-    """A method as YAML gives it: a name, or a mapping {name: ..., <param>: ...}."""
+    """A method as YAML gives it: a name, or a mapping {name: ..., <param>: ..., label: ...}; `label` names a second
+    run of the same method with other parameters."""
     if isinstance(spec, str):
         return get_scorer(spec)
     if isinstance(spec, dict) and isinstance(spec.get("name"), str):
-        params = {k: v for k, v in spec.items() if k != "name"}
-        return get_scorer(spec["name"], **params)
+        params = {k: v for k, v in spec.items() if k not in ("name", "label")}
+        scorer = get_scorer(spec["name"], **params)
+        label = spec.get("label")
+        if label is None or label == scorer.name:
+            return scorer
+        if not isinstance(label, str) or not re.fullmatch(r"[a-z][a-z0-9-]*", label) or label in SCORERS:
+            raise ConfigError(f"method label {label!r}: lower-case letters, digits and '-', and not another "
+                              "method's name")
+        return labelled(scorer, label)
     raise ConfigError(f"a method is a name or a mapping with a 'name' key (got {spec!r})")

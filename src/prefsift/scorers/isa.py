@@ -51,6 +51,13 @@ class ISAParams(ScorerParams):
     reg_covar: float = option(1e-6, "Added to the covariances' diagonal (scikit-learn's reg_covar).", low=0.0)
     n_init: int = option(1, "Mixture fits from different starts; the best likelihood is kept.", low=1)
     batch_size: int = option(32, "Items per embedding batch.", low=1)
+    train_with: str = option("dpo", "How `run`, `compare` and `demo` train its subsets: dpo on the selected pairs, or "
+                                    "kto on the selected completions (the paper's protocol; needs item=completion).",
+                             choices=("dpo", "kto"))
+
+    def check(self) -> None:
+        if self.train_with == "kto" and self.item != "completion":
+            raise ConfigError("isa: train_with=kto selects completions; it needs item=completion")
 
     def descending(self) -> bool:
         return self.order in ("descending-delta", "atypical")
@@ -122,6 +129,9 @@ class ISAScorer(Scorer):
 
     def selection_rule(self) -> dict:
         return {"rule": "top" if self.params.descending() else "bottom", "column": "isa"}
+
+    def completion_columns(self) -> tuple[str, str] | None:
+        return ("isa_chosen", "isa_rejected") if self.params.train_with == "kto" else None
 
     def score(self, resources) -> dict[str, np.ndarray]:
         p = self.params

@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +52,8 @@ def repeated(source: Path, copies: int, target: Path) -> tuple[int, int]:
 
 
 def measure(data: Path, out: Path) -> dict:
+    if out.exists():
+        shutil.rmtree(out)
     command = [sys.executable, "-m", "prefsift.cli", "score", "--data", str(data), "--method", "random", "--out",
                str(out)]
     done = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True)
@@ -69,14 +72,13 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
+    # one untimed run first: the first process pays for reading torch & co. from a cold disk cache
+    repeated(args.data, 1, args.work / "warmup.jsonl.gz")
+    measure(args.work / "warmup.jsonl.gz", args.work / "scores-warmup")
     for copies in args.copies:
         data = args.work / f"hh-{copies}x.jsonl.gz"
         n, text_bytes = repeated(args.data, copies, data)
         out = args.work / f"scores-{copies}x"
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
         row = {"copies": copies, "rows": n, "text_mib": round(text_bytes / 2**20, 1), **measure(data, out)}
         rows.append(row)
         print(f"{copies}x: {row}", file=sys.stderr)
@@ -87,7 +89,7 @@ def main() -> None:
         "command": "prefsift score --method random --data hh-<k>x.jsonl.gz",
         "data": f"{args.data.name} repeated k times with fresh prompts",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "load_average_1min": round(os.getloadavg()[0], 2)},
         "rows": rows,
         # what each further MiB of input text costs in peak memory: ~0 when flat, ~4.8 before streaming
         "mib_per_input_mib": round(slope, 3) if slope is not None else None,

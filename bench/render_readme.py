@@ -36,7 +36,22 @@ def real_table(path: Path) -> str:
     return head + markdown_table(record["summary"])
 
 
-TABLES = {"demo-table": (RESULTS / "demo.json", demo_table), "real-table": (RESULTS / "real.json", real_table)}
+def memory_table(path: Path) -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "bench" / "memory.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    record = json.loads(path.read_text())
+    m = record["machine"]
+    load = f", load average {m['load_average_1min']}" if "load_average_1min" in m else ""
+    head = (f"`{record['command']}` ({record['data']}), peak RSS of the whole process, on {m['cores']} cores"
+            f"{load}; from `bench/results/{path.name}` ({record['when']}).\n\n")
+    return head + module.table(record) + "\n"
+
+
+TABLES = {"demo-table": (RESULTS / "demo.json", demo_table), "real-table": (RESULTS / "real.json", real_table),
+          "memory-table": (RESULTS / "memory.json", memory_table)}
 
 
 def render(text: str) -> str:

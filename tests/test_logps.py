@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_pairs
+from conftest import make_pairs, random_text
 from datasets import Dataset
 from test_scorers import naive_logp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers import LlamaConfig, LlamaForCausalLM
 from trl import DPOConfig, DPOTrainer
 
 from prefsift.logps import LogpsRun, compute_logps, tokenize_pairs
@@ -98,8 +103,8 @@ def test_resume_skips_finished_shards(bpe_tokenizer, tiny_llama, tmp_path, monke
     import prefsift.logps as engine
 
     calls = []
-    original = engine._forward_batch
-    monkeypatch.setattr(engine, "_forward_batch", lambda m, p, pad: calls.append(len(p)) or original(m, p, pad))
+    original = engine.forward_batch
+    monkeypatch.setattr(engine, "forward_batch", lambda m, p, *a: calls.append(len(p)) or original(m, p, *a))
     resumed = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, batch_tokens=200, flush_rows=8,
                             run=run)
     np.testing.assert_array_equal(resumed, full)  # identical, not merely close: same batches, same padding
@@ -120,19 +125,19 @@ def test_a_kill_loses_at_most_the_batches_since_the_last_flush(bpe_tokenizer, ti
                                                               data["rejected"], None), 150).batches)
     assert n_batches >= 5
     run = LogpsRun(tmp_path, "policy", {"model": "tiny"})
-    original, calls = engine._forward_batch, []
+    original, calls = engine.forward_batch, []
 
-    def killed_at_60_percent(model, pairs, pad):
+    def killed_at_60_percent(model, pairs, *args):
         if len(calls) == int(0.6 * n_batches):
             raise KeyboardInterrupt
         calls.append(len(pairs))
-        return original(model, pairs, pad)
+        return original(model, pairs, *args)
 
-    monkeypatch.setattr(engine, "_forward_batch", killed_at_60_percent)
+    monkeypatch.setattr(engine, "forward_batch", killed_at_60_percent)
     with pytest.raises(KeyboardInterrupt):
         compute_logps(tiny_llama, bpe_tokenizer, data, run=run, **kwargs)
     done_before_kill = sum(calls)
-    monkeypatch.setattr(engine, "_forward_batch", lambda m, p, pad: calls.append(len(p)) or original(m, p, pad))
+    monkeypatch.setattr(engine, "forward_batch", lambda m, p, *a: calls.append(len(p)) or original(m, p, *a))
     resumed = compute_logps(tiny_llama, bpe_tokenizer, data, run=run, **kwargs)
     np.testing.assert_array_equal(resumed, uninterrupted)
     assert sum(calls) - done_before_kill == 40 - done_before_kill  # the resume computed only the rest
@@ -243,3 +248,185 @@ def test_a_max_length_that_drops_every_pair_is_refused(bpe_tokenizer, tiny_llama
     data = Dataset.from_list(make_pairs(5, seed=2))
     with pytest.raises(PrefsiftError, match="max_length 3 drops all 5 pairs"):
         compute_logps(tiny_llama, bpe_tokenizer, data, max_length=3)
+
+
+# ---- issue 10: every execution path against TRL on both data shapes, the chunked head's memory, long pairs
+
+
+def transcript_pairs(n: int, seed: int) -> list[dict]:
+    """Multi-turn transcripts: long shared prompts, short responses (HH-RLHF's shape)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        turns = "".join(f"\n\nHuman: {random_text(rng, rng.randint(3, 12))}\n\nAssistant: "
+                        f"{random_text(rng, rng.randint(3, 12))}" for _ in range(rng.randint(1, 4)))
+        rows.append({"prompt": turns + "\n\nHuman: " + random_text(rng, 5) + "\n\nAssistant:",
+                     "chosen": " " + random_text(rng, rng.randint(1, 8)),
+                     "rejected": " " + random_text(rng, rng.randint(1, 8))})
+    return rows
+
+
+def instruction_pairs(n: int, seed: int) -> list[dict]:
+    """Instructions: short prompts, long responses of very different lengths."""
+    rng = random.Random(seed)
+    return [{"prompt": "\n\nHuman: " + random_text(rng, rng.randint(1, 4)) + "\n\nAssistant:",
+             "chosen": " " + random_text(rng, rng.randint(10, 70)),
+             "rejected": " " + random_text(rng, rng.randint(10, 70))} for _ in range(n)]
+
+
+SHAPES = {"transcripts": transcript_pairs, "instructions": instruction_pairs}
+_TRL: dict = {}  # TRL's pass once per shape and max_length: the tiny_llama fixture is the same seeded model each time
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("path", ["packed", "cached"])
+@pytest.mark.parametrize("max_length", [None, 48])
+def test_every_path_matches_trl_on_both_shapes(bpe_tokenizer, tiny_llama, tmp_path, monkeypatch, one_thread, shape,
+                                               path, max_length):
+    """The packed and cached-prefix paths, each with the LM head in chunks (7 positions at a time) and the cached
+    path's queries in chunks of 16 positions, give TRL's own reference log-probs at 1e-4 relative; with max_length
+    48 responses are cut (instructions) and long transcripts dropped, as TRL cuts and drops them."""
+    import prefsift.logps as engine
+
+    rows = SHAPES[shape](16, seed=31)
+    if (shape, max_length) not in _TRL:
+        _TRL[shape, max_length] = trl_reference_logps(tiny_llama, bpe_tokenizer, rows, max_length or 10_000, tmp_path)
+    reference = _TRL[shape, max_length]
+    monkeypatch.setattr(engine, "HEAD_ELEMENTS", 7 * len(bpe_tokenizer))
+    monkeypatch.setattr(engine, "QUERY_CHUNK", 16)
+    tokenized = tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                               [r["rejected"] for r in rows], max_length)
+    ours = engine.logps_of_tokenized(tiny_llama, tokenized, pad_id=bpe_tokenizer.pad_token_id, batch_tokens=300,
+                                     path=path)
+    assert sorted(reference) == [i for i in range(len(rows)) if not np.isnan(ours[i, 0])]  # same pairs kept
+    np.testing.assert_allclose(ours[sorted(reference)], [reference[i] for i in sorted(reference)], rtol=1e-4)
+    if max_length is not None and shape == "instructions":
+        assert any(len(t.chosen_ids) + len(t.prompt_ids) == max_length for t in tokenized if t is not None)  # cut
+    if max_length is not None and shape == "transcripts":
+        assert 0 < len(reference) < len(rows)  # some prompts alone fill max_length: dropped by both
+
+
+def test_cached_path_with_an_empty_prompt_and_one_token_completions(bpe_tokenizer, tiny_llama):
+    """Left-padded prompts next to an empty one (its row fully masked in the prompt pass) and completions of one
+    token (nothing fed after the prompt): the cached path still gives the packed path's values, never NaN."""
+    from prefsift.logps import TokenizedPair, _forward_batch, _forward_batch_cached
+
+    rows = make_pairs(6, seed=32)
+    tokenized = tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                               [r["rejected"] for r in rows], None)
+    tokenized += [TokenizedPair([], tokenized[0].chosen_ids, tokenized[1].rejected_ids),
+                  TokenizedPair(tokenized[2].prompt_ids, tokenized[0].chosen_ids[:1], tokenized[1].rejected_ids[:1])]
+    pad = bpe_tokenizer.pad_token_id
+    cached = torch.stack(_forward_batch_cached(tiny_llama, tokenized, pad, chunk=5))
+    assert torch.isfinite(cached).all()
+    torch.testing.assert_close(cached, torch.stack(_forward_batch(tiny_llama, tokenized, pad)), rtol=1e-5, atol=1e-5)
+
+
+class LargestAllocation(TorchDispatchMode):
+    """The largest tensor any torch op allocates inside the block, in bytes (views of existing storage excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def large_vocabulary_llama(tokenizer) -> LlamaForCausalLM:
+    """Vocabulary 50,000 and hidden size 16: the LM head's logits dwarf everything else the forward allocates."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50_000, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    model = LlamaForCausalLM(config)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+@pytest.mark.parametrize("path", ["packed", "cached"])
+def test_the_head_memory_is_bounded_and_flat_in_the_number_of_pairs(bpe_tokenizer, tmp_path, one_thread, path,
+                                                                     monkeypatch):
+    """With a 50k vocabulary, the largest tensor of a pass stays within the head's chunk (HEAD_ELEMENTS floats) for
+    8 pairs as for 64, where the full-vocabulary logits of one batch are over 5× larger; and the values are still
+    TRL's."""
+    import prefsift.logps as engine
+
+    model = large_vocabulary_llama(bpe_tokenizer)
+    rows = instruction_pairs(64, seed=33)
+    tokenized = tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                               [r["rejected"] for r in rows], None)
+    pad = bpe_tokenizer.pad_token_id
+    monkeypatch.setattr(engine, "HEAD_ELEMENTS", 1 << 18)  # 1 MiB of fp32 logits: 5 positions at a time
+
+    def largest(pairs: list) -> tuple[int, np.ndarray]:
+        with LargestAllocation() as seen:
+            values = engine.logps_of_tokenized(model, pairs, pad_id=pad, batch_tokens=1024, path=path)
+        return seen.largest, values
+
+    few, values = largest(tokenized[:8])
+    many, _ = largest(tokenized)
+    bound = 2 << 20  # the head's 1 MiB chunk and its log-softmax, the packed batch's mask: within 2 MiB
+    assert few <= bound and many <= bound, (few, many)
+    monkeypatch.setattr(engine, "HEAD_ELEMENTS", 1 << 40)  # the measurement can fail: no chunks, full logits
+    unchunked_few, _ = largest(tokenized[:8])
+    unchunked_many, _ = largest(tokenized)
+    assert unchunked_few > 5 * bound and unchunked_many > 5 * bound, (unchunked_few, unchunked_many)
+    reference = trl_reference_logps(model, bpe_tokenizer, rows[:8], 10_000, tmp_path)
+    np.testing.assert_allclose(values, [reference[i] for i in range(8)], rtol=1e-4)
+
+
+def test_a_long_pair_on_the_cached_path_needs_no_square_mask(bpe_tokenizer, tiny_llama, one_thread):
+    """A 3,000-token pair: the packed path's mask is width² (36 MB in fp32); the cached path's largest tensor is a
+    small fraction of it (queries 256 at a time), with the same log-probs."""
+    from prefsift.logps import TokenizedPair, _forward_batch, _forward_batch_cached
+
+    rng = random.Random(34)
+    ids = [rng.randrange(2, len(bpe_tokenizer)) for _ in range(3000)]
+    pair = TokenizedPair(ids[:1000], ids[1000:2000], ids[2000:])
+    pad = bpe_tokenizer.pad_token_id
+    with LargestAllocation() as packed_seen:
+        packed = torch.stack(_forward_batch(tiny_llama, [pair], pad))
+    with LargestAllocation() as cached_seen:
+        cached = torch.stack(_forward_batch_cached(tiny_llama, [pair], pad, chunk=256))
+    assert packed_seen.largest >= 3000 * 3000 * 4
+    assert cached_seen.largest * 4 < packed_seen.largest, (cached_seen.largest, packed_seen.largest)
+    torch.testing.assert_close(cached, packed, rtol=1e-4, atol=1e-3)
+
+
+def test_the_cheaper_path_is_taken_and_a_cached_path_that_disagrees_falls_back(bpe_tokenizer, tiny_llama,
+                                                                                 monkeypatch):
+    """Long responses after a short prompt cost less on the cached-prefix path (the packed row attends densely over
+    both completions), a pair's short and long responses less on the packed path; a cached path that disagrees
+    with the model's own forward warns once and the packed path gives the values."""
+    import prefsift.logps as engine
+
+    def tokenized(rows):
+        return [t for t in tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                                          [r["rejected"] for r in rows], None) if t is not None]
+
+    long_responses = tokenized([{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " " + "the cat sat " * 60,
+                                 "rejected": " " + "a dog ran " * 60}] * 4)
+    costs = engine._costs(tiny_llama, long_responses)
+    assert costs["cached"] < costs["packed"]
+    # a long prompt, one short and one long response: the cached path pads every completion to the longest
+    uneven = [engine.TokenizedPair([5] * 60, [6] * 2, [7] * 40), engine.TokenizedPair([5] * 60, [6] * 40, [7] * 2)]
+    costs = engine._costs(tiny_llama, uneven)
+    assert costs["packed"] < costs["cached"]
+
+    data = Dataset.from_list(instruction_pairs(6, seed=36))
+    right = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
+    taken = []
+    original = engine._forward_batch_cached
+    monkeypatch.setattr(engine, "_forward_batch_cached",
+                        lambda m, p, pad: taken.append(len(p)) or tuple(x + 1.0 for x in original(m, p, pad)))
+    engine._CACHED_OK.clear()
+    with pytest.warns(UserWarning, match="cached-prefix forward disagrees"):
+        fallback = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
+    assert taken  # the check ran it
+    np.testing.assert_allclose(fallback, right, rtol=1e-5)

@@ -15,6 +15,7 @@ small, and only the completion positions go through the LM head.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -151,6 +152,71 @@ def _forward_batch(model, pairs: list[TokenizedPair], pad_id: int) -> tuple[torc
     return sums[:, 0], sums[:, 1]
 
 
+@torch.inference_mode()
+def _forward_batch_cached(model, pairs: list[TokenizedPair], pad_id: int, chunk: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached-prefix path: the batch's prompts run once, then both completions continue from the prompts' cached
+    keys and values, with the model's own causal attention (no block mask of ours). Prompts are padded on the left,
+    so every prompt ends at the same column and the completions follow it; positions are given explicitly. Queries
+    go `chunk` positions at a time, so nothing grows with the square of a pair's length."""
+    from transformers import DynamicCache
+
+    chunk = chunk or QUERY_CHUNK
+    base, backbone, head = _backbone_and_head(model)
+    device = head.weight.device
+    batch, n_prompt = len(pairs), max(len(p.prompt_ids) for p in pairs)
+    completions = [c for p in pairs for c in (p.chosen_ids, p.rejected_ids)]  # row 2b: chosen, 2b + 1: rejected
+    width = max(len(c) for c in completions) - 1  # a completion's last token predicts nothing: never fed
+    ids = torch.full((2 * batch, n_prompt + max(width, 0)), pad_id, dtype=torch.long)
+    mask = torch.zeros(ids.shape, dtype=torch.long)
+    for k, completion in enumerate(completions):
+        prompt, fed = pairs[k // 2].prompt_ids, completion[:-1]
+        ids[k, n_prompt - len(prompt):n_prompt + len(fed)] = torch.tensor(prompt + fed, dtype=torch.long)
+        mask[k, n_prompt - len(prompt):n_prompt + len(fed)] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    cache = DynamicCache(config=base.config)
+    sums = torch.zeros(2 * batch, dtype=torch.float64, device=device)
+
+    # transformers 5.24 renamed `past_key_values` to `cache`; 5.0 knows only the old name
+    cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+    def run(rows: slice, lo: int, hi: int) -> torch.Tensor:
+        return backbone(input_ids=ids[rows, lo:hi], attention_mask=mask[rows, :hi], position_ids=positions[rows, lo:hi],
+                        use_cache=True, **{cache_arg: cache}).last_hidden_state
+
+    last = None
+    for lo in range(0, n_prompt, chunk):  # the prompts, once: the chosen rows stand for their pair
+        last = run(slice(0, None, 2), lo, min(lo + chunk, n_prompt))[:, -1]
+    if last is not None:
+        cache.batch_repeat_interleave(2)  # each pair's cache, once for its chosen row and once for its rejected row
+        # a completion's first token is predicted by its prompt's last position (unscored after an empty prompt, as
+        # in TRL)
+        first = [k for k, c in enumerate(completions) if c and pairs[k // 2].prompt_ids]
+        rows_t = torch.tensor(first, device=device)
+        targets = torch.tensor([completions[k][0] for k in first], device=device)
+        sums.index_add_(0, rows_t, _token_logps(base.config, head, last[rows_t // 2], targets).double())
+    for lo in range(n_prompt, n_prompt + max(width, 0), chunk):  # both completions, from the cache
+        hi = min(lo + chunk, n_prompt + width)
+        hidden = run(slice(None), lo, hi)
+        # column j holds completion token j - n_prompt, which predicts the token after it
+        rows, cols, targets = [], [], []
+        for k, completion in enumerate(completions):
+            for j in range(lo, min(hi, n_prompt + len(completion) - 1)):
+                rows.append(k)
+                cols.append(j - lo)
+                targets.append(completion[j - n_prompt + 1])
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        hidden = hidden[rows_t, torch.tensor(cols, dtype=torch.long, device=device)]
+        token_logps = _token_logps(base.config, head, hidden, torch.tensor(targets, device=device))
+        sums.index_add_(0, rows_t, token_logps.double())
+    sums = sums.view(batch, 2).cpu()
+    return sums[:, 0], sums[:, 1]
+
+
+QUERY_CHUNK = 2048  # positions a cached-prefix forward feeds at once: its mask is rows × chunk × (cache + chunk)
+
+
 # Logits the LM head holds at once: 2^24 floats (64 MB in fp32), i.e. 341 positions of a 49k vocabulary. A batch's
 # full-vocabulary logits would be positions × vocabulary (1.6 GB for 8k positions), then as much again for the
 # log-softmax; chunks this size cost no measurable speed (the head's matmul stays large).
@@ -209,6 +275,9 @@ def _forward_batch_unpacked(model, pairs: list[TokenizedPair], pad_id: int) -> t
     return sums[0::2], sums[1::2]
 
 
+PATHS = ("packed", "cached", "unpacked")  # the exact ways to a batch's log-probs; see `forward_batch`
+
+
 _PACKED_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> packed path verified on it
 
 
@@ -244,18 +313,75 @@ def packed_path_ok(model, pair: TokenizedPair, pad_id: int) -> bool:
                               f"({got.tolist()} vs {want.tolist()}): using the unpacked path", stacklevel=3)
                 ok = False
     _PACKED_OK[model] = ok
+    if ok:
+        cached_path_ok(model, pair, pad_id)  # checked on the same pair, so a resumed run makes the same choices
     return ok
+
+
+_CACHED_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> cached-prefix path verified on it
+
+
+def cached_path_ok(model, pair: TokenizedPair, pad_id: int) -> bool:
+    """Whether the cached-prefix path reproduces this model's own forward (checked once, as `packed_path_ok`): a
+    model whose cache or explicit positions behave otherwise warns once and keeps to the packed path."""
+    if model not in _CACHED_OK:
+        try:
+            got = torch.stack(_forward_batch_cached(model, [pair], pad_id))[:, 0]
+        except Exception as error:  # noqa: BLE001 - any failure means: not this path
+            warnings.warn(f"the cached-prefix forward fails on {type(model).__name__} ({type(error).__name__}): "
+                          f"using the packed path", stacklevel=3)
+            _CACHED_OK[model] = False
+        else:
+            want = torch.stack(_forward_batch_unpacked(model, [pair], pad_id))[:, 0]
+            rtol, atol = _tolerance(model, pair)
+            _CACHED_OK[model] = bool(torch.allclose(got, want, rtol=rtol, atol=atol))
+            if not _CACHED_OK[model]:
+                warnings.warn(f"the cached-prefix forward disagrees with {type(model).__name__}'s own forward "
+                              f"({got.tolist()} vs {want.tolist()}): using the packed path", stacklevel=3)
+    return _CACHED_OK[model]
+
+
+def _costs(model, pairs: list[TokenizedPair]) -> dict[str, float]:
+    """Estimated FLOPs of a batch on the packed and the cached-prefix paths, padding included: 2 × the backbone's
+    weights a token fed, and 4 × width × layers a query-key entry its attention computes (scores, then values).
+    The packed row attends densely over prompt|chosen|rejected (masked entries cost too); the cached path pads the
+    prompts to the longest and every completion to the longest of the batch. On SmolLM2 (CPU) the matmuls were 77%
+    of either path's time and attention 11-14%: these two terms are the cost (see bench/logps.py)."""
+    per_token, per_entry = _flops(model)
+    batch, n_prompt = len(pairs), max(len(p.prompt_ids) for p in pairs)
+    width = max(len(p) for p in pairs)
+    fed = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs) - 1
+    packed = batch * width * per_token + batch * width * width * per_entry
+    cached = (batch * n_prompt + 2 * batch * fed) * per_token
+    cached += (batch * n_prompt * n_prompt + 2 * batch * fed * (n_prompt + fed)) * per_entry
+    return {"packed": packed, "cached": cached}
+
+
+_FLOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _flops(model) -> tuple[float, float]:
+    """(FLOPs a token, FLOPs an attention entry) of the model's backbone."""
+    if model not in _FLOPS:
+        base, backbone, _ = _backbone_and_head(model)
+        config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        weights = sum(p.numel() for p in backbone.parameters()) - backbone.get_input_embeddings().weight.numel()
+        heads = getattr(config, "num_attention_heads", 1)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        _FLOPS[model] = (2.0 * weights, 4.0 * heads * head_dim * config.num_hidden_layers)
+    return _FLOPS[model]
 
 
 def logps_of_tokenized(model, tokenized: list[TokenizedPair | None], *, pad_id: int,
                        batch_tokens: int = EngineConfig.batch_tokens,
-                       progress: tqdm | None = None, packed: bool | None = None) -> np.ndarray:
+                       progress: tqdm | None = None, packed: bool | None = None, path: str | None = None
+                       ) -> np.ndarray:
     """(n, 2) array of summed chosen / rejected log-probs; NaN rows for dropped pairs. `packed=None` takes the
-    packed fast path where `packed_path_ok` allows it."""
+    packed fast path where `packed_path_ok` allows it; `path` forces one of PATHS."""
     out = np.full((len(tokenized), 2), np.nan)
     plan = BatchPlan.of(tokenized, batch_tokens)
     for batch in plan.batches:
-        chosen, rejected = forward_batch(model, [tokenized[i] for i in batch], pad_id, packed)
+        chosen, rejected = forward_batch(model, [tokenized[i] for i in batch], pad_id, packed, path)
         out[batch, 0], out[batch, 1] = chosen.numpy(), rejected.numpy()
         if progress is not None:
             progress.update(len(batch))
@@ -269,12 +395,23 @@ def logps_of_tokenized(model, tokenized: list[TokenizedPair | None], *, pad_id: 
 LONG_PAIR_TOKENS = 8192
 
 
-def forward_batch(model, pairs: list[TokenizedPair], pad_id: int, packed: bool | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_batch(model, pairs: list[TokenizedPair], pad_id: int, packed: bool | None = None,
+                  path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if path is not None:  # packed: one prompt|chosen|rejected row a pair under a block mask; cached: the prompt once,
+        # the completions from its cached keys and values; unpacked: the model's own forward in TRL's layout
+        paths = {"packed": _forward_batch, "cached": _forward_batch_cached, "unpacked": _forward_batch_unpacked}
+        return paths[path](model, pairs, pad_id)
     if len(pairs) == 1 and len(pairs[0]) > LONG_PAIR_TOKENS and can_pack(model):
         return _forward_long(model, pairs[0])
     use_packed = packed_path_ok(model, pairs[0], pad_id) if packed is None else packed
-    return (_forward_batch if use_packed else _forward_batch_unpacked)(model, pairs, pad_id)
+    if not use_packed:
+        return _forward_batch_unpacked(model, pairs, pad_id)
+    # the cheaper of the two exact fast paths, by estimated FLOPs: a function of the batch's lengths alone, so a
+    # resumed run takes the same path for every batch
+    costs = _costs(model, pairs)
+    if costs["cached"] < costs["packed"] and cached_path_ok(model, pairs[0], pad_id):
+        return _forward_batch_cached(model, pairs, pad_id)
+    return _forward_batch(model, pairs, pad_id)
 
 
 @torch.inference_mode()

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from prefsift.config import EngineConfig
 from prefsift.errors import PrefsiftError
+from prefsift.output import temp_sibling
 
 
 @dataclass
@@ -483,7 +484,7 @@ class LogpsRun:
         table = pa.table({"batch": batches, "row": rows, "chosen_logps": values[:, 0],
                           "rejected_logps": values[:, 1]})
         path = self.shard_dir / f"{batches[0]:06d}-{batches[-1]:06d}.parquet"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = temp_sibling(path)  # unique per process and call
         pq.write_table(table, tmp)
         tmp.replace(path)  # atomic: a killed run never leaves a half-written shard behind
 

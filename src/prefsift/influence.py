@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 
 from prefsift.errors import ConfigError
 from prefsift.logps import BatchPlan, LogpsRun, TokenizedPair, _unwrap, compute_logps, tokenize_pairs
+from prefsift.output import temp_sibling
 
 SCOPES = ("all", "lora", "last_k")
 METHODS = ("finite-difference", "jvp", "per-example")
@@ -355,7 +355,7 @@ def cached_validation_gradient(model, tokenizer, pairs, reference_logps: np.ndar
                                        max_length=max_length)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = temp_sibling(path)  # unique per process and call
         torch.save({n: t.cpu() for n, t in direction.items()}, tmp)
         tmp.replace(path)
     return direction

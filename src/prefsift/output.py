@@ -29,6 +29,12 @@ from prefsift.errors import PrefsiftError
 CACHE_ENTRIES = {"shards", "embeddings", "influence"}
 
 
+def temp_sibling(path: Path) -> Path:
+    """A temporary name beside `path`, unique per process and call (pid + random): two runs, or two threads, never
+    write the same temporary file; `os.replace` it onto `path` when complete."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
 def _sibling(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 

@@ -285,12 +285,18 @@ def _pick_split(dd: datasets.DatasetDict, split: str | None, where: str) -> data
 
 
 def _read_hub(text: str, split: str | None) -> RawTable:
+    from prefsift.models import go_offline_unless_reachable
+
     name, _, name_split = text.partition(":")
     chosen_split = split or name_split or "train"
+    online = go_offline_unless_reachable()  # offline: the cache at once, not half a minute of retries
+    if not online:
+        datasets.config.HF_HUB_OFFLINE = True
     try:
         loaded = datasets.load_dataset(name, split=chosen_split)
     except Exception as e:  # offline, unknown name, gated, bad split: all one line for the user
-        raise DataError(f"cannot load hub dataset '{name}': {_short(e)}") from e
+        why = "" if online else " (the hub is unreachable: offline, and it is not in the local cache)"
+        raise DataError(f"cannot load hub dataset '{name}'{why}: {_short(e)}") from e
     if not isinstance(loaded, datasets.Dataset):
         raise DataError(f"cannot load hub dataset '{name}': split '{chosen_split}' is not a plain dataset")
     return _from_dataset(loaded, text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -92,3 +93,59 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     bad.write_text("share,value\n0.1,2\n")
     with pytest.raises(PrefsiftError, match="score"):
         read_points(bad)
+
+
+def test_checkpoints_of_one_run_are_the_shorter_runs(tmp_path, bpe_tokenizer, one_thread):
+    """`checkpoint_shares` evaluates the full run on the way: at half its steps, the model is the one a run of half an
+    epoch trains (constant learning rate, same seed, same order), evaluated independently here."""
+    import copy
+
+    from conftest import make_pairs, make_tiny_llama
+    from typer.testing import CliRunner
+
+    from prefsift.cli import app
+    from prefsift.config import EngineConfig, EvalConfig, RunConfig, TrainConfig
+    from prefsift.evaluate import evaluate
+    from prefsift.logps import compute_logps
+    from prefsift.models import LoadedModel, load_model
+    from prefsift.pipeline import make_splits, run_pipeline
+    from prefsift.train import train
+
+    model_dir = tmp_path / "sft"
+    make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
+    bpe_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(80, seed=12)))
+    recipe = TrainConfig(learning_rate=3e-3, batch_size=8, epochs=1.0, lr_scheduler_type="constant",
+                         gradient_checkpointing=False)
+    engine = EngineConfig(max_length=64)
+    config = RunConfig(data=str(data), model=str(model_dir), out=str(tmp_path / "run"), methods=["random"],
+                       fractions=[0.5], rule_share=False, start_from="reference", validation_fraction=0.2,
+                       test_fraction=0.2, min_test_pairs=0, checkpoint_shares=[0.25, 0.5, 0.75], train=recipe,
+                       engine=engine, eval=EvalConfig(eval_prompts=1, max_new_tokens=2))
+    records = run_pipeline(config, log=lambda _: None)["records"]
+    point = next(r for r in records if r["budget"] == "checkpoint 0.5")
+    end = next(r for r in records if r["budget"] == "full")
+    assert point["method"] == "full" and point["fraction"] == 0.5 and point["n_pairs"] == end["n_pairs"] // 2 == 24
+    assert point["compute_parts"]["train"] == end["compute_parts"]["train"] / 2
+
+    splits = make_splits(config)
+    base = load_model(str(model_dir), dtype="float32")
+    ref_train = compute_logps(base.model, base.tokenizer, splits.train.pairs, max_length=64)
+    ref_test = compute_logps(base.model, base.tokenizer, splits.test.pairs, max_length=64)
+    half = LoadedModel(copy.deepcopy(base.model), base.tokenizer, "half", "")
+    train(half, splits.train.pairs, dataclasses.replace(recipe, epochs=0.5, seed=0), engine, ref_logps=ref_train,
+          quiet=True)  # 48 pairs, 6 steps an epoch: half an epoch is the first 3 steps of the full run
+    alone = evaluate(half, base, test_pairs=splits.test.pairs, config=config.eval, engine=engine,
+                     reference_logps=ref_test)
+    assert point["pref_outcomes"] == alone["pref_outcomes"]
+    assert abs(point["pref_accuracy"] - alone["pref_accuracy"]) < 1e-12
+    assert point["pref_outcomes"] != end["pref_outcomes"]  # the end of the run is another model
+
+    # `prefsift scale --results` fits the checkpoints and the end of the run: 4 points of one training run
+    result = CliRunner().invoke(app, ["scale", "--results", str(tmp_path / "run"), "--metric", "pref_accuracy",
+                                      "--out", str(tmp_path / "scale")])
+    assert result.exit_code == 0, result.output
+    fitted = json.loads((tmp_path / "scale" / "scaling.json").read_text())["points"]
+    assert sorted(fitted["share"]) == [0.25, 0.5, 0.75, 1.0]
+    assert fitted["score"][fitted["share"].index(0.5)] == point["pref_accuracy"]

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
-import typer
+# Before torch loads: OpenMP threads that spin while another process holds a core stall every op of the others
+# (2 threads ran 4-6x slower than 1 on a busy 2-core box; sleeping threads, 0.7-2x: bench/results/threads.txt).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # its Arrow bars are not prefsift's progress
+
+import typer  # noqa: E402
 from rich.console import Console
 from typer.core import TyperGroup
 
@@ -102,10 +108,11 @@ def _settings(config: Path | None, flags: dict, *classes: type, defaults: dict |
 
 
 def _apply_threads(engine) -> None:
-    if engine.threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(engine.threads)
+    from prefsift.logps import default_threads
+
+    torch.set_num_threads(engine.threads or default_threads())
 
 
 def _load(data: str, options):
@@ -127,9 +134,8 @@ def _quiet() -> None:
     and measure what it bought."""
     import warnings
 
-    import datasets
-
-    datasets.disable_progress_bars()  # its "Creating parquet from Arrow format" bars are not prefsift's progress
+    # datasets' progress bars are off by HF_DATASETS_DISABLE_PROGRESS_BARS above, without importing it here (it costs
+    # seconds, and `prefsift --help` answers in under one)
     # libraries' deprecation notices are for their callers' code, not for prefsift's users
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -230,8 +236,8 @@ def select(
                   f"{out / 'selected.jsonl'}", highlight=False)
 
 
-def _export_options(fn):  # ExportConfig lives in export.py; imported only when the command is built
-    from prefsift.export import ExportConfig
+def _export_options(fn):  # ExportConfig lives in config.py: export.py imports datasets (seconds) and is not needed here
+    from prefsift.config import ExportConfig
 
     return cli_options(ExportConfig)(fn)
 
@@ -509,8 +515,10 @@ def scale(
     out: Annotated[Path, typer.Option(help="Output directory (scaling.json, scaling.md, scaling.png).")],
     points: Annotated[Path | None, typer.Option(help="CSV of measured points: a `share` (0-1) or `percent` column "
                                                      "and a `score` column.")] = None,
-    results: Annotated[Path | None, typer.Option(help="A run or demo directory: its rows of --method at each "
-                                                      "budget, `full`, and the reference (share 0, score ½).")] = None,
+    results: Annotated[Path | None, typer.Option(help="A run or demo directory: the full run's checkpoints "
+                                                      "(checkpoint_shares), else --method's rows at each budget and "
+                                                      "full's; one point a seed, and the reference (share 0, ½ of a "
+                                                      "win rate).")] = None,
     method: Annotated[str, typer.Option(help="Whose rows of --results to fit.")] = "random",
     metric: Annotated[str, typer.Option(help="win_rate or pref_accuracy (of --results).")] = "win_rate",
     start_from: Annotated[str, typer.Option(help="warmup or reference rows of --results.")] = "reference",
@@ -520,8 +528,6 @@ def scale(
 ) -> None:
     """Fit the exponential plateau R(x) = r − (r − a)·exp(−b·x) to quality against the share of the data, and plan
     the smallest share that reaches PART of the plateau gain."""
-    import numpy as np
-
     from prefsift.scaling import fit_plateau, plan_share, read_points, summary_markdown, write_scaling_report
 
     if (points is None) == (results is None):
@@ -537,10 +543,10 @@ def scale(
         path = results / "results.json"
         if not path.is_file():
             raise ConfigError(f"no results.json in {results}: run `prefsift run` or `prefsift demo` into it")
-        rows = [r for r in json.loads(path.read_text())["summary"] if r["start_from"] == start_from
-                and r["method"] in (method, "full") and metric in r]
-        share = np.asarray([0.0] + [r["fraction"] for r in rows])
-        score = np.asarray([0.5] + [r[metric] for r in rows])  # the reference against itself: ½
+        from prefsift.scaling import scaling_points
+
+        share, score = scaling_points(json.loads(path.read_text())["records"], method=method, metric=metric,
+                                      start_from=start_from)
     fit = fit_plateau(share, score, interval=interval)
     plan = plan_share(fit, part=part)
     write_scaling_report(fit, plan, out)

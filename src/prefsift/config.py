@@ -365,6 +365,11 @@ class RunConfig(Checked):
     fractions: list[float] = option(default_factory=lambda: [0.1], help="Subset sizes to compare.", low=0,
                                     low_open=True, high=1, cli=False)
     rule_share: bool = option(True, "Also compare every method at the share the LossDiff-IRM band rule keeps.")
+    checkpoint_shares: list[float] = option(default_factory=list, help="Shares of the full run's steps at which its "
+                                            "model is evaluated too (the ISA paper's scaling protocol: 0.1, 0.25, "
+                                            "0.5, 0.75): data-scaling points from one training run, for `prefsift "
+                                            "scale --results` and `prefsift report`. Needs train.epochs 1.",
+                                            low=0, low_open=True, high=1, high_open=True, cli=False)
     full: bool = option(True, "Also train on all the training pairs.")
     warmup_fraction: float = option(1.0, "Share of the training pairs the warm-up DPO sees (cuts its cost).",
                                     low=0, low_open=True, high=1)
@@ -406,6 +411,11 @@ class RunConfig(Checked):
             raise ConfigError("methods: give at least one method")
         if len(set(self.fractions)) != len(self.fractions):
             raise ConfigError(f"fractions: each once (got {self.fractions})")
+        if self.checkpoint_shares and (self.train.epochs != 1 or not self.full):
+            raise ConfigError("checkpoint_shares evaluate the full run at shares of one epoch: they need full: true "
+                              f"and train.epochs 1 (got full: {self.full}, epochs {self.train.epochs:g})")
+        if len(set(self.checkpoint_shares)) != len(self.checkpoint_shares):
+            raise ConfigError(f"checkpoint_shares: each once (got {self.checkpoint_shares})")
         if not self.fractions and not self.rule_share:
             raise ConfigError("fractions is empty and rule_share is off: no budget to compare methods at")
         names = [s.name for s in self.scorers()]
@@ -419,3 +429,18 @@ class RunConfig(Checked):
         return [parse_method(m) for m in self.methods]
 
 
+EXPORT_FORMATS = ("datasets", "hub", "trl", "llamafactory", "openrlhf", "axolotl")
+
+
+@dataclasses.dataclass
+class ExportConfig(Checked):
+    """`prefsift export`: where a selected subset goes and in which layout."""
+
+    format: str = option("trl", "Layout: datasets, hub, trl, llamafactory, openrlhf, axolotl.", choices=EXPORT_FORMATS)
+    name: str = option("prefsift_subset", "Dataset name: LLaMA-Factory's dataset_info.json key and data file stem.")
+    split: str = option("train", "Split name of a hub push.")
+    private: bool = option(True, "Hub push: a private dataset repository.")
+
+    def check(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
+            raise ConfigError(f"name must be a plain file stem without spaces or slashes (got {self.name!r})")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers import TrainerCallback
 
 from prefsift import __version__
 from prefsift.config import EngineConfig, RunConfig, TrainConfig
@@ -97,12 +98,47 @@ def make_splits(config: RunConfig) -> Splits:
                   len(train_rows) - len(kept))
 
 
+class CheckpointEvaluation(TrainerCallback):
+    """Evaluates the model being trained at chosen shares of its steps: the ISA paper's scaling protocol, several
+    points of the data-scaling curve from one training run (with one epoch, a share of the steps is a share of the
+    data). `evaluate_at(model, share, train_seconds)` gets the model in eval mode with its own forward."""
+
+    def __init__(self, shares: list[float], evaluate_at) -> None:
+        self.shares, self.evaluate_at = sorted(shares), evaluate_at
+        self.steps: dict[int, float] = {}
+        self.started = self.paused = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = {max(1, round(share * state.max_steps)): share for share in self.shares}
+        self.started, self.paused = time.perf_counter(), 0.0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        share = self.steps.get(state.global_step)
+        if share is None:
+            return
+        began = time.perf_counter()
+        # TRL's fused LM head replaces the instance's forward for training (it returns no logits): generation and
+        # the log-prob engine need the model's own forward while they evaluate
+        patched = [m for m in {id(m): m for m in (model, getattr(model, "get_base_model", lambda: None)())}.values()
+                   if m is not None and "forward" in m.__dict__]
+        saved = [m.__dict__.pop("forward") for m in patched]
+        model.eval()
+        try:
+            self.evaluate_at(model, share, began - self.started - self.paused)
+        finally:
+            model.train()
+            for m, forward in zip(patched, saved, strict=True):
+                m.forward = forward
+            self.paused += time.perf_counter() - began
+
+
 def trained_copy(parent: LoadedModel, tag: str, pairs, ref_logps: np.ndarray, config: TrainConfig,
-                 engine: EngineConfig, save_dir: Path | None = None) -> tuple[LoadedModel, float]:
+                 engine: EngineConfig, save_dir: Path | None = None, callbacks: list | None = None
+                 ) -> tuple[LoadedModel, float]:
     """Train a copy of `parent`. Saved, it is fingerprinted by content like any model on disk; in memory, by
     parent, recipe and data, so resumable shards of a run with another recipe are never taken for its own."""
     child = LoadedModel(copy.deepcopy(parent.model), parent.tokenizer, str(save_dir or f"{parent.source}#{tag}"), "")
-    result = train(child, pairs, config, engine, ref_logps=ref_logps, quiet=True)
+    result = train(child, pairs, config, engine, ref_logps=ref_logps, quiet=True, callbacks=callbacks)
     if save_dir is not None:
         # the whole model (a LoRA adapter merged in): an adapter saved on a merged parent would name the SFT model
         # as its base and reload without the parent's own training
@@ -238,6 +274,15 @@ def train_and_evaluate(config: RunConfig, plan: tuple, start_model: LoadedModel,
     dropped = np.isnan(ref_train[:, 0])
     slug = artifact_name(name, budget)
     save_dir = seed_dir / "models" / f"{start}-{slug}" if seed_dir is not None and config.save_subset_models else None
+
+    def evaluate_model(model, quiet: bool = quiet) -> dict:
+        return evaluate(LoadedModel(model, start_model.tokenizer, name, ""), base,
+                        test_pairs=splits.test.pairs if has_test else None,
+                        prompts=splits.eval_prompts if baseline_answers is not None else None, judge=judge,
+                        config=config.eval, engine=config.engine, reference_logps=ref_test,
+                        baseline_answers=baseline_answers, quiet=quiet)
+
+    checkpoints: list[dict] = []
     if scorer is not None and scorer.completion_columns() is not None:  # completions, trained with KTO
         items = selected_completions(scorer, scores, fraction, count)
         subset = completion_items(train_data.pairs, items)
@@ -258,28 +303,41 @@ def train_and_evaluate(config: RunConfig, plan: tuple, start_model: LoadedModel,
             extra = {c: scores[c] for c in scorer.columns if c in scores} if scorer is not None else {}
             write_subset(seed_dir / "selected" / slug, train_data.pairs.select_columns(list(SPLIT_COLUMNS)), rows,
                          extra=extra)
+        callbacks = []
+        if scorer is None and config.checkpoint_shares:  # the data-scaling points of the full run, on the way
+
+            def evaluate_at(model, share: float, seconds: float) -> None:
+                checkpoints.append({"method": "full", "budget": f"checkpoint {share:g}", "fraction": share,
+                                    "n_pairs": round(share * len(rows)), "train_seconds": round(seconds, 3),
+                                    **_metrics(evaluate_model(model, quiet=True))})
+                log("  " + one_line(checkpoints[-1]))
+
+            callbacks = [CheckpointEvaluation(config.checkpoint_shares, evaluate_at)]
         policy, seconds = trained_copy(start_model, f"{name}-{fraction}", train_data.pairs.select(rows.tolist()),
                                        ref_train[rows], replace(config.train, seed=config.seed), config.engine,
-                                       save_dir)
+                                       save_dir, callbacks)
         record = {"method": name, "budget": budget, "fraction": fraction, "n_pairs": len(rows),
                   "train_seconds": round(seconds, 3)}
-    evaluation = evaluate(policy, base, test_pairs=splits.test.pairs if has_test else None,
-                          prompts=splits.eval_prompts if baseline_answers is not None else None, judge=judge,
-                          config=config.eval, engine=config.engine, reference_logps=ref_test,
-                          baseline_answers=baseline_answers, quiet=quiet)
+    evaluation = evaluate_model(policy.model)
     if seed_dir is not None:
         write_eval_outputs(evaluation, seed_dir / "eval" / f"{start}-{slug}",
                            pair_ids=list(splits.test.pairs["pair_id"]) if has_test else None,
                            prompts=splits.eval_prompts if baseline_answers is not None else None)
-    record.update({"win_rate": evaluation.get("win_rate"), "pref_accuracy": evaluation.get("pref_accuracy")})
-    record.update({k: evaluation[k] for k in ("wins", "ties", "losses", "win_outcomes", "pref_outcomes")
-                   if k in evaluation})
+    record.update(_metrics(evaluation))
     for column, label in (("is_flipped", "flipped_kept"), ("is_near_tie", "near_tie_kept")):
         share = _hidden_share(train_data.raw, rows, column)
         if share is not None:
             record[label] = round(share, 3)
     log("  " + one_line(record))
+    if checkpoints:
+        record["checkpoints"] = checkpoints
     return record
+
+
+def _metrics(evaluation: dict) -> dict:
+    out = {"win_rate": evaluation.get("win_rate"), "pref_accuracy": evaluation.get("pref_accuracy")}
+    return out | {k: evaluation[k] for k in ("wins", "ties", "losses", "win_outcomes", "pref_outcomes")
+                  if k in evaluation}
 
 
 def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Resources, judge: Judge | None,
@@ -323,9 +381,15 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
             own = scored.seconds.get(plan[0], 0.0)
             warm = timings.get("warmup", 0.0) if start == "warmup" and not (
                 plan[1] is not None and {"policy", "validation"} & set(plan[1].needs)) else 0.0
+            checkpoints = record.pop("checkpoints", [])
             seconds = round(own + warm + record.pop("train_seconds"), 3)
             records.append({"seed": config.seed, "start_from": start, **record, "compute": sum(units.values()),
                             "compute_parts": units, "seconds": seconds})
+            for point in checkpoints:  # the full run at a share of its steps: that share of its training
+                parts = {**units, "train": units["train"] * point["fraction"]}
+                records.append({"seed": config.seed, "start_from": start, **point, "compute": sum(parts.values()),
+                                "compute_parts": parts, "seconds": round(own + warm + point.pop("train_seconds"),
+                                                                         3)})
     return records
 
 

@@ -14,21 +14,7 @@ import numpy as np
 
 from prefsift.errors import PrefsiftError
 from prefsift.report import markdown_table
-from prefsift.scaling import fit_plateau, plan_share, plot_fit, summary_markdown
-
-
-def scaling_points(records: list[dict], *, method: str = "random", metric: str = "win_rate",
-                   start_from: str = "reference") -> tuple[np.ndarray, np.ndarray]:
-    """(share, score) points of one method's rows and the full data's, one per seed, plus the reference itself at
-    share 0 for a win rate against it (½ by definition). The paper's protocol measures 0-100% of the data."""
-    rows = [r for r in records if r["start_from"] == start_from and r["method"] in (method, "full")
-            and r.get(metric) is not None]
-    share = [r["fraction"] for r in rows]
-    score = [r[metric] for r in rows]
-    if metric == "win_rate" and start_from == "reference":
-        share.append(0.0)
-        score.append(0.5)
-    return np.asarray(share, dtype=float), np.asarray(score, dtype=float)
+from prefsift.scaling import fit_plateau, plan_share, plot_fit, scaling_points, summary_markdown
 
 
 def _score_dir(run_dir: Path) -> Path | None:
@@ -137,8 +123,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, meth
                          ylabel=metric.replace("_", " "))
         sections.append(("Data scaling", summary_markdown(fit, plan).split("\n", 2)[2], image))
     except PrefsiftError as error:
-        sections.append(("Data scaling", f"No fit: {error}. Compare {method} at more budgets (e.g. `fractions: "
-                         "[0.1, 0.25, 0.5, 0.75]`) or fit measured points with `prefsift scale --points`.", None))
+        sections.append(("Data scaling", f"No fit: {error}. Evaluate the full run at shares of its epoch "
+                         "(`checkpoint_shares: [0.1, 0.25, 0.5, 0.75]`), compare at more budgets, or fit measured "
+                         "points with `prefsift scale --points`.", None))
     scores_dir = _score_dir(run_dir)
     fractions = [r["fraction"] for r in summary if r["method"] not in ("full",)]
     if scores_dir is not None:

@@ -199,6 +199,24 @@ def plot_fit(fit: PlateauFit, path: str | Path, plan: Plan | None = None, *, tit
     return path
 
 
+def scaling_points(records: list[dict], *, method: str = "random", metric: str = "win_rate",
+                   start_from: str = "reference") -> tuple[np.ndarray, np.ndarray]:
+    """(share, score) points of a run's records, one per seed: the full run's checkpoints and its end when the run
+    evaluated them (`checkpoint_shares`, the ISA paper's protocol: one training run), else `method`'s rows at each
+    budget and the full data's (separate runs); plus the reference itself at share 0 for a win rate against it
+    (½ by definition)."""
+    mine = [r for r in records if r["start_from"] == start_from and r.get(metric) is not None]
+    by_checkpoints = any(r["budget"].startswith("checkpoint") for r in mine)
+    rows = [r for r in mine if r["method"] == "full"] if by_checkpoints else [
+        r for r in mine if r["method"] in (method, "full")]
+    share = [r["fraction"] for r in rows]
+    score = [r[metric] for r in rows]
+    if metric == "win_rate" and start_from == "reference":
+        share.append(0.0)
+        score.append(0.5)
+    return np.asarray(share, dtype=float), np.asarray(score, dtype=float)
+
+
 def _pct(x: float) -> str:
     return f"{x:.1%}" if math.isfinite(x) else "∞"
 

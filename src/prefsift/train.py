@@ -144,7 +144,7 @@ def _peft_config(config: TrainConfig):
 
 def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig | None = None,
           out_dir: Path | None = None, ref_logps: np.ndarray | None = None, quiet: bool = False,
-          order: np.ndarray | None = None) -> TrainResult:
+          order: np.ndarray | None = None, callbacks: list | None = None) -> TrainResult:
     """Train `loaded.model` in place on `pairs` (prompt, chosen, rejected) and return it.
 
     `ref_logps`: (n, 2) reference log-probs of `pairs` (from scores.parquet); computed here with prefsift's
@@ -152,7 +152,8 @@ def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Engi
     progress bar and metric lines (a pipeline that trains dozens of subsets logs its own line for each).
     A `weight` column in `pairs` trains DPO with those per-pair weights. `order` (one value a pair, e.g. the column
     `config.order` names, read by `order_values`) trains in the order of that value, ascending unless
-    `config.order_descending`, without shuffling.
+    `config.order_descending`, without shuffling. `callbacks`: transformers `TrainerCallback`s added to TRL's trainer
+    (e.g. the pipeline's evaluation of the run at chosen shares of its steps).
     """
     engine = engine or EngineConfig()
     if len(pairs) == 0:
@@ -160,7 +161,7 @@ def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Engi
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="prefsift-train-") as scratch:  # TRL wants an output_dir even unsaved
         return _train(loaded, pairs, config, engine, out_dir, ref_logps, str(out_dir) if out_dir else scratch,
-                      start, quiet, order)
+                      start, quiet, order, callbacks or [])
 
 
 def pair_weights(pairs: Dataset) -> np.ndarray | None:
@@ -274,9 +275,11 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
 
 def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig, out_dir: Path | None,
            ref_logps: np.ndarray | None, output_dir: str, start: float, quiet: bool,
-           order: np.ndarray | None) -> TrainResult:
+           order: np.ndarray | None, callbacks: list) -> TrainResult:
     forward_before = loaded.model.__dict__.get("forward")  # e.g. accelerate's device-map hook, or nothing
     trainer, n_pairs = make_trainer(loaded, pairs, config, engine, output_dir, ref_logps, quiet, order)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if quiet:  # with tqdm off, transformers swaps the bar for a callback that prints every log line
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

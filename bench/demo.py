@@ -20,6 +20,20 @@ import torch
 from prefsift.demo import ALL_METHODS, DemoConfig, run_demo
 
 
+def commit() -> str | None:
+    """The code a result came from (and whether the tree had changes)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def machine() -> dict:
     """The machine, and its 1-minute load when asked: on a shared 2-core box a neighbour's load moves wall times."""
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -39,7 +53,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         results = run_demo(Path(out), seed=args.seed, config=config)
     record = {"command": f"prefsift demo --seed {args.seed} --seeds {args.seeds}" + (" --all" if args.all else ""),
-              "machine": machine(), "wall_seconds": round(time.perf_counter() - start, 1), **results}
+              "commit": commit(), "machine": machine(), "wall_seconds": round(time.perf_counter() - start, 1),
+              **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out} ({record['wall_seconds']} s)")

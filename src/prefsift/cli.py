@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 # Before torch loads: OpenMP threads that spin while another process holds a core stall every op of the others
-# (2 threads ran 4-6x slower than 1 on a busy 2-core box; sleeping threads, 0.7-2x: bench/results/threads.txt).
+# (2 threads ran 7-21x slower than 1 on a busy 2-core box; sleeping threads, 1.1-1.8x: bench/results/threads.txt).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # its Arrow bars are not prefsift's progress
 

@@ -24,29 +24,14 @@ from typing import Any
 
 import datasets
 
-from prefsift.config import Checked, option
+from prefsift.config import ExportConfig
 from prefsift.data import LoadedPairs, load_pairs
 from prefsift.errors import ConfigError, DataError, PrefsiftError
 from prefsift.select import write_jsonl
 
-FORMATS = ("datasets", "hub", "trl", "llamafactory", "openrlhf", "axolotl")
 # LLaMA-Factory's sharegpt reader with OpenAI-style messages: these tags map our role/content keys to its roles
 LLAMAFACTORY_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                      "system_tag": "system"}
-
-
-@dataclasses.dataclass
-class ExportConfig(Checked):
-    """`prefsift export`: where a selected subset goes and in which layout."""
-
-    format: str = option("trl", "Layout: datasets, hub, trl, llamafactory, openrlhf, axolotl.", choices=FORMATS)
-    name: str = option("prefsift_subset", "Dataset name: LLaMA-Factory's dataset_info.json key and data file stem.")
-    split: str = option("train", "Split name of a hub push.")
-    private: bool = option(True, "Hub push: a private dataset repository.")
-
-    def check(self) -> None:
-        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
-            raise ConfigError(f"name must be a plain file stem without spaces or slashes (got {self.name!r})")
 
 
 @dataclasses.dataclass

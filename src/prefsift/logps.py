@@ -98,6 +98,18 @@ def _batches(lengths: list[int], batch_tokens: int) -> Iterator[list[int]]:
         yield batch
 
 
+def default_threads() -> int:
+    """torch CPU threads when none are asked for: the cores other processes leave idle (by the 1-minute load
+    average), at least one. A thread waiting for a busy core stalls every op of the others (bench/threads.py: 2
+    threads ran 1.1-1.8x slower than 1 on a busy 2-core box with OMP_WAIT_POLICY=PASSIVE, 7-21x without)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        idle = cores - os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        return cores
+    return max(1, min(cores, round(idle)))
+
+
 def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA is injected
 

@@ -50,8 +50,32 @@ def memory_table(path: Path) -> str:
     return head + module.table(record) + "\n"
 
 
+def demo_scaling(path: Path) -> str:
+    """The plateau fit of the demo's random subsets and full data from the SFT start, one point a seed."""
+    from prefsift.scaling import fit_plateau, plan_share, scaling_points, summary_markdown
+
+    record = json.loads(path.read_text())
+    share, score = scaling_points(record["records"], method="random", metric="win_rate", start_from="reference")
+    fit = fit_plateau(share, score, interval="bootstrap")  # b is poorly pinned by 4 shares: percentile intervals
+    body = summary_markdown(fit, plan_share(fit)).split("\n", 2)[2]  # without its own heading
+    return (f"From `bench/results/{path.name}` (`{record['command']}`): random's rows and the full data's from the "
+            "SFT start, win rate against the SFT model.\n\n" + body)
+
+
+def influence_analysis(path: Path) -> str:
+    from prefsift.analyze import render_markdown
+
+    record = json.loads(path.read_text())
+    steps = ", ".join(f"{k} {v / 60:.1f} min" for k, v in record["seconds"].items())
+    return (f"`{record['command']}` on {record['machine']['cores']} cores ({steps}): {record['description']}; from "
+            f"`bench/results/{path.name}`.\n\n" + render_markdown(record["analysis"]))
+
+
 TABLES = {"demo-table": (RESULTS / "demo.json", demo_table), "real-table": (RESULTS / "real.json", real_table),
-          "memory-table": (RESULTS / "memory.json", memory_table)}
+          "memory-table": (RESULTS / "memory.json", memory_table),
+          "demo-all-table": (RESULTS / "demo-all.json", demo_table),
+          "demo-scaling": (RESULTS / "demo.json", demo_scaling),
+          "influence-hh": (RESULTS / "analysis-hh.json", influence_analysis)}
 
 
 def render(text: str) -> str:

@@ -195,6 +195,7 @@ def test_output_location_is_checked_before_any_work(ws, tmp_path, monkeypatch):
     one_line_error(invoke("eval", "--data", data, "--model", model, "--out", scored), "holds the results of "
                                                                                        "`prefsift score`, not eval")
     one_line_error(invoke("train", "--data", data, "--model", model, "--out", scored), "not train")
+    one_line_error(invoke("select", "--scores", scored, "--out", scored, "--fraction", 0.5), "not select")
     assert snapshot(scored) == before
 
     import prefsift.output
@@ -393,12 +394,17 @@ def test_truncated_weights_and_pickled_adapters_are_one_line(ws, tmp_path):
                    "no adapter_model.safetensors", "safetensors only")
 
 
-def test_fp16_on_a_cpu_is_warned_about(ws):
-    _, model, _, _ = ws
+def test_fp16_on_a_cpu_is_warned_about_in_one_line(ws, tmp_path):
+    _, model, _, data = ws
     from prefsift.models import load_model
 
     with pytest.warns(UserWarning, match="float16 on a CPU"):
         load_model(str(model), device="cpu", dtype="float16")
+    result = invoke("score", "--data", data, "--method", "irm", "--model", model, "--out", tmp_path / "o",
+                    "--device", "cpu", "--dtype", "float16")
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if "float16 on a CPU" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and "UserWarning" not in result.output
 
 
 def test_offline_is_detected_at_once(monkeypatch, tmp_path, ws):

@@ -139,6 +139,12 @@ def _quiet() -> None:
     # libraries' deprecation notices are for their callers' code, not for prefsift's users
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning prefsift or a library raises is one line for the user, not a source location and its code."""
+    console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -223,7 +229,10 @@ def select(
 ) -> None:
     """Keep the pairs a rule picks; write them with explicit prompt / chosen / rejected columns plus pair_id, list
     the pairs it could not consider (NaN score) in dropped.jsonl, and warn about a degenerate score."""
+    from prefsift.output import check_output
     from prefsift.select import select_from_scores
+
+    check_output(out, "select")  # never into a score directory (its manifest would be overwritten) or a foreign one
 
     result = select_from_scores(scores, out, rule=rule, fraction=fraction, count=count, column=column,
                                 columns=columns.split(",") if columns else None, low=low, high=high, method=method,
@@ -284,7 +293,10 @@ def weigh(
                                                 "chosen, rejected; original: the input's own columns.")] = "split",
 ) -> None:
     """Soft selection: turn a score into per-pair weights; `prefsift train` on the file trains weighted DPO."""
+    from prefsift.output import check_output
     from prefsift.weights import weigh_scores
+
+    check_output(out, "weigh")  # never into a score directory (its manifest would be overwritten) or a foreign one
 
     result = weigh_scores(scores, out, column=column, transform=transform, temperature=temperature, low=low,
                           high=high, reverse=reverse, output_columns=output_columns)

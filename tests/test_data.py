@@ -688,6 +688,23 @@ def test_streamed_reading_gives_the_whole_file_readers_pairs(tmp_path: Path, mon
     _same(streamed, load_pairs(path))
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "saved"])
+def test_arrow_tables_are_normalized_chunk_by_chunk_with_the_same_pairs(tmp_path: Path, monkeypatch, fmt) -> None:
+    import prefsift.data.load as load
+
+    rows = STANDARD + [{"prompt": "x", "chosen": "y", "rejected": "y"}, STANDARD[1]]
+    if fmt == "saved":
+        path = tmp_path / "saved"
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    else:
+        path = {"parquet": write_parquet, "csv": write_csv}[fmt](tmp_path / f"d.{fmt}", rows)
+    monkeypatch.setattr(load, "CHUNK_ROWS", 2)
+    chunked = load_pairs(path)
+    assert chunked.pairs.cache_files  # mapped from the Arrow file the chunks were written to
+    monkeypatch.setattr(load, "table_chunks", lambda raw, size: iter([raw]))  # one chunk: the whole table
+    _same(chunked, load_pairs(path))
+
+
 def test_a_streamed_file_is_memory_mapped_not_held(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", STANDARD)
     loaded = load_pairs(path)

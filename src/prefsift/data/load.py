@@ -8,7 +8,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,7 @@ from prefsift.data.normalize import (
     normalize_unpaired,
     pair_id_of,
 )
-from prefsift.data.read import RawTable, arrow_dataset, read_source, streamable
+from prefsift.data.read import RawTable, arrow_dataset, iter_jsonl_chunks, read_source, streamable, table_chunks
 from prefsift.errors import DataError
 
 Kind = Literal["standard", "implicit", "conversational", "unpaired"]
@@ -94,10 +94,17 @@ def load_pairs(
     path = streamable(source)
     if path is not None:
         try:
-            return _load_streamed(path, os.fspath(source), keys, text_keys)  # type: ignore[arg-type]
+            return _load_chunks(iter_jsonl_chunks(path, os.fspath(source), CHUNK_ROWS), os.fspath(source), keys)
         except _NotStreamable:
             pass  # a column whose type changes between chunks: the whole-file reader settles it (datasets' Json)
     raw = read_source(source, split=split, text_columns=text_keys)
+    if raw.values is None and isinstance(source, (str, os.PathLike)):
+        # an Arrow-backed table (Parquet, CSV, a saved or hub dataset, memory-mapped where datasets maps it):
+        # normalized chunk by chunk, so only one chunk's rows are ever Python objects
+        try:
+            return _load_chunks(table_chunks(raw, CHUNK_ROWS), os.fspath(source), keys, note=raw.note)
+        except _NotStreamable:
+            pass
     plan = _plan(raw, keys)
     out, kept, invalid = _normalize(raw, plan, keys, {})
     if not kept:
@@ -193,12 +200,10 @@ class _NotStreamable(Exception):
 CHUNK_ROWS = 2048  # rows held as Python objects at once while streaming a file
 
 
-def _load_streamed(path: Path, source: str, keys: _Keys, text_keys: tuple[str, ...]) -> LoadedPairs:
-    """A JSON-lines file read CHUNK_ROWS rows at a time: each chunk is normalized and appended to two Arrow files
-    (the pairs, the input's own kept rows) that are then memory-mapped, so memory stays flat in the file's size
-    (the whole-file reader held ~5 bytes of Python objects per input byte)."""
-    from prefsift.data.read import iter_jsonl_chunks
-
+def _load_chunks(chunks: Iterable[RawTable], source: str, keys: _Keys, note: str = "") -> LoadedPairs:
+    """Rows read CHUNK_ROWS at a time (a JSON-lines stream, or slices of an Arrow table): each chunk is normalized
+    and appended to two Arrow files (the pairs, the input's own kept rows) that are then memory-mapped, so memory
+    stays flat in the data's size (the whole-file reader held ~5 bytes of Python objects per input byte)."""
     directory = Path(tempfile.mkdtemp(prefix="prefsift-pairs-"))
     atexit.register(shutil.rmtree, directory, True)
     plan: _Plan | None = None
@@ -211,7 +216,7 @@ def _load_streamed(path: Path, source: str, keys: _Keys, text_keys: tuple[str, .
     raw_parts: list[Path] = []
     where = source
     try:
-        for chunk in iter_jsonl_chunks(path, source, CHUNK_ROWS):
+        for chunk in chunks:
             where = chunk.where
             if plan is None:
                 plan = _plan(chunk, keys)
@@ -247,7 +252,7 @@ def _load_streamed(path: Path, source: str, keys: _Keys, text_keys: tuple[str, .
     pairs = datasets.Dataset.from_file(str(directory / "pairs.arrow"),
                                        info=datasets.DatasetInfo(features=plan.features))
     return LoadedPairs(pairs=pairs, raw=raw, kind=plan.kind, invalid=invalid, n_read=n_read, source=source,
-                       data_hash=data_hash, rows=rows)
+                       data_hash=data_hash, rows=rows, note=note)
 
 
 def _plan_signature(plan: _Plan) -> tuple:

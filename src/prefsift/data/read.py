@@ -107,6 +107,14 @@ def iter_jsonl_chunks(path: Path, where: str, size: int) -> Iterator[RawTable]:
         raise DataError(f"{where}: cannot decompress ({_short(e)})") from e
 
 
+def table_chunks(raw: RawTable, size: int) -> Iterator[RawTable]:
+    """An Arrow-backed RawTable as zero-copy slices of at most `size` rows, with their own row numbers."""
+    table = raw.table.with_format("arrow")
+    for start in range(0, len(raw.rows), size):
+        part = arrow_dataset(table[start:start + size], raw.table.features)
+        yield RawTable(part, raw.rows[start:start + size], raw.where, raw.row_word, note=raw.note)
+
+
 def _looks_like_path(text: str) -> bool:
     suffixes = [s.lower() for s in Path(text).suffixes]
     if suffixes and suffixes[-1] == ".gz":

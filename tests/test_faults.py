@@ -385,6 +385,10 @@ def test_truncated_weights_and_pickled_adapters_are_one_line(ws, tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", broken, "--out", tmp_path / "o"),
                    f"cannot load model from '{broken}'")
+    for name, content in (("bad.gguf", b"not a gguf file at all"), ("cut.gguf", b"GGUF\x03\x00\x00\x00")):
+        (tmp_path / name).write_bytes(content)  # a wrong file, and a GGUF cut after its version
+        one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", tmp_path / name, "--out",
+                              tmp_path / "o"), f"cannot load model from '{tmp_path / name}'")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model),

@@ -218,7 +218,9 @@ def scaling_points(records: list[dict], *, method: str = "random", metric: str =
 
 
 def _pct(x: float) -> str:
-    return f"{x:.1%}" if math.isfinite(x) else "∞"
+    if not math.isfinite(x):
+        return "∞"
+    return f"{x:.1%}" if x <= 10 else "> 1000%"  # ten times the data: an extrapolation, its digits mean nothing
 
 
 def summary_markdown(fit: PlateauFit, plan: Plan, *, plot: str | None = None) -> str:

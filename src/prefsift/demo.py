@@ -99,7 +99,7 @@ def _run(out: Path, seed: int, config: DemoConfig, log) -> dict:
                            start_from=config.start_from, seeds=config.seeds,
                            eval=EvalConfig(max_new_tokens=config.max_new_tokens, batch_size=256,
                                            eval_prompts=max(1, len(task.eval_prompts))))
-    results = run_pipeline(run_config, splits=splits, base=base, judge=OracleJudge(task), log=log)
+    results = run_pipeline(run_config, splits=splits, base=base, judge=OracleJudge(task), log=log, quiet=True)
     from prefsift.run_report import write_report
 
     write_report(out)  # report.html: the table, quality against compute, the scaling fit, the score distributions

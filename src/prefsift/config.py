@@ -395,6 +395,8 @@ class RunConfig(Checked):
                                         "SFT model's last-token hidden state, the ISA paper's choice.")
     seed: int = option(0, "Seed of splits, random scores and training (overrides train.seed).", low=0)
     trust_remote_code: bool = option(False, "Let a model run its own code.")
+    allow_dropped: bool = option(False, "Go on when max_length drops more than half of the training pairs (every "
+                                        "pair dropped always stops).")
     engine: EngineConfig = option(default_factory=EngineConfig, help="β, max_length, precision: shared by all.")
     train: TrainConfig = option(default_factory=TrainConfig, help="DPO settings of every training.")
     eval: EvalConfig = option(default_factory=EvalConfig, help="Evaluation settings.")

@@ -439,7 +439,7 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
 
         sources["embedder"] = CausalEmbedder.of(base)
     template = Resources(splits.train, engine, sources, out_dir=out, seed=config.seed,
-                         trust_remote_code=config.trust_remote_code)
+                         trust_remote_code=config.trust_remote_code, allow_dropped=config.allow_dropped)
     dropped = np.isnan(template.logps("reference")[:, 0])
     if dropped.all():
         raise ConfigError(f"every training pair's prompt fills max_length={engine.max_length}: raise max_length")

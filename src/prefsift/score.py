@@ -116,12 +116,12 @@ def check_dropped(n_dropped: int, n: int, allow: bool, records: list[dict] | Non
         if record["stage"] == "score":
             key = record["reason"].split("=")[0]
             reasons[key] = reasons.get(key, 0) + 1
-    why = ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "NaN scores"
+    why = ", ".join(f"{k}: {v} pairs" for k, v in reasons.items()) or "NaN scores"
     if n_dropped == n:
         raise PrefsiftError(f"every one of the {n} pairs would be dropped ({why}): nothing to score; for a long "
                             f"prompt raise --max-length")
     raise PrefsiftError(f"{n_dropped} of {n} pairs would be dropped ({why}): raise --max-length, or pass "
-                        f"--allow-dropped to keep the rest")
+                        f"--allow-dropped (allow_dropped: true in a config) to keep the rest")
 
 
 def write_scores(out_dir: Path, scores: dict[str, np.ndarray], data: LoadedPairs, record: dict,

@@ -430,3 +430,16 @@ def test_the_cheaper_path_is_taken_and_a_cached_path_that_disagrees_falls_back(b
         fallback = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
     assert taken  # the check ran it
     np.testing.assert_allclose(fallback, right, rtol=1e-5)
+
+
+def test_tokenized_pairs_are_held_compactly(bpe_tokenizer):
+    from prefsift.logps import BatchPlan, CompactPairs
+
+    rows = make_pairs(40, seed=6)
+    pairs = tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                           [r["rejected"] for r in rows], 20)
+    assert any(p is None for p in pairs) and any(p is not None for p in pairs)
+    compact = CompactPairs([pairs[:15], pairs[15:]])  # in parts, as compute_logps tokenizes
+    assert list(compact) == pairs  # the same pairs back, dropped ones None
+    assert compact.ids.dtype == np.int32 and compact.ids.nbytes == 4 * sum(len(p) for p in pairs if p is not None)
+    assert BatchPlan.of(compact, 64) == BatchPlan.of(pairs, 64)  # the same batches: resume stays exact

@@ -22,7 +22,7 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -456,10 +456,48 @@ class BatchPlan:
     n_kept: int
 
     @classmethod
-    def of(cls, tokenized: list[TokenizedPair | None], batch_tokens: int) -> BatchPlan:
-        kept = [i for i, t in enumerate(tokenized) if t is not None]
-        lengths = [len(tokenized[i]) for i in kept]  # type: ignore[arg-type]
+    def of(cls, tokenized: Sequence[TokenizedPair | None], batch_tokens: int) -> BatchPlan:
+        if isinstance(tokenized, CompactPairs):
+            kept, lengths = tokenized.kept_and_lengths()
+        else:
+            kept = [i for i, t in enumerate(tokenized) if t is not None]
+            lengths = [len(tokenized[i]) for i in kept]  # type: ignore[arg-type]
         return cls([[kept[i] for i in batch] for batch in _batches(lengths, batch_tokens)], len(kept))
+
+
+class CompactPairs(Sequence):
+    """Tokenized pairs held as one int32 array, 4 bytes a token (a list of Python ints costs ~36), so a pass over a
+    large dataset does not hold several times the data's size between tokenization and the forward passes. Indexing
+    gives the `TokenizedPair` (or None for a dropped pair) back."""
+
+    def __init__(self, parts: Iterable[list[TokenizedPair | None]]) -> None:
+        chunks, meta, offset = [], [], 0
+        for part in parts:
+            flat: list[int] = []
+            for pair in part:
+                if pair is None:
+                    meta.append((-1, 0, 0, 0))
+                    continue
+                meta.append((offset + len(flat), len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)))
+                flat += pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
+            chunks.append(np.asarray(flat, dtype=np.int32))
+            offset += len(flat)
+        self.ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+        self.meta = np.asarray(meta, dtype=np.int64).reshape(-1, 4)  # start, prompt, chosen, rejected lengths
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        start, n_p, n_c, n_r = (int(v) for v in self.meta[i])
+        if start < 0:
+            return None
+        ids = self.ids[start:start + n_p + n_c + n_r].tolist()
+        return TokenizedPair(ids[:n_p], ids[n_p:n_p + n_c], ids[n_p + n_c:])
+
+    def kept_and_lengths(self) -> tuple[list[int], list[int]]:
+        kept = np.flatnonzero(self.meta[:, 0] >= 0)
+        return kept.tolist(), self.meta[kept, 1:].sum(axis=1).tolist()
 
 
 @dataclass
@@ -516,10 +554,8 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
     n = len(pairs)
     out = np.full((n, 2), np.nan)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tokenized: list[TokenizedPair | None] = []
-    for lo in range(0, n, 1024):
-        rows = pairs[lo:lo + 1024]
-        tokenized += tokenize_pairs(tokenizer, rows["prompt"], rows["chosen"], rows["rejected"], max_length)
+    tokenized = CompactPairs(tokenize_pairs(tokenizer, rows["prompt"], rows["chosen"], rows["rejected"], max_length)
+                             for rows in (pairs[lo:lo + 1024] for lo in range(0, n, 1024)))
     plan = BatchPlan.of(tokenized, batch_tokens)
     if check_dropped is not None:
         check_dropped(n - plan.n_kept, n)

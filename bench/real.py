@@ -28,7 +28,7 @@ if not DATA.is_file():
 
 
 def main() -> None:
-    from demo import machine  # bench/demo.py
+    from demo import commit, machine  # bench/demo.py
     from logps import default_model  # bench/logps.py
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--judge-model", default=None)
+    parser.add_argument("--methods", default="random,irm,lossdiff,lossdiff-irm",
+                        help="comma-separated methods (random always among them)")
     parser.add_argument("--learning-rate", type=float, default=1e-3,
                         help="LoRA learning rate: at 5e-5 one epoch of ~100 pairs left the implicit reward at ~0.001")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "real.json")
@@ -55,7 +57,7 @@ def main() -> None:
         rows.to_json(str(subset), lines=True)
         config = RunConfig(
             data=str(subset), model=args.model, out=str(Path(out) / "run"), validation_fraction=0.1,
-            test_fraction=args.test_fraction, methods=["random", "irm", "lossdiff", "lossdiff-irm"],
+            test_fraction=args.test_fraction, methods=args.methods.split(","),
             fractions=[args.fraction],
             rule_share=False, start_from="warmup", seeds=args.seeds, judge_model=args.judge_model,
             save_models=False, engine=EngineConfig(max_length=args.max_length, dtype="float32", threads=args.threads,
@@ -73,7 +75,9 @@ def main() -> None:
                    f"GGUF, fp32, LoRA r16, lr {args.learning_rate:g}, 1 epoch each; max_length {args.max_length}; "
                    f"{args.seeds} seed(s); intervals over the test pairs (and seeds)")
     record = {"command": f"python bench/real.py --n-pairs {args.n_pairs} --fraction {args.fraction} "
-                         f"--test-fraction {args.test_fraction} --learning-rate {args.learning_rate:g}",
+                         f"--test-fraction {args.test_fraction} --learning-rate {args.learning_rate:g} "
+                         f"--methods {args.methods}" + (f" --seeds {args.seeds}" if args.seeds > 1 else ""),
+              "commit": commit(),
               "description": description, "machine": machine(),
               "wall_seconds": round(time.perf_counter() - start, 1), **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

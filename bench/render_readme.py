@@ -74,6 +74,7 @@ def influence_analysis(path: Path) -> str:
 TABLES = {"demo-table": (RESULTS / "demo.json", demo_table), "real-table": (RESULTS / "real.json", real_table),
           "memory-table": (RESULTS / "memory.json", memory_table),
           "demo-all-table": (RESULTS / "demo-all.json", demo_table),
+          "real-peers-table": (RESULTS / "real-peers.json", real_table),
           "demo-scaling": (RESULTS / "demo.json", demo_scaling),
           "influence-hh": (RESULTS / "analysis-hh.json", influence_analysis)}
 

@@ -499,3 +499,53 @@ def test_reward_scores_survive_a_failed_output_and_are_stored_per_side(ws, tmp_p
     assert result.exit_code == 0, result.output
     table = pq.read_table(out / "scores.parquet").to_pydict()
     np.testing.assert_allclose(table["margin"], np.subtract(table["chosen_reward"], table["rejected_reward"]))
+
+
+KILLER = """
+import os, signal, sys
+import pathlib, pyarrow.parquet, prefsift.manifest
+calls, at = [0], int(sys.argv[1])
+
+def wrap(owner, name):
+    original = getattr(owner, name)
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no except, no finally: what a crash or an OOM kill leaves
+        return original(*args, **kwargs)
+    setattr(owner, name, counted)
+
+for owner, name in [(pyarrow.parquet, "write_table"), (pyarrow.parquet.ParquetWriter, "write_batch"),
+                    (prefsift.manifest, "_write_text"), (pathlib.Path, "rename")]:
+    wrap(owner, name)
+from prefsift.cli import app
+app(sys.argv[2:], prog_name="prefsift")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", [1, 3, 5, 6])  # 6: between the two renames of the swap
+def test_a_kill_at_a_write_leaves_old_or_new_results_after_the_next_lock(ws, tmp_path, at):
+    """A real SIGKILL at the at-th write or rename (a subprocess each, ~15 s on a busy 2-core box): once the next
+    run takes the lock (which repairs a half-done swap), the directory holds exactly the old or the new results."""
+    import subprocess
+    import sys
+
+    from prefsift.output import locked
+
+    _, _, _, data = ws
+    reference = {}
+    for s in (1, 2):
+        assert invoke("score", "--data", data, "--method", "random", "--out", tmp_path / f"ref{s}", "--seed",
+                      s).exit_code == 0
+        reference[s] = _score_files(tmp_path / f"ref{s}")
+    out = tmp_path / "s"
+    shutil.copytree(tmp_path / "ref1", out)
+    done = subprocess.run([sys.executable, "-c", KILLER, str(at), "score", "--data", str(data), "--method", "random",
+                           "--out", str(out), "--seed", "2"], capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr  # 4 writes and 2 renames a run: the kill happened
+    with locked(out):  # the next run into the directory: stale lock taken over, the swap repaired
+        assert {p.name for p in out.iterdir()} == FILES
+        seed, values = _score_files(out)
+        assert values == reference[seed][1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref1", "ref2", "s"]

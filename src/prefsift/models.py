@@ -141,11 +141,22 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     if _HUB_REACHABLE is None:
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-            _HUB_REACHABLE = True
-        except OSError:
-            _HUB_REACHABLE = False
+        answer: list[bool] = []
+
+        def connect() -> None:
+            try:
+                socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+                answer.append(True)
+            except OSError:
+                answer.append(False)
+
+        # in a thread: a name lookup that hangs is not covered by the socket's timeout
+        import threading
+
+        thread = threading.Thread(target=connect, daemon=True)
+        thread.start()
+        thread.join(timeout)
+        _HUB_REACHABLE = bool(answer and answer[0])
     return _HUB_REACHABLE
 
 

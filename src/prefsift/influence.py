@@ -345,10 +345,12 @@ def cached_validation_gradient(model, tokenizer, pairs, reference_logps: np.ndar
                                          "reference": hashlib.sha256(np.ascontiguousarray(reference_logps)
                                                                      .tobytes()).hexdigest()},
                                         sort_keys=True, default=str).encode()).hexdigest()[:12]
-        path = Path(run_dir) / "shards" / f"influence-direction-{key}.pt"
+        path = Path(run_dir) / "shards" / f"influence-direction-{key}.safetensors"
         if path.is_file():
             with contextlib.suppress(Exception):  # an unreadable file is recomputed, never trusted
-                saved = torch.load(path, map_location="cpu", weights_only=True)
+                from safetensors.torch import load_file
+
+                saved = load_file(path, device="cpu")  # safetensors: a cache file never runs code
                 if set(saved) == set(params):
                     return {n: t.to(params[n].device) for n, t in saved.items()}
     direction, _ = validation_gradient(model, tokenizer, pairs, reference_logps, params, beta=beta,
@@ -356,7 +358,9 @@ def cached_validation_gradient(model, tokenizer, pairs, reference_logps: np.ndar
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_sibling(path)  # unique per process and call
-        torch.save({n: t.cpu() for n, t in direction.items()}, tmp)
+        from safetensors.torch import save_file
+
+        save_file({n: t.detach().cpu().contiguous() for n, t in direction.items()}, str(tmp))
         tmp.replace(path)
     return direction
 

@@ -47,6 +47,13 @@ def memory_table(path: Path) -> str:
     load = f", load average {m['load_average_1min']}" if "load_average_1min" in m else ""
     head = (f"`{record['command']}` ({record['data']}), peak RSS of the whole process, on {m['cores']} cores"
             f"{load}; from `bench/results/{path.name}` ({record['when']}).\n\n")
+    before = path.with_name("memory-before.json")
+    if before.is_file():  # the same measure of the whole-file reader, for contrast
+        old = json.loads(before.read_text())
+        rows = ", ".join(f"{r['copies']}× {r['peak_rss_mib']} MiB" for r in old["rows"])
+        head_note = (f"\n\nThe whole-file reader it replaced ({old['note']}; `bench/results/{before.name}`): {rows}, "
+                     f"{old['mib_per_input_mib']} MiB per further MiB of input.")
+        return head + module.table(record) + head_note + "\n"
     return head + module.table(record) + "\n"
 
 

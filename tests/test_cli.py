@@ -164,6 +164,9 @@ def test_train_config_yaml_and_eval_without_reference(workspace, tmp_path):
     result = invoke("eval", "--model", model, "--data", data, "--out", tmp_path / "ev", "--max-length", 64)
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    for stage in ("kto", "ev"):  # the invalid input row is listed beside the model and the evaluation
+        assert [json.loads(line) for line in (tmp_path / stage / "dropped.jsonl").read_text().splitlines()] == [
+            {"row": 41, "stage": "data", "reason": "chosen == rejected"}]
     assert "pref_accuracy" not in record and 0 <= record["logp_accuracy"] <= 1
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: x\nmodel: y\ntrain: 5\n")

@@ -327,7 +327,7 @@ def train(
     """Align MODEL on the pairs with DPO or KTO through TRL."""
     import dataclasses
 
-    from prefsift.manifest import read_manifest, write_manifest
+    from prefsift.manifest import read_manifest, write_input_drops, write_manifest
     from prefsift.models import load_model
     from prefsift.score import reference_logps_from_scores
     from prefsift.train import order_values, training_pairs
@@ -366,6 +366,7 @@ def train(
     with locked(out), staged(out, "train") as tmp:
         result = run_train(policy, training_pairs(loaded_data), train_config, engine, tmp, ref_logps=ref,
                            order=order)
+        write_input_drops(tmp, loaded_data.invalid)  # the input rows left out, beside the model
         write_manifest(tmp, "train", {"model": model, "fingerprint": policy.fingerprint, "reference": reference,
                                       "data": {"source": data, "hash": loaded_data.data_hash,
                                                "n_pairs": result.n_pairs},
@@ -395,7 +396,7 @@ def eval_(
     import json
 
     from prefsift.evaluate import RewardModelJudge, evaluate, win_rate_prompts, write_eval_outputs
-    from prefsift.manifest import write_manifest
+    from prefsift.manifest import write_input_drops, write_manifest
     from prefsift.models import load_model
     from prefsift.report import one_line
     from prefsift.reward import load_reward_model
@@ -426,6 +427,7 @@ def eval_(
             raise PrefsiftError(f"evaluation gave no number for {', '.join(bad) or 'a metric'} (every pair dropped? "
                                 f"raise --max-length)") from None
         (tmp / "eval.json").write_text(text + "\n")
+        write_input_drops(tmp, loaded_data.invalid)  # the test rows left out
         write_manifest(tmp, "eval", {"model": model, "reference": reference, "data_hash": loaded_data.data_hash,
                                      "config": dataclasses.asdict(eval_config), "engine": dataclasses.asdict(engine)})
     console.print(one_line(record), highlight=False)

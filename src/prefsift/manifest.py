@@ -75,6 +75,12 @@ def write_dropped(out_dir: Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
+def write_input_drops(out_dir: Path, invalid: list, stage: str = "data") -> Path:
+    """dropped.jsonl gains the input rows a stage's data left out (`LoadedPairs.invalid`), after any record already
+    there (a stage that writes its own first keeps them)."""
+    return write_dropped(out_dir, read_dropped(out_dir) + [dropped_record(stage, r.reason, row=r.row) for r in invalid])
+
+
 def read_dropped(directory: Path) -> list[dict[str, Any]]:
     path = Path(directory) / DROPPED
     if not path.is_file():

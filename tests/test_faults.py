@@ -549,3 +549,116 @@ def test_a_kill_at_a_write_leaves_old_or_new_results_after_the_next_lock(ws, tmp
         seed, values = _score_files(out)
         assert values == reference[seed][1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref1", "ref2", "s"]
+
+
+# ------------------------------------------------------------------ select, weigh, export: staged, locked
+
+
+@pytest.fixture()
+def scored(ws, tmp_path):
+    _, _, _, data = ws
+    out = tmp_path / "scored"
+    assert invoke("score", "--data", data, "--method", "random", "--out", out, "--seed", 1).exit_code == 0
+    return out
+
+
+def _full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("command", ["select", "weigh"])
+def test_select_and_weigh_failing_part_way_keep_the_earlier_subset(scored, tmp_path, monkeypatch, command):
+    import prefsift.manifest
+
+    out = tmp_path / "sub"
+    args = {"select": ("select", "--scores", scored, "--out", out, "--rule", "top", "--column", "random"),
+            "weigh": ("weigh", "--scores", scored, "--out", out, "--column", "random", "--transform", "rank")}[command]
+    first = ("--fraction", 0.5) if command == "select" else ()
+    assert invoke(*args, *first).exit_code == 0
+    before = snapshot(out)
+    assert {"selected.jsonl", "selected.parquet", "dropped.jsonl", "manifest.json"} <= set(before)
+    # the manifest is the last file written: subset and dropped.jsonl of the new run are already in staging
+    monkeypatch.setattr(prefsift.manifest, "_write_text", _full)
+    second = ("--fraction", 0.2) if command == "select" else ("--reverse",)
+    one_line_error(invoke(*args, *second), "the disk is full", "earlier results there are unchanged")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scored", "sub"]  # no staging directory, no lock
+    monkeypatch.undo()
+    assert invoke(*args, *second).exit_code == 0 and snapshot(out) != before
+
+
+@pytest.mark.parametrize("command", ["select", "weigh", "export-trl", "export-datasets", "export-llamafactory"])
+def test_a_second_writer_is_refused_by_the_lock(scored, tmp_path, command):
+    import socket
+
+    selected = tmp_path / "sel"
+    assert invoke("select", "--scores", scored, "--out", selected, "--rule", "all").exit_code == 0
+    out = tmp_path / ("x.jsonl" if command == "export-trl" else "x")
+    args = {"select": ("select", "--scores", scored, "--out", out, "--rule", "all"),
+            "weigh": ("weigh", "--scores", scored, "--out", out, "--column", "random", "--transform", "rank")}.get(
+        command, ("export", "--selected", selected, "--out", out, "--format", command.partition("-")[2]))
+    (tmp_path / f".{out.name}.lock").write_text(f"{os.getppid()} {socket.gethostname()}")  # a live writer
+    one_line_error(invoke(*args), f"is being written by process {os.getppid()}")
+    assert not out.exists()
+    (tmp_path / f".{out.name}.lock").unlink()
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / f".{out.name}.lock").exists()
+
+
+def test_exports_failing_part_way_keep_the_earlier_files(scored, tmp_path, monkeypatch):
+    import pathlib
+
+    import datasets
+
+    import prefsift.export
+    import prefsift.manifest
+
+    selected = tmp_path / "sel"
+    assert invoke("select", "--scores", scored, "--out", selected, "--rule", "all").exit_code == 0
+    small = tmp_path / "small"
+    assert invoke("select", "--scores", scored, "--out", small, "--rule", "top", "--column", "random",
+                  "--count", 3).exit_code == 0
+    targets = {"trl": tmp_path / "t.jsonl", "datasets": tmp_path / "ds", "llamafactory": tmp_path / "lf"}
+    for fmt, target in targets.items():
+        assert invoke("export", "--selected", selected, "--out", target, "--format", fmt).exit_code == 0
+    before = {fmt: snapshot(t) if t.is_dir() else t.read_bytes() for fmt, t in targets.items()}
+    assert len(datasets.load_from_disk(str(targets["datasets"]))) == 30  # manifest.json beside it is harmless
+
+    rows = prefsift.export._rows
+
+    def failing_rows(columns):  # a full disk after two rows of the JSON lines
+        for i, row in enumerate(rows(columns)):
+            if i == 2:
+                _full()
+            yield row
+
+    monkeypatch.setattr(prefsift.export, "_rows", failing_rows)
+    one_line_error(invoke("export", "--selected", small, "--out", targets["trl"], "--format", "trl"), "cannot write")
+    monkeypatch.setattr(prefsift.manifest, "_write_text", _full)  # after save_to_disk wrote the new dataset
+    one_line_error(invoke("export", "--selected", small, "--out", targets["datasets"], "--format", "datasets"),
+                   "the disk is full", "unchanged")
+    replace = pathlib.Path.replace
+
+    def info_fails(self, target):  # the data file is replaced, then dataset_info.json cannot be
+        if pathlib.Path(target).name == "dataset_info.json":
+            _full()
+        return replace(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "replace", info_fails)
+    one_line_error(invoke("export", "--selected", small, "--out", targets["llamafactory"], "--format",
+                          "llamafactory"), "cannot write")
+    monkeypatch.undo()
+    assert {fmt: snapshot(t) if t.is_dir() else t.read_bytes() for fmt, t in targets.items()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "lf", "scored", "sel", "small", "t.jsonl"]
+    for fmt, target in targets.items():  # and a rerun replaces each whole
+        assert invoke("export", "--selected", small, "--out", target, "--format", fmt).exit_code == 0
+    assert len(datasets.load_from_disk(str(targets["datasets"]))) == 3
+    assert len(targets["trl"].read_text().splitlines()) == 3
+    assert len(json.loads((targets["llamafactory"] / "prefsift_subset.json").read_text())) == 3
+
+
+def test_select_on_a_column_that_is_not_a_score_is_one_line(scored, tmp_path):
+    one_line_error(invoke("select", "--scores", scored, "--out", tmp_path / "s", "--rule", "top", "--column",
+                          "pair_id", "--fraction", 0.5), "column 'pair_id' is not a numeric score", "random")
+    assert not (tmp_path / "s").exists()

@@ -229,14 +229,14 @@ def select(
 ) -> None:
     """Keep the pairs a rule picks; write them with explicit prompt / chosen / rejected columns plus pair_id, list
     the pairs it could not consider (NaN score) in dropped.jsonl, and warn about a degenerate score."""
-    from prefsift.output import check_output
+    from prefsift.output import check_output, locked
     from prefsift.select import select_from_scores
 
     check_output(out, "select")  # never into a score directory (its manifest would be overwritten) or a foreign one
-
-    result = select_from_scores(scores, out, rule=rule, fraction=fraction, count=count, column=column,
-                                columns=columns.split(",") if columns else None, low=low, high=high, method=method,
-                                output_columns=output_columns, with_scores=with_scores)
+    with locked(out):  # a second writer is refused; the files are swapped in whole (select_from_scores)
+        result = select_from_scores(scores, out, rule=rule, fraction=fraction, count=count, column=column,
+                                    columns=columns.split(",") if columns else None, low=low, high=high,
+                                    method=method, output_columns=output_columns, with_scores=with_scores)
     for warning in result["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     dropped = (f"; {result['n_dropped']} not considered (NaN score) → {out / 'dropped.jsonl'}"
@@ -293,13 +293,13 @@ def weigh(
                                                 "chosen, rejected; original: the input's own columns.")] = "split",
 ) -> None:
     """Soft selection: turn a score into per-pair weights; `prefsift train` on the file trains weighted DPO."""
-    from prefsift.output import check_output
+    from prefsift.output import check_output, locked
     from prefsift.weights import weigh_scores
 
     check_output(out, "weigh")  # never into a score directory (its manifest would be overwritten) or a foreign one
-
-    result = weigh_scores(scores, out, column=column, transform=transform, temperature=temperature, low=low,
-                          high=high, reverse=reverse, output_columns=output_columns)
+    with locked(out):  # a second writer is refused; the files are swapped in whole (weigh_scores)
+        result = weigh_scores(scores, out, column=column, transform=transform, temperature=temperature, low=low,
+                              high=high, reverse=reverse, output_columns=output_columns)
     nan = f", {result['n_nan']} without a score" if result["n_nan"] else ""
     console.print(f"weighted {result['n_weighted']} of {result['n_pairs']} pairs ({result['n_zero']} at weight 0 "
                   f"left out{nan}; weights {result['weight_min']:.3g}-{result['weight_max']:.3g}, mean "

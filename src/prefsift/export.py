@@ -27,6 +27,8 @@ import datasets
 from prefsift.config import ExportConfig
 from prefsift.data import LoadedPairs, load_pairs
 from prefsift.errors import ConfigError, DataError, PrefsiftError
+from prefsift.manifest import write_manifest
+from prefsift.output import check_output, locked, staged, temp_sibling
 from prefsift.select import write_jsonl
 
 # LLaMA-Factory's sharegpt reader with OpenAI-style messages: these tags map our role/content keys to its roles
@@ -93,24 +95,53 @@ def _alternating_prompt(prompt: list[dict], pair_id: str) -> None:
                             "assistant ending on user, as LLaMA-Factory's sharegpt format needs")
 
 
-def _write_json(path: Path, value: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)  # atomic: a reader never sees half a file
-    return path
+def replace_together(contents: dict[Path, str]) -> list[Path]:
+    """Write several files so that they change together: every new file is written beside its target first, then
+    each replaces its target; a failure before the last replace puts the earlier files back, so a reader sees the
+    old set or the new one (LLaMA-Factory's data file and the dataset_info.json entry that describes it)."""
+    staged_files, backups, done = {}, {}, []
+    try:
+        for path, text in contents.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged_files[path] = temp_sibling(path)
+            staged_files[path].write_text(text, encoding="utf-8")
+        for path, tmp in staged_files.items():
+            if path.exists():
+                backups[path] = temp_sibling(path)
+                os.link(path, backups[path])  # a hard link: the old file stays where it is until replaced
+            tmp.replace(path)
+            done.append(path)
+    except BaseException:
+        for path in done:  # undo in any order: each target gets its old file back, or goes if it had none
+            if path in backups:
+                backups.pop(path).replace(path)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    finally:
+        for leftover in [*staged_files.values(), *backups.values()]:
+            leftover.unlink(missing_ok=True)
+    return list(contents)
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=1) + "\n"
 
 
 def _jsonl_path(out: Path, fmt: str) -> Path:
     if out.suffix != ".jsonl":
         raise ConfigError(f"--out of --format {fmt} is a .jsonl file (got {out})")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; --format {fmt} writes a .jsonl file")
     return out
 
 
-def export_datasets(columns: dict[str, list], out: Path) -> list[Path]:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} exists and is not an empty directory: save_to_disk needs a new one")
-    datasets.Dataset.from_dict(columns).save_to_disk(str(out))
+def export_datasets(columns: dict[str, list], out: Path, record: dict) -> list[Path]:
+    """A save_to_disk directory, written into a staging directory swapped in whole (prefsift.output), with a
+    manifest.json beside the dataset files so a rerun may replace it (load_from_disk reads only its own files)."""
+    with staged(out, "export") as tmp:
+        datasets.Dataset.from_dict(columns).save_to_disk(str(tmp))
+        write_manifest(tmp, "export", record)
     return [out]
 
 
@@ -155,7 +186,7 @@ def export_llamafactory(columns: dict[str, list], conversational: bool, out: Pat
         if not isinstance(info, dict):
             raise PrefsiftError(f"{info_path} is not a mapping of dataset names")
     info[name] = entry
-    return [_write_json(out / f"{name}.json", rows), _write_json(info_path, info)]
+    return replace_together({out / f"{name}.json": _json_text(rows), info_path: _json_text(info)})
 
 
 def export_axolotl(columns: dict[str, list], conversational: bool, out: Path) -> list[Path]:
@@ -195,18 +226,27 @@ def export(selected: str | Path, out: str, config: ExportConfig | None = None) -
     conversational = data.conversational
     target = Path(out)
     fmt = config.format
-    if fmt == "datasets":
-        paths = export_datasets(columns, target)
-    elif fmt == "hub":
+    if fmt == "hub":
         export_hub(columns, out, config)
         paths = []
-    elif fmt in ("trl", "openrlhf"):  # both read prompt / chosen / rejected, text or messages, as they are
-        paths = [write_jsonl(_jsonl_path(target, fmt), _rows(columns))]
-    elif fmt == "llamafactory":
-        paths = export_llamafactory(columns, conversational, target, config.name)
-    elif fmt == "axolotl":
-        paths = export_axolotl(columns, conversational, target)
-    else:  # the config's choices check makes this unreachable
-        raise ConfigError(f"unknown format {fmt!r}")
+    else:
+        if fmt == "datasets":
+            check_output(target, "export")  # a file, another stage's results, a foreign directory: one line
+        elif fmt != "llamafactory":
+            _jsonl_path(target, fmt)
+        # local writes under a lock beside the target: a second export into it is refused while this one writes;
+        # each format's files are replaced whole (staged directory, atomic file, or files replaced together)
+        with locked(target):
+            if fmt == "datasets":
+                paths = export_datasets(columns, target, {"selected": str(selected), "format": fmt,
+                                                          "n_pairs": len(data.pairs)})
+            elif fmt in ("trl", "openrlhf"):  # both read prompt / chosen / rejected, text or messages, as they are
+                paths = [write_jsonl(_jsonl_path(target, fmt), _rows(columns))]
+            elif fmt == "llamafactory":
+                paths = export_llamafactory(columns, conversational, target, config.name)
+            elif fmt == "axolotl":
+                paths = export_axolotl(columns, conversational, target)
+            else:  # the config's choices check makes this unreachable
+                raise ConfigError(f"unknown format {fmt!r}")
     return Exported(paths, len(data.pairs), conversational, usage(fmt, out, conversational, config),
                     len(data.invalid))

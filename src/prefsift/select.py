@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.manifest import dropped_record, read_manifest, write_dropped, write_manifest
 from prefsift.maths import band_mask, percentile_ranks, tie_keys
+from prefsift.output import staged, temp_sibling
 
 RULES = ("top", "bottom", "band", "intersection", "all")
 
@@ -50,6 +51,14 @@ def nan_mask(scores: Mapping[str, Sequence], names: Sequence[str] | None = None)
     return mask
 
 
+def _numeric(values: Sequence) -> bool:
+    try:
+        np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _smallest(keys: np.ndarray, pair_ids: Sequence[str] | None, k: int) -> np.ndarray:
     """Indices of the k smallest non-NaN keys, ties by pair_id."""
     valid = np.flatnonzero(~np.isnan(keys))
@@ -71,6 +80,9 @@ def select_indices(scores: Mapping[str, Sequence], rule: str, *, column: str | N
         if name not in scores:
             known = ", ".join(c for c in scores if c != "pair_id")
             raise ConfigError(f"no score column '{name}' (columns: {known})")
+        if name == "pair_id" or not _numeric(scores[name]):  # a text column has no order a rule could mean
+            known = ", ".join(c for c in scores if c != "pair_id" and _numeric(scores[c]))
+            raise ConfigError(f"column '{name}' is not a numeric score (score columns: {known})")
     n = len(pair_ids) if pair_ids is not None else len(next(iter(scores.values())))
     if rule == "all":  # every pair that has its score(s): NaN pairs are never selected, here either
         return np.flatnonzero(~nan_mask(scores, names))
@@ -125,7 +137,6 @@ def write_jsonl(path: Path, rows) -> Path:
     """JSON lines, NaN written as null (JSON has no NaN), replaced atomically: a reader never sees half a file."""
     import json
     import math
-    import os
 
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
@@ -138,11 +149,15 @@ def write_jsonl(path: Path, rows) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(clean(row), ensure_ascii=False, allow_nan=False) + "\n")
-    tmp.replace(path)
+    tmp = temp_sibling(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(clean(row), ensure_ascii=False, allow_nan=False) + "\n")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves the earlier file, and no temporary beside it
+        raise
     return path
 
 
@@ -304,17 +319,19 @@ def select_from_scores(scores_dir: str | Path, out_dir: str | Path, *, rule: str
     names = list(columns or ([column] if column else score_columns(table)))
     source = subset_source(scores_dir, table["pair_id"], output_columns, manifest.get("data", {}).get("keys") or {})
     extra = {name: table[name] for name in score_columns(table)} if with_scores else {}
-    path = write_subset(out_dir, source, rows, extra=extra)
     # the pairs the rule could not consider (NaN in a column it reads), each with its reason
     max_length = manifest.get("engine", {}).get("max_length")
     dropped = [dropped_record("select", _dropped_reason(table, r, names, max_length), pair_id=table["pair_id"][r])
                for r in np.flatnonzero(nan_mask(table, names))]
-    write_dropped(out_dir, dropped)  # the record shape every stage writes (manifest.py)
     warnings = score_warnings(table, names, manifest, rule, rows)
     record = {"scores": str(scores_dir), "method": method, "rule": rule, "column": column, "columns": columns,
               "fraction": fraction, "count": count, "low": low, "high": high, "n_pairs": len(table["pair_id"]),
               "n_selected": len(rows), "n_dropped": len(dropped), "output_columns": output_columns,
-              "with_scores": with_scores, "warnings": warnings, "selected": str(path),
+              "with_scores": with_scores, "warnings": warnings, "selected": str(out_dir / "selected.jsonl"),
               "data_hash": manifest.get("data", {}).get("hash")}
-    write_manifest(out_dir, "select", record)
+    # every file into a staging directory swapped in whole: a failure part-way keeps an earlier subset intact
+    with staged(out_dir, "select") as tmp:
+        write_subset(tmp, source, rows, extra=extra)
+        write_dropped(tmp, dropped)  # the record shape every stage writes (manifest.py)
+        write_manifest(tmp, "select", record)
     return record

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.manifest import dropped_record, read_manifest, write_dropped, write_manifest
 from prefsift.maths import check_band, percentile_ranks
+from prefsift.output import staged
 from prefsift.select import COLUMN_MODES, score_columns, subset_source, write_subset
 
 TRANSFORMS = ("rank", "softmax", "band")
@@ -87,17 +88,20 @@ def weigh_scores(scores_dir: str | Path, out_dir: str | Path, *, column: str, tr
                             pair_ids=table["pair_id"])
     rows = np.flatnonzero(weights > 0)
     source = subset_source(scores_dir, table["pair_id"], output_columns, manifest.get("data", {}).get("keys") or {})
-    path = write_subset(out_dir, source, rows, extra={"weight": weights})
     no_score = np.isnan(values)
     dropped = [dropped_record("weigh", f"NaN {column}: weight 0" if no_score[r] else f"weight 0 under {transform}",
                               pair_id=table["pair_id"][r]) for r in np.flatnonzero(weights == 0)]
-    write_dropped(out_dir, dropped)
     kept = weights[rows]
+    path = out_dir / "selected.jsonl"
     record = {"scores": str(scores_dir), "column": column, "transform": transform, "temperature": temperature,
               "low": low, "high": high, "reverse": reverse, "output_columns": output_columns,
               "n_pairs": len(values), "n_weighted": int(len(rows)), "n_nan": int(no_score.sum()),
               "n_zero": len(dropped), "weight_min": float(kept.min()), "weight_max": float(kept.max()),
               "weight_mean": float(kept.mean()), "selected": str(path),
               "data_hash": manifest.get("data", {}).get("hash")}
-    write_manifest(out_dir, "weigh", record)
+    # every file into a staging directory swapped in whole: a failure part-way keeps earlier weights intact
+    with staged(out_dir, "weigh") as tmp:
+        write_subset(tmp, source, rows, extra={"weight": weights})
+        write_dropped(tmp, dropped)
+        write_manifest(tmp, "weigh", record)
     return record

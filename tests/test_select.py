@@ -223,3 +223,24 @@ def test_select_output_refusals_are_one_line(tmp_path):
     result = CliRunner().invoke(app, ["select", "--scores", str(tmp_path / "renamed"), "--out", str(tmp_path / "s2")])
     assert result.exit_code == 2 and "--output-columns original" in result.output
     assert select_from_scores(tmp_path / "renamed", tmp_path / "s3", output_columns="original")["n_selected"] == 6
+
+
+def test_data_scored_with_renamed_columns_is_selected_with_the_explicit_split(tmp_path):
+    """score records --prompt-key/--chosen-key/--rejected-key in its manifest; select re-splits pairs.parquet with
+    them and writes explicit prompt / chosen / rejected."""
+    rows = [{"question": f"Q{i}?", "good": f"yes {i}", "bad": f"no {i}"} for i in range(8)]
+    data = tmp_path / "renamed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runner = CliRunner()
+    result = runner.invoke(app, ["score", "--data", str(data), "--method", "random", "--out", str(tmp_path / "s"),
+                                 "--prompt-key", "question", "--chosen-key", "good", "--rejected-key", "bad"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["data"]["keys"] == {"prompt_key": "question", "chosen_key": "good", "rejected_key": "bad"}
+    result = runner.invoke(app, ["select", "--scores", str(tmp_path / "s"), "--out", str(tmp_path / "sel"),
+                                 "--rule", "all"])
+    assert result.exit_code == 0, result.output
+    selected = [json.loads(line) for line in (tmp_path / "sel" / "selected.jsonl").read_text().splitlines()]
+    assert len(selected) == 8 and all(set(r) == {"prompt", "chosen", "rejected", "pair_id"} for r in selected)
+    assert sorted((r["prompt"], r["chosen"], r["rejected"]) for r in selected) == sorted(
+        (r["question"], r["good"], r["bad"]) for r in rows)

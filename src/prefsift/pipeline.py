@@ -76,7 +76,7 @@ def subset(data: LoadedPairs, rows: np.ndarray) -> LoadedPairs:
     rows = rows.tolist()
     return LoadedPairs(pairs=data.pairs.select(rows), raw=data.raw.select(rows), kind=data.kind, invalid=[],
                        n_read=len(rows), source=data.source,
-                       data_hash=data_hash_of(data.pairs.select(rows)["pair_id"]))
+                       data_hash=data_hash_of(data.pairs.select(rows)["pair_id"]), keys=data.keys)
 
 
 def make_splits(config: RunConfig) -> Splits:

@@ -82,7 +82,7 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
             "default_rule": scorers[0].selection_rule() if len(scorers) == 1 else None,
             "engine": dataclasses.asdict(resources.engine), "seed": resources.seed,
             "data": {"source": data.source, "kind": data.kind, "hash": data.data_hash, "n_pairs": len(data.pairs),
-                     "n_invalid": len(data.invalid)},
+                     "n_invalid": len(data.invalid), "keys": data.keys},  # `select` re-splits with these
             "models": resources.describe(), "n_dropped_too_long": int(too_long.sum()),
             "n_dropped": result.n_dropped,
         }

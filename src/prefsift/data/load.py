@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +54,9 @@ class LoadedPairs:
     data_hash: str = ""
     rows: list[int] = field(default_factory=list)  # each pair's 1-based input line / record number
     note: str = ""  # e.g. which split of a DatasetDict was taken
+    # the input's column names (prompt_key, chosen_key, rejected_key): a score manifest records them so `select`
+    # rebuilds the same split from pairs.parquet
+    keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def conversational(self) -> bool:
@@ -91,10 +94,12 @@ def load_pairs(
         raise DataError(f"on_invalid must be 'skip' or 'fail', not {on_invalid!r}")
     text_keys = (prompt_key, chosen_key, rejected_key, completion_key)
     keys = _Keys(prompt_key, chosen_key, rejected_key, completion_key, label_key, assistant_marker, on_invalid)
+    names = {"prompt_key": prompt_key, "chosen_key": chosen_key, "rejected_key": rejected_key}
     path = streamable(source)
     if path is not None:
         try:
-            return _load_chunks(iter_jsonl_chunks(path, os.fspath(source), CHUNK_ROWS), os.fspath(source), keys)
+            return replace(_load_chunks(iter_jsonl_chunks(path, os.fspath(source), CHUNK_ROWS), os.fspath(source),
+                                        keys), keys=names)
         except _NotStreamable:
             pass  # a column whose type changes between chunks: the whole-file reader settles it (datasets' Json)
     raw = read_source(source, split=split, text_columns=text_keys)
@@ -102,7 +107,8 @@ def load_pairs(
         # an Arrow-backed table (Parquet, CSV, a saved or hub dataset, memory-mapped where datasets maps it):
         # normalized chunk by chunk, so only one chunk's rows are ever Python objects
         try:
-            return _load_chunks(table_chunks(raw, CHUNK_ROWS), os.fspath(source), keys, note=raw.note)
+            return replace(_load_chunks(table_chunks(raw, CHUNK_ROWS), os.fspath(source), keys, note=raw.note),
+                           keys=names)
         except _NotStreamable:
             pass
     plan = _plan(raw, keys)
@@ -121,6 +127,7 @@ def load_pairs(
         data_hash=data_hash,
         rows=[raw.rows[i] for i in kept],
         note=raw.note,
+        keys=names,
     )
 
 

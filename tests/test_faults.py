@@ -662,3 +662,59 @@ def test_select_on_a_column_that_is_not_a_score_is_one_line(scored, tmp_path):
     one_line_error(invoke("select", "--scores", scored, "--out", tmp_path / "s", "--rule", "top", "--column",
                           "pair_id", "--fraction", 0.5), "column 'pair_id' is not a numeric score", "random")
     assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------ run and compare: results swapped in whole
+
+
+def tree(directory) -> dict[str, bytes]:
+    """Every file under a run directory by relative path, the resumable shards aside."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and "shards" not in p.relative_to(directory).parts}
+
+
+def test_a_run_failing_part_way_keeps_the_earlier_results_whole_and_its_shards(ws, tmp_path, monkeypatch):
+    import socket
+
+    import yaml
+
+    import prefsift.pipeline
+
+    _, model, _, data = ws
+    out = tmp_path / "run"
+    config = {"data": str(data), "model": str(model), "out": str(out), "methods": ["random"], "fractions": [0.5],
+              "rule_share": False, "full": False, "start_from": "reference", "test_fraction": 0.4,
+              "min_test_pairs": 0, "engine": {"max_length": 64},
+              "train": {"learning_rate": 1e-3, "batch_size": 8, "gradient_checkpointing": False}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = invoke("run", "--config", path)
+    assert result.exit_code == 0, result.output
+    before = tree(out)
+    assert {"results.json", "results.md", "timings.json", "manifest.json"} <= set(before)
+    assert any(name.startswith("seed-0/selected/") for name in before)
+    # a second run, two seeds, fails in the second seed: the first seed's new files are already written
+    path.write_text(yaml.safe_dump({**config, "seeds": 2, "fractions": [0.25]}))
+    run_seed = prefsift.pipeline.run_seed
+
+    def second_seed_fails(config, *args, **kwargs):
+        if config.seed == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return run_seed(config, *args, **kwargs)
+
+    monkeypatch.setattr(prefsift.pipeline, "run_seed", second_seed_fails)
+    one_line_error(invoke("run", "--config", path), "the disk is full", "earlier results there are unchanged")
+    assert tree(out) == before  # old results, complete, no new seed-0 file and no seed-1
+    assert list((out / "shards").rglob("*.parquet"))  # the reference pass is kept for the rerun
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.yaml"]  # no staging directory, no lock
+    lock = tmp_path / ".run.lock"
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}")  # a second writer while this one runs
+    one_line_error(invoke("run", "--config", path), f"is being written by process {os.getppid()}")
+    lock.unlink()
+    monkeypatch.undo()
+    result = invoke("run", "--config", path)
+    assert result.exit_code == 0, result.output
+    after = tree(out)
+    assert {r["seed"] for r in json.loads(after["results.json"])["records"]} == {0, 1}
+    assert not any("selected/random-0.5/" in name for name in after)  # nothing of the old run mixed in
+    assert list((out / "shards").rglob("*.parquet"))

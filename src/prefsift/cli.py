@@ -441,7 +441,7 @@ def run(
 ) -> None:
     """The whole flow from one config: warm-up, validation model, score, select, train, evaluate, report."""
     from prefsift.config import from_dict, load_yaml
-    from prefsift.pipeline import run_pipeline
+    from prefsift.pipeline import run_staged
 
     values = load_yaml(config)
     if out is not None:
@@ -450,7 +450,7 @@ def run(
     if not run_config.data or not run_config.model:
         raise ConfigError(f"{config}: 'data' and 'model' are required")
     _apply_threads(run_config.engine)
-    run_pipeline(run_config, log=lambda line: console.print(line, highlight=False))
+    run_staged(run_config, log=lambda line: console.print(line, highlight=False))  # locked, swapped in whole
     console.print(f"results → {Path(run_config.out) / 'results.md'}", highlight=False)
 
 

@@ -61,21 +61,24 @@ def mean_seconds(records: list[dict]) -> dict[tuple, float]:
 def compare(config: RunConfig, *, log=print) -> dict:
     """Run every method of `config` through `run_pipeline` and write compare.md: the summary table with a measured
     `seconds` column. Returns {"records", "summary", "markdown"}."""
-    from prefsift.pipeline import run_pipeline
+    from prefsift.pipeline import run_staged
 
     if len(config.scorers()) < 2:
         raise ConfigError("compare needs at least one method besides random")
     if config.seeds < 2:
         log("one seed: intervals cover the test items only, not training noise (--seeds 3 or more to compare)")
-    results = run_pipeline(config, log=log)
-    seconds = mean_seconds(results["records"])
-    rows = [{**row, "seconds": round(seconds[(row["start_from"], row["method"], row["budget"])], 1)}
-            for row in results["summary"]]
-    markdown = markdown_table(rows)
-    out = Path(config.out)
-    (out / "compare.md").write_text("# prefsift compare\n\n" + markdown + "\n" + _legend(rows))
-    (out / "compare.json").write_text(json.dumps(rows, indent=1, allow_nan=False) + "\n")
-    return {**results, "summary": rows, "markdown": markdown}
+    table: dict = {}
+
+    def write_table(out: Path, results: dict) -> None:  # into the run's staging directory, swapped in with it
+        seconds = mean_seconds(results["records"])
+        rows = [{**row, "seconds": round(seconds[(row["start_from"], row["method"], row["budget"])], 1)}
+                for row in results["summary"]]
+        table.update(rows=rows, markdown=markdown_table(rows))
+        (out / "compare.md").write_text("# prefsift compare\n\n" + table["markdown"] + "\n" + _legend(rows))
+        (out / "compare.json").write_text(json.dumps(rows, indent=1, allow_nan=False) + "\n")
+
+    results = run_staged(config, log=log, finish=write_table)
+    return {**results, "summary": table["rows"], "markdown": table["markdown"]}
 
 
 def _legend(rows: list[dict]) -> str:

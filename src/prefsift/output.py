@@ -144,12 +144,12 @@ def recover(out: Path) -> None:
             shutil.rmtree(sibling, ignore_errors=True)
 
 
-def _move_missing(source: Path, target: Path) -> bool:
-    """Entries of `source` that `target` lacks (shards, caches, other stages' folders) move into it; returns whether
-    all did (one that cannot move stays in `source` for `recover`)."""
+def _move_missing(source: Path, target: Path, only: set[str] | None = None) -> bool:
+    """Entries of `source` that `target` lacks (shards, caches, other stages' folders; with `only`, those names
+    alone) move into it; returns whether all did (one that cannot move stays in `source` for `recover`)."""
     moved = True
     for entry in source.iterdir():
-        if not (target / entry.name).exists():
+        if (only is None or entry.name in only) and not (target / entry.name).exists():
             try:
                 entry.rename(target / entry.name)
             except OSError:
@@ -157,9 +157,10 @@ def _move_missing(source: Path, target: Path) -> bool:
     return moved
 
 
-def commit(staging: Path, out: Path) -> None:
+def commit(staging: Path, out: Path, carry: set[str] | None = None) -> None:
     """Swap the complete `staging` directory in as `out`. Two renames; between them a crash leaves `out` missing and
-    the old directory beside it, which `recover` renames back."""
+    the old directory beside it, which `recover` renames back. `carry`: the old entries kept (default: all the new
+    one lacks)."""
     if not out.exists():
         staging.rename(out)
         return
@@ -171,21 +172,23 @@ def commit(staging: Path, out: Path) -> None:
         old.rename(out)  # the old results go back where they were
         raise
     # the new results are in place: from here nothing raises; what cannot move now, `recover` moves next time
-    if _move_missing(old, out):
+    if _move_missing(old, out, carry):
         shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def staged(out: Path, stage: str, *, flag: str = "--out") -> Iterator[Path]:
+def staged(out: Path, stage: str, *, flag: str = "--out", carry: set[str] | None = None) -> Iterator[Path]:
     """A staging directory beside `out` for `stage`'s results, swapped in as `out` when the block ends normally and
-    removed (the old results untouched) when it raises. Disk-full and permission errors become one line."""
+    removed (the old results untouched) when it raises. Disk-full and permission errors become one line. `carry`
+    names the old directory's entries kept in the new one (default: every entry the new one lacks); a stage whose
+    results are folders (`run`'s seed-S/) carries only the caches, so no old folder mixes with the new results."""
     out = Path(out)
     check_output(out, stage, flag=flag)
     staging = _sibling(out, "staging")
     try:
         staging.mkdir(parents=True)
         yield staging
-        commit(staging, out)
+        commit(staging, out, carry)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))

@@ -341,9 +341,11 @@ def _metrics(evaluation: dict) -> dict:
 
 
 def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Resources, judge: Judge | None,
-             baseline_answers: list[str] | None, log, quiet: bool = False) -> list[dict]:
-    """Steps 1-6 under one training seed: warm-up, validation model, scores, then every subset from every start."""
-    out = Path(config.out) / f"seed-{config.seed}"
+             baseline_answers: list[str] | None, log, quiet: bool = False, results_dir: Path | None = None
+             ) -> list[dict]:
+    """Steps 1-6 under one training seed: warm-up, validation model, scores, then every subset from every start;
+    the seed's files go under `results_dir` (default config.out)/seed-S."""
+    out = Path(results_dir or config.out) / f"seed-{config.seed}"
     scorers = config.scorers()
     resources = template.for_seed(config.seed)
     train_data = splits.train
@@ -393,6 +395,23 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     return records
 
 
+def run_staged(config: RunConfig, *, log=print, finish=None) -> dict:
+    """`prefsift run` and `compare`: `run_pipeline` under config.out's lock (a second run into it is refused), every
+    result file (results.*, plots, timings, manifest, seed-S/) into a staging directory swapped in whole at the end,
+    so a run failing part-way leaves the old results complete and never a mix of old and new. The resumable shards
+    stay in config.out (a rerun resumes from them) and move into the new directory. `finish(results_dir, results)`
+    writes more files into the staging directory before the swap (compare's table)."""
+    from prefsift.output import CACHE_ENTRIES, check_output, locked, staged
+
+    out = Path(config.out)
+    check_output(out, "run")  # a file, another stage's results, a foreign directory: before any model is loaded
+    with locked(out), staged(out, "run", carry=CACHE_ENTRIES) as tmp:
+        results = run_pipeline(config, log=log, results_dir=tmp)
+        if finish is not None:
+            finish(tmp, results)
+    return results
+
+
 def check_test_size(n_test: int, minimum: int) -> None:
     """Refuse a test split too small to tell methods apart (RunConfig.min_test_pairs; 0 allows any size)."""
     if n_test < minimum:
@@ -403,14 +422,16 @@ def check_test_size(n_test: int, minimum: int) -> None:
 
 
 def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: LoadedModel | None = None,
-                 judge: Judge | None = None, log=print, quiet: bool = False) -> dict:
+                 judge: Judge | None = None, log=print, quiet: bool = False, results_dir: Path | None = None) -> dict:
     """Run the flow of the module docstring over every seed; returns {"records", "summary"} (also written under
-    config.out: results.json, results.md, the plots; the seconds each row took in timings.json; per seed, each
-    row's subset, evaluation outputs and, on request, model). `quiet` hides the generation progress bars."""
+    `results_dir`, default config.out: results.json, results.md, the plots; the seconds each row took in
+    timings.json; per seed, each row's subset, evaluation outputs and, on request, model). Resumable shards go under
+    config.out whatever `results_dir` is. `quiet` hides the generation progress bars."""
     start = time.perf_counter()
     config.scorers()  # every method and parameter checked before anything runs
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    results_dir = Path(results_dir or out)
     engine = config.engine
     splits = splits or make_splits(config)
     check_test_size(len(splits.test.pairs) if splits.test is not None else 0, config.min_test_pairs)
@@ -452,11 +473,11 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     records = []
     for k in range(config.seeds):
         records += run_seed(replace(config, seed=config.seed + k), splits, base, template, judge, baseline_answers,
-                            log, quiet)
+                            log, quiet, results_dir)
     summary = summarize(records, ceilings={s.name for s in config.scorers() if s.ceiling})
-    write_results(records, summary, out)
-    write_manifest(out, "run", {"config": asdict(config), "data_hash": splits.train.data_hash, "model": base.source,
-                                "model_fingerprint": base.fingerprint,
-                                "n_held_out_prompts_removed": splits.n_held_out_prompts_removed,
-                                "seconds": time.perf_counter() - start})
+    write_results(records, summary, results_dir)
+    write_manifest(results_dir, "run", {"config": asdict(config), "data_hash": splits.train.data_hash,
+                                        "model": base.source, "model_fingerprint": base.fingerprint,
+                                        "n_held_out_prompts_removed": splits.n_held_out_prompts_removed,
+                                        "seconds": time.perf_counter() - start})
     return {"records": records, "summary": summary}

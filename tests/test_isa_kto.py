@@ -66,3 +66,20 @@ def test_kto_balances_desirable_and_undesirable_losses(tmp_path, bpe_tokenizer, 
                               EngineConfig(max_length=64), str(tmp_path))
     # the KTO paper's rule, λ_D·n_D / (λ_U·n_U) ≥ 1, at its lower end: 2 desirable against 6 undesirable
     assert trainer.args.desirable_weight == 3.0 and trainer.args.undesirable_weight == 1.0
+
+
+def test_isa_with_kto_trains_on_the_embedded_task(tmp_path):
+    """The demo's task and SFT model, ISA the paper's way: the KTO-trained policy answers differently from the SFT
+    model (training moved it), and its subset is the completions ISA ranks atypical."""
+    from prefsift.bench.task import TaskConfig
+    from prefsift.demo import DemoConfig, run_demo
+
+    task = TaskConfig(n_train=200, n_validation=60, n_test=100, n_eval_prompts=100, n_sft=800)
+    config = DemoConfig(task=task, seeds=1, start_from="reference", fractions=[0.25],
+                        methods=["random", {"name": "isa", "train_with": "kto", "order": "atypical"}])
+    records = {r["method"]: r for r in run_demo(tmp_path, seed=1, config=config, log=lambda _: None)["records"]
+               if r["budget"] == "0.25"}
+    kto = records["isa"]
+    assert kto["algo"] == "kto" and kto["n_completions"] == 100 and kto["n_pairs"] == 50
+    assert kto["ties"] < 100  # the policy's answers are no longer the SFT model's on every prompt
+    assert 0.0 <= kto["pref_accuracy"] <= 1.0 and "algo" not in records["random"]

@@ -113,3 +113,22 @@ def test_what_the_judge_saw_and_each_pair_margin_are_written(models, bpe_tokeniz
     quiet = evaluate(policy, reference, prompts=prompts, judge=LengthJudge(), config=EvalConfig(max_new_tokens=2),
                      quiet=True)
     assert "answers" in quiet and "policy answers" not in capsys.readouterr().err
+
+
+def test_the_reward_model_judge_shows_a_progress_bar_unless_quiet(bpe_tokenizer, capsys):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from prefsift.evaluate import RewardModelJudge
+
+    torch.manual_seed(0)
+    reward = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=bpe_tokenizer.pad_token_id))
+    loaded = LoadedModel(reward, bpe_tokenizer, "rm", "r")
+    prompts, answers = ["a question"] * 5, ["yes", "no", "maybe so", "a", "b c"]
+    loud = RewardModelJudge(loaded, 64, batch_size=2).score(prompts, answers)
+    err = capsys.readouterr().err
+    assert "judge scores" in err and "5/5" in err  # one bar over the five answers, batch by batch
+    quiet = RewardModelJudge(loaded, 64, batch_size=2, quiet=True).score(prompts, answers)
+    assert "judge scores" not in capsys.readouterr().err
+    assert quiet == loud and len(loud) == 5

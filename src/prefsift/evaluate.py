@@ -31,16 +31,20 @@ class Judge(Protocol):
 class RewardModelJudge:
     name = "reward_model"
 
-    def __init__(self, loaded: LoadedModel, max_length: int | None, batch_size: int = EvalConfig.batch_size) -> None:
+    def __init__(self, loaded: LoadedModel, max_length: int | None, batch_size: int = EvalConfig.batch_size,
+                 quiet: bool = False) -> None:
         self.loaded = loaded
         self.max_length = max_length
         self.batch_size = batch_size
+        self.quiet = quiet  # a pipeline that hides its generation bars hides the judge's too
 
     def score(self, prompts: list, responses: list[str]) -> list[float]:
         messages = [[{"role": "assistant", "content": r}] for r in responses]
         answers = messages if prompts and isinstance(prompts[0], list) else responses
+        # a reward model over hundreds of answers takes minutes on a CPU: its own progress bar, as generation has
         return reward_scores(self.loaded.model, self.loaded.tokenizer, prompts, answers,
-                             max_length=self.max_length, batch_size=self.batch_size).tolist()
+                             max_length=self.max_length, batch_size=self.batch_size,
+                             desc=None if self.quiet else "judge scores").tolist()
 
 
 @torch.inference_mode()

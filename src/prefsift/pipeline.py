@@ -442,7 +442,7 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
 
         judge = RewardModelJudge(load_reward_model(config.judge_model, dtype=engine.dtype, device=engine.device,
                                                    trust_remote_code=config.trust_remote_code),
-                                 engine.max_length, config.eval.batch_size)
+                                 engine.max_length, config.eval.batch_size, quiet=quiet)
     has_test = splits.test is not None and len(splits.test.pairs) > 0
     eval_prompts = splits.eval_prompts if judge is not None and has_test else []
     splits.eval_prompts = eval_prompts

@@ -447,6 +447,13 @@ def _forward_long(model, pair: TokenizedPair, chunk: int = 1024) -> tuple[torch.
     return sums[0].view(1), sums[1].view(1)
 
 
+def _in_process(model, batches: Iterable[list[TokenizedPair]], pad_id: int, packed: bool | None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The default executor of `compute_logps`: each batch's forward pass here, one after another."""
+    for pairs in batches:
+        yield forward_batch(model, pairs, pad_id, packed)
+
+
 @dataclass
 class BatchPlan:
     """Row indices of each forward batch, fixed by the tokenized lengths and the token budget alone, so a resumed
@@ -541,7 +548,8 @@ class LogpsRun:
 
 def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_tokens: int = EngineConfig.batch_tokens,
                   run: LogpsRun | None = None, desc: str = "log-probs", flush_rows: int = 512,
-                  flush_seconds: float = 60.0, check_dropped: Callable[[int, int], None] | None = None) -> np.ndarray:
+                  flush_seconds: float = 60.0, check_dropped: Callable[[int, int], None] | None = None,
+                  executor: Callable | None = None) -> np.ndarray:
     """Summed completion log-probs of every pair of `pairs` (a table with prompt/chosen/rejected columns).
 
     Returns an (n, 2) array [chosen_logps, rejected_logps] in row order, NaN where TRL would drop the pair.
@@ -550,6 +558,9 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
 
     Before any forward pass, `check_dropped(n_dropped, n)` may refuse the plan (one line); without it, a plan that
     drops every pair is refused: a table of NaN is never a result.
+
+    `executor(model, batches, pad_id, packed)` runs the forward passes of the batches still to compute and yields
+    their (chosen, rejected) in order: this process by default, `prefsift.distributed.RayExecutor` on a Ray pool.
     """
     n = len(pairs)
     out = np.full((n, 2), np.nan)
@@ -581,14 +592,20 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
     # to compute (a longer pair goes alone through `_forward_long`)
     short = [b[0] for b in plan.batches if len(tokenized[b[0]]) <= LONG_PAIR_TOKENS]  # type: ignore[arg-type]
     packed = packed_path_ok(model, tokenized[short[0]], pad_id) if short else None
+
+    def on_disk(number: int, batch: list[int]) -> bool:
+        return number in done and sorted(done[number][:, 0].astype(int)) == sorted(batch)
+
+    todo = ([tokenized[i] for i in batch] for number, batch in enumerate(plan.batches) if not on_disk(number, batch))
+    results = (executor or _in_process)(model, todo, pad_id, packed)
     with tqdm(total=n, desc=desc, unit="pair", dynamic_ncols=True, disable=n == 0) as progress:
         progress.update(n - plan.n_kept)
         for number, batch in enumerate(plan.batches):
-            if number in done and sorted(done[number][:, 0].astype(int)) == sorted(batch):
+            if on_disk(number, batch):
                 values = done[number]
                 out[values[:, 0].astype(int)] = values[:, 1:]
             else:
-                chosen, rejected = forward_batch(model, [tokenized[i] for i in batch], pad_id, packed)
+                chosen, rejected = next(results)
                 values = np.stack([chosen.numpy(), rejected.numpy()], axis=1)
                 out[batch] = values
                 pending[0].extend([number] * len(batch))

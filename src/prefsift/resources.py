@@ -138,6 +138,7 @@ class Resources:
         """(n, 2) summed chosen/rejected log-probs under the model of `role`, computed once per distinct model,
         with resumable shards under out_dir. `pairs` (LoadedPairs) scores another table (e.g. the validation
         pairs) under its own `tag`."""
+        from prefsift.distributed import executor_for
         from prefsift.logps import LogpsRun, compute_logps
         from prefsift.manifest import tokenizer_fingerprint
 
@@ -163,7 +164,8 @@ class Resources:
             self._logps[key] = compute_logps(loaded.model, loaded.tokenizer, data.pairs,
                                              max_length=self.engine.max_length,
                                              batch_tokens=self.engine.batch_tokens, run=run,
-                                             desc=f"{tag or role} log-probs", check_dropped=check)
+                                             desc=f"{tag or role} log-probs", check_dropped=check,
+                                             executor=executor_for(self.engine))
             if pairs is None:
                 self.seconds[role] = time.perf_counter() - start
         return self._logps[key]

@@ -309,7 +309,7 @@ def packed_path_ok(model, pair: TokenizedPair, pad_id: int) -> bool:
     pair; any failure or mismatch warns once and sends the model to the unpacked path."""
     if model in _PACKED_OK:
         return _PACKED_OK[model]
-    ok = can_pack(model)
+    ok, want = can_pack(model), None
     if ok:
         try:
             got = torch.stack(_forward_batch(model, [pair], pad_id))[:, 0]
@@ -326,17 +326,18 @@ def packed_path_ok(model, pair: TokenizedPair, pad_id: int) -> bool:
                               f"({got.tolist()} vs {want.tolist()}): using the unpacked path", stacklevel=3)
                 ok = False
     _PACKED_OK[model] = ok
-    if ok:
-        cached_path_ok(model, pair, pad_id)  # checked on the same pair, so a resumed run makes the same choices
+    if ok:  # on the same pair, so a resumed run makes the same choices; the model's own forward is not rerun
+        cached_path_ok(model, pair, pad_id, want)
     return ok
 
 
 _CACHED_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> cached-prefix path verified on it
 
 
-def cached_path_ok(model, pair: TokenizedPair, pad_id: int) -> bool:
-    """Whether the cached-prefix path reproduces this model's own forward (checked once, as `packed_path_ok`): a
-    model whose cache or explicit positions behave otherwise warns once and keeps to the packed path."""
+def cached_path_ok(model, pair: TokenizedPair, pad_id: int, want: torch.Tensor | None = None) -> bool:
+    """Whether the cached-prefix path reproduces this model's own forward (checked once, as `packed_path_ok`; `want`:
+    that forward's values on `pair` if already computed): a model whose cache or explicit positions behave otherwise
+    warns once and keeps to the packed path."""
     if model not in _CACHED_OK:
         try:
             got = torch.stack(_forward_batch_cached(model, [pair], pad_id))[:, 0]
@@ -345,7 +346,8 @@ def cached_path_ok(model, pair: TokenizedPair, pad_id: int) -> bool:
                           f"using the packed path", stacklevel=3)
             _CACHED_OK[model] = False
         else:
-            want = torch.stack(_forward_batch_unpacked(model, [pair], pad_id))[:, 0]
+            if want is None:
+                want = torch.stack(_forward_batch_unpacked(model, [pair], pad_id))[:, 0]
             rtol, atol = _tolerance(model, pair)
             _CACHED_OK[model] = bool(torch.allclose(got, want, rtol=rtol, atol=atol))
             if not _CACHED_OK[model]:

@@ -718,3 +718,34 @@ def test_a_run_failing_part_way_keeps_the_earlier_results_whole_and_its_shards(w
     assert {r["seed"] for r in json.loads(after["results.json"])["records"]} == {0, 1}
     assert not any("selected/random-0.5/" in name for name in after)  # nothing of the old run mixed in
     assert list((out / "shards").rglob("*.parquet"))
+
+
+# ------------------------------------------------------------------ train says what it left out
+
+
+def test_train_lists_the_pairs_whose_prompt_fills_max_length_and_says_why(ws, tmp_path):
+    from prefsift.models import load_tokenizer
+
+    _, model, _, _ = ws
+    rows = make_pairs(8, seed=11)
+    tokenizer = load_tokenizer(str(model))
+    max_length = max(len(tokenizer(r["prompt"])["input_ids"]) for r in rows) + 8
+    rows[3]["prompt"] = " ".join([rows[3]["prompt"]] * 20)  # a prompt far beyond max_length
+    assert len(tokenizer(rows[3]["prompt"])["input_ids"]) > max_length
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"prompt": "p", "chosen": "same", '
+                                                                   '"rejected": "same"}\n')
+    out = tmp_path / "trained"
+    result = invoke("train", "--data", data, "--model", model, "--out", out, "--max-length", max_length,
+                    "--batch-size", 4, "--no-gradient-checkpointing")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("trained"))
+    assert f"trained dpo on 7 of 9 pairs (1 prompt fills max_length {max_length}; 1 invalid input rows" in line
+    dropped = [json.loads(x) for x in (out / "dropped.jsonl").read_text().splitlines()]
+    from prefsift.data import load_pairs
+
+    long_id = load_pairs(str(data)).pairs[3]["pair_id"]
+    assert dropped[0] == {"pair_id": long_id, "row": 4, "stage": "train",
+                          "reason": f"prompt fills max_length {max_length}"}
+    assert [(d["row"], d["stage"]) for d in dropped[1:]] == [(9, "data")]
+    assert json.loads((out / "manifest.json").read_text())["data"]["n_pairs"] == 7

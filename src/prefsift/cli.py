@@ -327,7 +327,7 @@ def train(
     """Align MODEL on the pairs with DPO or KTO through TRL."""
     import dataclasses
 
-    from prefsift.manifest import read_manifest, write_input_drops, write_manifest
+    from prefsift.manifest import dropped_record, read_manifest, write_dropped, write_input_drops, write_manifest
     from prefsift.models import load_model
     from prefsift.score import reference_logps_from_scores
     from prefsift.train import order_values, training_pairs
@@ -366,13 +366,23 @@ def train(
     with locked(out), staged(out, "train") as tmp:
         result = run_train(policy, training_pairs(loaded_data), train_config, engine, tmp, ref_logps=ref,
                            order=order)
-        write_input_drops(tmp, loaded_data.invalid)  # the input rows left out, beside the model
+        # the pairs TRL would drop (prompt fills max_length), then the input rows left out, beside the model
+        too_long = f"prompt fills max_length {engine.max_length}"
+        rows = loaded_data.rows or [None] * len(loaded_data.pairs)
+        write_dropped(tmp, [dropped_record("train", too_long, pair_id=loaded_data.pairs[i]["pair_id"], row=rows[i])
+                            for i in result.too_long])
+        write_input_drops(tmp, loaded_data.invalid)
         write_manifest(tmp, "train", {"model": model, "fingerprint": policy.fingerprint, "reference": reference,
                                       "data": {"source": data, "hash": loaded_data.data_hash,
                                                "n_pairs": result.n_pairs},
                                       "config": dataclasses.asdict(train_config), "engine": dataclasses.asdict(engine),
                                       "scores": str(scores) if scores else None, "seconds": result.seconds})
-    console.print(f"trained {train_config.algo} on {result.n_pairs} pairs in {result.seconds:.1f}s → {out}",
+    # why it trained on fewer pairs than the file holds: each reason counted, the rows listed in dropped.jsonl
+    reasons = [f"{len(result.too_long)} {too_long}"] if result.too_long else []
+    reasons += [f"{len(loaded_data.invalid)} invalid input rows"] if loaded_data.invalid else []
+    of = f" of {result.n_pairs + len(result.too_long) + len(loaded_data.invalid)}" if reasons else ""
+    why = f" ({'; '.join(reasons)} → {out / 'dropped.jsonl'})" if reasons else ""
+    console.print(f"trained {train_config.algo} on {result.n_pairs}{of} pairs{why} in {result.seconds:.1f}s → {out}",
                   highlight=False)
 
 

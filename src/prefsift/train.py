@@ -16,7 +16,7 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +108,7 @@ class TrainResult:
     seconds: float
     n_pairs: int
     log_history: list[dict]
+    too_long: list[int] = field(default_factory=list)  # rows of the given pairs left out: prompt fills max_length
 
 
 def autocast_dtype(engine: EngineConfig, device: torch.device) -> torch.dtype:
@@ -220,9 +221,9 @@ def curriculum_rows(order: np.ndarray, descending: bool) -> np.ndarray:
 
 def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig, output_dir: str,
                  ref_logps: np.ndarray | None = None, quiet: bool = False, order: np.ndarray | None = None
-                 ) -> tuple[DPOTrainer | KTOTrainer, int]:
-    """The TRL trainer `train` runs, built but not started (a test steps it itself), and the number of pairs it
-    trains on."""
+                 ) -> tuple[DPOTrainer | KTOTrainer, np.ndarray]:
+    """The TRL trainer `train` runs, built but not started (a test steps it itself), and the rows of `pairs` it
+    trains on, ascending (DPO leaves out a pair whose prompt fills max_length, as TRL would drop it)."""
     device = next(loaded.model.parameters()).device
     compute = autocast_dtype(engine, device)
     common = _common_args(config, engine, output_dir, compute, device.type == "cuda") | {"disable_tqdm": quiet}
@@ -244,6 +245,7 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
         if ref_logps is None:
             ref_logps = compute_logps(loaded.model, loaded.tokenizer, pairs, max_length=engine.max_length,
                                       batch_tokens=engine.batch_tokens, desc="reference log-probs")
+        kept = np.flatnonzero(~np.isnan(np.asarray(ref_logps, dtype=float)[:, 0]))
         pairs = pairs.add_column("ref_chosen_logps", ref_logps[:, 0].tolist())
         pairs = pairs.add_column("ref_rejected_logps", ref_logps[:, 1].tolist())
         if weights is not None:
@@ -259,7 +261,7 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
         args = DPOConfig(**common, precompute_ref_log_probs=True)
         return _DPOTrainerWithReferenceLogps(model=loaded.model, args=args, train_dataset=pairs,
                                              processing_class=loaded.tokenizer,
-                                             peft_config=_peft_config(config)), len(pairs)
+                                             peft_config=_peft_config(config)), kept
     if weights is not None or order is not None:
         raise ConfigError("a weight column and a curriculum order train DPO; KTO takes neither")
     unpaired = unpair_preference_dataset(pairs) if "chosen" in pairs.column_names else pairs
@@ -270,14 +272,14 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
     # KTO: TRL precomputes its reference pass once, so no second copy of the model stays in memory.
     args = KTOConfig(**common, precompute_ref_log_probs=True, desirable_weight=desirable_weight)
     return KTOTrainer(model=loaded.model, args=args, train_dataset=unpaired, processing_class=loaded.tokenizer,
-                      peft_config=_peft_config(config)), len(pairs)
+                      peft_config=_peft_config(config)), np.arange(len(pairs))
 
 
 def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig, out_dir: Path | None,
            ref_logps: np.ndarray | None, output_dir: str, start: float, quiet: bool,
            order: np.ndarray | None, callbacks: list) -> TrainResult:
     forward_before = loaded.model.__dict__.get("forward")  # e.g. accelerate's device-map hook, or nothing
-    trainer, n_pairs = make_trainer(loaded, pairs, config, engine, output_dir, ref_logps, quiet, order)
+    trainer, kept = make_trainer(loaded, pairs, config, engine, output_dir, ref_logps, quiet, order)
     for callback in callbacks:
         trainer.add_callback(callback)
     if quiet:  # with tqdm off, transformers swaps the bar for a callback that prints every log line
@@ -302,4 +304,5 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
         model = model.merge_and_unload()
         loaded.model = model
     model.eval()
-    return TrainResult(model, time.perf_counter() - start, n_pairs, trainer.state.log_history)
+    too_long = sorted(set(range(len(pairs))) - set(kept.tolist()))
+    return TrainResult(model, time.perf_counter() - start, len(kept), trainer.state.log_history, too_long)

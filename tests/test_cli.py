@@ -218,3 +218,52 @@ def test_several_methods_one_scores_file_and_analyze(workspace, tmp_path):
     one_line_error(invoke("score", "--data", data, "--method", "irm,irm", "--out", tmp_path / "x"), "distinct")
     one_line_error(invoke("score", "--data", data, "--method", "random,irm", "--param", "band_low=0.2", "--out",
                           tmp_path / "x"), "name one")
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize(("yaml_text", "flags", "expected"), [
+    ("", (), False),
+    ("trust_remote_code: true\ndevice: cpu\ndtype: float32\n", (), True),
+    ("trust_remote_code: true\n", ("--no-trust-remote-code",), False),  # the flag wins over the YAML
+    ("", ("--trust-remote-code",), True),
+])
+def test_model_options_reach_the_loader_from_yaml_and_flags(tmp_path, monkeypatch, command, yaml_text, flags,
+                                                             expected):
+    import prefsift.models
+    from prefsift.errors import PrefsiftError
+
+    seen = {}
+
+    def spy(source, **kwargs):
+        seen.update(kwargs)
+        raise PrefsiftError("loader reached")  # the options are all this test needs
+
+    monkeypatch.setattr(prefsift.models, "load_model", spy)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(4, seed=1)))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text or "{}\n")
+    result = invoke(command, "--data", data, "--model", "m", "--out", tmp_path / "o", "--config", config, *flags)
+    assert result.exit_code == 2 and "loader reached" in result.output, result.output
+    assert seen["trust_remote_code"] is expected
+    if "device: cpu" in yaml_text:
+        assert (seen["device"], seen["dtype"]) == ("cpu", "float32")
+
+
+def test_compare_takes_the_model_options_and_lora_from_flags_and_yaml(tmp_path, monkeypatch):
+    import yaml
+
+    import prefsift.compare
+
+    seen = {}
+    monkeypatch.setattr(prefsift.compare, "compare", lambda config, log: seen.setdefault("config", config) and
+                        {"markdown": ""})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"data": "d.jsonl", "model": "m", "trust_remote_code": True,
+                                      "train": {"lora": True, "lora_alpha": 8}, "engine": {"dtype": "bfloat16"}}))
+    result = invoke("compare", "--config", config, "--methods", "irm", "--lora-r", 4, "--device", "cpu",
+                    "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    run = seen["config"]
+    assert run.trust_remote_code and (run.engine.device, run.engine.dtype) == ("cpu", "bfloat16")
+    assert (run.train.lora, run.train.lora_r, run.train.lora_alpha) == (True, 4, 8)

@@ -18,7 +18,16 @@ import typer  # noqa: E402
 from rich.console import Console
 from typer.core import TyperGroup
 
-from prefsift.config import DataConfig, EngineConfig, EvalConfig, RunConfig, ScoreConfig, TrainConfig, cli_options
+from prefsift.config import (
+    DataConfig,
+    EngineConfig,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    ScoreConfig,
+    TrainConfig,
+    cli_options,
+)
 from prefsift.errors import ConfigError, PrefsiftError
 
 try:  # typer ≥ 0.22 carries its own copy of click
@@ -308,7 +317,7 @@ def weigh(
 
 @app.command()
 @friendly
-@cli_options(TrainConfig, EngineConfig, DataConfig)
+@cli_options(TrainConfig, EngineConfig, DataConfig, ModelConfig)
 def train(
     data: DataOpt,
     model: Annotated[str, typer.Option(help="Model to align, the policy training starts from: hub id, local "
@@ -319,7 +328,6 @@ def train(
     scores: Annotated[Path | None, typer.Option(help="A score directory whose reference log-probs are reused "
                                                       "(TRL then skips its reference pass); max_length and β "
                                                       "default to its own; --order reads its column here.")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Let a model run its own code.")] = False,
     config: ConfigOpt = None,
     *,
     flags: dict,
@@ -335,8 +343,8 @@ def train(
 
     scored = {k: v for k, v in read_manifest(scores).get("engine", {}).items() if k in ("max_length", "beta")} \
         if scores is not None else {}
-    train_config, engine, data_options = _settings(config, flags, TrainConfig, EngineConfig, DataConfig,
-                                                   defaults=scored)
+    train_config, engine, data_options, model_options = _settings(config, flags, TrainConfig, EngineConfig,
+                                                                  DataConfig, ModelConfig, defaults=scored)
     from prefsift.output import check_output, locked, staged
 
     check_output(out, "train")  # before any model is loaded or trained
@@ -346,7 +354,7 @@ def train(
     if train_config.algo == "kto" and (scores is not None or reference):
         raise ConfigError("--scores/--reference feed DPO's reference log-probs; KTO computes its own reference "
                           "from --model")
-    common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": trust_remote_code}
+    common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": model_options.trust_remote_code}
     policy = load_model(model, **common)
     ref_model = load_model(reference, **common) if reference and reference != model else policy
     ref = None
@@ -388,14 +396,13 @@ def train(
 
 @app.command("eval")
 @friendly
-@cli_options(EvalConfig, EngineConfig, DataConfig)
+@cli_options(EvalConfig, EngineConfig, DataConfig, ModelConfig)
 def eval_(
     model: Annotated[str, typer.Option(help="The aligned policy.")],
     data: DataOpt,
     out: Annotated[Path, typer.Option(help="Output directory (eval.json, eval_pairs.jsonl, answers.jsonl).")],
     reference: Annotated[str | None, typer.Option(help="Reference (SFT) policy.")] = None,
     judge_model: Annotated[str | None, typer.Option(help="Reward model judging the win rate.")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Let a model run its own code.")] = False,
     config: ConfigOpt = None,
     *,
     flags: dict,
@@ -411,7 +418,8 @@ def eval_(
     from prefsift.report import one_line
     from prefsift.reward import load_reward_model
 
-    eval_config, engine, data_options = _settings(config, flags, EvalConfig, EngineConfig, DataConfig)
+    eval_config, engine, data_options, model_options = _settings(config, flags, EvalConfig, EngineConfig, DataConfig,
+                                                                 ModelConfig)
     from prefsift.output import check_output, locked, staged
 
     check_output(out, "eval")  # before any model is loaded
@@ -419,7 +427,7 @@ def eval_(
     loaded_data = _load(data, data_options)
     if loaded_data.kind == "unpaired":
         raise ConfigError("eval needs preference pairs (prompt, chosen, rejected); this data is unpaired")
-    common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": trust_remote_code}
+    common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": model_options.trust_remote_code}
     policy = load_model(model, **common)
     ref = load_model(reference, **common) if reference else None
     judge = (RewardModelJudge(load_reward_model(judge_model, **common), engine.max_length, eval_config.batch_size)

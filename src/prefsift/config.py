@@ -282,6 +282,14 @@ class DataConfig(Checked):
 
 
 @dataclasses.dataclass
+class ModelConfig(Checked):
+    """How `train` and `eval` load their models, settable from a flat YAML like any other option (`score` and
+    `run` carry the same field in their own configs; --device and --dtype are the shared `EngineConfig`'s)."""
+
+    trust_remote_code: bool = option(False, "Let a model run its own code (off unless you ask).")
+
+
+@dataclasses.dataclass
 class ScoreConfig(Checked):
     """`prefsift score`: the method and the sources of the roles it needs (see prefsift.resources.ROLES)."""
 

@@ -710,3 +710,42 @@ def test_a_streamed_file_is_memory_mapped_not_held(tmp_path: Path) -> None:
     loaded = load_pairs(path)
     assert loaded.pairs.cache_files and loaded.raw.cache_files  # Arrow files on disk, mapped
     assert loaded.raw.to_list()[0] == {**STANDARD[0], "pair_id": loaded.pairs[0]["pair_id"]}
+
+
+@pytest.mark.parametrize(("name", "indent"), [("a.json", 2), ("m.json", None), ("a.json.gz", 1)])
+def test_a_json_array_is_streamed_and_reads_as_the_whole_file_does(tmp_path: Path, monkeypatch, name, indent) -> None:
+    """A .json array goes through the chunked, memory-mapped path of JSON lines (never `_read_json`, which holds the
+    whole text), record by record with `raw_decode` over a small buffer; what it reads equals the whole-file read,
+    whatever the block size cuts through (strings holding `]`, `,` and quotes, multi-byte characters, numbers)."""
+    import io
+
+    import prefsift.data.load
+    import prefsift.data.read as read
+
+    rows = [{"prompt": f"q{i} é ] , \" [ ☃", "chosen": f"yes {i}\n" * (i % 4 + 1), "rejected": f"no {i}",
+             "score": i * 1.25, "meta": {"tags": ["a", str(i)], "none": None}} for i in range(40)]
+    rows[7]["chosen"] = rows[7]["rejected"]  # an invalid row, reported with its record number
+    text = json.dumps(rows, indent=indent, ensure_ascii=False)
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    whole = read._read_json(io.StringIO(text), str(path))  # the whole-file reader, on the same text
+    for block in (3, 17, 1 << 20):
+        chunks = list(read.iter_jsonl_chunks(path, str(path), size=6, block=block))
+        assert [r for c in chunks for r in c.rows] == whole.rows == list(range(1, 41))
+        assert {c.row_word for c in chunks} == {whole.row_word} == {"row"}
+        assert [r for c in chunks for r in c.table.to_list()] == whole.table.to_list()
+    streamed = []
+    monkeypatch.setattr(read, "_read_json", lambda *a: pytest.fail("the whole-file reader was used"))
+    monkeypatch.setattr(prefsift.data.load, "CHUNK_ROWS", 8)
+    original = prefsift.data.load._load_chunks
+    monkeypatch.setattr(prefsift.data.load, "_load_chunks",
+                        lambda chunks, *a, **k: original((streamed.append(c) or c for c in chunks), *a, **k))
+    loaded = load_pairs(path)
+    assert len(streamed) == 5  # 40 records, 8 a chunk
+    expected = load_pairs(datasets.Dataset.from_list(rows))
+    assert loaded.pairs.to_list() == expected.pairs.to_list() and len(loaded.pairs) == 39
+    assert [(r.row, r.reason) for r in loaded.invalid] == [(8, expected.invalid[0].reason)]

@@ -75,8 +75,8 @@ def read_source(
 
 
 def streamable(source: Any) -> Path | None:
-    """The local JSON-lines file (.jsonl / .ndjson, optionally .gz) `source` names, which `iter_jsonl_chunks` reads
-    chunk by chunk; None for anything else."""
+    """The local JSON file (.jsonl / .ndjson / .json, optionally .gz: JSON lines, or a JSON array of records)
+    `source` names, which `iter_jsonl_chunks` reads chunk by chunk; None for anything else."""
     if not isinstance(source, (str, os.PathLike)):
         return None
     path = Path(os.fspath(source)).expanduser()
@@ -86,21 +86,25 @@ def streamable(source: Any) -> Path | None:
         fmt, _ = _file_format(path)
     except DataError:
         return None
-    return path if fmt == "jsonl" else None
+    return path if fmt in ("jsonl", "json") else None
 
 
-def iter_jsonl_chunks(path: Path, where: str, size: int) -> Iterator[RawTable]:
-    """A JSON-lines file as RawTables of at most `size` records each, read as a stream: only one chunk's Python
-    objects are alive at a time. Errors name the line, as the whole-file reader's do."""
+def iter_jsonl_chunks(path: Path, where: str, size: int, block: int = 1 << 20) -> Iterator[RawTable]:
+    """A JSON-lines file, or a .json file holding a JSON array of records, as RawTables of at most `size` records
+    each, read as a stream: only one chunk's Python objects (and `block` bytes of text) are alive at a time. Errors
+    name the line, as the whole-file reader's do."""
     fmt, compressed = _file_format(path)
     try:
         with _open_binary(path, compressed) as f:
-            records = _jsonl_records(_decoded_lines(f, where), where)
+            if fmt == "json" and _starts_array(f):
+                records, word = _json_array_records(f, where, block), "row"
+            else:
+                records, word = _jsonl_records(_decoded_lines(f, where), where), "line"
             while True:
                 chunk = list(itertools.islice(records, size))
                 if not chunk:
                     return
-                yield _from_records(chunk, where, "line")
+                yield _from_records(chunk, where, word)
     except (gzip.BadGzipFile, EOFError, OSError) as e:
         if isinstance(e, (FileNotFoundError, PermissionError)):
             raise DataError(f"cannot open {where}: {e.strerror}") from e
@@ -191,6 +195,117 @@ def _jsonl_records(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict
         if not isinstance(record, dict):
             raise DataError(f"{where} line {number}: expected a JSON object, got {_json_type(record)}")
         yield number, record
+
+
+def _starts_array(f: IO[bytes]) -> bool:
+    """Whether the file's first non-blank character (after a byte-order mark) is `[`; the stream is rewound."""
+    head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    while not head:
+        more = f.read(4096)
+        if not more:
+            break
+        head = more.lstrip()
+    f.seek(0)
+    return head[:1] == b"["
+
+
+class _ArrayText:
+    """A JSON array's text decoded block by block, kept from the next unread character on; the lines (and the
+    columns of the current line) already dropped turn a position in the buffer into the file's line and column."""
+
+    def __init__(self, f: IO[bytes], where: str, block: int) -> None:
+        import codecs
+
+        self.f, self.where, self.block = f, where, block
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text, self.pos = "", 0  # buffer, next unread index
+        self.line, self.column = 0, 0  # lines dropped before the buffer; columns of its first line dropped
+        self.eof, self.read_lines, self.first = False, 0, True
+
+    def more(self, at_least: int = 0) -> bool:
+        """Append at least one block (or `at_least` characters' worth) of text; False at the end of the file."""
+        if self.eof:
+            return False
+        cut, newline = self.pos, self.text.rfind("\n", 0, self.pos)
+        self.line += self.text.count("\n", 0, cut)
+        self.column = cut - newline - 1 if newline >= 0 else self.column + cut
+        self.text, self.pos = self.text[cut:], 0
+        data = self.f.read(max(self.block, at_least))
+        if self.first:
+            data, self.first = data.removeprefix(b"\xef\xbb\xbf"), False
+        try:
+            chunk = self.decoder.decode(data, final=not data)
+        except UnicodeDecodeError as e:
+            line = self.read_lines + data[:e.start].count(b"\n") + 1
+            raise DataError(f"{self.where} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+        self.read_lines += data.count(b"\n")
+        self.eof = not data
+        self.text += chunk
+        return bool(data)
+
+    def skip_blank(self) -> str:
+        """The next non-blank character ('' at the end of the file), not consumed."""
+        while True:
+            while self.pos < len(self.text) and self.text[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.text) or not self.more():
+                return self.text[self.pos:self.pos + 1]
+
+    def fail(self, message: str, lineno: int | None = None, colno: int | None = None) -> DataError:
+        """The error at the next unread character, or at (lineno, colno) of the buffer (a JSONDecodeError's)."""
+        if lineno is None:
+            lineno = self.text.count("\n", 0, self.pos) + 1
+            colno = self.pos - self.text.rfind("\n", 0, self.pos)
+        column = colno + (self.column if lineno == 1 else 0)
+        return DataError(f"{self.where} line {self.line + lineno}, column {column}: invalid JSON ({message})")
+
+
+def _json_array_records(f: IO[bytes], where: str, block: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The records of a JSON array, one at a time, decoded with `json.JSONDecoder.raw_decode` over a buffer that
+    grows only to hold the record being read: a large array never sits in memory whole."""
+    decoder = json.JSONDecoder()
+    text = _ArrayText(f, where, block)
+    text.skip_blank()
+    text.pos += 1  # the `[` that `_starts_array` saw
+    number = 0
+    while True:
+        char = text.skip_blank()
+        if char == "]" and number == 0:
+            text.pos += 1
+            break
+        if not char:
+            raise text.fail("Expecting value")
+        while True:
+            try:
+                record, end = decoder.raw_decode(text.text, text.pos)
+            except json.JSONDecodeError:
+                # the value may run past the buffer: read as much again (doubling keeps a long record linear)
+                if text.more(at_least=len(text.text) - text.pos):
+                    continue
+                try:  # at the end of the file: the error again, at the buffer's final position
+                    decoder.raw_decode(text.text, text.pos)
+                except json.JSONDecodeError as e:
+                    raise text.fail(e.msg, e.lineno, e.colno) from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply") from None
+            if end == len(text.text) and not text.eof and not isinstance(record, (dict, list, str)):
+                text.more()  # a number or literal cut at the buffer's end may go on: decode it whole
+                continue
+            break
+        number += 1
+        if not isinstance(record, dict):
+            raise DataError(f"{where} record {number}: expected a JSON object, got {_json_type(record)}")
+        text.pos = end
+        yield number, record
+        char = text.skip_blank()
+        if char == "]":
+            text.pos += 1
+            break
+        if char != ",":
+            raise text.fail("Expecting ',' delimiter")
+        text.pos += 1
+    if text.skip_blank():
+        raise text.fail("Extra data")
 
 
 def _read_json(f: IO[str], where: str) -> RawTable:

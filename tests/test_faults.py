@@ -693,8 +693,10 @@ def test_a_run_failing_part_way_keeps_the_earlier_results_whole_and_its_shards(w
     before = tree(out)
     assert {"results.json", "results.md", "timings.json", "manifest.json"} <= set(before)
     assert any(name.startswith("seed-0/selected/") for name in before)
-    # a second run, two seeds, fails in the second seed: the first seed's new files are already written
-    path.write_text(yaml.safe_dump({**config, "seeds": 2, "fractions": [0.25]}))
+    # a second run, two seeds, fails in the second seed: the first seed's new files are already written (irm: a
+    # warm-up model saved under seed-S/models)
+    path.write_text(yaml.safe_dump({**config, "seeds": 2, "fractions": [0.25], "methods": ["random", "irm"],
+                                    "warmup_fraction": 0.3}))
     run_seed = prefsift.pipeline.run_seed
 
     def second_seed_fails(config, *args, **kwargs):
@@ -716,6 +718,9 @@ def test_a_run_failing_part_way_keeps_the_earlier_results_whole_and_its_shards(w
     assert result.exit_code == 0, result.output
     after = tree(out)
     assert {r["seed"] for r in json.loads(after["results.json"])["records"]} == {0, 1}
+    assert not any(b".staging-" in content for content in after.values())  # saved models named by their final path
+    policy = json.loads(after["seed-1/scores/manifest.json"])["models"]["policy"]["source"]
+    assert policy == str(out / "seed-1" / "models" / "warmup") and (out / "seed-1" / "models" / "warmup").is_dir()
     assert not any("selected/random-0.5/" in name for name in after)  # nothing of the old run mixed in
     assert list((out / "shards").rglob("*.parquet"))
 

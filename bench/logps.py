@@ -289,6 +289,8 @@ def main() -> None:
                   "machine": {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                               "torch": torch.__version__, "load_average_1min_start": os.getloadavg()[0]},
                   "command": "python bench/logps.py " + " ".join(sys.argv[1:]),
+                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True).stdout.strip(),
                   "engine": engine_only(args, loaded.model, loaded.tokenizer, rows)}
         if args.whole:
             with tempfile.TemporaryDirectory() as work:

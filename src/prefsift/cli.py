@@ -386,11 +386,14 @@ def train(
                                       "config": dataclasses.asdict(train_config), "engine": dataclasses.asdict(engine),
                                       "scores": str(scores) if scores else None, "seconds": result.seconds})
     # why it trained on fewer pairs than the file holds: each reason counted, the rows listed in dropped.jsonl
-    reasons = [f"{len(result.too_long)} {too_long}"] if result.too_long else []
-    reasons += [f"{len(loaded_data.invalid)} invalid input rows"] if loaded_data.invalid else []
-    of = f" of {result.n_pairs + len(result.too_long) + len(loaded_data.invalid)}" if reasons else ""
-    why = f" ({'; '.join(reasons)} → {out / 'dropped.jsonl'})" if reasons else ""
-    console.print(f"trained {train_config.algo} on {result.n_pairs}{of} pairs{why} in {result.seconds:.1f}s → {out}",
+    def counted(n: int, what: str) -> str:
+        return f"{n} {what}{'' if n == 1 else 's'}"
+
+    reasons = [counted(len(result.too_long), "pair") + f" whose {too_long}"] if result.too_long else []
+    reasons += [counted(len(loaded_data.invalid), "invalid input row")] if loaded_data.invalid else []
+    of = f" of {result.n_pairs + len(result.too_long) + len(loaded_data.invalid)} rows" if reasons else " pairs"
+    why = f" ({'; '.join(reasons)} left out → {out / 'dropped.jsonl'})" if reasons else ""
+    console.print(f"trained {train_config.algo} on {result.n_pairs}{of}{why} in {result.seconds:.1f}s → {out}",
                   highlight=False)
 
 

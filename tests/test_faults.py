@@ -755,3 +755,24 @@ def test_train_lists_the_pairs_whose_prompt_fills_max_length_and_says_why(ws, tm
                           "reason": f"prompt fills max_length {max_length}"}
     assert [(d["row"], d["stage"]) for d in dropped[1:]] == [(9, "data")]
     assert json.loads((out / "manifest.json").read_text())["data"]["n_pairs"] == 7
+
+
+def test_compare_failing_after_its_runs_keeps_the_earlier_table_and_results(ws, tmp_path, monkeypatch):
+    import prefsift.compare
+
+    _, model, _, data = ws
+    out = tmp_path / "cmp"
+    args = ("compare", "--data", data, "--model", model, "--out", out, "--methods", "random,margin", "--seeds", 1,
+            "--start-from", "reference", "--no-rule-share", "--no-full", "--test-fraction", 0.4, "--max-length", 64,
+            "--learning-rate", 1e-3, "--batch-size", 8, "--no-gradient-checkpointing", "--min-test-pairs", 0)
+    rated = tmp_path / "rated.jsonl"  # margin reads the data's own ratings: no extra model
+    rated.write_text("".join(json.dumps({**json.loads(line), "score_chosen": float(i % 7), "score_rejected": 3.0})
+                             + "\n" for i, line in enumerate(data.read_text().splitlines())))
+    args = tuple(rated if a == data else a for a in args)
+    assert invoke(*args, "--fractions", 0.5).exit_code == 0
+    before = tree(out)
+    assert {"compare.md", "compare.json", "results.json"} <= set(before)
+    monkeypatch.setattr(prefsift.compare, "mean_seconds", _full)  # the table's turn, after every run finished
+    one_line_error(invoke(*args, "--fractions", 0.25), "the disk is full", "earlier results there are unchanged")
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp", "rated.jsonl"]

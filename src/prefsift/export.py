@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,10 @@ def replace_together(contents: dict[Path, str]) -> list[Path]:
         for path, tmp in staged_files.items():
             if path.exists():
                 backups[path] = temp_sibling(path)
-                os.link(path, backups[path])  # a hard link: the old file stays where it is until replaced
+                try:
+                    os.link(path, backups[path])  # a hard link: the old file stays where it is until replaced
+                except OSError:  # a filesystem without hard links: a copy does the same
+                    shutil.copy2(path, backups[path])
             tmp.replace(path)
             done.append(path)
     except BaseException:

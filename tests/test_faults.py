@@ -661,6 +661,11 @@ def test_exports_failing_part_way_keep_the_earlier_files(scored, tmp_path, monke
 def test_select_on_a_column_that_is_not_a_score_is_one_line(scored, tmp_path):
     one_line_error(invoke("select", "--scores", scored, "--out", tmp_path / "s", "--rule", "top", "--column",
                           "pair_id", "--fraction", 0.5), "column 'pair_id' is not a numeric score", "random")
+    table = pq.read_table(scored / "scores.parquet")  # a text column beside the scores (a hand-edited file)
+    pq.write_table(table.append_column("note", table["pair_id"]), scored / "scores.parquet")
+    for command in (("select", "--rule", "top", "--fraction", 0.5), ("weigh", "--transform", "rank")):
+        one_line_error(invoke(*command, "--scores", scored, "--out", tmp_path / "s", "--column", "note"),
+                       "column 'note' is not a numeric score")
     assert not (tmp_path / "s").exists()
 
 

@@ -83,7 +83,11 @@ def weigh_scores(scores_dir: str | Path, out_dir: str | Path, *, column: str, tr
     table = pq.read_table(scores_dir / "scores.parquet").to_pydict()
     if column not in table or column == "pair_id":
         raise ConfigError(f"no score column '{column}' in {scores_dir} (columns: {', '.join(score_columns(table))})")
-    values = np.asarray(table[column], dtype=float)
+    try:
+        values = np.asarray(table[column], dtype=float)
+    except (TypeError, ValueError):  # a text column has no order a weight could follow
+        raise ConfigError(f"column '{column}' is not a numeric score (columns: "
+                          f"{', '.join(score_columns(table))})") from None
     weights = score_weights(values, transform, temperature=temperature, low=low, high=high, reverse=reverse,
                             pair_ids=table["pair_id"])
     rows = np.flatnonzero(weights > 0)

@@ -69,13 +69,56 @@ def demo_scaling(path: Path) -> str:
             "SFT start, win rate against the SFT model.\n\n" + body)
 
 
+def logps_table(path: Path) -> str:
+    """bench/logps.py's records of one data shape, one row a max_length: engine-only and whole-process seconds of
+    both sides (each repeat's ratio, so the spread shows), tokens fed over the floor, peak RSS of the processes."""
+    records = [r for _, r in sorted(json.loads(path.read_text()).items(), key=lambda kv: int(kv[0]))]
+    if not records:
+        return ""
+    first = records[0]
+    m = first["machine"]
+    head = (f"`{first['command']}`: {first['model']}, fp32, {first['threads']} torch thread, TRL batch "
+            f"{first['trl_batch_size']} pairs, prefsift {first['batch_tokens']} tokens a batch, on {m['cores']} cores "
+            f"(load average {min(r['machine']['load_average_1min_start'] for r in records):.1f}-"
+            f"{max(r['machine']['load_average_1min_end'] for r in records):.1f}); from `bench/results/{path.name}` "
+            f"({first['when']}).\n\n")
+
+    def spread(trl: list[float], ours: list[float]) -> str:
+        ratios = sorted(t / o for t, o in zip(trl, ours, strict=True))
+        return f"**{ratios[0]:.2f}×**" if len(ratios) == 1 else f"**{ratios[0]:.2f}-{ratios[-1]:.2f}×**"
+
+    rows = []
+    for r in records:
+        e, w = r["engine"], r.get("whole")
+        floor, seconds = e["floor_tokens"], e["seconds"]
+        row = {"max_length": r["max_length"], "pairs": e["kept"], "floor tokens": floor,
+               "× floor TRL / prefsift": f"{e['trl_tokens'] / floor:.2f} / {e['prefsift_tokens'] / floor:.2f}",
+               "engine s TRL / prefsift": f"{min(seconds['trl']):.1f} / {min(seconds['prefsift']):.1f}",
+               "engine ratio": spread(seconds["trl"], seconds["prefsift"])}
+        if "packed" in seconds:
+            row["prefsift packed / cached only, s"] = f"{seconds['packed'][0]:.1f} / {seconds['cached'][0]:.1f}"
+        if w:
+            row["whole process s TRL / prefsift"] = (f"{min(w['trl']['seconds']):.1f} / "
+                                                     f"{min(w['prefsift']['seconds']):.1f}")
+            row["whole ratio"] = spread(w["trl"]["seconds"], w["prefsift"]["seconds"])
+            row["peak RSS MB TRL / prefsift"] = (f"{max(w['trl']['peak_rss_mb']):.0f} / "
+                                                 f"{max(w['prefsift']['peak_rss_mb']):.0f}")
+            row["same scores"] = "yes" if w["same_values"] else "no"
+        row["max rel. diff"] = f"{e['max_relative_difference']:.1e}"
+        rows.append(row)
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return head + "\n".join(lines) + "\n"
+
+
 TABLES = {"logps-transcripts": (RESULTS / "logps-transcripts.json", logps_table),
           "logps-instructions": (RESULTS / "logps-instructions.json", logps_table),
           "demo-table": (RESULTS / "demo.json", demo_table), "real-table": (RESULTS / "real.json", real_table),
           "memory-table": (RESULTS / "memory.json", memory_table),
           "demo-all-table": (RESULTS / "demo-all.json", demo_table),
           "real-peers-table": (RESULTS / "real-peers.json", real_table),
-          "demo-scaling": (RESULTS / "demo.json", demo_scaling),}
+          "demo-scaling": (RESULTS / "demo.json", demo_scaling)}
 
 
 def render(text: str) -> str:

@@ -112,7 +112,21 @@ def logps_table(path: Path) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-TABLES = {"logps-transcripts": (RESULTS / "logps-transcripts.json", logps_table),
+def floor_table(path: Path) -> str:
+    record = json.loads(path.read_text())
+    head = (f"`{record['command']}` ({record['when']}): tokens fed to the backbone over the floor, counted on "
+            f"SmolLM2's tokenizer (prefsift: its batch plan at {record['batch_tokens']} tokens, packed layout; "
+            f"TRL: its collator's rows, {record['trl_batch_size']} pairs a batch); from "
+            f"`bench/results/{path.name}`.\n\n")
+    lines = ["| shape | max_length | pairs | floor tokens | TRL × floor | prefsift × floor |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['max_length']} | {r['pairs']} | {r['floor_tokens']} | {r['trl_x_floor']:.2f} | "
+              f"{r['prefsift_x_floor']:.2f} |" for r in record["rows"]]
+    return head + "\n".join(lines) + "\n"
+
+
+TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
+          "logps-transcripts": (RESULTS / "logps-transcripts.json", logps_table),
           "logps-instructions": (RESULTS / "logps-instructions.json", logps_table),
           "demo-table": (RESULTS / "demo.json", demo_table), "real-table": (RESULTS / "real.json", real_table),
           "memory-table": (RESULTS / "memory.json", memory_table),

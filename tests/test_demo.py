@@ -6,11 +6,13 @@ from __future__ import annotations
 import base64
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from prefsift.bench.task import TaskConfig
 from prefsift.cli import app
 from prefsift.demo import DemoConfig, run_demo
+from prefsift.errors import PrefsiftError
 
 
 def small(n_train: int, **kwargs) -> DemoConfig:
@@ -41,7 +43,7 @@ def test_demo_end_to_end(tmp_path):
     assert (tmp_path / "quality_vs_compute.png").is_file() and (tmp_path / "sft-model" / "model.safetensors").is_file()
 
 
-def test_same_seed_same_results_json(tmp_path):
+def test_same_seed_same_results_json(tmp_path, monkeypatch):
     config = small(200, seeds=2, start_from="both", methods=["random", "lossdiff-irm", "oracle"])
     first = run_demo(tmp_path / "a", seed=4, config=config, log=lambda _: None)
     run_demo(tmp_path / "b", seed=4, config=config, log=lambda _: None)
@@ -49,6 +51,21 @@ def test_same_seed_same_results_json(tmp_path):
     assert {r["seed"] for r in first["records"]} == {4, 5} and {r["start_from"] for r in first["records"]} == {
         "warmup", "reference"}
     assert all(row["n_seeds"] == 2 for row in first["summary"])
+
+    # a rerun that fails part-way leaves the earlier demo whole: no mix, no staging left behind
+    import prefsift.demo
+
+    before = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prefsift.demo, "run_pipeline", fail)
+    with pytest.raises((OSError, PrefsiftError)):
+        run_demo(tmp_path / "a", seed=4, config=config, log=lambda _: None)
+    after = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    monkeypatch.undo()
 
     # `prefsift report` over the demo directory: one self-contained page and its Markdown version
     result = CliRunner().invoke(app, ["report", str(tmp_path / "a"), "--out", str(tmp_path / "report")])

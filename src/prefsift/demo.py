@@ -69,10 +69,18 @@ class DemoConfig:
 def run_demo(out: Path, *, seed: int = 0, config: DemoConfig | None = None, log=print) -> dict:
     """The demo under `seed` (task, SFT model, splits); training seeds seed .. seed + config.seeds - 1. Returns
     run_pipeline's {"records", "summary"}."""
+    from prefsift.output import CACHE_ENTRIES, check_output, locked, staged
+    from prefsift.pipeline import name_final_paths
+
     config = config or DemoConfig()
     config = replace(config, task=replace(config.task, seed=seed), train=replace(config.train, seed=seed))
-    with torch_threads(config.engine.threads):
-        return _run(Path(out), seed, config, log)
+    out = Path(out)
+    check_output(out, "demo")  # a file, another stage's results: one line before the SFT model trains
+    # written whole or not at all, as `run` is: a demo failing part-way leaves an earlier one complete
+    with torch_threads(config.engine.threads), locked(out), staged(out, "demo", carry=CACHE_ENTRIES) as tmp:
+        results = _run(tmp, seed, config, log)
+        name_final_paths(tmp, out)
+    return results
 
 
 def _run(out: Path, seed: int, config: DemoConfig, log) -> dict:

@@ -409,11 +409,11 @@ def run_staged(config: RunConfig, *, log=print, finish=None) -> dict:
         results = run_pipeline(config, log=log, results_dir=tmp)
         if finish is not None:
             finish(tmp, results)
-        _name_final_paths(tmp, out)
+        name_final_paths(tmp, out)
     return results
 
 
-def _name_final_paths(staging: Path, out: Path) -> None:
+def name_final_paths(staging: Path, out: Path) -> None:
     """The models a run saves were named by their place in the staging directory (the manifests' `source`): name
     them by the place they will have once it is swapped in."""
     old, new = json.dumps(str(staging))[1:-1], json.dumps(str(out))[1:-1]

@@ -149,3 +149,28 @@ def test_checkpoints_of_one_run_are_the_shorter_runs(tmp_path, bpe_tokenizer, on
     fitted = json.loads((tmp_path / "scale" / "scaling.json").read_text())["points"]
     assert sorted(fitted["share"]) == [0.25, 0.5, 0.75, 1.0]
     assert fitted["score"][fitted["share"].index(0.5)] == point["pref_accuracy"]
+
+
+def test_scale_writes_whole_or_not_at_all(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import prefsift.scaling
+    from prefsift.cli import app
+
+    x, y = noisy_points(3)
+    csv = tmp_path / "points.csv"
+    csv.write_text("share,score\n" + "".join(f"{a},{b}\n" for a, b in zip(x, y, strict=True)))
+    out = tmp_path / "scale"
+    assert CliRunner().invoke(app, ["scale", "--points", str(csv), "--out", str(out)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"scaling.json", "scaling.md", "scaling.png", "manifest.json"} <= set(before)
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prefsift.scaling, "summary_markdown", full_disk)  # part-way through the second write
+    result = CliRunner().invoke(app, ["scale", "--points", str(csv), "--out", str(out), "--part", "0.9"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier fit, whole
+    result = CliRunner().invoke(app, ["scale", "--points", str(csv), "--out", str(csv)])
+    assert result.exit_code == 2 and "is a file" in result.output

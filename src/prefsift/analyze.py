@@ -17,6 +17,7 @@ import numpy as np
 
 from prefsift.errors import PrefsiftError
 from prefsift.maths import band_mask
+from prefsift.output import temp_sibling
 from prefsift.scorers.base import BAND_HIGH, BAND_LOW
 from prefsift.select import select_indices
 
@@ -136,7 +137,9 @@ def write_scatter(scores: Mapping[str, Sequence], path: str | Path) -> Path:
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    tmp = temp_sibling(path)
+    figure.savefig(tmp, dpi=120, format="png")
+    tmp.replace(path)
     plt.close(figure)
     return path
 
@@ -155,8 +158,10 @@ def analyze_dir(scores_dir: str | Path, out_dir: str | Path | None = None, *, ba
     out = Path(out_dir) if out_dir is not None else scores_dir
     out.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(result)
-    (out / "analysis.md").write_text(markdown)
-    (out / "analysis.json").write_text(json.dumps(result, indent=1))
+    for name, text in (("analysis.md", markdown), ("analysis.json", json.dumps(result, indent=1))):
+        tmp = temp_sibling(out / name)  # beside the scores it reads: each file replaced whole
+        tmp.write_text(text)
+        tmp.replace(out / name)
     scatter = write_scatter(scores, out / "influence-scatter.png")
     return {**result, "markdown": markdown, "files": [str(out / "analysis.json"), str(out / "analysis.md"),
                                                       str(scatter)]}

@@ -582,9 +582,16 @@ def scale(
 
         share, score = scaling_points(json.loads(path.read_text())["records"], method=method, metric=metric,
                                       start_from=start_from)
+    from prefsift.manifest import write_manifest
+    from prefsift.output import check_output, locked, staged
+
+    check_output(out, "scale")
     fit = fit_plateau(share, score, interval=interval)
     plan = plan_share(fit, part=part)
-    write_scaling_report(fit, plan, out)
+    with locked(out), staged(out, "scale") as tmp:  # written whole or not at all
+        write_scaling_report(fit, plan, tmp)
+        write_manifest(tmp, "scale", {"points": str(points) if points else None,
+                                      "results": str(results) if results else None, "part": part})
     typer.echo(summary_markdown(fit, plan))
 
 

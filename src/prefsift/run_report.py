@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from prefsift.errors import PrefsiftError
+from prefsift.output import temp_sibling
 from prefsift.report import markdown_table
 from prefsift.scaling import fit_plateau, plan_share, plot_fit, scaling_points, summary_markdown
 
@@ -70,8 +71,10 @@ def plot_score_distributions(scores_dir: Path, path: Path, fraction: float | Non
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = temp_sibling(path)
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    tmp.replace(path)
     return path
 
 
@@ -153,6 +156,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, meth
     if plot.is_file() and out != run_dir:
         (out / plot.name).write_bytes(plot.read_bytes())
     paths = {"html": out / "report.html", "markdown": out / "report.md"}
-    paths["html"].write_text("\n".join(page), encoding="utf-8")
-    paths["markdown"].write_text("\n".join(md), encoding="utf-8")
+    for path, text in ((paths["html"], "\n".join(page)), (paths["markdown"], "\n".join(md))):
+        tmp = temp_sibling(path)  # beside a run's own results: each file replaced whole, never half-written
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
     return paths

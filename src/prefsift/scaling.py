@@ -194,8 +194,12 @@ def plot_fit(fit: PlateauFit, path: str | Path, plan: Plan | None = None, *, tit
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    from prefsift.output import temp_sibling
+
+    tmp = temp_sibling(path)  # replaced whole: `report` writes it beside a run's own results
+    fig.savefig(tmp, format="png")
     plt.close(fig)
+    tmp.replace(path)
     return path
 
 

@@ -323,6 +323,35 @@ def test_a_kill_between_the_two_renames_is_recovered(ws, tmp_path):
     assert (out / "shards" / "kept.txt").read_text() == "resumable"  # caches move into the new directory
 
 
+def test_a_kill_after_a_runs_renames_carries_only_its_caches(tmp_path):
+    """`run` carries only the caches into its new directory: a kill after both renames, before the old directory's
+    caches moved, must not let the next lock move an old seed folder in beside the new results."""
+    from prefsift.output import CACHE_ENTRIES, commit, locked
+
+    out, staging = tmp_path / "run", tmp_path / ".run.staging-1-aa"
+    (out / "seed-1").mkdir(parents=True)
+    (out / "seed-1" / "old.txt").write_text("the old run's second seed")
+    (out / "shards").mkdir()
+    (out / "shards" / "kept.txt").write_text("resumable")
+    staging.mkdir()
+    (staging / "results.json").write_text("new")
+
+    import prefsift.output
+
+    real = prefsift.output._move_missing
+    prefsift.output._move_missing = lambda *a, **k: (_ for _ in ()).throw(SystemExit("killed"))
+    try:
+        with pytest.raises(SystemExit):
+            commit(staging, out, CACHE_ENTRIES)
+    finally:
+        prefsift.output._move_missing = real
+    with locked(out):  # the next run's lock repairs the swap
+        pass
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "shards"]
+    assert (out / "shards" / "kept.txt").read_text() == "resumable"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 # ------------------------------------------------------------------ corrupt shard, content fingerprint
 
 

@@ -134,11 +134,13 @@ def recover(out: Path) -> None:
         if not sibling.is_dir():
             continue
         kind = sibling.name[len(out.name) + 2:].split("-")[0]
-        if kind == "old":
+        if kind in ("old", "oldcache"):
             if not out.exists():
                 sibling.rename(out)
                 continue
-            if _move_missing(sibling, out):
+            # the swap finished its renames: carry what that swap would have carried, and no more (an old seed
+            # folder of a run must not land beside the new results)
+            if _move_missing(sibling, out, CACHE_ENTRIES if kind == "oldcache" else None):
                 shutil.rmtree(sibling, ignore_errors=True)
         elif kind == "staging":
             shutil.rmtree(sibling, ignore_errors=True)
@@ -164,7 +166,9 @@ def commit(staging: Path, out: Path, carry: set[str] | None = None) -> None:
     if not out.exists():
         staging.rename(out)
         return
-    old = _sibling(out, "old")
+    if carry is not None and set(carry) != CACHE_ENTRIES:
+        raise ValueError("commit carries every old entry or the caches (CACHE_ENTRIES)")
+    old = _sibling(out, "old" if carry is None else "oldcache")  # `recover` reads what to carry from the name
     out.rename(old)
     try:
         staging.rename(out)

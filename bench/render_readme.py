@@ -77,10 +77,12 @@ def logps_table(path: Path) -> str:
         return ""
     first = records[0]
     m = first["machine"]
-    head = (f"`{first['command']}`: {first['model']}, fp32, {first['threads']} torch thread, TRL batch "
+    loads = [r["machine"][k] for r in records for k in ("load_average_1min_start", "load_average_1min_end")]
+    commands = "; ".join(dict.fromkeys(f"`{r['command']}`" + (f" (commit {r['commit']})" if r.get("commit") else "")
+                                       for r in records))
+    head = (f"{commands}: {first['model']}, fp32, {first['threads']} torch thread, TRL batch "
             f"{first['trl_batch_size']} pairs, prefsift {first['batch_tokens']} tokens a batch, on {m['cores']} cores "
-            f"(load average {min(r['machine']['load_average_1min_start'] for r in records):.1f}-"
-            f"{max(r['machine']['load_average_1min_end'] for r in records):.1f}); from `bench/results/{path.name}` "
+            f"(1-minute load average {min(loads):.1f}-{max(loads):.1f}); from `bench/results/{path.name}` "
             f"({first['when']}).\n\n")
 
     def spread(trl: list[float], ours: list[float]) -> str:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import make_pairs, make_tiny_llama
 from test_scorers import naive
 from typer.testing import CliRunner
@@ -53,6 +54,7 @@ def test_score_select_train_eval(workspace, monkeypatch):
                           "ref_rejected_logps"}
     manifest = json.loads((scores / "manifest.json").read_text())
     assert manifest["engine"]["max_length"] == 64 and manifest["data"]["hash"] and manifest["versions"]["trl"]
+    assert manifest["versions"]["torch_threads"] == torch.get_num_threads()  # the count this run used
     assert manifest["methods"]["irm"]["params"] == {"band_low": 0.25, "band_high": 0.75}
     assert manifest["models"]["reference"]["tokenizer"] and manifest["models"]["policy"]["fingerprint"]
     assert "Creating parquet" not in result.output  # datasets' own bars stay quiet

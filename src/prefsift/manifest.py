@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 
-def versions() -> dict[str, str]:
+def versions() -> dict[str, str | int]:
     import datasets
     import peft
     import torch
@@ -22,7 +22,10 @@ def versions() -> dict[str, str]:
 
     return {"prefsift": prefsift.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl.__version__, "peft": peft.__version__, "datasets": datasets.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            # without --threads the count follows the machine's load, and fp32 reductions split over another number
+            # of threads can differ in the last bits: the count a run used is part of what reproduces it
+            "torch_threads": torch.get_num_threads()}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -57,6 +58,18 @@ def make_tiny_llama(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 48)
     model = LlamaForCausalLM(config)
     model.config._attn_implementation = "sdpa"
     return model.eval()
+
+
+def saved_tiny_llama(directory, tokenizer, **kwargs):
+    """A tiny Llama and its tokenizer saved as a model directory, as a user's SFT model is."""
+    make_tiny_llama(tokenizer, **kwargs).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_jsonl(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from conftest import make_pairs, make_tiny_llama
+from conftest import make_pairs, saved_tiny_llama, write_jsonl
 from typer.testing import CliRunner
 
 from prefsift.cli import app
@@ -24,14 +24,11 @@ def test_all_means_what_the_data_and_models_allow():
 
 
 def test_compare_cli(tmp_path, bpe_tokenizer):
-    model_dir = tmp_path / "sft"
-    make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
-    bpe_tokenizer.save_pretrained(model_dir)
+    model_dir = saved_tiny_llama(tmp_path / "sft", bpe_tokenizer)
     rng = np.random.default_rng(0)
     rows = [{**r, "score_chosen": float(rng.integers(1, 10)), "score_rejected": float(rng.integers(1, 10))}
             for r in make_pairs(60, seed=5)]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "cmp"
     result = CliRunner().invoke(app, [
         "compare", "--data", str(data), "--model", str(model_dir), "--out", str(out), "--methods", "irm,margin",

@@ -3,12 +3,10 @@ scores, value for value. Skipped where Ray is not installed (`pip install 'prefs
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_pairs, make_tiny_llama
+from conftest import make_pairs, make_tiny_llama, saved_tiny_llama, write_jsonl
 from datasets import Dataset
 from typer.testing import CliRunner
 
@@ -55,11 +53,8 @@ def test_ray_pool_writes_the_single_process_shards(local_ray, bpe_tokenizer, tmp
 
 
 def test_score_with_backend_ray_matches_the_single_process(local_ray, bpe_tokenizer, tmp_path):
-    model_dir = tmp_path / "sft"
-    make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
-    bpe_tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(24, seed=42)))
+    model_dir = saved_tiny_llama(tmp_path / "sft", bpe_tokenizer)
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(24, seed=42))
     common = ["score", "--data", data, "--method", "irm", "--model", model_dir, "--threads", "1", "--batch-tokens",
               "256", "--device", "cpu"]
     runner = CliRunner()

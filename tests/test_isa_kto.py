@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
-from conftest import make_pairs, make_tiny_llama
+from conftest import make_pairs, saved_tiny_llama, write_jsonl
 from datasets import Dataset
 
 from prefsift.config import EngineConfig, EvalConfig, RunConfig, TrainConfig
@@ -17,11 +17,8 @@ from prefsift.train import make_trainer
 
 
 def test_isa_selects_completions_and_trains_kto_under_both_orders(tmp_path, bpe_tokenizer, one_thread):
-    model_dir = tmp_path / "sft"
-    make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
-    bpe_tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(60, seed=8)))
+    model_dir = saved_tiny_llama(tmp_path / "sft", bpe_tokenizer)
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(60, seed=8))
     config = RunConfig(
         data=str(data), model=str(model_dir), out=str(tmp_path / "run"), fractions=[0.25], rule_share=False,
         full=False, start_from="reference", validation_fraction=0.1, test_fraction=0.3, min_test_pairs=0,

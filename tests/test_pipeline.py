@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import make_pairs, make_tiny_llama
+from conftest import make_pairs, make_tiny_llama, saved_tiny_llama, write_jsonl
 from transformers import LlamaConfig, LlamaForSequenceClassification
 from typer.testing import CliRunner
 
@@ -160,11 +160,8 @@ def test_user_given_test_file_prompts_are_not_trained_on(tmp_path):
 
 def test_run_without_a_judge_keeps_models_on_request_and_refuses_a_tiny_test_split(tmp_path, bpe_tokenizer,
                                                                                    one_thread):
-    model_dir = tmp_path / "sft"
-    make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
-    bpe_tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(60, seed=34)))
+    model_dir = saved_tiny_llama(tmp_path / "sft", bpe_tokenizer)
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(60, seed=34))
     config = {"data": str(data), "model": str(model_dir), "out": str(tmp_path / "run"), "methods": ["random"],
               "fractions": [0.5], "rule_share": False, "full": False, "start_from": "reference",
               "test_fraction": 0.2, "engine": {"max_length": 64},

@@ -100,7 +100,7 @@ def test_checkpoints_of_one_run_are_the_shorter_runs(tmp_path, bpe_tokenizer, on
     epoch trains (constant learning rate, same seed, same order), evaluated independently here."""
     import copy
 
-    from conftest import make_pairs, make_tiny_llama
+    from conftest import make_pairs, saved_tiny_llama, write_jsonl
     from typer.testing import CliRunner
 
     from prefsift.cli import app
@@ -111,11 +111,8 @@ def test_checkpoints_of_one_run_are_the_shorter_runs(tmp_path, bpe_tokenizer, on
     from prefsift.pipeline import make_splits, run_pipeline
     from prefsift.train import train
 
-    model_dir = tmp_path / "sft"
-    make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
-    bpe_tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(80, seed=12)))
+    model_dir = saved_tiny_llama(tmp_path / "sft", bpe_tokenizer)
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(80, seed=12))
     recipe = TrainConfig(learning_rate=3e-3, batch_size=8, epochs=1.0, lr_scheduler_type="constant",
                          gradient_checkpointing=False)
     engine = EngineConfig(max_length=64)

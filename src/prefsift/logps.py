@@ -551,6 +551,30 @@ class LogpsRun:
         tmp.replace(path)  # atomic: a killed run never leaves a half-written shard behind
 
 
+class ShardBuffer:
+    """Finished batches of one pass, kept in `run`'s shards every `flush_rows` rows or `flush_seconds`, whichever
+    comes first (the log-prob and reward passes share it); without a run, nothing is written."""
+
+    def __init__(self, run: LogpsRun | None, flush_rows: int, flush_seconds: float) -> None:
+        self.run, self.flush_rows, self.flush_seconds = run, flush_rows, flush_seconds
+        self.batches: list[int] = []
+        self.rows: list[int] = []
+        self.values: list[np.ndarray] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, number: int, rows: list[int], values: np.ndarray) -> None:
+        self.batches.extend([number] * len(rows))
+        self.rows.extend(rows)
+        self.values.append(values)
+        if len(self.rows) >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.run is not None and self.rows:
+            self.run.write(self.batches, self.rows, np.concatenate(self.values))
+        self.batches, self.rows, self.values, self.last_flush = [], [], [], time.monotonic()
+
+
 def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_tokens: int = EngineConfig.batch_tokens,
                   run: LogpsRun | None = None, desc: str = "log-probs", flush_rows: int = 512,
                   flush_seconds: float = 60.0, check_dropped: Callable[[int, int], None] | None = None,
@@ -584,15 +608,7 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
         done = run.finished()
     was_training = model.training
     model.eval()
-    pending: tuple[list[int], list[int], list[np.ndarray]] = ([], [], [])
-    last_flush = time.monotonic()
-
-    def flush() -> None:
-        nonlocal pending, last_flush
-        if run is not None and pending[0]:
-            run.write(pending[0], pending[1], np.concatenate(pending[2]))
-        pending, last_flush = ([], [], []), time.monotonic()
-
+    shards = ShardBuffer(run, flush_rows, flush_seconds)
     # the path is chosen once, on the longest pair short enough to pack, whichever batches a resumed run still has
     # to compute (a longer pair goes alone through `_forward_long`)
     short = [b[0] for b in plan.batches if len(tokenized[b[0]]) <= LONG_PAIR_TOKENS]  # type: ignore[arg-type]
@@ -613,12 +629,8 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
                 chosen, rejected = next(results)
                 values = np.stack([chosen.numpy(), rejected.numpy()], axis=1)
                 out[batch] = values
-                pending[0].extend([number] * len(batch))
-                pending[1].extend(batch)
-                pending[2].append(values)
-                if len(pending[1]) >= flush_rows or time.monotonic() - last_flush >= flush_seconds:
-                    flush()
+                shards.add(number, batch, values)
             progress.update(len(batch))
-        flush()
+        shards.flush()
     model.train(was_training)
     return out

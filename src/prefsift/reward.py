@@ -10,7 +10,6 @@ failure after it never loses the rewards computed.
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification
 
 from prefsift.errors import PrefsiftError
+from prefsift.logps import ShardBuffer
 from prefsift.models import LoadedModel, load_model
 
 
@@ -99,15 +99,7 @@ def pair_rewards(model, tokenizer, pairs, *, batch_size: int, max_length: int | 
     if run is not None:
         run.shard_dir.mkdir(parents=True, exist_ok=True)
         done = run.finished()
-    pending: tuple[list[int], list[int], list[np.ndarray]] = ([], [], [])
-    last_flush = time.monotonic()
-
-    def flush() -> None:
-        nonlocal pending, last_flush
-        if run is not None and pending[0]:
-            run.write(pending[0], pending[1], np.concatenate(pending[2]))
-        pending, last_flush = ([], [], []), time.monotonic()
-
+    shards = ShardBuffer(run, flush_rows, flush_seconds)
     with tqdm(total=n, desc=desc, unit="pair", dynamic_ncols=True, disable=n == 0) as progress:
         for number, start in enumerate(range(0, n, batch_size)):
             rows = list(range(start, min(start + batch_size, n)))
@@ -119,11 +111,7 @@ def pair_rewards(model, tokenizer, pairs, *, batch_size: int, max_length: int | 
                          for p, r in zip(batch["prompt"], batch[side], strict=True)]
                 values = _score_texts(model, tokenizer, texts, max_length).reshape(2, len(rows)).T
                 out[rows] = values
-                pending[0].extend([number] * len(rows))
-                pending[1].extend(rows)
-                pending[2].append(values)
-                if len(pending[1]) >= flush_rows or time.monotonic() - last_flush >= flush_seconds:
-                    flush()
+                shards.add(number, rows, values)
             progress.update(len(rows))
-        flush()
+        shards.flush()
     return out

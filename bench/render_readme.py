@@ -127,6 +127,16 @@ def floor_table(path: Path) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def kto_ref_line(path: Path) -> str:
+    r = json.loads(path.read_text())
+    return (f"`{r['command']}` ({r['when']}, {r['threads']} thread, {r['model']}): {r['rows']} KTO rows of HH-RLHF at "
+            f"max_length {r['max_length']}, TRL {min(r['seconds']['trl']):.1f} s, prefsift "
+            f"{min(r['seconds']['prefsift']):.1f} s, **{r['ratio_best']:.2f}×** (best of {len(r['seconds']['trl'])} "
+            f"alternated repeats); TRL feeds each prompt twice, {r['trl_unpadded_tokens'] / r['floor_tokens']:.2f}× "
+            f"the unique tokens before its padding; largest relative difference {r['max_relative_difference']:.1e}; "
+            f"from `bench/results/{path.name}`.\n")
+
+
 TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "logps-transcripts": (RESULTS / "logps-transcripts.json", logps_table),
           "logps-instructions": (RESULTS / "logps-instructions.json", logps_table),
@@ -134,7 +144,8 @@ TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "memory-table": (RESULTS / "memory.json", memory_table),
           "demo-all-table": (RESULTS / "demo-all.json", demo_table),
           "real-peers-table": (RESULTS / "real-peers.json", real_table),
-          "demo-scaling": (RESULTS / "demo.json", demo_scaling)}
+          "demo-scaling": (RESULTS / "demo.json", demo_scaling),
+          "kto-ref": (RESULTS / "kto-ref.json", kto_ref_line)}
 
 
 def render(text: str) -> str:

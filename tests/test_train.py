@@ -231,3 +231,39 @@ def test_run_refuses_a_curriculum_it_cannot_feed():
 
     with pytest.raises(ConfigError, match="train.order .* is an option of `prefsift train --order`"):
         RunConfig(data="pairs.jsonl", model="sft", train=TrainConfig(order="selective"))
+
+
+@pytest.mark.parametrize(("shape", "max_length", "lora"), [
+    ("text", 64, False), ("text", 24, False), ("conversational", 96, False), ("text", 64, True)])
+def test_kto_reference_pass_matches_trls_own(bpe_tokenizer, tiny_llama, tmp_path, shape, max_length, lora):
+    """prefsift's engine computes KTO's reference log-probs (each row's completion and the KL term's mismatched one)
+    from TRL's own tokens: the values are those TRL's own reference pass gives, on plain text and chat rows, with
+    rows truncated and dropped at a short max_length, and with a LoRA adapter (switched off for the reference)."""
+    rows = make_pairs(11, seed=21)
+    rows[3]["prompt"] = "\n\nHuman: " + "long " * 12 + "\n\nAssistant:"  # fills max_length 24: TRL drops it
+    unpaired = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                for r in rows for side in ("chosen", "rejected")]
+    if shape == "conversational":
+        unpaired = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                     "completion": [{"role": "assistant", "content": r["completion"]}], "label": r["label"]}
+                    for r in unpaired]
+    loaded = LoadedModel(tiny_llama, bpe_tokenizer, "tiny", "")
+    config = TrainConfig(algo="kto", batch_size=4, gradient_checkpointing=False, lora=lora, lora_r=4, lora_alpha=8)
+    trainer, _ = train_module.make_trainer(loaded, Dataset.from_list(unpaired), config,
+                                           EngineConfig(max_length=max_length), str(tmp_path))
+    if lora:  # a trained-looking adapter: the reference must still be the base model
+        with torch.no_grad():
+            for name, parameter in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.5)
+    prepared = trainer.train_dataset.remove_columns(["ref_logps", "ref_KL_logps"])
+    ours = trainer._precompute_ref_logps(prepared, "train", 4)
+    theirs = train_module.KTOTrainer._precompute_ref_logps(trainer, prepared, "again", 4)
+    assert len(ours) == len(theirs) and (len(ours) < len(unpaired)) == (max_length == 24)
+    for column in ("ref_logps", "ref_KL_logps"):
+        np.testing.assert_allclose(ours[column], theirs[column], rtol=1e-4, atol=1e-4)
+    # the KL completions are other rows' completions, so the two columns differ
+    assert not np.allclose(ours["ref_logps"], ours["ref_KL_logps"])
+    if max_length == 24:  # some completions were cut by max_length, and the values still match
+        assert any(len(p) + len(c) > 24 for p, c in zip(prepared["prompt_ids"], prepared["completion_ids"],
+                                                        strict=True))

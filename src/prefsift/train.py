@@ -13,6 +13,8 @@ Two more things the subclass adds, each only when asked:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 import time
 import warnings
@@ -23,12 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from tqdm.auto import tqdm
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.data_utils import unpair_preference_dataset
 
 from prefsift.config import EngineConfig, TrainConfig  # noqa: F401 (TrainConfig: re-exported)
 from prefsift.errors import ConfigError
-from prefsift.logps import compute_logps
+from prefsift.logps import TokenizedPair, compute_logps, logps_of_tokenized
 from prefsift.models import LoadedModel, lora_config
 
 WEIGHT_COLUMN = "weight"
@@ -100,6 +103,47 @@ class _DPOTrainerWithReferenceLogps(DPOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
         return loss
+
+
+class _KTOTrainerWithReferenceLogps(KTOTrainer):
+    """KTOTrainer whose reference pass runs on prefsift's engine instead of TRL's padded batches.
+
+    KTO needs two reference log-probs a row: the row's own completion, and the KL term's mismatched completion
+    (TRL rotates completions by one inside each batch of `per_device_train_batch_size`, in dataset order). The
+    scores prefsift computed while scoring hold neither the mismatched ones nor, in general, KTO's tokens (KTO cuts
+    each completion from its own prompt; DPO cuts both at their common prefix), so this pass is run here. It takes
+    TRL's own tokenized rows (`prompt_ids`, `completion_ids`, `KL_completion_ids`), already truncated and filtered
+    by TRL, and runs each as one prompt | completion | KL completion sequence: the prompt once (TRL runs it twice),
+    no padding. Same tokens, same positions, same model: the values are TRL's (tests/test_train.py compares)."""
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):  # noqa: D401 - TRL's hook
+        from peft import PeftModel
+
+        if (not isinstance(dataset, Dataset) or not self.calculate_KL or self.ref_model is not None
+                or self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        limit = self.args.max_length
+        rows = dataset.select_columns(["prompt_ids", "completion_ids", "KL_completion_ids"])
+        tokenized = []
+        for prompt, completion, mismatched in zip(rows["prompt_ids"], rows["completion_ids"],
+                                                  rows["KL_completion_ids"], strict=True):
+            room = None if limit is None else limit - len(prompt)  # TRL's collator keeps each row's start
+            tokenized.append(TokenizedPair(list(prompt), list(completion)[:room], list(mismatched)[:room]))
+        model = self.model
+        # with LoRA the reference is the base model: the adapter switched off, as TRL's own pass does
+        adapter_off = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+        pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else \
+            self._tokenizer.eos_token_id
+        was_training = model.training
+        model.eval()
+        with adapter_off, tqdm(total=len(tokenized), desc=f"reference log-probs ({name})", unit="row",
+                               disable=bool(os.environ.get("TQDM_DISABLE", ""))) as progress:
+            values = logps_of_tokenized(model, tokenized, pad_id=pad_id, progress=progress)
+        model.train(was_training)
+        if np.isnan(values).any():  # TRL filtered every row whose prompt fills max_length: none can be left
+            raise RuntimeError("a KTO row lost its reference log-prob")
+        return dataset.add_column("ref_logps", values[:, 0].astype(np.float32).tolist()).add_column(
+            "ref_KL_logps", values[:, 1].astype(np.float32).tolist())
 
 
 @dataclass
@@ -269,10 +313,12 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
     # The KTO paper balances the two losses, λ_D·n_D / (λ_U·n_U) in [1, 4/3]: a selection of completions (ISA's) rarely
     # keeps as many desirable as undesirable ones, so λ_D = n_U / n_D, the range's lower end (TRL warns outside it).
     desirable_weight = float((~labels).sum() / labels.sum()) if labels.any() and (~labels).any() else 1.0
-    # KTO: TRL precomputes its reference pass once, so no second copy of the model stays in memory.
+    # KTO: the reference pass runs once before training (on prefsift's engine), so no second copy of the model stays
+    # in memory.
     args = KTOConfig(**common, precompute_ref_log_probs=True, desirable_weight=desirable_weight)
-    return KTOTrainer(model=loaded.model, args=args, train_dataset=unpaired, processing_class=loaded.tokenizer,
-                      peft_config=_peft_config(config)), np.arange(len(pairs))
+    return _KTOTrainerWithReferenceLogps(model=loaded.model, args=args, train_dataset=unpaired,
+                                         processing_class=loaded.tokenizer,
+                                         peft_config=_peft_config(config)), np.arange(len(pairs))
 
 
 def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig, out_dir: Path | None,

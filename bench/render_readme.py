@@ -137,6 +137,14 @@ def kto_ref_line(path: Path) -> str:
             f"from `bench/results/{path.name}`.\n")
 
 
+def analysis_table(path: Path) -> str:
+    from prefsift.analyze import render_markdown
+
+    record = json.loads(path.read_text())
+    return (f"`{record['command']}`: {record['description']}; from `bench/results/{path.name}`.\n\n"
+            + render_markdown(record["analysis"]))
+
+
 TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "logps-transcripts": (RESULTS / "logps-transcripts.json", logps_table),
           "logps-instructions": (RESULTS / "logps-instructions.json", logps_table),
@@ -145,7 +153,9 @@ TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "demo-all-table": (RESULTS / "demo-all.json", demo_table),
           "real-peers-table": (RESULTS / "real-peers.json", real_table),
           "demo-scaling": (RESULTS / "demo.json", demo_scaling),
-          "kto-ref": (RESULTS / "kto-ref.json", kto_ref_line)}
+          "kto-ref": (RESULTS / "kto-ref.json", kto_ref_line),
+          "analysis-demo": (RESULTS / "analysis-demo.json", analysis_table),
+          "analysis-hh": (RESULTS / "analysis-hh.json", analysis_table)}
 
 
 def render(text: str) -> str:

@@ -267,3 +267,29 @@ def test_kto_reference_pass_matches_trls_own(bpe_tokenizer, tiny_llama, tmp_path
     if max_length == 24:  # some completions were cut by max_length, and the values still match
         assert any(len(p) + len(c) > 24 for p, c in zip(prepared["prompt_ids"], prepared["completion_ids"],
                                                         strict=True))
+
+
+def test_kto_reference_model_other_than_the_policy(bpe_tokenizer, tiny_llama, tmp_path):
+    """KTO continuing from one model against another (the TIF pipeline's warm-up policy and SFT reference): the
+    reference log-probs are the reference model's, as TRL computes them with that `ref_model`; the policy's differ."""
+    rows = make_pairs(6, seed=23)
+    unpaired = Dataset.from_list([{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                                  for r in rows for side in ("chosen", "rejected")])
+    other = LoadedModel(make_tiny_llama(bpe_tokenizer, seed=5), bpe_tokenizer, "other", "")
+    config = TrainConfig(algo="kto", batch_size=4, gradient_checkpointing=False)
+    trainer, _ = train_module.make_trainer(LoadedModel(tiny_llama, bpe_tokenizer, "tiny", ""), unpaired, config,
+                                           EngineConfig(max_length=64), str(tmp_path), reference=other)
+    # TRL's own trainer, given the same reference model, computes its reference pass with it
+    theirs = train_module.KTOTrainer(model=make_tiny_llama(bpe_tokenizer, seed=6), ref_model=other.model,
+                                     args=trainer.args, train_dataset=unpaired,
+                                     processing_class=bpe_tokenizer).train_dataset
+    trainer._reference = None
+    policy = trainer._precompute_ref_logps(trainer.train_dataset.remove_columns(["ref_logps", "ref_KL_logps"]),
+                                           "policy", 4)
+    for column in ("ref_logps", "ref_KL_logps"):
+        np.testing.assert_allclose(trainer.train_dataset[column], theirs[column], rtol=1e-4, atol=1e-4)
+        # two random tiny models give near-uniform log-probs: they still differ by far more than the tolerance
+        assert np.abs(np.asarray(trainer.train_dataset[column]) - np.asarray(policy[column])).max() > 0.05
+    with pytest.raises(ConfigError, match="KTO computes its reference log-probs itself"):
+        train_module.make_trainer(LoadedModel(tiny_llama, bpe_tokenizer, "tiny", ""), unpaired, config,
+                                  EngineConfig(max_length=64), str(tmp_path), ref_logps=np.zeros((6, 2)))

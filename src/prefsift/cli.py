@@ -323,8 +323,9 @@ def train(
     model: Annotated[str, typer.Option(help="Model to align, the policy training starts from: hub id, local "
                                             "directory or .gguf file (e.g. a run's models/warmup).")],
     out: Annotated[Path, typer.Option(help="Where the trained model (or LoRA adapter) is saved.")],
-    reference: Annotated[str | None, typer.Option(help="Reference (SFT) model of the DPO loss; default: --model. "
-                                                       "Its log-probs come from --scores when given.")] = None,
+    reference: Annotated[str | None, typer.Option(help="Reference (SFT) model of the DPO or KTO loss; default: "
+                                                       "--model. DPO takes its log-probs from --scores when "
+                                                       "given.")] = None,
     scores: Annotated[Path | None, typer.Option(help="A score directory whose reference log-probs are reused "
                                                       "(TRL then skips its reference pass); max_length and β "
                                                       "default to its own; --order reads its column here.")] = None,
@@ -351,9 +352,9 @@ def train(
     _apply_threads(engine)
     loaded_data = _load(data, data_options)
     order = order_values(train_config.order, loaded_data, scores) if train_config.order else None
-    if train_config.algo == "kto" and (scores is not None or reference):
-        raise ConfigError("--scores/--reference feed DPO's reference log-probs; KTO computes its own reference "
-                          "from --model")
+    if train_config.algo == "kto" and scores is not None:
+        raise ConfigError("--scores feeds DPO's reference log-probs; KTO computes its own (its KL term needs "
+                          "mismatched completions no score holds): give --reference instead")
     common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": model_options.trust_remote_code}
     policy = load_model(model, **common)
     ref_model = load_model(reference, **common) if reference and reference != model else policy
@@ -373,7 +374,8 @@ def train(
     # the model is saved into a staging directory swapped in whole: a failure keeps an earlier model at --out intact
     with locked(out), staged(out, "train") as tmp:
         result = run_train(policy, training_pairs(loaded_data), train_config, engine, tmp, ref_logps=ref,
-                           order=order)
+                           order=order, reference=ref_model if train_config.algo == "kto" and
+                           ref_model is not policy else None)
         # the pairs TRL would drop (prompt fills max_length), then the input rows left out, beside the model
         too_long = f"prompt fills max_length {engine.max_length}"
         rows = loaded_data.rows or [None] * len(loaded_data.pairs)

@@ -114,13 +114,23 @@ class _KTOTrainerWithReferenceLogps(KTOTrainer):
     each completion from its own prompt; DPO cuts both at their common prefix), so this pass is run here. It takes
     TRL's own tokenized rows (`prompt_ids`, `completion_ids`, `KL_completion_ids`), already truncated and filtered
     by TRL, and runs each as one prompt | completion | KL completion sequence: the prompt once (TRL runs it twice),
-    no padding. Same tokens, same positions, same model: the values are TRL's (tests/test_train.py compares)."""
+    no padding. Same tokens, same positions, same model: the values are TRL's (tests/test_train.py compares).
+
+    `reference`: a reference model other than the policy (training continues from a warm-up model against the SFT
+    model). Only its log-probs are needed, so it is used for this pass and never handed to TRL, which would keep it
+    in memory for the whole training."""
+
+    def __init__(self, *args, reference=None, **kwargs) -> None:
+        self._reference = reference  # read by _precompute_ref_logps, which TRL's __init__ calls
+        super().__init__(*args, **kwargs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):  # noqa: D401 - TRL's hook
         from peft import PeftModel
 
         if (not isinstance(dataset, Dataset) or not self.calculate_KL or self.ref_model is not None
                 or self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            if self._reference is not None:
+                raise ValueError("a separate KTO reference model is computed on prefsift's engine only")
             return super()._precompute_ref_logps(dataset, name, batch_size)
         limit = self.args.max_length
         rows = dataset.select_columns(["prompt_ids", "completion_ids", "KL_completion_ids"])
@@ -129,7 +139,7 @@ class _KTOTrainerWithReferenceLogps(KTOTrainer):
                                                   rows["KL_completion_ids"], strict=True):
             room = None if limit is None else limit - len(prompt)  # TRL's collator keeps each row's start
             tokenized.append(TokenizedPair(list(prompt), list(completion)[:room], list(mismatched)[:room]))
-        model = self.model
+        model = self.model if self._reference is None else self._reference
         # with LoRA the reference is the base model: the adapter switched off, as TRL's own pass does
         adapter_off = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
         pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else \
@@ -189,7 +199,8 @@ def _peft_config(config: TrainConfig):
 
 def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig | None = None,
           out_dir: Path | None = None, ref_logps: np.ndarray | None = None, quiet: bool = False,
-          order: np.ndarray | None = None, callbacks: list | None = None) -> TrainResult:
+          order: np.ndarray | None = None, callbacks: list | None = None,
+          reference: LoadedModel | None = None) -> TrainResult:
     """Train `loaded.model` in place on `pairs` (prompt, chosen, rejected) and return it.
 
     `ref_logps`: (n, 2) reference log-probs of `pairs` (from scores.parquet); computed here with prefsift's
@@ -198,7 +209,8 @@ def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Engi
     A `weight` column in `pairs` trains DPO with those per-pair weights. `order` (one value a pair, e.g. the column
     `config.order` names, read by `order_values`) trains in the order of that value, ascending unless
     `config.order_descending`, without shuffling. `callbacks`: transformers `TrainerCallback`s added to TRL's trainer
-    (e.g. the pipeline's evaluation of the run at chosen shares of its steps).
+    (e.g. the pipeline's evaluation of the run at chosen shares of its steps). `reference`: KTO's reference model
+    when it is not the policy.
     """
     engine = engine or EngineConfig()
     if len(pairs) == 0:
@@ -206,7 +218,7 @@ def train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Engi
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="prefsift-train-") as scratch:  # TRL wants an output_dir even unsaved
         return _train(loaded, pairs, config, engine, out_dir, ref_logps, str(out_dir) if out_dir else scratch,
-                      start, quiet, order, callbacks or [])
+                      start, quiet, order, callbacks or [], reference)
 
 
 def pair_weights(pairs: Dataset) -> np.ndarray | None:
@@ -264,10 +276,11 @@ def curriculum_rows(order: np.ndarray, descending: bool) -> np.ndarray:
 
 
 def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig, output_dir: str,
-                 ref_logps: np.ndarray | None = None, quiet: bool = False, order: np.ndarray | None = None
-                 ) -> tuple[DPOTrainer | KTOTrainer, np.ndarray]:
+                 ref_logps: np.ndarray | None = None, quiet: bool = False, order: np.ndarray | None = None,
+                 reference: LoadedModel | None = None) -> tuple[DPOTrainer | KTOTrainer, np.ndarray]:
     """The TRL trainer `train` runs, built but not started (a test steps it itself), and the rows of `pairs` it
-    trains on, ascending (DPO leaves out a pair whose prompt fills max_length, as TRL would drop it)."""
+    trains on, ascending (DPO leaves out a pair whose prompt fills max_length, as TRL would drop it). `reference`:
+    KTO's reference model when it is not the policy (DPO takes its reference as `ref_logps`)."""
     device = next(loaded.model.parameters()).device
     compute = autocast_dtype(engine, device)
     common = _common_args(config, engine, output_dir, compute, device.type == "cuda") | {"disable_tqdm": quiet}
@@ -308,6 +321,12 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
                                              peft_config=_peft_config(config)), kept
     if weights is not None or order is not None:
         raise ConfigError("a weight column and a curriculum order train DPO; KTO takes neither")
+    if ref_logps is not None:
+        raise ConfigError("KTO computes its reference log-probs itself (its KL term needs mismatched completions "
+                          "that no score holds): give the reference model instead")
+    if reference is not None and reference.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+        raise ConfigError(f"the reference model '{reference.source}' has another tokenizer than the policy: KTO "
+                          f"compares their log-probs of the same tokens")
     unpaired = unpair_preference_dataset(pairs) if "chosen" in pairs.column_names else pairs
     labels = np.asarray(unpaired["label"], dtype=bool)
     # The KTO paper balances the two losses, λ_D·n_D / (λ_U·n_U) in [1, 4/3]: a selection of completions (ISA's) rarely
@@ -317,15 +336,16 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
     # in memory.
     args = KTOConfig(**common, precompute_ref_log_probs=True, desirable_weight=desirable_weight)
     return _KTOTrainerWithReferenceLogps(model=loaded.model, args=args, train_dataset=unpaired,
+                                         reference=None if reference is None else reference.model,
                                          processing_class=loaded.tokenizer,
                                          peft_config=_peft_config(config)), np.arange(len(pairs))
 
 
 def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig, out_dir: Path | None,
            ref_logps: np.ndarray | None, output_dir: str, start: float, quiet: bool,
-           order: np.ndarray | None, callbacks: list) -> TrainResult:
+           order: np.ndarray | None, callbacks: list, reference: LoadedModel | None = None) -> TrainResult:
     forward_before = loaded.model.__dict__.get("forward")  # e.g. accelerate's device-map hook, or nothing
-    trainer, kept = make_trainer(loaded, pairs, config, engine, output_dir, ref_logps, quiet, order)
+    trainer, kept = make_trainer(loaded, pairs, config, engine, output_dir, ref_logps, quiet, order, reference)
     for callback in callbacks:
         trainer.add_callback(callback)
     if quiet:  # with tqdm off, transformers swaps the bar for a callback that prints every log line

@@ -199,13 +199,13 @@ def engine_only(args, model, tokenizer, rows: list[dict]) -> dict:
             "tokenize_seconds": {"trl": trl_tok_s, "prefsift": our_tok_s}}
 
 
-def whole_process(args, rows: list[dict], work: Path) -> dict:
+def whole_process(args, rows: list[dict], work: Path, checkpoint: str) -> dict:
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     prefsift = [sys.executable, "-m", "prefsift.cli", "score", "--data", str(data), "--method", "irm",
-                "--model", args.model, "--max-length", str(args.max_length), "--threads", str(args.threads),
+                "--model", checkpoint, "--max-length", str(args.max_length), "--threads", str(args.threads),
                 "--dtype", "float32", "--device", "cpu", "--batch-tokens", str(args.batch_tokens)]
-    trl = [sys.executable, str(ROOT / "bench" / "trl_pass.py"), "--data", str(data), "--model", args.model,
+    trl = [sys.executable, str(ROOT / "bench" / "trl_pass.py"), "--data", str(data), "--model", checkpoint,
            "--max-length", str(args.max_length), "--threads", str(args.threads), "--batch-size",
            str(args.trl_batch_size)]
     out: dict[str, dict[str, list]] = {"trl": {"seconds": [], "peak_rss_mb": []},
@@ -270,6 +270,9 @@ def main() -> None:
     parser.add_argument("--data", default=DEFAULT_DATA, help="preference file read by prefsift.data.load_pairs")
     parser.add_argument("--text-file", default=None, help="instructions: response passages, one a line")
     parser.add_argument("--model", default=default_model(), help="model: .gguf file, local directory or hub id")
+    parser.add_argument("--gguf-load", action="store_true",
+                        help="whole process: both sides load the .gguf itself (transformers dequantizes it, ~50 s a "
+                             "load here) instead of a safetensors copy of it, the format HF checkpoints ship in")
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/logps-SHAPE.json); a "
                                                     "max_length already there is replaced, others kept")
     args = parser.parse_args()
@@ -279,10 +282,18 @@ def main() -> None:
     out = Path(args.out or ROOT / "bench" / "results" / f"logps-{args.shape}.json")
     results = json.loads(out.read_text()) if out.is_file() else {}
     loaded = load_model(args.model, dtype="float32", device="cpu")
+    converted = tempfile.TemporaryDirectory()
+    if args.model.endswith(".gguf") and not args.gguf_load:
+        # the same weights as an ordinary HF checkpoint (config, tokenizer, model.safetensors), written once outside
+        # the timing: a user scores a model in that format, and GGUF's dequantization would time transformers' loader
+        loaded.model.save_pretrained(converted.name)
+        loaded.tokenizer.save_pretrained(converted.name)
+    checkpoint = args.model if args.gguf_load or not args.model.endswith(".gguf") else converted.name
     for max_length in args.max_length:
         args.max_length = max_length
         rows = shape_rows(args.shape, args.data, args.text_file, args.n_pairs, max_length)
         record = {"shape": args.shape, "max_length": max_length, "model": Path(args.model).name,
+                  "whole_process_loads": "gguf" if checkpoint == args.model else "safetensors copy",
                   "threads": args.threads,
                   "batch_tokens": args.batch_tokens, "trl_batch_size": args.trl_batch_size,
                   "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -294,7 +305,7 @@ def main() -> None:
                   "engine": engine_only(args, loaded.model, loaded.tokenizer, rows)}
         if args.whole:
             with tempfile.TemporaryDirectory() as work:
-                record["whole"] = whole_process(args, rows, Path(work))
+                record["whole"] = whole_process(args, rows, Path(work), checkpoint)
         record["machine"]["load_average_1min_end"] = os.getloadavg()[0]
         print_record(record)
         results[str(max_length)] = record

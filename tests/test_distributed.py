@@ -1,21 +1,31 @@
-"""`--backend ray`: the log-prob pass on a local 2-worker Ray Data actor pool gives the single process's shards and
-scores, value for value. Skipped where Ray is not installed (`pip install 'prefsift[ray]'`)."""
+"""`--backend ray`: the log-prob, reward-model and embedding passes on a local 2-worker Ray Data actor pool give the
+single process's shards, caches and scores, value for value. Skipped where Ray is not installed
+(`pip install 'prefsift[ray]'`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import make_pairs, make_tiny_llama, saved_tiny_llama, write_jsonl
 from datasets import Dataset
+from transformers import LlamaConfig, LlamaForSequenceClassification
 from typer.testing import CliRunner
 
 ray = pytest.importorskip("ray")
 
 from prefsift.cli import app  # noqa: E402
 from prefsift.config import EngineConfig  # noqa: E402
+from prefsift.data import load_pairs  # noqa: E402
 from prefsift.distributed import RayExecutor  # noqa: E402
+from prefsift.embeddings import CausalEmbedder, EmbeddingCache, embed_items, embed_texts  # noqa: E402
 from prefsift.logps import LogpsRun, compute_logps  # noqa: E402
+from prefsift.models import LoadedModel  # noqa: E402
+from prefsift.resources import Resources  # noqa: E402
+from prefsift.reward import pair_rewards  # noqa: E402
+
+RAY_ENGINE = EngineConfig(backend="ray", workers=2, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +36,27 @@ def local_ray():
         pytest.skip(f"Ray cannot start a local cluster here: {str(error).splitlines()[0]}")
     yield
     ray.shutdown()
+
+
+class CountingPool(RayExecutor):
+    """The Ray executor, recording how many batches each pass sends to the pool."""
+
+    def __init__(self, engine: EngineConfig) -> None:
+        super().__init__(engine)
+        self.sent: list[int] = []
+
+    def map(self, function, replica, items):
+        items = list(items)
+        self.sent.append(len(items))
+        return super().map(function, replica, items)
+
+
+def tiny_reward_model(tokenizer) -> LlamaForSequenceClassification:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForSequenceClassification(config).eval()
 
 
 def shards(run: LogpsRun) -> dict:
@@ -64,3 +95,74 @@ def test_score_with_backend_ray_matches_the_single_process(local_ray, bpe_tokeni
     local = pq.read_table(tmp_path / "local" / "scores.parquet").to_pydict()
     distributed = pq.read_table(tmp_path / "ray" / "scores.parquet").to_pydict()
     assert distributed == local
+
+
+def test_ray_pool_writes_the_single_process_reward_shards(local_ray, bpe_tokenizer, tmp_path, one_thread):
+    model = tiny_reward_model(bpe_tokenizer)
+    data = Dataset.from_list(make_pairs(14, seed=43))
+    kwargs = {"batch_size": 4, "max_length": 64, "flush_rows": 4}
+    local_run = LogpsRun(tmp_path / "local", "reward_model", {"model": "tiny-rm"})
+    local = pair_rewards(model, bpe_tokenizer, data, run=local_run, **kwargs)
+    assert np.isfinite(local).all()
+    ray_run = LogpsRun(tmp_path / "ray", "reward_model", {"model": "tiny-rm"})
+    pool = CountingPool(RAY_ENGINE)
+    np.testing.assert_array_equal(pair_rewards(model, bpe_tokenizer, data, run=ray_run, executor=pool, **kwargs),
+                                  local)
+    assert shards(ray_run) == shards(local_run)
+    assert len(list(ray_run.shard_dir.glob("*.parquet"))) == 4 and pool.sent == [4]
+    # a resumed Ray run sends only the batches whose shards are gone
+    for path in sorted(ray_run.shard_dir.glob("*.parquet"))[1:3]:
+        path.unlink()
+    np.testing.assert_array_equal(pair_rewards(model, bpe_tokenizer, data, run=ray_run, executor=pool, **kwargs),
+                                  local)
+    assert pool.sent == [4, 2] and shards(ray_run) == shards(local_run)
+
+
+def cache_tables(cache: EmbeddingCache) -> dict:
+    return {path.name: pq.read_table(path).to_pydict() for path in sorted(cache.shard_dir.glob("*.parquet"))}
+
+
+def test_ray_pool_gives_the_single_process_embeddings(local_ray, bpe_tokenizer, tmp_path, one_thread):
+    embedder = CausalEmbedder.of(LoadedModel(make_tiny_llama(bpe_tokenizer), bpe_tokenizer, "tiny", "fp"))
+    texts = [r["prompt"] + r["chosen"] for r in make_pairs(20, seed=44)]
+    local = embed_texts(embedder, texts, cache_dir=tmp_path / "local", batch_size=4, chunk=6)
+    pool = CountingPool(RAY_ENGINE)
+    distributed = embed_texts(embedder, texts, cache_dir=tmp_path / "ray", batch_size=4, chunk=6, executor=pool)
+    assert distributed.dtype == local.dtype == np.float32
+    np.testing.assert_array_equal(distributed, local)
+    local_cache, ray_cache = (EmbeddingCache(tmp_path / name, embedder.identity) for name in ("local", "ray"))
+    assert cache_tables(ray_cache) == cache_tables(local_cache) and len(cache_tables(ray_cache)) == 4
+    assert pool.sent == [4]
+    for path in sorted(ray_cache.shard_dir.glob("*.parquet"))[:2]:
+        path.unlink()
+    resumed = embed_texts(embedder, texts, cache_dir=tmp_path / "ray", batch_size=4, chunk=6, executor=pool)
+    np.testing.assert_array_equal(resumed, local)
+    assert pool.sent == [4, 2] and cache_tables(ray_cache) == cache_tables(local_cache)
+
+
+def test_the_provider_sends_rewards_and_embeddings_to_the_pool(bpe_tokenizer, tmp_path, one_thread, monkeypatch):
+    """`--backend ray` reaches the reward and embedding passes through the provider (`Resources`), as it reaches
+    the log-prob passes. The pool's `map` runs the batch functions in this process here (the tests above run them
+    on Ray), so this checks the wiring without starting another actor pool."""
+    reward = LoadedModel(tiny_reward_model(bpe_tokenizer), bpe_tokenizer, "rm", "rm")
+    causal = LoadedModel(make_tiny_llama(bpe_tokenizer), bpe_tokenizer, "tiny", "fp")
+    data = load_pairs(Dataset.from_list(make_pairs(10, seed=45)))
+    passes = []
+
+    def in_process(self, function, replica, items):
+        passes.append(function.__name__)
+        return (function(replica, item) for item in items)
+
+    monkeypatch.setattr(RayExecutor, "map", in_process)
+    results = {}
+    for name, engine in (("local", EngineConfig(max_length=64, threads=1)),
+                         ("ray", EngineConfig(max_length=64, backend="ray", workers=2, threads=1))):
+        # an embedder object per run: the embedding pass is memoized per embedder object
+        sources = {"reward_model": reward, "embedder": CausalEmbedder.of(causal)}
+        resources = Resources(data, engine, sources, out_dir=tmp_path / name)
+        results[name] = resources.rewards(batch_size=4), embed_items(resources, "completion", batch_size=4)
+    assert passes == ["_score_batch", "_embed_chunk", "_embed_chunk"]  # the ray run only; chosen, rejected sides
+    np.testing.assert_array_equal(results["ray"][0], results["local"][0])
+    assert results["ray"][1].keys() == results["local"][1].keys() == {"chosen", "rejected"}
+    for side, vectors in results["local"][1].items():
+        np.testing.assert_array_equal(results["ray"][1][side], vectors)

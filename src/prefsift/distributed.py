@@ -1,12 +1,13 @@
-"""The log-prob pass beyond one process: a Ray Data actor pool, one model replica a worker.
+"""The model passes beyond one process: a Ray Data actor pool, one model replica a worker.
 
-The driver does everything but the forward passes, exactly as a single process does: it tokenizes, makes the batch
-plan, checks which exact path the model takes (`packed_path_ok`), skips the batches whose shards are on disk, and
+Three passes use it: log-probs (`compute_logps`), reward-model scores (`prefsift.reward.pair_rewards`) and
+embeddings (`prefsift.embeddings.embed_texts`). The driver does everything but the forward passes, exactly as a
+single process does: it prepares the inputs, makes the batch plan, skips the batches whose shards are on disk, and
 writes the shards and the scores. Only the remaining batches travel, as rows of a `ray.data` dataset, through
 `map_batches` to a pool of actors; each actor holds one copy of the model (sent once through Ray's object store)
-and runs `forward_batch` with the driver's path decisions. Rows come back in plan order, so the shards and the
-scores file are those of a single-process run (bit for bit at the same torch thread count: a matmul's summation
-order can change with the number of threads).
+and runs the pass's module-level batch function on it. Rows come back in plan order, so the shards and the scores
+file are those of a single-process run (bit for bit at the same torch thread count: a matmul's summation order can
+change with the number of threads).
 
 Ray starts locally (`ray.init(num_cpus=workers)`) when no address is given; `ray_address` joins a running cluster
 (`ray start --head` on one machine, `ray start --address=HEAD:6379` on the others; then `--ray-address HEAD:6379`
@@ -15,8 +16,9 @@ or `auto` on the head).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+import pickle
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,39 +37,40 @@ def _ray():
 
 
 class _Worker:
-    """One Ray actor: a model replica and the driver's path decisions."""
+    """One Ray actor: a replica (a model, with whatever else its batch function needs) and that function."""
 
-    def __init__(self, model_box: list, pad_id: int, packed: bool, cached_ok: bool | None, threads: int) -> None:
-        import prefsift.logps as engine
-
+    def __init__(self, replica_box: list, function: Callable[[Any, Any], Any], threads: int) -> None:
         torch.set_num_threads(threads)
-        self.model = _ray().get(model_box[0])  # boxed: Ray would otherwise resolve the reference for us, once a call
-        self.pad_id, self.packed = pad_id, packed
-        if cached_ok is not None:  # the driver's verdict, so every batch takes the path a single process gives it
-            engine._CACHED_OK[self.model] = cached_ok
+        self.replica = _ray().get(replica_box[0])  # boxed: else Ray resolves the reference for us, once a call
+        self.function = function
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from prefsift.logps import forward_batch
+        # pickled both ways: arrays and float64 tensors round-trip exactly, and Ray Data never converts them
+        values = [pickle.dumps(self.function(self.replica, pickle.loads(item))) for item in batch["item"]]
+        return {"number": batch["number"], "value": np.asarray(values, dtype=object)}
 
-        values = []
-        for text in batch["pairs"]:
-            pairs = [TokenizedPair(*ids) for ids in json.loads(text)]
-            chosen, rejected = forward_batch(self.model, pairs, self.pad_id, self.packed)
-            values.append(json.dumps([chosen.tolist(), rejected.tolist()]))  # float64 repr: exact round trip
-        return {"number": batch["number"], "values": np.asarray(values, dtype=object)}
+
+def _logps_batch(replica: tuple, pairs: list[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    import prefsift.logps as engine
+
+    model, pad_id, packed, cached_ok = replica
+    if cached_ok is not None:  # the driver's verdict, so every batch takes the path a single process gives it
+        engine._CACHED_OK[model] = cached_ok
+    return engine.forward_batch(model, pairs, pad_id, packed)
 
 
 class RayExecutor:
-    """`compute_logps(..., executor=RayExecutor(engine))`: the forward passes of the batches still to compute, on a
-    Ray Data actor pool of `engine.workers` model replicas, yielded in order."""
+    """The forward passes of the batches still to compute, on a Ray Data actor pool of `engine.workers` model
+    replicas, yielded in order. `map` is the one mechanism; calling the executor is `compute_logps`'s interface
+    (`compute_logps(..., executor=RayExecutor(engine))`)."""
 
     def __init__(self, engine: EngineConfig) -> None:
         self.engine = engine
 
-    def __call__(self, model, batches: list[list[TokenizedPair]], pad_id: int, packed: bool | None
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        import prefsift.logps as engine_module
-
+    def map(self, function: Callable[[Any, Any], Any], replica: Any, items: Iterable) -> Iterator:
+        """`function(replica, item)` of every item, in the order of `items`. `replica` (a model, a model and its
+        tokenizer, an embedder) goes once to each actor; `function` must be a module-level function, which Ray
+        sends by name."""
         ray = _ray()
         if not ray.is_initialized():
             if self.engine.ray_address:
@@ -77,26 +80,24 @@ class RayExecutor:
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # shards are written in plan order, as by one process
         context.enable_progress_bars = False
-        rows = [{"number": k, "pairs": json.dumps([[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in batch])}
-                for k, batch in enumerate(batches)]
-        was_training = model.training
-        model.eval()
-        model_box = [ray.put(model)]
-        model.train(was_training)
-        threads = self.engine.threads or default_threads()
+        rows = [{"number": k, "item": pickle.dumps(item)} for k, item in enumerate(items)]
         data = ray.data.from_items(rows).map_batches(
             _Worker, batch_size=1, batch_format="numpy", num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(size=self.engine.workers),
-            fn_constructor_kwargs={"model_box": model_box, "pad_id": pad_id, "packed": bool(packed),
-                                   "cached_ok": engine_module._CACHED_OK.get(model), "threads": threads})
-        expected = 0
-        for row in data.iter_rows():
+            compute=ray.data.ActorPoolStrategy(size=min(self.engine.workers, len(rows))),  # no idle replicas
+            fn_constructor_kwargs={"replica_box": [ray.put(replica)], "function": function,
+                                   "threads": self.engine.threads or default_threads()})
+        for expected, row in enumerate(data.iter_rows()):
             assert int(row["number"]) == expected, "Ray returned batches out of order"
-            chosen, rejected = json.loads(row["values"])
-            expected += 1
-            yield torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
+            yield pickle.loads(row["value"])
+
+    def __call__(self, model, batches: Iterable[list[TokenizedPair]], pad_id: int, packed: bool | None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        import prefsift.logps as engine
+
+        # read when the first batch is wanted, after compute_logps has checked the model's path on this process
+        yield from self.map(_logps_batch, (model, pad_id, bool(packed), engine._CACHED_OK.get(model)), batches)
 
 
-def executor_for(engine: EngineConfig):
+def executor_for(engine: EngineConfig) -> RayExecutor | None:
     """None (this process) for the local backend, else the Ray executor."""
     return RayExecutor(engine) if engine.backend == "ray" else None

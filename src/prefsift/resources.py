@@ -173,6 +173,7 @@ class Resources:
     def rewards(self, role: str = "reward_model", *, batch_size: int = 16) -> np.ndarray:
         """(n, 2) [chosen, rejected] rewards of the scored pairs under the reward model of `role`, once per model,
         batched, with resumable shards under out_dir like a log-prob pass (a failure after it loses nothing)."""
+        from prefsift.distributed import executor_for
         from prefsift.logps import LogpsRun
         from prefsift.manifest import tokenizer_fingerprint
         from prefsift.reward import pair_rewards
@@ -189,7 +190,8 @@ class Resources:
                 run = LogpsRun(Path(self.out_dir), role, identity)
             start = time.perf_counter()
             self._rewards[key] = pair_rewards(loaded.model, loaded.tokenizer, self.pairs.pairs, batch_size=batch_size,
-                                              max_length=self.engine.max_length, run=run, desc="reward model")
+                                              max_length=self.engine.max_length, run=run, desc="reward model",
+                                              executor=executor_for(self.engine))
             self.seconds[role] = time.perf_counter() - start
         return self._rewards[key]
 

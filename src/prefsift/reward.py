@@ -10,6 +10,7 @@ failure after it never loses the rewards computed.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from transformers import AutoModelForSequenceClassification
 from prefsift.errors import PrefsiftError
 from prefsift.logps import ShardBuffer
 from prefsift.models import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from prefsift.distributed import RayExecutor
 
 
 def load_reward_model(source: str, *, dtype: str | None = "auto", device: str | None = None,
@@ -88,30 +92,47 @@ def reward_scores(model, tokenizer, prompts: list, responses: list, *, batch_siz
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def _score_batch(replica: tuple, texts: list[str]) -> np.ndarray:
+    """One batch's rewards on a replica (model, tokenizer, max_length): in this process or on a Ray worker."""
+    model, tokenizer, max_length = replica
+    return _score_texts(model, tokenizer, texts, max_length)
+
+
 def pair_rewards(model, tokenizer, pairs, *, batch_size: int, max_length: int | None, run=None,
-                 desc: str = "rewards", flush_rows: int = 512, flush_seconds: float = 60.0) -> np.ndarray:
+                 desc: str = "rewards", flush_rows: int = 512, flush_seconds: float = 60.0,
+                 executor: RayExecutor | None = None) -> np.ndarray:
     """(n, 2) [chosen, rejected] rewards of a pairs table (prompt/chosen/rejected columns). With `run` (a
     `LogpsRun`), finished batches are kept as shards and a rerun skips them: batch k is rows
-    [k·batch_size, (k+1)·batch_size), fixed by the batch size, which is part of the run's identity."""
+    [k·batch_size, (k+1)·batch_size), fixed by the batch size, which is part of the run's identity. `executor`
+    (a `prefsift.distributed.RayExecutor`) scores the batches still to compute on a Ray pool; None, here."""
     n = len(pairs)
     out = np.full((n, 2), np.nan)
     done = {}
     if run is not None:
         run.shard_dir.mkdir(parents=True, exist_ok=True)
         done = run.finished()
+    batches = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+    todo = {number for number, rows in enumerate(batches)
+            if not (number in done and sorted(done[number][:, 0].astype(int)) == rows)}
+
+    def texts_of(rows: list[int]) -> list[str]:
+        batch = pairs[rows[0]:rows[-1] + 1]
+        return [reward_text(tokenizer, p, r) for side in ("chosen", "rejected")
+                for p, r in zip(batch["prompt"], batch[side], strict=True)]
+
+    replica = (model, tokenizer, max_length)
+    texts = (texts_of(rows) for number, rows in enumerate(batches) if number in todo)
+    results = (executor.map(_score_batch, replica, texts) if executor is not None
+               else (_score_batch(replica, batch) for batch in texts))
     shards = ShardBuffer(run, flush_rows, flush_seconds)
     with tqdm(total=n, desc=desc, unit="pair", dynamic_ncols=True, disable=n == 0) as progress:
-        for number, start in enumerate(range(0, n, batch_size)):
-            rows = list(range(start, min(start + batch_size, n)))
-            if number in done and sorted(done[number][:, 0].astype(int)) == rows:
-                out[rows] = done[number][np.argsort(done[number][:, 0])][:, 1:]
-            else:
-                batch = pairs[start:start + batch_size]
-                texts = [reward_text(tokenizer, p, r) for side in ("chosen", "rejected")
-                         for p, r in zip(batch["prompt"], batch[side], strict=True)]
-                values = _score_texts(model, tokenizer, texts, max_length).reshape(2, len(rows)).T
+        for number, rows in enumerate(batches):
+            if number in todo:
+                values = next(results).reshape(2, len(rows)).T
                 out[rows] = values
                 shards.add(number, rows, values)
+            else:
+                out[rows] = done[number][np.argsort(done[number][:, 0])][:, 1:]
             progress.update(len(rows))
         shards.flush()
     return out

@@ -100,6 +100,7 @@ def logps_table(path: Path) -> str:
         if "packed" in seconds:
             row["prefsift packed / cached only, s"] = f"{seconds['packed'][0]:.1f} / {seconds['cached'][0]:.1f}"
         if w:
+            row["whole process loads"] = r.get("whole_process_loads", "gguf")
             row["whole process s TRL / prefsift"] = (f"{min(w['trl']['seconds']):.1f} / "
                                                      f"{min(w['prefsift']['seconds']):.1f}")
             row["whole ratio"] = spread(w["trl"]["seconds"], w["prefsift"]["seconds"])
@@ -108,7 +109,7 @@ def logps_table(path: Path) -> str:
             row["same scores"] = "yes" if w["same_values"] else "no"
         row["max rel. diff"] = f"{e['max_relative_difference']:.1e}"
         rows.append(row)
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(c for row in rows for c in row))  # a row may lack a column another has
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return head + "\n".join(lines) + "\n"

@@ -259,8 +259,9 @@ class EngineConfig(Checked):
     device: str | None = option(None, "cpu, cuda, cuda:1, mps ...; default: a GPU if there is one.")
     threads: int | None = option(None, "torch CPU threads (default: the cores the load average leaves idle, at "
                                        "least 1).", low=1)
-    backend: str = option("local", "Where the log-prob passes run: local (this process) or ray (a Ray Data actor pool, "
-                                   "one model replica a worker; same shards and scores).", choices=("local", "ray"))
+    backend: str = option("local", "Where the log-prob, reward and embedding passes run: local (this process) or "
+                                   "ray (a Ray Data actor pool, one model replica a worker; same shards and scores).",
+                          choices=("local", "ray"))
     ray_address: str | None = option(None, "Ray cluster to join (host:6379, auto, ray://host:10001); default: start "
                                            "Ray on this machine.")
     workers: int = option(2, "Ray workers (model replicas) of --backend ray.", low=1)

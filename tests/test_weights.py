@@ -95,9 +95,9 @@ def test_weigh_writes_a_weight_column_train_reads(scored, monkeypatch):
     seen = {}
     original = train_module.make_trainer
 
-    def spy(loaded, pairs, config, engine, output_dir, ref_logps=None, quiet=False, order=None):
+    def spy(loaded, pairs, config, engine, output_dir, ref_logps=None, quiet=False, order=None, reference=None):
         seen.update(weights=list(pairs["weight"]), order=order, ids=list(pairs["pair_id"]), name=config.order)
-        return original(loaded, pairs, config, engine, output_dir, ref_logps, quiet, order)
+        return original(loaded, pairs, config, engine, output_dir, ref_logps, quiet, order, reference)
 
     monkeypatch.setattr(train_module, "make_trainer", spy)
     result = invoke("train", "--data", root / "soft" / "selected.jsonl", "--model", root / "sft", "--scores",

@@ -120,8 +120,9 @@ class _KTOTrainerWithReferenceLogps(KTOTrainer):
     model). Only its log-probs are needed, so it is used for this pass and never handed to TRL, which would keep it
     in memory for the whole training."""
 
-    def __init__(self, *args, reference=None, **kwargs) -> None:
-        self._reference = reference  # read by _precompute_ref_logps, which TRL's __init__ calls
+    def __init__(self, *args, reference=None, batch_tokens: int = EngineConfig.batch_tokens, **kwargs) -> None:
+        # read by _precompute_ref_logps, which TRL's __init__ calls
+        self._reference, self._batch_tokens = reference, batch_tokens
         super().__init__(*args, **kwargs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):  # noqa: D401 - TRL's hook
@@ -148,7 +149,8 @@ class _KTOTrainerWithReferenceLogps(KTOTrainer):
         model.eval()
         with adapter_off, tqdm(total=len(tokenized), desc=f"reference log-probs ({name})", unit="row",
                                disable=bool(os.environ.get("TQDM_DISABLE", ""))) as progress:
-            values = logps_of_tokenized(model, tokenized, pad_id=pad_id, progress=progress)
+            values = logps_of_tokenized(model, tokenized, pad_id=pad_id, batch_tokens=self._batch_tokens,
+                                        progress=progress)
         model.train(was_training)
         if np.isnan(values).any():  # TRL filtered every row whose prompt fills max_length: none can be left
             raise RuntimeError("a KTO row lost its reference log-prob")
@@ -337,6 +339,7 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
     args = KTOConfig(**common, precompute_ref_log_probs=True, desirable_weight=desirable_weight)
     return _KTOTrainerWithReferenceLogps(model=loaded.model, args=args, train_dataset=unpaired,
                                          reference=None if reference is None else reference.model,
+                                         batch_tokens=engine.batch_tokens,
                                          processing_class=loaded.tokenizer,
                                          peft_config=_peft_config(config)), np.arange(len(pairs))
 

@@ -411,8 +411,12 @@ def logps_of_tokenized(model, tokenized: list[TokenizedPair | None], *, pad_id: 
 # A packed pair's mask is width² entries (bool + the model's dtype): ~9 GB at 36k tokens. A pair longer than this
 # goes alone through `_forward_long`, whose memory grows linearly with its length.
 LONG_PAIR_TOKENS = 8192
-# The pair that checks a model's exact paths (`packed_path_ok`) has at least this many tokens, where the data has them.
-CHECK_TOKENS = 256
+
+
+def check_pair(pair: TokenizedPair, prompt: int = 128, completion: int = 64) -> TokenizedPair:
+    """The pair that checks a model's exact paths (`packed_path_ok`): `pair` with its prompt and each completion cut
+    to their first `prompt` / `completion` tokens."""
+    return TokenizedPair(pair.prompt_ids[:prompt], pair.chosen_ids[:completion], pair.rejected_ids[:completion])
 
 
 def forward_batch(model, pairs: list[TokenizedPair], pad_id: int, packed: bool | None = None,
@@ -612,17 +616,11 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
     model.eval()
     shards = ShardBuffer(run, flush_rows, flush_seconds)
     # the path is chosen once, on one pair fixed by the plan, whichever batches a resumed run still has to compute:
-    # the shortest with at least CHECK_TOKENS tokens (or the longest, if none has), short enough to pack (a longer
-    # pair goes alone through `_forward_long`). The check runs three forwards of it; on the longest pair it took a
-    # third of a 16-pair HH-RLHF pass (bench/logps.py), and a pair this long already tests the block mask and the
-    # positions (sliding windows are refused by `can_pack`, whatever the length).
-    packable = [i for b in plan.batches for i in b if len(tokenized[i]) <= LONG_PAIR_TOKENS]  # type: ignore[arg-type]
-    check = None
-    if packable:
-        enough = min(CHECK_TOKENS, max(len(tokenized[i]) for i in packable))  # type: ignore[arg-type]
-        check = min((i for i in packable if len(tokenized[i]) >= enough),  # type: ignore[arg-type]
-                    key=lambda i: (len(tokenized[i]), i))  # type: ignore[arg-type]
-    packed = packed_path_ok(model, tokenized[check], pad_id) if check is not None else None
+    # the longest pair short enough to pack, cut to `check_pair`'s size. The check runs three forwards of it; on
+    # the whole longest pair they took a third of a 16-pair HH-RLHF pass (bench/logps.py). A cut pair tests the block
+    # mask and the positions as well (sliding windows are refused by `can_pack`, whatever the length).
+    short = [b[0] for b in plan.batches if len(tokenized[b[0]]) <= LONG_PAIR_TOKENS]  # type: ignore[arg-type]
+    packed = packed_path_ok(model, check_pair(tokenized[short[0]]), pad_id) if short else None
 
     def on_disk(number: int, batch: list[int]) -> bool:
         return number in done and sorted(done[number][:, 0].astype(int)) == sorted(batch)

@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from demo import machine  # noqa: E402
-from logps import DEFAULT_DATA, default_model  # noqa: E402
+from logps import DEFAULT_DATA, default_model, safetensors_checkpoint  # noqa: E402
 
 from prefsift.data import load_pairs  # noqa: E402
 
@@ -67,15 +67,7 @@ def main() -> None:
         train, validation, warmup = tmp / "train.jsonl", tmp / "validation.jsonl", tmp / "warmup.jsonl"
         raw.select(range(args.n_pairs)).to_json(str(train), lines=True)
         raw.select(range(min(args.n_warmup, args.n_pairs))).to_json(str(warmup), lines=True)
-        model = args.model
-        if model.endswith(".gguf"):
-            from prefsift.models import load_model
-
-            loaded = load_model(model, dtype="float32", device="cpu")
-            model = str(tmp / "sft")
-            loaded.model.save_pretrained(model)
-            loaded.tokenizer.save_pretrained(model)
-            del loaded
+        model = safetensors_checkpoint(args.model, str(tmp / "sft"))
         raw.select(range(args.n_pairs, args.n_pairs + args.n_validation)).to_json(str(validation), lines=True)
         run("warm-up DPO", ["train", "--data", str(warmup), "--model", model, "--out", str(tmp / "warmup"),
                             *training, *common], seconds)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from prefsift.errors import ConfigError
-from prefsift.logps import BatchPlan, LogpsRun, TokenizedPair, _unwrap, compute_logps, tokenize_pairs
+from prefsift.logps import BatchPlan, LogpsRun, TokenizedPair, _unwrap, compute_logps, pad_id, tokenize_pairs
 from prefsift.output import temp_sibling
 
 SCOPES = ("all", "lora", "last_k")
@@ -135,10 +135,6 @@ def _tokenize(tokenizer, pairs, max_length: int | None) -> list[TokenizedPair | 
     return out
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 # --- ḡ_val ------------------------------------------------------------------------------------------------------
 def validation_gradient(model, tokenizer, pairs, reference_logps: np.ndarray, params: dict[str, nn.Parameter], *,
                         beta: float, max_length: int | None, batch_tokens: int = GRAD_BATCH_TOKENS
@@ -153,7 +149,7 @@ def validation_gradient(model, tokenizer, pairs, reference_logps: np.ndarray, pa
     reference = torch.as_tensor(reference_logps, dtype=torch.float64)
     with _grads_on(model, params):
         for batch in plan.batches:
-            chosen, rejected = pair_logps(model, [tokenized[i] for i in batch], _pad_id(tokenizer))
+            chosen, rejected = pair_logps(model, [tokenized[i] for i in batch], pad_id(tokenizer))
             ref = reference[batch].to(chosen.device)
             margin = beta * ((chosen - ref[:, 0]) - (rejected - ref[:, 1]))
             weight = (1 - torch.sigmoid(margin.detach())) / max(plan.n_kept, 1)
@@ -259,7 +255,7 @@ def forward_ad(model, tokenizer, pairs, direction: Direction, params: dict[str, 
                 chunk = [tokenized[i] for i in batch]
 
                 def f(*values, chunk=chunk):
-                    return pair_logps(base, chunk, _pad_id(tokenizer), dict(zip(names, values, strict=True)))
+                    return pair_logps(base, chunk, pad_id(tokenizer), dict(zip(names, values, strict=True)))
 
                 _, (d_chosen, d_rejected) = torch.func.jvp(f, primals, tangents)
                 values = torch.stack([d_chosen, d_rejected], 1).cpu().numpy()
@@ -281,7 +277,7 @@ def per_example(model, tokenizer, pairs, direction: Direction, params: dict[str,
         for i, pair in enumerate(tokenized):
             if pair is None:
                 continue
-            chosen, rejected = pair_logps(model, [pair], _pad_id(tokenizer))
+            chosen, rejected = pair_logps(model, [pair], pad_id(tokenizer))
             grads = torch.autograd.grad((chosen - rejected).sum(), [params[n] for n in names], allow_unused=True)
             out[i] = float(sum((g.double() * direction[n].double()).sum() for n, g in zip(names, grads, strict=True)
                                if g is not None))

@@ -85,6 +85,11 @@ def tokenize_pairs(tokenizer, prompts: list, chosens: list, rejecteds: list, max
     return out
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (as TRL pads)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _batches(lengths: list[int], batch_tokens: int, slack: float = 0.125) -> Iterator[list[int]]:
     """Indices sorted by length (longest first, so memory peaks at once), cut into batches of ≤ batch_tokens; a batch
     also ends where the next pair is shorter than 1 - `slack` of its longest, so padding stays under an eighth of any
@@ -599,7 +604,7 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
     """
     n = len(pairs)
     out = np.full((n, 2), np.nan)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     tokenized = CompactPairs(tokenize_pairs(tokenizer, rows["prompt"], rows["chosen"], rows["rejected"], max_length)
                              for rows in (pairs[lo:lo + 1024] for lo in range(0, n, 1024)))
     plan = BatchPlan.of(tokenized, batch_tokens)
@@ -620,13 +625,13 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
     # the whole longest pair they took a third of a 16-pair HH-RLHF pass (bench/logps.py). A cut pair tests the block
     # mask and the positions as well (sliding windows are refused by `can_pack`, whatever the length).
     short = [b[0] for b in plan.batches if len(tokenized[b[0]]) <= LONG_PAIR_TOKENS]  # type: ignore[arg-type]
-    packed = packed_path_ok(model, check_pair(tokenized[short[0]]), pad_id) if short else None
+    packed = packed_path_ok(model, check_pair(tokenized[short[0]]), pad) if short else None
 
     def on_disk(number: int, batch: list[int]) -> bool:
         return number in done and sorted(done[number][:, 0].astype(int)) == sorted(batch)
 
     todo = ([tokenized[i] for i in batch] for number, batch in enumerate(plan.batches) if not on_disk(number, batch))
-    results = (executor or _in_process)(model, todo, pad_id, packed)
+    results = (executor or _in_process)(model, todo, pad, packed)
     with tqdm(total=n, desc=desc, unit="pair", dynamic_ncols=True, disable=n == 0) as progress:
         progress.update(n - plan.n_kept)
         for number, batch in enumerate(plan.batches):

@@ -31,7 +31,7 @@ from trl.data_utils import unpair_preference_dataset
 
 from prefsift.config import EngineConfig, TrainConfig  # noqa: F401 (TrainConfig: re-exported)
 from prefsift.errors import ConfigError
-from prefsift.logps import TokenizedPair, compute_logps, logps_of_tokenized
+from prefsift.logps import TokenizedPair, compute_logps, logps_of_tokenized, pad_id
 from prefsift.models import LoadedModel, lora_config
 
 WEIGHT_COLUMN = "weight"
@@ -143,14 +143,12 @@ class _KTOTrainerWithReferenceLogps(KTOTrainer):
         model = self.model if self._reference is None else self._reference
         # with LoRA the reference is the base model: the adapter switched off, as TRL's own pass does
         adapter_off = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
-        pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else \
-            self._tokenizer.eos_token_id
         was_training = model.training
         model.eval()
         with adapter_off, tqdm(total=len(tokenized), desc=f"reference log-probs ({name})", unit="row",
                                disable=bool(os.environ.get("TQDM_DISABLE", ""))) as progress:
-            values = logps_of_tokenized(model, tokenized, pad_id=pad_id, batch_tokens=self._batch_tokens,
-                                        progress=progress)
+            values = logps_of_tokenized(model, tokenized, pad_id=pad_id(self._tokenizer),
+                                        batch_tokens=self._batch_tokens, progress=progress)
         model.train(was_training)
         if np.isnan(values).any():  # TRL filtered every row whose prompt fills max_length: none can be left
             raise RuntimeError("a KTO row lost its reference log-prob")

@@ -1,0 +1,351 @@
+"""Benchmark on a GPU: the log-prob engine and exact influence on Llama shapes with random weights, in one table.
+
+Issues 8 and 10 ask for GPU figures that a CPU cannot give: tokens/s and model FLOPs utilisation (MFU) of the
+log-prob pass in bf16 with the fast attention kernels, its ratio to TRL's reference pass there, and the speed of
+finite-difference / forward-mode influence against per-example gradients when a GPU batches the forward passes.
+Random weights: timings do not depend on the values, and no hub is reachable from the device machine.
+
+Data: synthetic pairs of word tokens ("w17 w90412 ...") with a word-level tokenizer over the model's vocabulary, so
+TRL and prefsift each tokenize text as they do on real data, and every token id is one the model has. Lengths follow
+the two shapes of bench/logps.py: transcripts (long prompts, short answers) and instructions (short prompts, long
+answers), cut to fit max_length (no truncation on either side).
+
+Rows of the log-prob table (model in --dtype, default bf16, SDPA attention):
+  floor       one causal forward over each pair's unique tokens (prompt|chosen|rejected as one row, right-padded,
+              no mask: the flash kernel) and the LM head on the completion positions only: the speed of light
+  prefsift    `logps_of_tokenized`, the path rule's choice per batch; then each exact path forced
+  TRL         TRL's `DPOTrainer._precompute_ref_logps` on its own tokenized rows (prompt twice, padded)
+MFU counts the useful FLOPs (unique tokens through the backbone, the head on scored positions, the attention
+entries the pairs need) over seconds × the card's dense peak.
+
+Rows of the influence table (fp32, TF32 off: finite differences need it; per `bench/influence.py`): the log-prob
+pass (IRM's cost), finite difference, jvp, per-example gradients; seconds a pair, × the pass, per-example / it,
+Spearman and largest error against per-example.
+
+    python bench/gpu.py --shapes tiny --device cpu --dtype float32      # check the script anywhere (~1 min)
+    python bench/gpu.py --shapes 0.6b 1.8b --json bench/results/gpu.json   # on a GPU (see bench/README.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "src"))  # the device machine runs from the working tree
+import prefsift.logps  # noqa: E402
+from prefsift import influence as inf  # noqa: E402
+from prefsift.logps import TokenizedPair, logps_of_tokenized, pad_id, tokenize_pairs  # noqa: E402
+
+_tqdm = prefsift.logps.tqdm
+prefsift.logps.tqdm = lambda *a, **k: _tqdm(*a, **{**k, "disable": True})
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-architecture shape (the layer counts and widths of a published model of that size, tied head)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+
+
+SHAPES = {
+    "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1000),
+    "0.6b": Shape(hidden=1024, layers=28, heads=16, kv_heads=8, intermediate=3072, vocab=151936),  # Qwen3-0.6B
+    "1.8b": Shape(hidden=2048, layers=24, heads=16, kv_heads=16, intermediate=5504, vocab=151936),  # Qwen1.5-1.8B
+}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks (SXM)
+PEAK_FP32 = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}  # without TF32
+
+
+def make_model(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                         intermediate_size=shape.intermediate, max_position_embeddings=8192, tie_word_embeddings=True,
+                         eos_token_id=0, pad_token_id=1, bos_token_id=None, attn_implementation="sdpa")
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def word_tokenizer(vocab: int):
+    """Word-level: "w<id>" is token id, split on spaces; id 0 is EOS, id 1 padding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<eos>": 0, "<pad>": 1, **{f"w{i}": i for i in range(2, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def synthetic_rows(data_shape: str, n: int, max_length: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Prompt / chosen / rejected texts whose word counts follow `data_shape`, fitting max_length with the EOS."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        if data_shape == "transcripts":
+            n_prompt = int(rng.uniform(0.4, 0.75) * max_length)
+            room = max_length - n_prompt - 1
+            n_chosen, n_rejected = (int(rng.uniform(0.1, 0.6) * room) for _ in range(2))
+        else:
+            n_prompt = int(rng.uniform(0.02, 0.1) * max_length)
+            room = max_length - n_prompt - 1
+            n_chosen, n_rejected = (int(rng.uniform(0.25, 1.0) * room) for _ in range(2))
+
+        def words(k: int) -> str:
+            return " ".join(f"w{i}" for i in rng.integers(2, vocab, size=max(k, 1)))
+
+        rows.append({"prompt": words(n_prompt), "chosen": " " + words(n_chosen), "rejected": " " + words(n_rejected)})
+    return rows
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def best_of(repeats: int, device: str, fn, *args, **kwargs) -> tuple[object, float]:
+    """(result, fastest wall seconds of `repeats` calls), the device synchronised around each."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+@torch.inference_mode()
+def floor_pass(model, tokenized: list[TokenizedPair], batch_tokens: int) -> None:
+    """The forward-pass floor: each pair's unique tokens as one causal row (no mask: the model's fastest kernel; the
+    rejected tokens also see the chosen ones, which costs the same), the head on completion positions only."""
+    base, backbone, head = prefsift.logps._backbone_and_head(model)
+    device = head.weight.device
+    plan = prefsift.logps.BatchPlan.of(tokenized, batch_tokens)
+    for batch in plan.batches:
+        pairs = [tokenized[i] for i in batch]
+        width = max(len(p) for p in pairs)
+        ids = torch.ones((len(pairs), width), dtype=torch.long)
+        rows, cols = [], []
+        for b, p in enumerate(pairs):
+            ids[b, :len(p)] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+            rows += [b] * (len(p) - len(p.prompt_ids))
+            cols += range(len(p.prompt_ids) - 1, len(p) - 1)
+        hidden = backbone(input_ids=ids.to(device), use_cache=False).last_hidden_state
+        targets = ids[rows, [c + 1 for c in cols]].to(device)
+        at = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+        prefsift.logps._token_logps(base.config, head, hidden[at], targets)
+
+
+def useful_flops(model, tokenized: list[TokenizedPair]) -> float:
+    """Forward FLOPs the pairs need: 2 × backbone weights a unique token, 2 × hidden × vocab a scored position, and
+    4 × width × layers an attention entry of the prompt|chosen / prompt|rejected causal pattern."""
+    per_token, per_entry = prefsift.logps._flops(model)
+    head = model.get_output_embeddings().weight.numel()
+    total = 0.0
+    for p in tokenized:
+        n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        entries = n_p * (n_p + 1) / 2 + n_c * n_p + n_c * (n_c + 1) / 2 + n_r * n_p + n_r * (n_r + 1) / 2
+        total += per_token * len(p) + 2 * head * (n_c + n_r) + per_entry * entries
+    return total
+
+
+def trl_trainer(model, tokenizer, rows: list[dict], max_length: int, batch_size: int, bf16: bool):
+    """A DPOTrainer built as a TRL user builds it (precompute_ref_log_probs), on one row; the timed pass runs later
+    on the whole tokenized set, exactly as its constructor would."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    output_dir = tempfile.mkdtemp()
+    config = DPOConfig(output_dir=output_dir, precompute_ref_log_probs=True, bf16=bf16,
+                       use_cpu=not next(model.parameters()).is_cuda, max_length=max_length,
+                       precompute_ref_batch_size=batch_size, per_device_train_batch_size=batch_size,
+                       report_to="none", remove_unused_columns=False)
+    data = Dataset.from_list([{**r, "row": i} for i, r in enumerate(rows)])
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data.select([0]), processing_class=tokenizer)
+    return trainer, trainer._prepare_dataset(data, tokenizer, config, "train")
+
+
+def logps_table(args, name: str, shape: Shape, device: str) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    model = make_model(shape, dtype, device)
+    tokenizer = word_tokenizer(shape.vocab)
+    n_params = sum(p.numel() for p in model.parameters())
+    peak = (PEAK_BF16 if dtype == torch.bfloat16 else PEAK_FP32).get(card_family(device))
+    records = []
+    for data_shape in args.data_shapes:
+        for max_length in args.max_length:
+            rows = synthetic_rows(data_shape, args.n_pairs, max_length, shape.vocab)
+            tokenized = tokenize_pairs(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                                       [r["rejected"] for r in rows], max_length)
+            kept = [t for t in tokenized if t is not None]
+            unique = sum(len(t) for t in kept)
+            flops = useful_flops(model, kept)
+            pad = pad_id(tokenizer)
+            logps_of_tokenized(model, kept[:2], pad_id=pad, batch_tokens=args.batch_tokens)  # path checks, warm-up
+            seconds: dict[str, float] = {}
+            _, seconds["floor"] = best_of(args.repeats, device, floor_pass, model, kept, args.batch_tokens)
+            ours, seconds["prefsift"] = best_of(args.repeats, device, logps_of_tokenized, model, tokenized, pad_id=pad,
+                                                batch_tokens=args.batch_tokens)
+            for path in ("packed", "cached"):
+                _, seconds[f"prefsift {path}"] = best_of(args.repeats, device, logps_of_tokenized, model, tokenized,
+                                                         pad_id=pad, batch_tokens=args.batch_tokens, path=path)
+            difference = None
+            if args.trl:
+                trainer, trl_rows = trl_trainer(model, tokenizer, rows, max_length, args.trl_batch_size,
+                                                dtype == torch.bfloat16)
+                trl_out, seconds["TRL"] = best_of(args.repeats, device, trainer._precompute_ref_logps, trl_rows,
+                                                  "train", args.trl_batch_size)
+                theirs = np.full((len(rows), 2), np.nan)
+                theirs[np.asarray(trl_out["row"])] = np.stack([trl_out["ref_chosen_logps"],
+                                                              trl_out["ref_rejected_logps"]], 1)
+                both = ~np.isnan(theirs[:, 0]) & ~np.isnan(ours[:, 0])
+                difference = float(np.max(np.abs(theirs[both] - ours[both]) / np.abs(theirs[both])))
+                del trainer
+            record = {"shape": name, "parameters": n_params, "dtype": args.dtype, "data": data_shape,
+                      "max_length": max_length, "pairs": len(kept), "unique_tokens": unique, "useful_flops": flops,
+                      "seconds": seconds, "peak_flops": peak, "max_relative_difference_to_trl": difference}
+            records.append(record)
+            print_logps(record)
+    del model
+    return records
+
+
+def print_logps(r: dict) -> None:
+    print(f"\n{r['shape']} ({r['parameters'] / 1e9:.2f}B, {r['dtype']}), {r['data']}, max_length {r['max_length']}: "
+          f"{r['pairs']} pairs, {r['unique_tokens']:,} unique tokens"
+          + (f"; prefsift vs TRL: largest relative difference {r['max_relative_difference_to_trl']:.1e}"
+             if r["max_relative_difference_to_trl"] is not None else ""))
+    print(f"{'':<18}{'seconds':>9}{'x floor':>9}{'tokens/s':>12}{'MFU':>7}{'TRL / it':>10}")
+    s = r["seconds"]
+    for label, t in s.items():
+        mfu = f"{r['useful_flops'] / t / r['peak_flops']:.0%}" if r["peak_flops"] else "-"
+        vs_trl = f"{s['TRL'] / t:.2f}" if "TRL" in s else "-"
+        print(f"{label:<18}{t:>9.3f}{t / s['floor']:>9.2f}{r['unique_tokens'] / t:>12,.0f}{mfu:>7}{vs_trl:>10}")
+
+
+def influence_table(args, name: str, shape: Shape, device: str) -> dict:
+    """bench/influence.py's comparison in fp32 on `shape`: ḡ_val once, then each way to ⟨ḡ_val, g_w − g_l⟩."""
+    from datasets import Dataset
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # a 1e-5 relative step needs fp32 products
+    torch.backends.cudnn.allow_tf32 = False
+    model = make_model(shape, torch.float32, device)
+    tokenizer = word_tokenizer(shape.vocab)
+    max_length = args.max_length[0]
+    rows = synthetic_rows(args.data_shapes[0], args.influence_pairs + args.n_val, max_length, shape.vocab, seed=1)
+    train = Dataset.from_list(rows[:args.influence_pairs])
+    val = Dataset.from_list(rows[args.influence_pairs:])
+    params = inf.scope_parameters(model, "all")
+    kw = {"max_length": max_length}
+    tokenized = inf._tokenize(tokenizer, train, max_length)
+    pad = pad_id(tokenizer)
+    logps_of_tokenized(model, tokenized[:2], pad_id=pad, batch_tokens=args.batch_tokens)
+    _, t_pass = best_of(1, device, logps_of_tokenized, model, tokenized, pad_id=pad, batch_tokens=args.batch_tokens)
+    val_ref = logps_of_tokenized(model, inf._tokenize(tokenizer, val, max_length), pad_id=pad)
+    (direction, _), t_val = best_of(1, device, inf.validation_gradient, model, tokenizer, val, val_ref, params,
+                                    beta=0.1, **kw)
+    fd, t_fd = best_of(1, device, inf.finite_difference, model, tokenizer, train, direction, params,
+                       batch_tokens=args.batch_tokens, **kw)
+    jvp, t_jvp = best_of(1, device, inf.forward_ad, model, tokenizer, train, direction, params, **kw)
+    ref, t_pe = best_of(1, device, inf.per_example, model, tokenizer, train, direction, params, **kw)
+    ok = ~np.isnan(ref)
+    scale = np.abs(ref[ok]).max()
+
+    def accuracy(values: np.ndarray) -> list[float]:
+        ranks = [np.argsort(np.argsort(x)) for x in (values[ok], ref[ok])]
+        return [float(np.corrcoef(*ranks)[0, 1]), float(np.abs(values[ok] - ref[ok]).max() / scale)]
+
+    n = int(ok.sum())
+    # per-example: a forward and a backward (~3 forwards of FLOPs) on prompt+chosen and prompt+rejected rows; finite
+    # differences: 2 forwards of the unique tokens. Their ratio is what FLOPs allow; above it is utilisation.
+    kept = [t for t in tokenized if t is not None]
+    bound = 3 * sum(2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in kept) / (
+        2 * sum(len(t) for t in kept))
+    record = {"shape": name, "data": args.data_shapes[0], "max_length": max_length, "pairs": n, "n_val": len(val),
+              "seconds": {"log-prob pass (IRM)": t_pass, "finite difference": t_fd, "jvp": t_jvp,
+                          "per-example gradients": t_pe},
+              "validation_gradient_seconds": t_val, "per_example_over_fd_flop_ratio": bound,
+              "accuracy": {"finite difference": accuracy(fd), "jvp": accuracy(jvp)}}
+    print(f"\ninfluence, {name} fp32 (TF32 off), {record['data']} at max_length {max_length}: {n} training pairs, "
+          f"{len(val)} validation pairs; ḡ_val {t_val / len(val):.4f} s a validation pair")
+    print(f"{'':<24}{'s/pair':>9}{'x pass':>8}{'pe / it':>9}{'spearman':>10}{'max rel err':>13}")
+    for label, t in record["seconds"].items():
+        rho, err = record["accuracy"].get(label, [float("nan")] * 2)
+        print(f"{label:<24}{t / n:>9.4f}{t / t_pass:>8.2f}{t_pe / t:>9.1f}{rho:>10.5f}{err:>13.2e}")
+    print(f"per-example / finite difference in FLOPs alone: {bound:.2f}x (the rest of 'pe / it' is utilisation)")
+    del model
+    return record
+
+
+def card_family(device: str) -> str:
+    if not device.startswith("cuda"):
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return next((family for family in PEAK_BF16 if family in name), name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["0.6b", "1.8b"], choices=list(SHAPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="the log-prob table's precision (influence runs in fp32)")
+    parser.add_argument("--data-shapes", nargs="+", default=["transcripts", "instructions"],
+                        choices=("transcripts", "instructions"))
+    parser.add_argument("--max-length", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--n-pairs", type=int, default=256, help="pairs of each log-prob row")
+    parser.add_argument("--batch-tokens", type=int, default=16384, help="prefsift's token budget a batch")
+    parser.add_argument("--trl-batch-size", type=int, default=16, help="TRL's precompute_ref_batch_size (pairs)")
+    parser.add_argument("--no-trl", dest="trl", action="store_false", help="skip TRL (not installed)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings a row; the fastest is kept")
+    parser.add_argument("--influence-pairs", type=int, default=64, help="training pairs of the influence table")
+    parser.add_argument("--n-val", type=int, default=32, help="validation pairs of the influence table")
+    parser.add_argument("--no-influence", dest="influence", action="store_false")
+    parser.add_argument("--json", type=Path, help="also write the records here")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: pass --device cpu (and --dtype float32) to check the script")
+
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    print(f"device: {where}; torch {torch.__version__}")
+    results = {"device": where, "torch": torch.__version__, "logps": [], "influence": []}
+    for name in args.shapes:
+        results["logps"] += logps_table(args, name, SHAPES[name], args.device)
+        if args.influence:
+            results["influence"].append(influence_table(args, name, SHAPES[name], args.device))
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

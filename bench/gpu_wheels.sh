@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The wheels bench/gpu.py needs on a GPU machine that has torch, transformers, pyarrow and accelerate but no trl or
+# datasets, and no network: the versions of this checkout's environment, pure-Python, into .whl/ (git-ignored
+# through .git/info/exclude). transformers is carried too: TRL 1.16 calls the model with `fused_lm_head`, which
+# older transformers lack. About 16 MB. See bench/README.md, "gpu.py", for the command that installs and runs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+version() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
+rm -rf .whl
+python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+  "trl==$(version trl)" "datasets==$(version datasets)" "dill==$(version dill)" \
+  "multiprocess==$(version multiprocess)" "transformers==$(version transformers)"
+du -sh .whl

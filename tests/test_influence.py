@@ -117,6 +117,26 @@ def test_fast_paths_match_per_example_gradients(bpe_tokenizer, data, cases, seed
     assert np.abs(jvp - reference).max() <= JVP_TOLERANCE * scale
 
 
+def test_forward_ad_runs_on_the_packed_engine_and_without_it(bpe_tokenizer, data, cases, monkeypatch):
+    """Forward-mode AD goes through the engine's packed rows where the packed path is verified, TRL's two rows a pair
+    where it is not; both are exact."""
+    train, _ = data
+    model, params, direction, reference = cases[1, "lora"]
+    scale = np.abs(reference).max()
+    packed_pairs: list[int] = []
+    original = inf.packed_logps
+    monkeypatch.setattr(inf, "packed_logps",
+                        lambda m, batch: (packed_pairs.append(batch.n_pairs), original(m, batch))[1])
+    packed = inf.forward_ad(model, bpe_tokenizer, train, direction, params, max_length=None, batch_tokens=256)
+    assert sum(packed_pairs) == len(train)  # every pair, over several batches
+    monkeypatch.setattr(inf, "packed_path_ok", lambda *args: False)
+    packed_pairs.clear()
+    unpacked = inf.forward_ad(model, bpe_tokenizer, train, direction, params, max_length=None, batch_tokens=256)
+    assert not packed_pairs
+    for values in (packed, unpacked):
+        assert np.abs(values - reference).max() <= JVP_TOLERANCE * scale
+
+
 def test_a_bad_step_is_caught_against_exact_gradients(bpe_tokenizer, data, cases):
     train, _ = data
     model, params, direction, reference = cases[0, "all"]

@@ -10,7 +10,10 @@ of log π(y_w|x) − log π(y_l|x) along ḡ_val, so every training pair then co
   ḡ_val, the steepest direction there is, the step must be far smaller than along a random direction (METHODS.md
   §3's 1e-2): see DEFAULT_STEP. Each side is a `compute_logps` pass: the packed, bucketed engine, with resumable
   shards named by the direction and ε.
-- "jvp": forward-mode AD (`torch.func.jvp`), with eager attention (SDPA kernels have no forward-AD rule).
+- "jvp": forward-mode AD (`torch.func.jvp`) on the engine's packed rows (`logps.packed_logps`: the prompt once, the
+  LM head on the completions only), with eager attention (SDPA kernels have no forward-AD rule).
+ḡ_val's backward pass runs on the packed rows too. Either falls back to TRL's two rows a pair (`pair_logps`) where
+the engine's packed path fails its check on the model.
 - "per-example": one backward pass a pair dotted with ḡ_val: the slow, obvious reference the tests compare to.
 """
 
@@ -28,7 +31,19 @@ import torch
 from torch import nn
 
 from prefsift.errors import ConfigError
-from prefsift.logps import BatchPlan, LogpsRun, TokenizedPair, _unwrap, compute_logps, pad_id, tokenize_pairs
+from prefsift.logps import (
+    BatchPlan,
+    LogpsRun,
+    TokenizedPair,
+    _unwrap,
+    check_pair,
+    compute_logps,
+    packed_batch,
+    packed_logps,
+    packed_path_ok,
+    pad_id,
+    tokenize_pairs,
+)
 from prefsift.output import temp_sibling
 
 SCOPES = ("all", "lora", "last_k")
@@ -135,21 +150,37 @@ def _tokenize(tokenizer, pairs, max_length: int | None) -> list[TokenizedPair | 
     return out
 
 
+def _packed_ok(model, tokenized: list[TokenizedPair | None], pad: int) -> bool:
+    """Whether the engine's packed rows (the prompt once, the head on the completions only) reproduce the model's own
+    forward, checked as the log-prob engine checks it: then ḡ_val and forward-mode AD run on them too."""
+    kept = [t for t in tokenized if t is not None]
+    return bool(kept) and packed_path_ok(_unwrap(model), check_pair(max(kept, key=len)), pad)
+
+
 # --- ḡ_val ------------------------------------------------------------------------------------------------------
 def validation_gradient(model, tokenizer, pairs, reference_logps: np.ndarray, params: dict[str, nn.Parameter], *,
                         beta: float, max_length: int | None, batch_tokens: int = GRAD_BATCH_TOKENS
                         ) -> tuple[Direction, np.ndarray]:
     """(ḡ_val by parameter name in fp32, the validation margins Δ_θ) from one pass over the validation `pairs`,
-    gradients accumulated batch by batch: never one stored gradient a pair. Pairs TRL drops do not count in |V|."""
+    gradients accumulated batch by batch: never one stored gradient a pair. Pairs TRL drops do not count in |V|. The
+    log-probs are the engine's packed rows where its check allows (a backward through `packed_logps`)."""
     tokenized = _tokenize(tokenizer, pairs, max_length)
     plan = BatchPlan.of(tokenized, batch_tokens)
     names = list(params)
     total = [torch.zeros_like(params[n], dtype=torch.float32) for n in names]
     margins = np.full(len(tokenized), np.nan)
     reference = torch.as_tensor(reference_logps, dtype=torch.float64)
+    pad = pad_id(tokenizer)
+    packed = _packed_ok(model, tokenized, pad)
+    first = next(_unwrap(model).parameters())  # the mask's dtype and device
     with _grads_on(model, params):
         for batch in plan.batches:
-            chosen, rejected = pair_logps(model, [tokenized[i] for i in batch], pad_id(tokenizer))
+            chunk = [tokenized[i] for i in batch]
+            if packed:
+                sums = packed_logps(model, packed_batch(chunk, pad, first.dtype, first.device))
+                chosen, rejected = sums[:, 0], sums[:, 1]
+            else:
+                chosen, rejected = pair_logps(model, chunk, pad)
             ref = reference[batch].to(chosen.device)
             margin = beta * ((chosen - ref[:, 0]) - (rejected - ref[:, 1]))
             weight = (1 - torch.sigmoid(margin.detach())) / max(plan.n_kept, 1)
@@ -227,11 +258,24 @@ def eager_attention(model) -> Iterator[None]:
         config._attn_implementation = before
 
 
+class _Packed(nn.Module):
+    """The engine's packed forward as a module, so `torch.func.functional_call` can swap the weights in scope."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, batch):
+        return packed_logps(self.base, batch)
+
+
 def forward_ad(model, tokenizer, pairs, direction: Direction, params: dict[str, nn.Parameter], *,
                max_length: int | None, batch_tokens: int = GRAD_BATCH_TOKENS, run_dir: Path | None = None,
                identity: dict | None = None) -> np.ndarray:
     """⟨v, g_w − g_l⟩ by forward-mode AD: one dual forward a batch, on the same length-bucketed plan as the log-prob
-    engine, finished batches kept as resumable shards (chosen / rejected tangents) when `run_dir` is given."""
+    engine, finished batches kept as resumable shards (chosen / rejected tangents) when `run_dir` is given. Where the
+    engine's packed path is verified on the model, each pair is one `prompt | chosen | rejected` row (the prompt once,
+    the LM head on the completions only); else TRL's two padded rows a pair."""
     tokenized = _tokenize(tokenizer, pairs, max_length)
     plan = BatchPlan.of(tokenized, batch_tokens)
     names = list(params)
@@ -244,6 +288,10 @@ def forward_ad(model, tokenizer, pairs, direction: Direction, params: dict[str, 
     if run is not None:
         run.shard_dir.mkdir(parents=True, exist_ok=True)
     base = _unwrap(model)
+    pad = pad_id(tokenizer)
+    packed = _packed_ok(model, tokenized, pad)
+    packed_module = _Packed(base)
+    first = next(base.parameters())  # the mask's dtype and device
     was_training = base.training
     base.eval()
     try:
@@ -253,9 +301,16 @@ def forward_ad(model, tokenizer, pairs, direction: Direction, params: dict[str, 
                     out[done[number][:, 0].astype(int)] = done[number][:, 1:]
                     continue
                 chunk = [tokenized[i] for i in batch]
+                if packed:
+                    inputs = packed_batch(chunk, pad, first.dtype, first.device)
 
-                def f(*values, chunk=chunk):
-                    return pair_logps(base, chunk, pad_id(tokenizer), dict(zip(names, values, strict=True)))
+                    def f(*values, inputs=inputs):
+                        weights = {f"base.{n}": v for n, v in zip(names, values, strict=True)}
+                        sums = torch.func.functional_call(packed_module, weights, (inputs,), strict=False)
+                        return sums[:, 0], sums[:, 1]
+                else:
+                    def f(*values, chunk=chunk):
+                        return pair_logps(base, chunk, pad, dict(zip(names, values, strict=True)))
 
                 _, (d_chosen, d_rejected) = torch.func.jvp(f, primals, tangents)
                 values = torch.stack([d_chosen, d_rejected], 1).cpu().numpy()

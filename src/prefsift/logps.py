@@ -128,11 +128,20 @@ def _backbone_and_head(model):
     return base, backbone, base.get_output_embeddings()
 
 
-@torch.inference_mode()
-def _forward_batch(model, pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed chosen / rejected log-probs of a batch of packed pairs (one sequence a pair)."""
-    base, backbone, head = _backbone_and_head(model)
-    device = head.weight.device
+@dataclass
+class PackedBatch:
+    """The packed layout of a batch: one `prompt | chosen | rejected` row a pair, its block mask and positions, and
+    which position predicts which scored token (`index`: 2 × row + side, the slot of the token's sum)."""
+
+    inputs: dict[str, torch.Tensor]
+    rows: torch.Tensor
+    predictors: torch.Tensor
+    targets: torch.Tensor
+    index: torch.Tensor
+    n_pairs: int
+
+
+def packed_batch(pairs: list[TokenizedPair], pad_id: int, dtype: torch.dtype, device: torch.device) -> PackedBatch:
     width = max(len(p) for p in pairs)
     batch = len(pairs)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -159,17 +168,30 @@ def _forward_batch(model, pairs: list[TokenizedPair], pad_id: int) -> tuple[torc
                     targets.append(tok)
                     sides.append(side)
     allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves: no all-masked row
-    dtype = head.weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
     inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
               "position_ids": position_ids.to(device), "use_cache": False}
-    rows_t, preds_t = torch.tensor(rows, device=device), torch.tensor(predictors, device=device)
-    hidden = backbone(**inputs).last_hidden_state
-    token_logps = _token_logps(base.config, head, hidden[rows_t, preds_t], torch.tensor(targets, device=device))
-    sums = torch.zeros(batch * 2, dtype=torch.float64, device=device)
-    index = rows_t * 2 + torch.tensor(sides, device=device)
-    sums.index_add_(0, index, token_logps.double())
-    sums = sums.view(batch, 2).cpu()
+    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+    return PackedBatch(inputs, rows_t, torch.tensor(predictors, dtype=torch.long, device=device),
+                       torch.tensor(targets, dtype=torch.long, device=device),
+                       rows_t * 2 + torch.tensor(sides, dtype=torch.long, device=device), batch)
+
+
+def packed_logps(model, batch: PackedBatch) -> torch.Tensor:
+    """(pairs, 2) summed chosen / rejected log-probs of a packed batch, in float64. Differentiable, also in forward
+    mode: `_forward_batch` runs it under inference mode, forward-mode influence through `torch.func.jvp`."""
+    base, backbone, head = _backbone_and_head(model)
+    hidden = backbone(**batch.inputs).last_hidden_state
+    token_logps = _token_logps(base.config, head, hidden[batch.rows, batch.predictors], batch.targets)
+    sums = torch.zeros(batch.n_pairs * 2, dtype=torch.float64, device=hidden.device)
+    return sums.index_add(0, batch.index, token_logps.double()).view(batch.n_pairs, 2)
+
+
+@torch.inference_mode()
+def _forward_batch(model, pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed chosen / rejected log-probs of a batch of packed pairs (one sequence a pair)."""
+    head = _backbone_and_head(model)[2]
+    sums = packed_logps(model, packed_batch(pairs, pad_id, head.weight.dtype, head.weight.device)).cpu()
     return sums[:, 0], sums[:, 1]
 
 

@@ -21,8 +21,8 @@ class InfluenceParams(ScorerParams):
     """How ⟨ḡ_val, g_w − g_l⟩ is computed and over which parameters."""
 
     method: str = option("finite-difference", "finite-difference: two fp32 log-prob passes on weights moved by "
-                         "±ε·ḡ_val; jvp: forward-mode AD (eager attention); per-example: one backward pass a pair "
-                         "(slow, the reference).", choices=METHODS)
+                         "±ε·ḡ_val; jvp: forward-mode AD (exact; eager attention); per-example: one backward pass a "
+                         "pair (slow, the reference).", choices=METHODS)
     step: float = option(DEFAULT_STEP, "Finite-difference step relative to the weights: ε·‖ḡ_val‖ = step·‖θ_scope‖.",
                          low=0.0, high=1.0, low_open=True)
     scope: str = option("all", "Parameters the gradients are taken over: all, lora (names with 'lora_'), last_k "
@@ -59,11 +59,12 @@ def influence_column(resources, params: InfluenceParams) -> np.ndarray:
 
 
 def influence_passes(params: InfluenceParams, n_pairs: int, n_validation: int) -> float:
-    """Pair passes beyond the policy's log-prob pass: ḡ_val (a forward and a backward over the validation pairs,
-    about 5 passes a pair on a CPU, bench/results/influence.txt) and per training pair two perturbed passes
-    (finite difference) or about 4 (jvp, per-example gradients: measured 5.0 and 4.7 passes with the forward)."""
-    per_pair = 2.0 if params.method == "finite-difference" else 4.0
-    return per_pair * n_pairs + 5.0 * n_validation
+    """Pair passes beyond the policy's log-prob pass, as measured on SmolLM2 on a CPU (bench/results/influence.txt):
+    ḡ_val, a forward and a backward over the validation pairs' packed rows (2.6-3.2 passes a pair), and per training
+    pair two perturbed passes (finite difference), a dual forward (jvp: 2.9-3.6) or a forward and a backward on
+    TRL's rows (per-example: 5.4-7.6)."""
+    per_pair = {"finite-difference": 2.0, "jvp": 3.0, "per-example": 6.0}[params.method]
+    return per_pair * n_pairs + 3.0 * n_validation
 
 
 @register

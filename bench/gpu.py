@@ -249,6 +249,15 @@ def print_logps(r: dict) -> None:
         print(f"{label:<18}{t:>9.3f}{t / s['floor']:>9.2f}{r['unique_tokens'] / t:>12,.0f}{mfu:>7}{vs_trl:>10}")
 
 
+def per_example_flop_ratio(tokenized: list[TokenizedPair | None]) -> float:
+    """Per-example gradients' FLOPs over a finite difference's: a forward and a backward (~3 forwards) on TRL's
+    prompt+chosen and prompt+rejected rows, against 2 forwards of the unique tokens. A measured ratio above it is
+    utilisation (per-example gradients go one pair at a time), not arithmetic."""
+    kept = [t for t in tokenized if t is not None]
+    trl_rows = sum(2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in kept)
+    return 3 * trl_rows / (2 * sum(len(t) for t in kept))
+
+
 def influence_table(args, name: str, shape: Shape, device: str) -> dict:
     """bench/influence.py's comparison in fp32 on `shape`: ḡ_val once, then each way to ⟨ḡ_val, g_w − g_l⟩."""
     from datasets import Dataset
@@ -282,11 +291,7 @@ def influence_table(args, name: str, shape: Shape, device: str) -> dict:
         return [float(np.corrcoef(*ranks)[0, 1]), float(np.abs(values[ok] - ref[ok]).max() / scale)]
 
     n = int(ok.sum())
-    # per-example: a forward and a backward (~3 forwards of FLOPs) on prompt+chosen and prompt+rejected rows; finite
-    # differences: 2 forwards of the unique tokens. Their ratio is what FLOPs allow; above it is utilisation.
-    kept = [t for t in tokenized if t is not None]
-    bound = 3 * sum(2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in kept) / (
-        2 * sum(len(t) for t in kept))
+    bound = per_example_flop_ratio(tokenized)
     record = {"shape": name, "data": args.data_shapes[0], "max_length": max_length, "pairs": n, "n_val": len(val),
               "seconds": {"log-prob pass (IRM)": t_pass, "finite difference": t_fd, "jvp": t_jvp,
                           "per-example gradients": t_pe},

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gpu import per_example_flop_ratio  # noqa: E402
 from logps import DEFAULT_DATA, default_model  # noqa: E402
 
 import prefsift.logps  # noqa: E402
@@ -140,6 +142,8 @@ def main() -> None:
         rho, err = acc if acc is not None else (float("nan"), float("nan"))
         print(f"{label:<32}{cpu / n:>11.4f}{cpu / t_pass[0]:>8.2f}{t_pe[0] / cpu:>9.1f}{wall / n:>12.4f}{rho:>10.5f}"
               f"{err:>13.2e}")
+    flop_ratio = per_example_flop_ratio(inf._tokenize(tokenizer, train, args.max_length))
+    print(f"per-example / finite difference in FLOPs alone: {flop_ratio:.2f}x")
     print(f"ḡ_val (one backward pass over V): {t_val[0] / len(val):.4f} cpu s a validation pair "
           f"({t_val[0] / len(val) / (t_pass[0] / n):.2f}x a log-prob pass a pair)")
     theta, v = inf._norm(params.values()), inf._norm(direction.values())
@@ -156,10 +160,12 @@ def main() -> None:
         print(f"  step {step:<8g} ε·median|dd| {nats:<10.3g} spearman {sweep[step][0]:.5f}  max rel err "
               f"{sweep[step][1]:.2e}")
     if args.json:
-        record = {"model": name, "threads": args.threads, "n_pairs": n, "n_val": len(val), "scope": args.scope,
+        record = {"command": shlex.join(["python", "bench/influence.py", *sys.argv[1:]]),
+                  "when": time.strftime("%Y-%m-%d"), "load_average_1min": round(os.getloadavg()[0], 2),
+                  "model": name, "threads": args.threads, "n_pairs": n, "n_val": len(val), "scope": args.scope,
                   "max_length": args.max_length, "cpu_wall_seconds": {label: s for label, s, _ in rows},
                   "validation_gradient_cpu_wall_s": t_val, "accuracy": {label: a for label, _, a in rows if a},
-                  "step_sweep": sweep}
+                  "step_sweep": sweep, "per_example_over_fd_flop_ratio": flop_ratio}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1))
 

@@ -146,6 +146,30 @@ def analysis_table(path: Path) -> str:
             + render_markdown(record["analysis"]))
 
 
+def influence_table(path: Path) -> str:
+    """bench/influence.py's record: each way to ⟨ḡ_val, g_w − g_l⟩ as a multiple of one log-prob pass (CPU time),
+    per-example gradients' time over it, and its agreement with per-example gradients."""
+    r = json.loads(path.read_text())
+    seconds = {label: cpu for label, (cpu, _wall) in r["cpu_wall_seconds"].items()}
+    passes = next(t for label, t in seconds.items() if label.startswith("log-prob pass"))
+    per_example = next(t for label, t in seconds.items() if label.startswith("per-example"))
+    lines = ["| method | × a log-prob pass | per-example ÷ method | Spearman vs per-example | max rel. error |",
+             "|---|---|---|---|---|"]
+    for label, t in seconds.items():
+        rho, error = r["accuracy"].get(label) or (None, None)
+        agreement = "— | —" if rho is None or label.startswith("per-example") else f"{rho:.3f} | {error:.1e}"
+        lines.append(f"| {label} | {t / passes:.2f} | {per_example / t:.1f} | {agreement} |")
+    val = r["validation_gradient_cpu_wall_s"][0] / r["n_val"] / (passes / r["n_pairs"])
+    lines.append(f"\nḡ_val, one backward pass over the validation pairs: {val:.2f}× a log-prob pass a pair, once. "
+                 f"Per-example gradients over a finite difference in FLOPs alone: "
+                 f"{r['per_example_over_fd_flop_ratio']:.2f}× (a forward and a backward on TRL's two rows a pair, "
+                 "against two forwards of the unique tokens).")
+    head = (f"`{r['command']}` ({r['when']}, load average {r['load_average_1min']}): {r['model']}, fp32, "
+            f"{r['threads']} thread, {r['n_pairs']} training pairs, {r['n_val']} validation pairs, max_length "
+            f"{r['max_length']}, scope {r['scope']}; CPU time; from `bench/results/{path.name}`.\n\n")
+    return head + "\n".join(lines) + "\n"
+
+
 TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "logps-transcripts": (RESULTS / "logps-transcripts.json", logps_table),
           "logps-instructions": (RESULTS / "logps-instructions.json", logps_table),
@@ -156,7 +180,8 @@ TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "demo-scaling": (RESULTS / "demo.json", demo_scaling),
           "kto-ref": (RESULTS / "kto-ref.json", kto_ref_line),
           "analysis-demo": (RESULTS / "analysis-demo.json", analysis_table),
-          "analysis-hh": (RESULTS / "analysis-hh.json", analysis_table)}
+          "analysis-hh": (RESULTS / "analysis-hh.json", analysis_table),
+          "influence-table": (RESULTS / "influence-smollm2.json", influence_table)}
 
 
 def render(text: str) -> str:

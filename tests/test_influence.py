@@ -76,9 +76,14 @@ def test_differentiable_forward_is_the_engine(bpe_tokenizer, data):
     np.testing.assert_allclose(np.stack([chosen.numpy(), rejected.numpy()], 1), engine, rtol=1e-5, atol=1e-4)
 
 
-def test_validation_gradient_is_the_weighted_mean_of_pair_gradients(bpe_tokenizer, data):
-    """ḡ_val from one accumulated pass equals Σ (1 − σ(Δ_i)) (g_w^i − g_l^i) / |V| built pair by pair with .backward."""
+@pytest.mark.parametrize("layout", ["packed", "two rows"])
+def test_validation_gradient_is_the_weighted_mean_of_pair_gradients(bpe_tokenizer, data, layout, monkeypatch):
+    """ḡ_val from one accumulated pass equals Σ (1 − σ(Δ_i)) (g_w^i − g_l^i) / |V| built pair by pair with .backward,
+    on the engine's packed rows and on TRL's two rows a pair (where the packed check fails)."""
     _, val = data
+    if layout == "two rows":
+        monkeypatch.setattr(inf, "packed_path_ok", lambda *args: False)
+        monkeypatch.setattr(inf, "packed_logps", lambda *args: pytest.fail("packed rows used"))
     model = make_tiny_llama(bpe_tokenizer, seed=4)
     ref = reference_logps(bpe_tokenizer, val)
     params = inf.scope_parameters(model, "all")
@@ -129,11 +134,16 @@ def test_forward_ad_runs_on_the_packed_engine_and_without_it(bpe_tokenizer, data
                         lambda m, batch: (packed_pairs.append(batch.n_pairs), original(m, batch))[1])
     packed = inf.forward_ad(model, bpe_tokenizer, train, direction, params, max_length=None, batch_tokens=256)
     assert sum(packed_pairs) == len(train)  # every pair, over several batches
+    monkeypatch.setattr(inf, "LONG_PAIR_TOKENS", 40)  # batches holding a longer pair keep TRL's rows
+    packed_pairs.clear()
+    mixed = inf.forward_ad(model, bpe_tokenizer, train, direction, params, max_length=None, batch_tokens=256)
+    long_pairs = sum(len(t) > 40 for t in inf._tokenize(bpe_tokenizer, train, None))
+    assert 0 < long_pairs and 0 < sum(packed_pairs) <= len(train) - long_pairs
     monkeypatch.setattr(inf, "packed_path_ok", lambda *args: False)
     packed_pairs.clear()
     unpacked = inf.forward_ad(model, bpe_tokenizer, train, direction, params, max_length=None, batch_tokens=256)
     assert not packed_pairs
-    for values in (packed, unpacked):
+    for values in (packed, mixed, unpacked):
         assert np.abs(values - reference).max() <= JVP_TOLERANCE * scale
 
 

@@ -32,8 +32,10 @@ from torch import nn
 
 from prefsift.errors import ConfigError
 from prefsift.logps import (
+    LONG_PAIR_TOKENS,
     BatchPlan,
     LogpsRun,
+    PackedBatch,
     TokenizedPair,
     _unwrap,
     check_pair,
@@ -157,6 +159,12 @@ def _packed_ok(model, tokenized: list[TokenizedPair | None], pad: int) -> bool:
     return bool(kept) and packed_path_ok(_unwrap(model), check_pair(max(kept, key=len)), pad)
 
 
+def _packs(packed: bool, chunk: list[TokenizedPair]) -> bool:
+    """Whether this batch goes on the packed rows: a pair longer than LONG_PAIR_TOKENS would need a width² mask, so
+    its batch keeps TRL's rows (a 2-D padding mask, the kernels' own causal attention)."""
+    return packed and max(len(p) for p in chunk) <= LONG_PAIR_TOKENS
+
+
 # --- ḡ_val ------------------------------------------------------------------------------------------------------
 def validation_gradient(model, tokenizer, pairs, reference_logps: np.ndarray, params: dict[str, nn.Parameter], *,
                         beta: float, max_length: int | None, batch_tokens: int = GRAD_BATCH_TOKENS
@@ -172,12 +180,11 @@ def validation_gradient(model, tokenizer, pairs, reference_logps: np.ndarray, pa
     reference = torch.as_tensor(reference_logps, dtype=torch.float64)
     pad = pad_id(tokenizer)
     packed = _packed_ok(model, tokenized, pad)
-    first = next(_unwrap(model).parameters())  # the mask's dtype and device
     with _grads_on(model, params):
         for batch in plan.batches:
             chunk = [tokenized[i] for i in batch]
-            if packed:
-                sums = packed_logps(model, packed_batch(chunk, pad, first.dtype, first.device))
+            if _packs(packed, chunk):
+                sums = packed_logps(model, packed_batch(model, chunk, pad))
                 chosen, rejected = sums[:, 0], sums[:, 1]
             else:
                 chosen, rejected = pair_logps(model, chunk, pad)
@@ -265,7 +272,7 @@ class _Packed(nn.Module):
         super().__init__()
         self.base = base
 
-    def forward(self, batch):
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
         return packed_logps(self.base, batch)
 
 
@@ -282,16 +289,17 @@ def forward_ad(model, tokenizer, pairs, direction: Direction, params: dict[str, 
     primals = tuple(params[n].detach() for n in names)
     tangents = tuple(direction[n].to(params[n].dtype) for n in names)
     out = np.full((len(tokenized), 2), np.nan)
-    run = None if run_dir is None else LogpsRun(Path(run_dir), "influence-jvp",
-                                                {**(identity or {}), "direction": direction_hash(direction)})
-    done = run.finished() if run is not None else {}
-    if run is not None:
-        run.shard_dir.mkdir(parents=True, exist_ok=True)
     base = _unwrap(model)
     pad = pad_id(tokenizer)
     packed = _packed_ok(model, tokenized, pad)
     packed_module = _Packed(base)
-    first = next(base.parameters())  # the mask's dtype and device
+    # the layout is part of a shard's identity: in bf16 the two layouts' tangents differ by rounding (~1%)
+    run = None if run_dir is None else LogpsRun(Path(run_dir), "influence-jvp",
+                                                {**(identity or {}), "direction": direction_hash(direction),
+                                                 "layout": "packed" if packed else "two rows"})
+    done = run.finished() if run is not None else {}
+    if run is not None:
+        run.shard_dir.mkdir(parents=True, exist_ok=True)
     was_training = base.training
     base.eval()
     try:
@@ -301,8 +309,8 @@ def forward_ad(model, tokenizer, pairs, direction: Direction, params: dict[str, 
                     out[done[number][:, 0].astype(int)] = done[number][:, 1:]
                     continue
                 chunk = [tokenized[i] for i in batch]
-                if packed:
-                    inputs = packed_batch(chunk, pad, first.dtype, first.device)
+                if _packs(packed, chunk):
+                    inputs = packed_batch(base, chunk, pad)
 
                     def f(*values, inputs=inputs):
                         weights = {f"base.{n}": v for n, v in zip(names, values, strict=True)}

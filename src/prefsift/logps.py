@@ -133,7 +133,7 @@ class PackedBatch:
     """The packed layout of a batch: one `prompt | chosen | rejected` row a pair, its block mask and positions, and
     which position predicts which scored token (`index`: 2 × row + side, the slot of the token's sum)."""
 
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor | bool]  # the backbone's keyword arguments
     rows: torch.Tensor
     predictors: torch.Tensor
     targets: torch.Tensor
@@ -141,7 +141,11 @@ class PackedBatch:
     n_pairs: int
 
 
-def packed_batch(pairs: list[TokenizedPair], pad_id: int, dtype: torch.dtype, device: torch.device) -> PackedBatch:
+def packed_batch(model, pairs: list[TokenizedPair], pad_id: int) -> PackedBatch:
+    """`pairs` in the packed layout, on the device and in the dtype of the model's LM head (the mask is additive in
+    that dtype): the same for the log-prob pass, its exactness check and the influence passes."""
+    head = _backbone_and_head(model)[2]
+    dtype, device = head.weight.dtype, head.weight.device
     width = max(len(p) for p in pairs)
     batch = len(pairs)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -190,8 +194,7 @@ def packed_logps(model, batch: PackedBatch) -> torch.Tensor:
 @torch.inference_mode()
 def _forward_batch(model, pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed chosen / rejected log-probs of a batch of packed pairs (one sequence a pair)."""
-    head = _backbone_and_head(model)[2]
-    sums = packed_logps(model, packed_batch(pairs, pad_id, head.weight.dtype, head.weight.device)).cpu()
+    sums = packed_logps(model, packed_batch(model, pairs, pad_id)).cpu()
     return sums[:, 0], sums[:, 1]
 
 

@@ -22,25 +22,27 @@ Rows of the influence table (fp32, TF32 off: finite differences need it; per `be
 pass (IRM's cost), finite difference, jvp, per-example gradients; seconds a pair, × the pass, per-example / it,
 Spearman and largest error against per-example.
 
-    python bench/gpu.py --shapes tiny --device cpu --dtype float32      # check the script anywhere (~1 min)
+    python bench/gpu.py --shapes tiny --device cpu --dtype float32      # check the script anywhere (~15 s)
     python bench/gpu.py --shapes 0.6b 1.8b --json bench/results/gpu.json   # on a GPU (see bench/README.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")
+# offline, and no progress bars (tqdm reads TQDM_DISABLE when it is imported): set before any import that loads it
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TQDM_DISABLE"):
+    os.environ.setdefault(_name, "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -50,27 +52,27 @@ import prefsift.logps  # noqa: E402
 from prefsift import influence as inf  # noqa: E402
 from prefsift.logps import TokenizedPair, logps_of_tokenized, pad_id, tokenize_pairs  # noqa: E402
 
-_tqdm = prefsift.logps.tqdm
-prefsift.logps.tqdm = lambda *a, **k: _tqdm(*a, **{**k, "disable": True})
-warnings.filterwarnings("ignore", category=FutureWarning)
-
 
 @dataclass(frozen=True)
 class Shape:
-    """A Llama-architecture shape (the layer counts and widths of a published model of that size, tied head)."""
+    """A Llama-architecture shape: the layer counts and widths of a published model of that size."""
 
     hidden: int
     layers: int
     heads: int
     kv_heads: int
+    head_dim: int
     intermediate: int
     vocab: int
+    tied: bool  # the LM head shares the input embedding's weights
 
 
 SHAPES = {
-    "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1000),
-    "0.6b": Shape(hidden=1024, layers=28, heads=16, kv_heads=8, intermediate=3072, vocab=151936),  # Qwen3-0.6B
-    "1.8b": Shape(hidden=2048, layers=24, heads=16, kv_heads=16, intermediate=5504, vocab=151936),  # Qwen1.5-1.8B
+    "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=1000, tied=True),
+    "0.6b": Shape(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072, vocab=151936,
+                  tied=True),  # Qwen3-0.6B: 0.60B parameters
+    "1.8b": Shape(hidden=2048, layers=24, heads=16, kv_heads=16, head_dim=128, intermediate=5504, vocab=151936,
+                  tied=False),  # Qwen1.5-1.8B: 1.84B parameters
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks (SXM)
 PEAK_FP32 = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}  # without TF32
@@ -81,8 +83,9 @@ def make_model(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                         intermediate_size=shape.intermediate, max_position_embeddings=8192, tie_word_embeddings=True,
+                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+                         intermediate_size=shape.intermediate, max_position_embeddings=8192,
+                         tie_word_embeddings=shape.tied,
                          eos_token_id=0, pad_token_id=1, bos_token_id=None, attn_implementation="sdpa")
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
@@ -173,31 +176,38 @@ def useful_flops(model, tokenized: list[TokenizedPair]) -> float:
     return total
 
 
-def trl_trainer(model, tokenizer, rows: list[dict], max_length: int, batch_size: int, bf16: bool):
-    """A DPOTrainer built as a TRL user builds it (precompute_ref_log_probs), on one row; the timed pass runs later
-    on the whole tokenized set, exactly as its constructor would."""
-    import tempfile
-
+def trl_trainer(model, tokenizer, max_length: int, batch_size: int, bf16: bool, output_dir: str):
+    """A DPOTrainer built as a TRL user builds it (precompute_ref_log_probs), on one row: once a model (the constructor
+    hashes every weight). The timed pass runs later on each tokenized set, as its constructor would. One max_length
+    (the largest) serves every row: the synthetic pairs fit each row's own, so nothing is cut either way."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    output_dir = tempfile.mkdtemp()
     config = DPOConfig(output_dir=output_dir, precompute_ref_log_probs=True, bf16=bf16,
                        use_cpu=not next(model.parameters()).is_cuda, max_length=max_length,
                        precompute_ref_batch_size=batch_size, per_device_train_batch_size=batch_size,
                        report_to="none", remove_unused_columns=False)
-    data = Dataset.from_list([{**r, "row": i} for i, r in enumerate(rows)])
-    trainer = DPOTrainer(model=model, args=config, train_dataset=data.select([0]), processing_class=tokenizer)
-    return trainer, trainer._prepare_dataset(data, tokenizer, config, "train")
+    one = Dataset.from_list([{"prompt": "w2 w3", "chosen": " w4", "rejected": " w5", "row": 0}])
+    return DPOTrainer(model=model, args=config, train_dataset=one, processing_class=tokenizer)
 
 
-def logps_table(args, name: str, shape: Shape, device: str) -> list[dict]:
+def trl_rows(trainer, tokenizer, rows: list[dict]):
+    from datasets import Dataset
+
+    data = Dataset.from_list([{**r, "row": i} for i, r in enumerate(rows)])  # TRL carries `row` through
+    return trainer._prepare_dataset(data, tokenizer, trainer.args, "train")
+
+
+def logps_table(args, name: str, shape: Shape, device: str, keep) -> None:
+    """The log-prob rows of one model shape: every data shape and max_length, each record handed to `keep`."""
     dtype = getattr(torch, args.dtype)
     model = make_model(shape, dtype, device)
     tokenizer = word_tokenizer(shape.vocab)
     n_params = sum(p.numel() for p in model.parameters())
     peak = (PEAK_BF16 if dtype == torch.bfloat16 else PEAK_FP32).get(card_family(device))
-    records = []
+    output_dir = tempfile.TemporaryDirectory()  # the trainer writes nothing there; removed at exit
+    trainer = trl_trainer(model, tokenizer, max(args.max_length), args.trl_batch_size, dtype == torch.bfloat16,
+                          output_dir.name) if args.trl else None
     for data_shape in args.data_shapes:
         for max_length in args.max_length:
             rows = synthetic_rows(data_shape, args.n_pairs, max_length, shape.vocab)
@@ -216,24 +226,20 @@ def logps_table(args, name: str, shape: Shape, device: str) -> list[dict]:
                 _, seconds[f"prefsift {path}"] = best_of(args.repeats, device, logps_of_tokenized, model, tokenized,
                                                          pad_id=pad, batch_tokens=args.batch_tokens, path=path)
             difference = None
-            if args.trl:
-                trainer, trl_rows = trl_trainer(model, tokenizer, rows, max_length, args.trl_batch_size,
-                                                dtype == torch.bfloat16)
-                trl_out, seconds["TRL"] = best_of(args.repeats, device, trainer._precompute_ref_logps, trl_rows,
-                                                  "train", args.trl_batch_size)
+            if trainer is not None:
+                tokenized_by_trl = trl_rows(trainer, tokenizer, rows)
+                trl_out, seconds["TRL"] = best_of(args.repeats, device, trainer._precompute_ref_logps,
+                                                  tokenized_by_trl, "train", args.trl_batch_size)
                 theirs = np.full((len(rows), 2), np.nan)
                 theirs[np.asarray(trl_out["row"])] = np.stack([trl_out["ref_chosen_logps"],
                                                               trl_out["ref_rejected_logps"]], 1)
                 both = ~np.isnan(theirs[:, 0]) & ~np.isnan(ours[:, 0])
                 difference = float(np.max(np.abs(theirs[both] - ours[both]) / np.abs(theirs[both])))
-                del trainer
             record = {"shape": name, "parameters": n_params, "dtype": args.dtype, "data": data_shape,
                       "max_length": max_length, "pairs": len(kept), "unique_tokens": unique, "useful_flops": flops,
                       "seconds": seconds, "peak_flops": peak, "max_relative_difference_to_trl": difference}
-            records.append(record)
             print_logps(record)
-    del model
-    return records
+            keep(record)
 
 
 def print_logps(r: dict) -> None:
@@ -249,17 +255,23 @@ def print_logps(r: dict) -> None:
         print(f"{label:<18}{t:>9.3f}{t / s['floor']:>9.2f}{r['unique_tokens'] / t:>12,.0f}{mfu:>7}{vs_trl:>10}")
 
 
-def per_example_flop_ratio(tokenized: list[TokenizedPair | None]) -> float:
-    """Per-example gradients' FLOPs over a finite difference's: a forward and a backward (~3 forwards) on TRL's
-    prompt+chosen and prompt+rejected rows, against 2 forwards of the unique tokens. A measured ratio above it is
-    utilisation (per-example gradients go one pair at a time), not arithmetic."""
+def per_example_flop_ratio(model, tokenized: list[TokenizedPair | None]) -> float:
+    """Per-example gradients' FLOPs over a finite difference's, attention left out. Per-example: a forward and a
+    backward (~3 forwards) of TRL's prompt+chosen and prompt+rejected rows, the LM head at every position (the
+    model's own logits). Finite difference: 2 forwards of the unique tokens, the head on the completions only. A
+    measured ratio above it is utilisation (per-example gradients go one pair at a time), not arithmetic."""
+    per_token = prefsift.logps._flops(model)[0]
+    per_head = 2.0 * model.get_output_embeddings().weight.numel()
     kept = [t for t in tokenized if t is not None]
     trl_rows = sum(2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in kept)
-    return 3 * trl_rows / (2 * sum(len(t) for t in kept))
+    unique = sum(len(t) for t in kept)
+    completions = sum(len(t.chosen_ids) + len(t.rejected_ids) for t in kept)
+    return 3 * (per_token + per_head) * trl_rows / (2 * (per_token * unique + per_head * completions))
 
 
 def influence_table(args, name: str, shape: Shape, device: str) -> dict:
-    """bench/influence.py's comparison in fp32 on `shape`: ḡ_val once, then each way to ⟨ḡ_val, g_w − g_l⟩."""
+    """bench/influence.py's comparison in fp32 on `shape`: ḡ_val once, then each way to ⟨ḡ_val, g_w − g_l⟩, each
+    warmed up on two pairs (first kernels, autograd and forward-AD set-up) and then timed `--repeats` times."""
     from datasets import Dataset
 
     torch.backends.cuda.matmul.allow_tf32 = False  # a 1e-5 relative step needs fp32 products
@@ -274,37 +286,43 @@ def influence_table(args, name: str, shape: Shape, device: str) -> dict:
     kw = {"max_length": max_length}
     tokenized = inf._tokenize(tokenizer, train, max_length)
     pad = pad_id(tokenizer)
-    logps_of_tokenized(model, tokenized[:2], pad_id=pad, batch_tokens=args.batch_tokens)
-    _, t_pass = best_of(1, device, logps_of_tokenized, model, tokenized, pad_id=pad, batch_tokens=args.batch_tokens)
     val_ref = logps_of_tokenized(model, inf._tokenize(tokenizer, val, max_length), pad_id=pad)
-    (direction, _), t_val = best_of(1, device, inf.validation_gradient, model, tokenizer, val, val_ref, params,
-                                    beta=0.1, **kw)
-    fd, t_fd = best_of(1, device, inf.finite_difference, model, tokenizer, train, direction, params,
-                       batch_tokens=args.batch_tokens, **kw)
-    jvp, t_jvp = best_of(1, device, inf.forward_ad, model, tokenizer, train, direction, params, **kw)
-    ref, t_pe = best_of(1, device, inf.per_example, model, tokenizer, train, direction, params, **kw)
+    inf.validation_gradient(model, tokenizer, val.select(range(2)), val_ref[:2], params, beta=0.1, **kw)  # warm-up
+    (direction, _), t_val = best_of(args.repeats, device, inf.validation_gradient, model, tokenizer, val, val_ref,
+                                    params, beta=0.1, **kw)
+    methods = {"log-prob pass (IRM)": (logps_of_tokenized, (model, tokenized), {"pad_id": pad,
+                                                                              "batch_tokens": args.batch_tokens}),
+               "finite difference": (inf.finite_difference, (model, tokenizer, train, direction, params),
+                                     {"batch_tokens": args.batch_tokens, **kw}),
+               "jvp": (inf.forward_ad, (model, tokenizer, train, direction, params), kw),
+               "per-example gradients": (inf.per_example, (model, tokenizer, train, direction, params), kw)}
+    seconds, values = {}, {}
+    for label, (fn, fn_args, fn_kwargs) in methods.items():
+        warm = (fn_args[0], fn_args[1][:2]) if label.startswith("log-prob") else \
+            (*fn_args[:2], train.select(range(2)), *fn_args[3:])
+        fn(*warm, **fn_kwargs)
+        values[label], seconds[label] = best_of(args.repeats, device, fn, *fn_args, **fn_kwargs)
+    ref = values["per-example gradients"]
     ok = ~np.isnan(ref)
     scale = np.abs(ref[ok]).max()
 
-    def accuracy(values: np.ndarray) -> list[float]:
-        ranks = [np.argsort(np.argsort(x)) for x in (values[ok], ref[ok])]
-        return [float(np.corrcoef(*ranks)[0, 1]), float(np.abs(values[ok] - ref[ok]).max() / scale)]
+    def accuracy(found: np.ndarray) -> list[float]:
+        ranks = [np.argsort(np.argsort(x)) for x in (found[ok], ref[ok])]
+        return [float(np.corrcoef(*ranks)[0, 1]), float(np.abs(found[ok] - ref[ok]).max() / scale)]
 
     n = int(ok.sum())
-    bound = per_example_flop_ratio(tokenized)
+    bound = per_example_flop_ratio(model, tokenized)
+    t_pass, t_pe = seconds["log-prob pass (IRM)"], seconds["per-example gradients"]
     record = {"shape": name, "data": args.data_shapes[0], "max_length": max_length, "pairs": n, "n_val": len(val),
-              "seconds": {"log-prob pass (IRM)": t_pass, "finite difference": t_fd, "jvp": t_jvp,
-                          "per-example gradients": t_pe},
-              "validation_gradient_seconds": t_val, "per_example_over_fd_flop_ratio": bound,
-              "accuracy": {"finite difference": accuracy(fd), "jvp": accuracy(jvp)}}
+              "seconds": seconds, "validation_gradient_seconds": t_val, "per_example_over_fd_flop_ratio": bound,
+              "accuracy": {label: accuracy(values[label]) for label in ("finite difference", "jvp")}}
     print(f"\ninfluence, {name} fp32 (TF32 off), {record['data']} at max_length {max_length}: {n} training pairs, "
           f"{len(val)} validation pairs; ḡ_val {t_val / len(val):.4f} s a validation pair")
     print(f"{'':<24}{'s/pair':>9}{'x pass':>8}{'pe / it':>9}{'spearman':>10}{'max rel err':>13}")
-    for label, t in record["seconds"].items():
+    for label, t in seconds.items():
         rho, err = record["accuracy"].get(label, [float("nan")] * 2)
         print(f"{label:<24}{t / n:>9.4f}{t / t_pass:>8.2f}{t_pe / t:>9.1f}{rho:>10.5f}{err:>13.2e}")
     print(f"per-example / finite difference in FLOPs alone: {bound:.2f}x (the rest of 'pe / it' is utilisation)")
-    del model
     return record
 
 
@@ -328,7 +346,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=16384, help="prefsift's token budget a batch")
     parser.add_argument("--trl-batch-size", type=int, default=16, help="TRL's precompute_ref_batch_size (pairs)")
     parser.add_argument("--no-trl", dest="trl", action="store_false", help="skip TRL (not installed)")
-    parser.add_argument("--repeats", type=int, default=3, help="timings a row; the fastest is kept")
+    parser.add_argument("--repeats", type=int, default=2, help="timings a row after a warm-up; the fastest is kept")
     parser.add_argument("--influence-pairs", type=int, default=64, help="training pairs of the influence table")
     parser.add_argument("--n-val", type=int, default=32, help="validation pairs of the influence table")
     parser.add_argument("--no-influence", dest="influence", action="store_false")
@@ -336,20 +354,29 @@ def main() -> None:
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu (and --dtype float32) to check the script")
+    quiet = prefsift.logps.tqdm
+    prefsift.logps.tqdm = lambda *a, **k: quiet(*a, **{**k, "disable": True})  # bars would swamp the table
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
              else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
     print(f"device: {where}; torch {torch.__version__}")
-    results = {"device": where, "torch": torch.__version__, "logps": [], "influence": []}
+    results = {"command": " ".join(["python", "bench/gpu.py", *sys.argv[1:]]), "when": time.strftime("%Y-%m-%d"),
+               "device": where, "torch": torch.__version__, "logps": [], "influence": []}
+
+    def keep(part: str, record: dict) -> None:  # saved after each table: a call cut off at its limit keeps the rest
+        results[part].append(record)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
+
     for name in args.shapes:
-        results["logps"] += logps_table(args, name, SHAPES[name], args.device)
+        logps_table(args, name, SHAPES[name], args.device, lambda record: keep("logps", record))
         if args.influence:
-            results["influence"].append(influence_table(args, name, SHAPES[name], args.device))
+            keep("influence", influence_table(args, name, SHAPES[name], args.device))
+        gc.collect()  # the trainer and the model hold references to each other
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 # The wheels bench/gpu.py needs on a GPU machine that has torch, transformers, pyarrow and accelerate but no trl or
 # datasets, and no network: the versions of this checkout's environment, pure-Python, into .whl/ (git-ignored
 # through .git/info/exclude). transformers is carried too: TRL 1.16 calls the model with `fused_lm_head`, which
-# older transformers lack. About 16 MB. See bench/README.md, "gpu.py", for the command that installs and runs them.
+# older transformers lack. About 15 MB. The device's image runs Python 3.12 and holds the rest of their needs (pyarrow,
+# pandas, xxhash, fsspec, huggingface-hub, tokenizers, accelerate: /work/.library/device/KINDS.md); a machine without
+# them needs their wheels too. See bench/README.md, "gpu.py", for the command that installs and runs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude

@@ -142,7 +142,7 @@ def main() -> None:
         rho, err = acc if acc is not None else (float("nan"), float("nan"))
         print(f"{label:<32}{cpu / n:>11.4f}{cpu / t_pass[0]:>8.2f}{t_pe[0] / cpu:>9.1f}{wall / n:>12.4f}{rho:>10.5f}"
               f"{err:>13.2e}")
-    flop_ratio = per_example_flop_ratio(inf._tokenize(tokenizer, train, args.max_length))
+    flop_ratio = per_example_flop_ratio(model, inf._tokenize(tokenizer, train, args.max_length))
     print(f"per-example / finite difference in FLOPs alone: {flop_ratio:.2f}x")
     print(f"ḡ_val (one backward pass over V): {t_val[0] / len(val):.4f} cpu s a validation pair "
           f"({t_val[0] / len(val) / (t_pass[0] / n):.2f}x a log-prob pass a pair)")

@@ -162,10 +162,12 @@ def influence_table(path: Path) -> str:
     val = r["validation_gradient_cpu_wall_s"][0] / r["n_val"] / (passes / r["n_pairs"])
     lines.append(f"\nḡ_val, one backward pass over the validation pairs: {val:.2f}× a log-prob pass a pair, once. "
                  f"Per-example gradients over a finite difference in FLOPs alone: "
-                 f"{r['per_example_over_fd_flop_ratio']:.2f}× (a forward and a backward on TRL's two rows a pair, "
-                 "against two forwards of the unique tokens).")
-    head = (f"`{r['command']}` ({r['when']}, load average {r['load_average_1min']}): {r['model']}, fp32, "
-            f"{r['threads']} thread, {r['n_pairs']} training pairs, {r['n_val']} validation pairs, max_length "
+                 f"{r['per_example_over_fd_flop_ratio']:.2f}× (a forward and a backward of TRL's two rows a pair "
+                 "with the LM head at every position, against two forwards of the unique tokens with the head on the "
+                 "completions only; attention left out).")
+    threads = f"{r['threads']} thread" + ("s" if r["threads"] > 1 else "")
+    head = (f"`{r['command']}` ({r['when']}, 1-minute load average {r['load_average_1min']} at the end): "
+            f"{r['model']}, fp32, {threads}, {r['n_pairs']} training pairs, {r['n_val']} validation pairs, max_length "
             f"{r['max_length']}, scope {r['scope']}; CPU time; from `bench/results/{path.name}`.\n\n")
     return head + "\n".join(lines) + "\n"
 

@@ -38,12 +38,12 @@ from prefsift.logps import (
     PackedBatch,
     TokenizedPair,
     _unwrap,
-    check_pair,
     compute_logps,
     packed_batch,
     packed_logps,
     packed_path_ok,
     pad_id,
+    path_check_pair,
     tokenize_pairs,
 )
 from prefsift.output import temp_sibling
@@ -152,11 +152,12 @@ def _tokenize(tokenizer, pairs, max_length: int | None) -> list[TokenizedPair | 
     return out
 
 
-def _packed_ok(model, tokenized: list[TokenizedPair | None], pad: int) -> bool:
+def _packed_ok(model, plan: BatchPlan, tokenized: list[TokenizedPair | None], pad: int) -> bool:
     """Whether the engine's packed rows (the prompt once, the head on the completions only) reproduce the model's own
-    forward, checked as the log-prob engine checks it: then ḡ_val and forward-mode AD run on them too."""
-    kept = [t for t in tokenized if t is not None]
-    return bool(kept) and packed_path_ok(_unwrap(model), check_pair(max(kept, key=len)), pad)
+    forward, checked as the log-prob engine checks it, on the same pair: then ḡ_val and forward-mode AD run on them
+    too."""
+    checked = path_check_pair(plan, tokenized)
+    return checked is not None and packed_path_ok(_unwrap(model), checked, pad)
 
 
 def _packs(packed: bool, chunk: list[TokenizedPair]) -> bool:
@@ -179,7 +180,7 @@ def validation_gradient(model, tokenizer, pairs, reference_logps: np.ndarray, pa
     margins = np.full(len(tokenized), np.nan)
     reference = torch.as_tensor(reference_logps, dtype=torch.float64)
     pad = pad_id(tokenizer)
-    packed = _packed_ok(model, tokenized, pad)
+    packed = _packed_ok(model, plan, tokenized, pad)
     with _grads_on(model, params):
         for batch in plan.batches:
             chunk = [tokenized[i] for i in batch]
@@ -291,7 +292,7 @@ def forward_ad(model, tokenizer, pairs, direction: Direction, params: dict[str, 
     out = np.full((len(tokenized), 2), np.nan)
     base = _unwrap(model)
     pad = pad_id(tokenizer)
-    packed = _packed_ok(model, tokenized, pad)
+    packed = _packed_ok(model, plan, tokenized, pad)
     packed_module = _Packed(base)
     # the layout is part of a shard's identity: in bf16 the two layouts' tangents differ by rounding (~1%)
     run = None if run_dir is None else LogpsRun(Path(run_dir), "influence-jvp",

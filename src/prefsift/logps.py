@@ -449,6 +449,15 @@ def check_pair(pair: TokenizedPair, prompt: int = 128, completion: int = 64) -> 
     return TokenizedPair(pair.prompt_ids[:prompt], pair.chosen_ids[:completion], pair.rejected_ids[:completion])
 
 
+def path_check_pair(plan: BatchPlan, tokenized: Sequence[TokenizedPair | None]) -> TokenizedPair | None:
+    """The one pair a model's exact paths are checked on, fixed by the plan whichever batches a resumed run still has
+    to compute: the longest pair short enough to pack, cut to `check_pair`'s size. The check runs three forwards of
+    it; on the whole longest pair they took a third of a 16-pair HH-RLHF pass (bench/logps.py). A cut pair tests the
+    block mask and the positions as well (sliding windows are refused by `can_pack`, whatever the length)."""
+    short = [b[0] for b in plan.batches if len(tokenized[b[0]]) <= LONG_PAIR_TOKENS]  # type: ignore[arg-type]
+    return check_pair(tokenized[short[0]]) if short else None  # type: ignore[arg-type]
+
+
 def forward_batch(model, pairs: list[TokenizedPair], pad_id: int, packed: bool | None = None,
                   path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if path is not None:  # packed: one prompt|chosen|rejected row a pair under a block mask; cached: the prompt once,
@@ -645,12 +654,8 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
     was_training = model.training
     model.eval()
     shards = ShardBuffer(run, flush_rows, flush_seconds)
-    # the path is chosen once, on one pair fixed by the plan, whichever batches a resumed run still has to compute:
-    # the longest pair short enough to pack, cut to `check_pair`'s size. The check runs three forwards of it; on
-    # the whole longest pair they took a third of a 16-pair HH-RLHF pass (bench/logps.py). A cut pair tests the block
-    # mask and the positions as well (sliding windows are refused by `can_pack`, whatever the length).
-    short = [b[0] for b in plan.batches if len(tokenized[b[0]]) <= LONG_PAIR_TOKENS]  # type: ignore[arg-type]
-    packed = packed_path_ok(model, check_pair(tokenized[short[0]]), pad) if short else None
+    checked = path_check_pair(plan, tokenized)  # the path is chosen once, on one pair fixed by the plan
+    packed = packed_path_ok(model, checked, pad) if checked is not None else None
 
     def on_disk(number: int, batch: list[int]) -> bool:
         return number in done and sorted(done[number][:, 0].astype(int)) == sorted(batch)

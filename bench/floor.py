@@ -1,7 +1,8 @@
 """Count (not time) the tokens each side feeds the backbone, over the floor, at small and larger numbers of pairs.
 
 The floor is one forward pass over each pair's unique tokens (prompt once + both completions, after truncation, no
-padding). prefsift: its own batch plan (`prefsift.logps._batches`, the packed layout's padded width a batch). TRL:
+padding). prefsift: its own batch plan (`prefsift.engine.tokenize._batches`, the packed layout's padded width a
+batch). TRL:
 its collator's layout, batches of --trl-batch-size pairs in data order, a prompt+chosen and a prompt+rejected row a
 pair, padded to the batch's longest row. Both shapes of bench/logps.py, SmolLM2's tokenizer.
 
@@ -20,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from logps import DEFAULT_DATA, default_model, shape_rows  # noqa: E402
 
-from prefsift.logps import _batches, tokenize_pairs  # noqa: E402
+from prefsift.engine.tokenize import _batches, tokenize_pairs  # noqa: E402
 from prefsift.models import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

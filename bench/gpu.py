@@ -48,9 +48,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "src"))  # the device machine runs from the working tree
-import prefsift.logps  # noqa: E402
-from prefsift import influence as inf  # noqa: E402
-from prefsift.logps import TokenizedPair, logps_of_tokenized, pad_id, tokenize_pairs  # noqa: E402
+import prefsift.engine.forward  # noqa: E402
+import prefsift.engine.logps  # noqa: E402
+import prefsift.engine.paths  # noqa: E402
+from prefsift.engine import influence as inf  # noqa: E402
+from prefsift.engine.paths import logps_of_tokenized  # noqa: E402
+from prefsift.engine.tokenize import TokenizedPair, pad_id, tokenize_pairs  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -145,9 +148,9 @@ def best_of(repeats: int, device: str, fn, *args, **kwargs) -> tuple[object, flo
 def floor_pass(model, tokenized: list[TokenizedPair], batch_tokens: int) -> None:
     """The forward-pass floor: each pair's unique tokens as one causal row (no mask: the model's fastest kernel; the
     rejected tokens also see the chosen ones, which costs the same), the head on completion positions only."""
-    base, backbone, head = prefsift.logps._backbone_and_head(model)
+    base, backbone, head = prefsift.engine.forward._backbone_and_head(model)
     device = head.weight.device
-    plan = prefsift.logps.BatchPlan.of(tokenized, batch_tokens)
+    plan = prefsift.engine.paths.BatchPlan.of(tokenized, batch_tokens)
     for batch in plan.batches:
         pairs = [tokenized[i] for i in batch]
         width = max(len(p) for p in pairs)
@@ -160,13 +163,13 @@ def floor_pass(model, tokenized: list[TokenizedPair], batch_tokens: int) -> None
         hidden = backbone(input_ids=ids.to(device), use_cache=False).last_hidden_state
         targets = ids[rows, [c + 1 for c in cols]].to(device)
         at = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-        prefsift.logps._token_logps(base.config, head, hidden[at], targets)
+        prefsift.engine.forward._token_logps(base.config, head, hidden[at], targets)
 
 
 def useful_flops(model, tokenized: list[TokenizedPair]) -> float:
     """Forward FLOPs the pairs need: 2 × backbone weights a unique token, 2 × hidden × vocab a scored position, and
     4 × width × layers an attention entry of the prompt|chosen / prompt|rejected causal pattern."""
-    per_token, per_entry = prefsift.logps._flops(model)
+    per_token, per_entry = prefsift.engine.paths._flops(model)
     head = model.get_output_embeddings().weight.numel()
     total = 0.0
     for p in tokenized:
@@ -260,7 +263,7 @@ def per_example_flop_ratio(model, tokenized: list[TokenizedPair | None]) -> floa
     backward (~3 forwards) of TRL's prompt+chosen and prompt+rejected rows, the LM head at every position (the
     model's own logits). Finite difference: 2 forwards of the unique tokens, the head on the completions only. A
     measured ratio above it is utilisation (per-example gradients go one pair at a time), not arithmetic."""
-    per_token = prefsift.logps._flops(model)[0]
+    per_token = prefsift.engine.paths._flops(model)[0]
     per_head = 2.0 * model.get_output_embeddings().weight.numel()
     kept = [t for t in tokenized if t is not None]
     trl_rows = sum(2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in kept)
@@ -354,8 +357,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu (and --dtype float32) to check the script")
-    quiet = prefsift.logps.tqdm
-    prefsift.logps.tqdm = lambda *a, **k: quiet(*a, **{**k, "disable": True})  # bars would swamp the table
+    quiet = prefsift.engine.logps.tqdm
+    prefsift.engine.logps.tqdm = lambda *a, **k: quiet(*a, **{**k, "disable": True})  # bars would swamp the table
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")

@@ -1,6 +1,6 @@
 """Benchmark: exact influence at forward-pass cost, against the per-example-gradient reference.
 
-Same model, same pairs, same ḡ_val for every method (`prefsift.influence`):
+Same model, same pairs, same ḡ_val for every method (`prefsift.engine.influence`):
   log-prob pass   `compute_logps` on the training pairs: the pass IRM scoring costs (one model; IRM needs the
                   policy's and the reference's, the reference's usually cached as TRL's ref columns)
   finite diff     `finite_difference`: two `compute_logps` passes on weights perturbed by ±ε·ḡ_val, fp32
@@ -39,13 +39,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu import per_example_flop_ratio  # noqa: E402
 from logps import DEFAULT_DATA, default_model  # noqa: E402
 
-import prefsift.logps  # noqa: E402
-from prefsift import influence as inf  # noqa: E402
+import prefsift.engine.logps  # noqa: E402
 from prefsift.data import load_pairs  # noqa: E402
-from prefsift.logps import compute_logps  # noqa: E402
+from prefsift.engine import influence as inf  # noqa: E402
+from prefsift.engine.logps import compute_logps  # noqa: E402
 
-_tqdm = prefsift.logps.tqdm
-prefsift.logps.tqdm = lambda *a, **k: _tqdm(*a, **{**k, "disable": True})  # progress bars would swamp the table
+_tqdm = prefsift.engine.logps.tqdm
+prefsift.engine.logps.tqdm = lambda *a, **k: _tqdm(*a, **{**k, "disable": True})  # progress bars would swamp the table
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

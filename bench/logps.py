@@ -56,7 +56,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from prefsift.data import load_pairs  # noqa: E402
-from prefsift.logps import TokenizedPair, _batches, _costs, logps_of_tokenized, tokenize_pairs  # noqa: E402
+from prefsift.engine.paths import _costs, logps_of_tokenized  # noqa: E402
+from prefsift.engine.tokenize import TokenizedPair, _batches, tokenize_pairs  # noqa: E402
 from prefsift.models import load_model  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, not ours to act on

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from prefsift.bench import sft_model
-from prefsift.bench.task import OracleJudge, make_task
 from prefsift.data import load_pairs
 from prefsift.demo import DemoConfig
 from prefsift.evaluate import EvalConfig
 from prefsift.models import LoadedModel
 from prefsift.pipeline import RunConfig, Splits, run_pipeline
+from prefsift.synthetic import sft_model
+from prefsift.synthetic.task import OracleJudge, make_task
 
 
 def main() -> None:

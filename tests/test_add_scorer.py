@@ -12,8 +12,9 @@ from conftest import make_pairs
 from typer.testing import CliRunner
 
 from prefsift.cli import app
-from prefsift.config import RunConfig, option
-from prefsift.scorers import Scorer, ScorerParams, register
+from prefsift.config import RunConfig
+from prefsift.scorers import Scorer, ScorerParams, parse_methods, register
+from prefsift.settings import option
 
 
 @dataclass
@@ -55,4 +56,4 @@ def test_a_new_scorer_reaches_cli_and_yaml(tmp_path):
                               "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "method 'length-ratio': power must be > 0" in bad.output
     config = RunConfig(data="d", model="m", methods=[{"name": "length-ratio", "power": 0.5}])
-    assert config.scorers()[0].params == LengthRatioParams(power=0.5)
+    assert parse_methods(config.methods)[0].params == LengthRatioParams(power=0.5)

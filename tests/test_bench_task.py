@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prefsift.bench.task import (
+from prefsift.errors import ConfigError
+from prefsift.synthetic.task import (
     HIDDEN_COLUMNS,
     OracleJudge,
     TaskConfig,
@@ -18,14 +19,13 @@ from prefsift.bench.task import (
     make_task,
     parse_prompt,
 )
-from prefsift.bench.tiny import (
+from prefsift.synthetic.tiny import (
     build_char_tokenizer,
     build_tiny_llama,
     completion_loss,
     greedy_answers,
     sft_train,
 )
-from prefsift.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -73,9 +73,9 @@ def test_score_select_train_eval(workspace, monkeypatch):
     assert pq.read_table(selected / "selected.parquet").num_rows == len(expected)
 
     # Continue from the warm-up policy against the SFT reference, whose log-probs come from the scores.
-    import prefsift.logps
+    import prefsift.engine
 
-    monkeypatch.setattr(prefsift.logps, "compute_logps", lambda *a, **k: pytest.fail("reference pass recomputed"))
+    monkeypatch.setattr(prefsift.engine, "compute_logps", lambda *a, **k: pytest.fail("reference pass recomputed"))
     trained = root / "trained"
     result = invoke("train", "--data", selected / "selected.jsonl", "--model", warm, "--reference", model,
                     "--out", trained, "--scores", scores, "--learning-rate", 1e-3, "--batch-size", 4,

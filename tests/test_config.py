@@ -8,8 +8,11 @@ import pytest
 from typer.testing import CliRunner
 
 from prefsift.cli import app
-from prefsift.config import EngineConfig, RunConfig, TrainConfig, from_dict, load_yaml, parse_params, split_flags
+from prefsift.config import EngineConfig, RunConfig, TrainConfig
 from prefsift.errors import ConfigError
+from prefsift.pipeline import load_run_config
+from prefsift.scorers import parse_methods
+from prefsift.settings import from_dict, load_yaml, parse_params, split_flags
 
 
 def test_yaml_sections_types_and_numbers(tmp_path):
@@ -19,7 +22,8 @@ def test_yaml_sections_types_and_numbers(tmp_path):
     config = from_dict(RunConfig, load_yaml(path), str(path))
     assert config.engine == EngineConfig(beta=0.2, max_length=256)
     assert config.train.learning_rate == 5e-7 and isinstance(config.train.epochs, float)  # YAML 1.2 floats
-    assert [s.describe()["params"] for s in config.scorers()] == [{}, {"band_low": 0.2, "band_high": 0.9}]
+    assert [s.describe()["params"] for s in parse_methods(config.methods)] == [{}, {"band_low": 0.2,
+                                                                                   "band_high": 0.9}]
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -39,7 +43,7 @@ def test_bad_yaml_is_one_line(tmp_path, text, message):
     path = tmp_path / "run.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        from_dict(RunConfig, load_yaml(path), str(path))
+        load_run_config(load_yaml(path), str(path))
 
 
 def test_yaml_that_is_not_utf8(tmp_path):

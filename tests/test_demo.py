@@ -9,10 +9,10 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from prefsift.bench.task import TaskConfig
 from prefsift.cli import app
 from prefsift.demo import DemoConfig, run_demo
 from prefsift.errors import PrefsiftError
+from prefsift.synthetic.task import TaskConfig
 
 
 def small(n_train: int, **kwargs) -> DemoConfig:

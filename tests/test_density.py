@@ -13,7 +13,7 @@ from datasets import Dataset
 from test_isa import TableEmbedder
 
 from prefsift.data import load_pairs
-from prefsift.embeddings import item_texts
+from prefsift.engine.embeddings import item_texts
 from prefsift.resources import Resources
 from prefsift.scorers import get_scorer
 from prefsift.scorers.density import (

@@ -18,12 +18,13 @@ ray = pytest.importorskip("ray")
 from prefsift.cli import app  # noqa: E402
 from prefsift.config import EngineConfig  # noqa: E402
 from prefsift.data import load_pairs  # noqa: E402
-from prefsift.distributed import RayExecutor  # noqa: E402
-from prefsift.embeddings import CausalEmbedder, EmbeddingCache, embed_items, embed_texts  # noqa: E402
-from prefsift.logps import LogpsRun, compute_logps  # noqa: E402
+from prefsift.engine.embeddings import CausalEmbedder, EmbeddingCache, embed_items, embed_texts  # noqa: E402
+from prefsift.engine.executors import RayExecutor  # noqa: E402
+from prefsift.engine.logps import compute_logps  # noqa: E402
+from prefsift.engine.reward import pair_rewards  # noqa: E402
+from prefsift.engine.shards import LogpsRun  # noqa: E402
 from prefsift.models import LoadedModel  # noqa: E402
 from prefsift.resources import Resources  # noqa: E402
-from prefsift.reward import pair_rewards  # noqa: E402
 
 RAY_ENGINE = EngineConfig(backend="ray", workers=2, threads=1)
 
@@ -166,3 +167,41 @@ def test_the_provider_sends_rewards_and_embeddings_to_the_pool(bpe_tokenizer, tm
     assert results["ray"][1].keys() == results["local"][1].keys() == {"chosen", "rejected"}
     for side, vectors in results["local"][1].items():
         np.testing.assert_array_equal(results["ray"][1][side], vectors)
+
+
+def test_train_and_eval_run_their_log_prob_passes_on_the_pool(local_ray, bpe_tokenizer, tmp_path, monkeypatch):
+    """`prefsift train --backend ray` and `prefsift eval --backend ray` send their reference and evaluation passes to
+    the Ray pool (they accepted the flag and ignored it once), and give the single process's numbers."""
+    import json
+
+    sent = []
+    real_map = RayExecutor.map
+
+    def counting(self, function, replica, items):
+        items = list(items)
+        sent.append((function.__name__, len(items)))
+        return real_map(self, function, replica, items)
+
+    monkeypatch.setattr(RayExecutor, "map", counting)
+    sft = saved_tiny_llama(tmp_path / "sft", bpe_tokenizer, seed=3)
+    policy = saved_tiny_llama(tmp_path / "policy", bpe_tokenizer, seed=4)
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(12, seed=47))
+    runner = CliRunner()
+    common = ["--max-length", "64", "--threads", "1"]
+    trained = {}
+    for name, extra in (("local", []), ("ray", ["--backend", "ray", "--workers", "2"])):
+        before = len(sent)
+        result = runner.invoke(app, [str(a) for a in ["train", "--data", data, "--model", policy, "--reference", sft,
+                                                      "--out", tmp_path / f"train-{name}", "--epochs", "1",
+                                                      "--batch-size", "4", "--seed", "0", *common, *extra]])
+        assert result.exit_code == 0, result.output
+        trained[name] = [s for s in sent[before:] if s[0] == "_logps_batch"]
+        result = runner.invoke(app, [str(a) for a in ["eval", "--data", data, "--model", policy, "--reference", sft,
+                                                      "--out", tmp_path / f"eval-{name}", *common, *extra]])
+        assert result.exit_code == 0, result.output
+    assert trained["local"] == [] and trained["ray"] and sum(n for _, n in trained["ray"]) >= 1
+    assert [s[0] for s in sent] == ["_logps_batch"] * 3  # train's reference pass; eval's policy and reference passes
+    local, distributed = (json.loads((tmp_path / f"eval-{n}" / "eval.json").read_text()) for n in ("local", "ray"))
+    assert distributed["pref_accuracy"] == local["pref_accuracy"]
+    margins = [(tmp_path / f"eval-{n}" / "eval_pairs.jsonl").read_text() for n in ("local", "ray")]
+    assert margins[0] == margins[1] and margins[0]  # each pair's margin, value for value

@@ -521,9 +521,9 @@ def test_reward_scores_survive_a_failed_output_and_are_stored_per_side(ws, tmp_p
     one_line_error(invoke(*args), "the disk is full")
     assert list((out / "shards").rglob("*.parquet"))  # the computed rewards are kept
     monkeypatch.setattr(prefsift.manifest, "_write_text", original)
-    import prefsift.reward
+    import prefsift.engine.reward
 
-    monkeypatch.setattr(prefsift.reward, "_score_texts", lambda *a, **k: pytest.fail("reward pass recomputed"))
+    monkeypatch.setattr(prefsift.engine.reward, "_score_texts", lambda *a, **k: pytest.fail("reward pass recomputed"))
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     table = pq.read_table(out / "scores.parquet").to_pydict()
@@ -712,7 +712,7 @@ def test_a_run_failing_part_way_keeps_the_earlier_results_whole_and_its_shards(w
 
     import yaml
 
-    import prefsift.pipeline
+    import prefsift.pipeline.run
 
     _, model, _, data = ws
     out = tmp_path / "run"
@@ -731,14 +731,14 @@ def test_a_run_failing_part_way_keeps_the_earlier_results_whole_and_its_shards(w
     # warm-up model saved under seed-S/models)
     path.write_text(yaml.safe_dump({**config, "seeds": 2, "fractions": [0.25], "methods": ["random", "irm"],
                                     "warmup_fraction": 0.3}))
-    run_seed = prefsift.pipeline.run_seed
+    run_seed = prefsift.pipeline.run.run_seed
 
     def second_seed_fails(config, *args, **kwargs):
         if config.seed == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
         return run_seed(config, *args, **kwargs)
 
-    monkeypatch.setattr(prefsift.pipeline, "run_seed", second_seed_fails)
+    monkeypatch.setattr(prefsift.pipeline.run, "run_seed", second_seed_fails)
     one_line_error(invoke("run", "--config", path), "the disk is full", "earlier results there are unchanged")
     assert tree(out) == before  # old results, complete, no new seed-0 file and no seed-1
     assert list((out / "shards").rglob("*.parquet"))  # the reference pass is kept for the rerun

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from prefsift.data import load_pairs
-from prefsift.logps import compute_logps, tokenize_pairs
+from prefsift.engine.logps import compute_logps
+from prefsift.engine.tokenize import tokenize_pairs
 from prefsift.models import LoadedModel, load_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # one_thread: conftest.py

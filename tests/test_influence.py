@@ -10,11 +10,11 @@ from conftest import make_pairs, make_tiny_llama
 from datasets import Dataset
 from scipy.stats import pearsonr, spearmanr
 
-import prefsift.logps
-from prefsift import influence as inf
+import prefsift.engine.paths as paths
 from prefsift.analyze import analyze, overlap_coefficient, render_markdown, write_scatter
+from prefsift.engine import influence as inf
+from prefsift.engine.logps import compute_logps
 from prefsift.errors import ConfigError
-from prefsift.logps import compute_logps
 
 BETA = 0.1
 # Finite differences at the default step against per-example gradients, largest error over the largest |value|:
@@ -219,7 +219,7 @@ def test_interrupted_run_resumes_to_identical_scores(bpe_tokenizer, data, tmp_pa
               "batch_tokens": 96, "identity": {"data": "t"}}
     clean = inf.influence_scores(model, bpe_tokenizer, train, val, run_dir=tmp_path / "clean", **kwargs)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    real, calls = prefsift.logps.forward_batch, []
+    real, calls = paths.forward_batch, []
 
     def counting(*args, fail_at: int | None = None, **kw):
         calls.append(1)
@@ -227,13 +227,13 @@ def test_interrupted_run_resumes_to_identical_scores(bpe_tokenizer, data, tmp_pa
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    n_batches = len(prefsift.logps.BatchPlan.of(inf._tokenize(bpe_tokenizer, train, None), 96).batches)
-    monkeypatch.setattr(prefsift.logps, "forward_batch", lambda *a, **k: counting(*a, fail_at=n_batches + 2, **k))
+    n_batches = len(paths.BatchPlan.of(inf._tokenize(bpe_tokenizer, train, None), 96).batches)
+    monkeypatch.setattr(paths, "forward_batch", lambda *a, **k: counting(*a, fail_at=n_batches + 2, **k))
     with pytest.raises(KeyboardInterrupt):  # killed during the minus pass
         inf.influence_scores(model, bpe_tokenizer, train, val, run_dir=tmp_path / "resumed", **kwargs)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored despite the kill
     calls.clear()
-    monkeypatch.setattr(prefsift.logps, "forward_batch", counting)
+    monkeypatch.setattr(paths, "forward_batch", counting)
     resumed = inf.influence_scores(model, bpe_tokenizer, train, val, run_dir=tmp_path / "resumed", **kwargs)
     assert len(calls) == n_batches  # the plus pass came from its shards, the direction from disk
     np.testing.assert_array_equal(resumed, clean)
@@ -266,3 +266,41 @@ def test_analysis_overlap_known_answer(tmp_path):
     assert overlap_coefficient([1, 2, 3, 4], [3, 4]) == 1.0
     assert "| lossdiff | " in render_markdown(result)
     assert write_scatter(scores, tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_resume_under_another_thread_count_keeps_the_finished_shards(bpe_tokenizer, data, tmp_path, monkeypatch):
+    """A run killed on a busy machine (2 threads) and resumed on a quiet one (1 thread) recomputes only its missing
+    batches and gives the uninterrupted run's scores: the shards are named by the direction's bytes and the step,
+    never by ε, a float whose last bits follow a norm's reduction order, i.e. the thread count (this recomputed
+    every batch once, on a loaded CI machine)."""
+    train, val = data
+    model = make_tiny_llama(bpe_tokenizer, seed=6)
+    logps = compute_logps(model, bpe_tokenizer, train, max_length=None)
+    kwargs = {"policy_logps": logps, "reference_logps": reference_logps(bpe_tokenizer, train),
+              "validation_reference_logps": reference_logps(bpe_tokenizer, val), "beta": BETA, "max_length": None,
+              "batch_tokens": 96, "identity": {"data": "t"}}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        clean = inf.influence_scores(model, bpe_tokenizer, train, val, run_dir=tmp_path / "clean", **kwargs)
+        real, calls = paths.forward_batch, []
+
+        def counting(*args, fail_at: int | None = None, **kw):
+            calls.append(1)
+            if fail_at is not None and len(calls) == fail_at:
+                raise KeyboardInterrupt
+            return real(*args, **kw)
+
+        n_batches = len(paths.BatchPlan.of(inf._tokenize(bpe_tokenizer, train, None), 96).batches)
+        torch.set_num_threads(2)
+        monkeypatch.setattr(paths, "forward_batch", lambda *a, **k: counting(*a, fail_at=n_batches + 2, **k))
+        with pytest.raises(KeyboardInterrupt):  # killed during the minus pass, the plus pass on disk
+            inf.influence_scores(model, bpe_tokenizer, train, val, run_dir=tmp_path / "resumed", **kwargs)
+        torch.set_num_threads(1)
+        calls.clear()
+        monkeypatch.setattr(paths, "forward_batch", counting)
+        resumed = inf.influence_scores(model, bpe_tokenizer, train, val, run_dir=tmp_path / "resumed", **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == n_batches  # the minus pass only: the plus pass's shards and the direction were reused
+    np.testing.assert_array_equal(resumed, clean)

@@ -15,7 +15,7 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 from prefsift.data import load_pairs
-from prefsift.embeddings import (
+from prefsift.engine.embeddings import (
     CausalEmbedder,
     EmbeddingCache,
     SentenceEmbedder,
@@ -268,7 +268,7 @@ def test_the_embedding_cache_resumes_with_identical_vectors(bpe_tokenizer, tmp_p
 
 
 def test_scorers_cache_vectors_under_the_run_directory(tmp_path):
-    from prefsift import embeddings
+    from prefsift.engine import embeddings
 
     data, embedder, _ = pairs_with_vectors(20)
     first = get_scorer("isa").score(Resources(data, sources={"embedder": embedder}, out_dir=tmp_path))

@@ -68,8 +68,8 @@ def test_kto_balances_desirable_and_undesirable_losses(tmp_path, bpe_tokenizer, 
 def test_isa_with_kto_trains_on_the_embedded_task(tmp_path):
     """The demo's task and SFT model, ISA the paper's way: the KTO-trained policy answers differently from the SFT
     model (training moved it), and its subset is the completions ISA ranks atypical."""
-    from prefsift.bench.task import TaskConfig
     from prefsift.demo import DemoConfig, run_demo
+    from prefsift.synthetic.task import TaskConfig
 
     task = TaskConfig(n_train=200, n_validation=60, n_test=100, n_eval_prompts=100, n_sft=800)
     config = DemoConfig(task=task, seeds=1, start_from="reference", fractions=[0.25],

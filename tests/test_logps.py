@@ -16,7 +16,9 @@ from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl import DPOConfig, DPOTrainer
 
-from prefsift.logps import LogpsRun, compute_logps, tokenize_pairs
+from prefsift.engine.logps import compute_logps
+from prefsift.engine.shards import LogpsRun
+from prefsift.engine.tokenize import tokenize_pairs
 
 
 def trl_reference_logps(model, tokenizer, rows: list[dict], max_length: int, tmp_path) -> dict[str, tuple]:
@@ -100,11 +102,11 @@ def test_resume_skips_finished_shards(bpe_tokenizer, tiny_llama, tmp_path, monke
     # Simulate a run killed after two shards: delete the rest, then count the forward passes of the rerun.
     for path in shards[2:]:
         path.unlink()
-    import prefsift.logps as engine
+    import prefsift.engine.paths as paths
 
     calls = []
-    original = engine.forward_batch
-    monkeypatch.setattr(engine, "forward_batch", lambda m, p, *a: calls.append(len(p)) or original(m, p, *a))
+    original = paths.forward_batch
+    monkeypatch.setattr(paths, "forward_batch", lambda m, p, *a: calls.append(len(p)) or original(m, p, *a))
     resumed = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, batch_tokens=200, flush_rows=8,
                             run=run)
     np.testing.assert_array_equal(resumed, full)  # identical, not merely close: same batches, same padding
@@ -116,16 +118,17 @@ def test_resume_skips_finished_shards(bpe_tokenizer, tiny_llama, tmp_path, monke
 
 def test_a_kill_loses_at_most_the_batches_since_the_last_flush(bpe_tokenizer, tiny_llama, tmp_path, monkeypatch):
     """Shards flush by time as well as by rows: a run killed at 60% keeps what it finished before the kill."""
-    import prefsift.logps as engine
+    import prefsift.engine.paths as paths
+    import prefsift.engine.tokenize as tokenize
 
     data = Dataset.from_list(make_pairs(40, seed=6))
     kwargs = {"max_length": None, "batch_tokens": 150, "flush_rows": 10**6, "flush_seconds": 0.0}
     uninterrupted = compute_logps(tiny_llama, bpe_tokenizer, data, **kwargs)
-    n_batches = len(engine.BatchPlan.of(engine.tokenize_pairs(bpe_tokenizer, data["prompt"], data["chosen"],
+    n_batches = len(tokenize.BatchPlan.of(tokenize.tokenize_pairs(bpe_tokenizer, data["prompt"], data["chosen"],
                                                               data["rejected"], None), 150).batches)
     assert n_batches >= 5
     run = LogpsRun(tmp_path, "policy", {"model": "tiny"})
-    original, calls = engine.forward_batch, []
+    original, calls = paths.forward_batch, []
 
     def killed_at_60_percent(model, pairs, *args):
         if len(calls) == int(0.6 * n_batches):
@@ -133,11 +136,11 @@ def test_a_kill_loses_at_most_the_batches_since_the_last_flush(bpe_tokenizer, ti
         calls.append(len(pairs))
         return original(model, pairs, *args)
 
-    monkeypatch.setattr(engine, "forward_batch", killed_at_60_percent)
+    monkeypatch.setattr(paths, "forward_batch", killed_at_60_percent)
     with pytest.raises(KeyboardInterrupt):
         compute_logps(tiny_llama, bpe_tokenizer, data, run=run, **kwargs)
     done_before_kill = sum(calls)
-    monkeypatch.setattr(engine, "forward_batch", lambda m, p, *a: calls.append(len(p)) or original(m, p, *a))
+    monkeypatch.setattr(paths, "forward_batch", lambda m, p, *a: calls.append(len(p)) or original(m, p, *a))
     resumed = compute_logps(tiny_llama, bpe_tokenizer, data, run=run, **kwargs)
     np.testing.assert_array_equal(resumed, uninterrupted)
     assert sum(calls) - done_before_kill == 40 - done_before_kill  # the resume computed only the rest
@@ -182,7 +185,7 @@ def test_lora_model_scores(bpe_tokenizer, tiny_llama):
 
 
 def test_unpacked_path_agrees_with_packed(bpe_tokenizer, tiny_llama):
-    from prefsift.logps import can_pack, logps_of_tokenized
+    from prefsift.engine.paths import can_pack, logps_of_tokenized
 
     rows = make_pairs(12, seed=6)
     tokenized = tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
@@ -197,7 +200,7 @@ def test_sliding_window_model_takes_the_unpacked_path_and_matches_trl(bpe_tokeni
     """A block mask of our own would override the model's sliding window: such models must not be packed."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from prefsift.logps import can_pack
+    from prefsift.engine.paths import can_pack
 
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -212,13 +215,13 @@ def test_sliding_window_model_takes_the_unpacked_path_and_matches_trl(bpe_tokeni
 
 
 def test_a_packed_path_that_disagrees_falls_back(bpe_tokenizer, tiny_llama, monkeypatch):
-    import prefsift.logps as engine
+    import prefsift.engine.paths as paths
 
     data = Dataset.from_list(make_pairs(6, seed=14))
     right = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
-    original = engine._forward_batch
-    monkeypatch.setattr(engine, "_forward_batch", lambda m, p, pad: tuple(x + 1.0 for x in original(m, p, pad)))
-    engine._PACKED_OK.clear()  # checked once a model and process: forget the check the first pass made
+    original = paths._forward_batch
+    monkeypatch.setattr(paths, "_forward_batch", lambda m, p, pad: tuple(x + 1.0 for x in original(m, p, pad)))
+    paths.VERDICTS.packed.clear()  # checked once a model and process: forget the check the first pass made
     with pytest.warns(UserWarning, match="packed forward disagrees"):
         fallback = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
     np.testing.assert_allclose(fallback, right, rtol=1e-5)
@@ -227,16 +230,17 @@ def test_a_packed_path_that_disagrees_falls_back(bpe_tokenizer, tiny_llama, monk
 def test_a_very_long_pair_goes_alone_through_the_causal_kernel(bpe_tokenizer, tiny_llama, monkeypatch):
     """A pair longer than LONG_PAIR_TOKENS is never packed (its mask would grow with the square of its length): it
     runs alone, unmasked, with the LM head on its completion only, and gives the same log-probs."""
-    import prefsift.logps as engine
+    import prefsift.engine.paths as paths
+    import prefsift.engine.tokenize as tokenize
 
     data = Dataset.from_list(make_pairs(12, seed=9))
     expected = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
-    monkeypatch.setattr(engine, "LONG_PAIR_TOKENS", 30)
+    monkeypatch.setattr(tokenize, "LONG_PAIR_TOKENS", 30)
     widths, long_calls = [], []
-    packed, long = engine._forward_batch, engine._forward_long
-    monkeypatch.setattr(engine, "_forward_batch", lambda m, pairs, pad: (widths.append(max(map(len, pairs))),
+    packed, long = paths._forward_batch, paths._forward_long
+    monkeypatch.setattr(paths, "_forward_batch", lambda m, pairs, pad: (widths.append(max(map(len, pairs))),
                                                                          packed(m, pairs, pad))[1])
-    monkeypatch.setattr(engine, "_forward_long", lambda m, pair: (long_calls.append(len(pair)), long(m, pair))[1])
+    monkeypatch.setattr(paths, "_forward_long", lambda m, pair: (long_calls.append(len(pair)), long(m, pair))[1])
     got = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None, batch_tokens=60)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
     assert long_calls and min(long_calls) > 30 and max(widths) <= 30  # every long pair alone, none packed
@@ -286,17 +290,18 @@ def test_every_path_matches_trl_on_both_shapes(bpe_tokenizer, tiny_llama, tmp_pa
     """The packed and cached-prefix paths, each with the LM head in chunks (7 positions at a time) and the cached
     path's queries in chunks of 16 positions, give TRL's own reference log-probs at 1e-4 relative; with max_length
     48 responses are cut (instructions) and long transcripts dropped, as TRL cuts and drops them."""
-    import prefsift.logps as engine
+    import prefsift.engine.forward as forward
+    import prefsift.engine.paths as paths
 
     rows = SHAPES[shape](16, seed=31)
     if (shape, max_length) not in _TRL:
         _TRL[shape, max_length] = trl_reference_logps(tiny_llama, bpe_tokenizer, rows, max_length or 10_000, tmp_path)
     reference = _TRL[shape, max_length]
-    monkeypatch.setattr(engine, "HEAD_ELEMENTS", 7 * len(bpe_tokenizer))
-    monkeypatch.setattr(engine, "QUERY_CHUNK", 16)
+    monkeypatch.setattr(forward, "HEAD_ELEMENTS", 7 * len(bpe_tokenizer))
+    monkeypatch.setattr(forward, "QUERY_CHUNK", 16)
     tokenized = tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
                                [r["rejected"] for r in rows], max_length)
-    ours = engine.logps_of_tokenized(tiny_llama, tokenized, pad_id=bpe_tokenizer.pad_token_id, batch_tokens=300,
+    ours = paths.logps_of_tokenized(tiny_llama, tokenized, pad_id=bpe_tokenizer.pad_token_id, batch_tokens=300,
                                      path=path)
     assert sorted(reference) == [i for i in range(len(rows)) if not np.isnan(ours[i, 0])]  # same pairs kept
     np.testing.assert_allclose(ours[sorted(reference)], [reference[i] for i in sorted(reference)], rtol=1e-4)
@@ -309,7 +314,8 @@ def test_every_path_matches_trl_on_both_shapes(bpe_tokenizer, tiny_llama, tmp_pa
 def test_cached_path_with_an_empty_prompt_and_one_token_completions(bpe_tokenizer, tiny_llama):
     """Left-padded prompts next to an empty one (its row fully masked in the prompt pass) and completions of one
     token (nothing fed after the prompt): the cached path still gives the packed path's values, never NaN."""
-    from prefsift.logps import TokenizedPair, _forward_batch, _forward_batch_cached
+    from prefsift.engine.forward import _forward_batch, _forward_batch_cached
+    from prefsift.engine.tokenize import TokenizedPair
 
     rows = make_pairs(6, seed=32)
     tokenized = tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
@@ -355,25 +361,26 @@ def test_the_head_memory_is_bounded_and_flat_in_the_number_of_pairs(bpe_tokenize
     """With a 50k vocabulary, the largest tensor of a pass stays within the head's chunk (HEAD_ELEMENTS floats) for
     8 pairs as for 64, where the full-vocabulary logits of one batch are over 5× larger; and the values are still
     TRL's."""
-    import prefsift.logps as engine
+    import prefsift.engine.forward as forward
+    import prefsift.engine.paths as paths
 
     model = large_vocabulary_llama(bpe_tokenizer)
     rows = instruction_pairs(64, seed=33)
     tokenized = tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
                                [r["rejected"] for r in rows], None)
     pad = bpe_tokenizer.pad_token_id
-    monkeypatch.setattr(engine, "HEAD_ELEMENTS", 1 << 18)  # 1 MiB of fp32 logits: 5 positions at a time
+    monkeypatch.setattr(forward, "HEAD_ELEMENTS", 1 << 18)  # 1 MiB of fp32 logits: 5 positions at a time
 
     def largest(pairs: list) -> tuple[int, np.ndarray]:
         with LargestAllocation() as seen:
-            values = engine.logps_of_tokenized(model, pairs, pad_id=pad, batch_tokens=1024, path=path)
+            values = paths.logps_of_tokenized(model, pairs, pad_id=pad, batch_tokens=1024, path=path)
         return seen.largest, values
 
     few, values = largest(tokenized[:8])
     many, _ = largest(tokenized)
     bound = 2 << 20  # the head's 1 MiB chunk and its log-softmax, the packed batch's mask: within 2 MiB
     assert few <= bound and many <= bound, (few, many)
-    monkeypatch.setattr(engine, "HEAD_ELEMENTS", 1 << 40)  # the measurement can fail: no chunks, full logits
+    monkeypatch.setattr(forward, "HEAD_ELEMENTS", 1 << 40)  # the measurement can fail: no chunks, full logits
     unchunked_few, _ = largest(tokenized[:8])
     unchunked_many, _ = largest(tokenized)
     assert unchunked_few > 5 * bound and unchunked_many > 5 * bound, (unchunked_few, unchunked_many)
@@ -384,7 +391,8 @@ def test_the_head_memory_is_bounded_and_flat_in_the_number_of_pairs(bpe_tokenize
 def test_a_long_pair_on_the_cached_path_needs_no_square_mask(bpe_tokenizer, tiny_llama, one_thread):
     """A 3,000-token pair: the packed path's mask is width² (36 MB in fp32); the cached path's largest tensor is a
     small fraction of it (queries 256 at a time), with the same log-probs."""
-    from prefsift.logps import TokenizedPair, _forward_batch, _forward_batch_cached
+    from prefsift.engine.forward import _forward_batch, _forward_batch_cached
+    from prefsift.engine.tokenize import TokenizedPair
 
     rng = random.Random(34)
     ids = [rng.randrange(2, len(bpe_tokenizer)) for _ in range(3000)]
@@ -404,7 +412,8 @@ def test_the_cheaper_path_is_taken_and_a_cached_path_that_disagrees_falls_back(b
     """Long responses after a short prompt cost less on the cached-prefix path (the packed row attends densely over
     both completions), a pair's short and long responses less on the packed path; a cached path that disagrees
     with the model's own forward warns once and the packed path gives the values."""
-    import prefsift.logps as engine
+    import prefsift.engine.paths as paths
+    import prefsift.engine.tokenize as tokenize
 
     def tokenized(rows):
         return [t for t in tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
@@ -412,20 +421,20 @@ def test_the_cheaper_path_is_taken_and_a_cached_path_that_disagrees_falls_back(b
 
     long_responses = tokenized([{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " " + "the cat sat " * 60,
                                  "rejected": " " + "a dog ran " * 60}] * 4)
-    costs = engine._costs(tiny_llama, long_responses)
+    costs = paths._costs(tiny_llama, long_responses)
     assert costs["cached"] < costs["packed"]
     # a long prompt, one short and one long response: the cached path pads every completion to the longest
-    uneven = [engine.TokenizedPair([5] * 60, [6] * 2, [7] * 40), engine.TokenizedPair([5] * 60, [6] * 40, [7] * 2)]
-    costs = engine._costs(tiny_llama, uneven)
+    uneven = [tokenize.TokenizedPair([5] * 60, [6] * 2, [7] * 40), tokenize.TokenizedPair([5] * 60, [6] * 40, [7] * 2)]
+    costs = paths._costs(tiny_llama, uneven)
     assert costs["packed"] < costs["cached"]
 
     data = Dataset.from_list(instruction_pairs(6, seed=36))
     right = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
     taken = []
-    original = engine._forward_batch_cached
-    monkeypatch.setattr(engine, "_forward_batch_cached",
+    original = paths._forward_batch_cached
+    monkeypatch.setattr(paths, "_forward_batch_cached",
                         lambda m, p, pad: taken.append(len(p)) or tuple(x + 1.0 for x in original(m, p, pad)))
-    engine._CACHED_OK.clear()
+    paths.VERDICTS.cached.clear()
     with pytest.warns(UserWarning, match="cached-prefix forward disagrees"):
         fallback = compute_logps(tiny_llama, bpe_tokenizer, data, max_length=None)
     assert taken  # the check ran it
@@ -433,7 +442,7 @@ def test_the_cheaper_path_is_taken_and_a_cached_path_that_disagrees_falls_back(b
 
 
 def test_tokenized_pairs_are_held_compactly(bpe_tokenizer):
-    from prefsift.logps import BatchPlan, CompactPairs
+    from prefsift.engine.tokenize import BatchPlan, CompactPairs
 
     rows = make_pairs(40, seed=6)
     pairs = tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],

@@ -62,8 +62,8 @@ def test_one_line_errors(saved, kwargs, message):
 
 
 def test_a_reward_model_reads_pairs_through_its_chat_template(bpe_tokenizer):
+    from prefsift.engine.reward import reward_text, transcript_messages
     from prefsift.errors import PrefsiftError
-    from prefsift.reward import reward_text, transcript_messages
 
     hh = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: a joke?\n\nAssistant:"
     assert transcript_messages(hh) == [{"role": "user", "content": "hi there"},

@@ -89,7 +89,7 @@ def test_alignment_potential_with_a_reward_model(setting, bpe_tokenizer):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from prefsift.reward import reward_text
+    from prefsift.engine.reward import reward_text
 
     rows, models, irm = setting
     torch.manual_seed(0)

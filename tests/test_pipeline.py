@@ -101,10 +101,10 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch, one_thread):
 
     # ... and `prefsift train` continues from the run's warm-up model against the SFT reference, reusing the run's
     # reference log-probs: neither prefsift nor TRL runs a reference pass.
-    import prefsift.logps
+    import prefsift.engine
     import prefsift.train
 
-    monkeypatch.setattr(prefsift.logps, "compute_logps", lambda *a, **k: pytest.fail("reference pass recomputed"))
+    monkeypatch.setattr(prefsift.engine, "compute_logps", lambda *a, **k: pytest.fail("reference pass recomputed"))
     monkeypatch.setattr(prefsift.train.DPOTrainer, "_precompute_ref_logps",
                         lambda *a, **k: pytest.fail("TRL ran its reference pass"))
     result = CliRunner().invoke(app, ["select", "--scores", str(run_scores), "--method",

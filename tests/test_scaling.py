@@ -105,8 +105,8 @@ def test_checkpoints_of_one_run_are_the_shorter_runs(tmp_path, bpe_tokenizer, on
 
     from prefsift.cli import app
     from prefsift.config import EngineConfig, EvalConfig, RunConfig, TrainConfig
+    from prefsift.engine.logps import compute_logps
     from prefsift.evaluate import evaluate
-    from prefsift.logps import compute_logps
     from prefsift.models import LoadedModel, load_model
     from prefsift.pipeline import make_splits, run_pipeline
     from prefsift.train import train

@@ -131,7 +131,7 @@ def test_margin_from_a_reward_model(bpe_tokenizer):
         with torch.no_grad():
             return reward(torch.tensor([bpe_tokenizer(text)["input_ids"]])).logits[0, 0].item()
 
-    from prefsift.reward import reward_text  # the reward model reads the pair through its chat template
+    from prefsift.engine.reward import reward_text  # the reward model reads the pair through its chat template
 
     expected = [one(reward_text(bpe_tokenizer, r["prompt"], r["chosen"])) -
                 one(reward_text(bpe_tokenizer, r["prompt"], r["rejected"])) for r in rows]

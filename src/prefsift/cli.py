@@ -26,9 +26,9 @@ from prefsift.config import (
     RunConfig,
     ScoreConfig,
     TrainConfig,
-    cli_options,
 )
 from prefsift.errors import ConfigError, PrefsiftError
+from prefsift.settings import cli_options
 
 try:  # typer ≥ 0.22 carries its own copy of click
     import typer._click.exceptions as click_errors
@@ -100,7 +100,7 @@ def friendly(fn):
 
 def _settings(config: Path | None, flags: dict, *classes: type, defaults: dict | None = None) -> list:
     """Each settings dataclass from (in rising priority) `defaults`, the flat YAML of --config, and the flags."""
-    from prefsift.config import from_dict, load_yaml, split_flags
+    from prefsift.settings import from_dict, load_yaml, split_flags
 
     layers = [split_flags(defaults or {}, *classes), split_flags(load_yaml(config) if config else {}, *classes),
               split_flags(flags, *classes)]
@@ -117,24 +117,19 @@ def _settings(config: Path | None, flags: dict, *classes: type, defaults: dict |
 
 
 def _apply_threads(engine) -> None:
-    import torch
+    from prefsift.engine import Engine
 
-    from prefsift.logps import default_threads
+    Engine(engine).apply_threads()
 
-    torch.set_num_threads(engine.threads or default_threads())
+
+def _log(line: str) -> None:
+    console.print(line, highlight=False)
 
 
 def _load(data: str, options):
-    from prefsift.data import load_pairs
+    from prefsift.stages import load_data
 
-    loaded = load_pairs(data, split=options.split, prompt_key=options.prompt_key, chosen_key=options.chosen_key,
-                        rejected_key=options.rejected_key, on_invalid=options.on_invalid)
-    console.print(loaded.summary(), highlight=False)
-    for row in loaded.invalid[:5]:
-        console.print(f"  skipped row {row.row}: {row.reason}", highlight=False)
-    if len(loaded.invalid) > 5:
-        console.print(f"  ... and {len(loaded.invalid) - 5} more", highlight=False)
-    return loaded
+    return load_data(data, options, _log)
 
 
 @app.callback()
@@ -170,18 +165,18 @@ def score(
     flags: dict,
 ) -> None:
     """Score every pair with METHOD; write scores.parquet under TRL's column names."""
-    from prefsift.config import parse_params
     from prefsift.score import score as run_score
     from prefsift.scorers import get_scorer
+    from prefsift.settings import parse_params
 
     score_config, engine, data_options = _settings(config, flags, ScoreConfig, EngineConfig, DataConfig)
-    from prefsift.resources import require
+    from prefsift.resources import require, sources_of
     from prefsift.score import method_params
 
     # An unknown method, a bad parameter or a missing model fails before anything is loaded.
     params = method_params(score_config.methods(), parse_params(param))
     for name in score_config.methods():
-        require(get_scorer(name, **params[name]).needs, score_config.sources(), name)
+        require(get_scorer(name, **params[name]).needs, sources_of(score_config), name)
     from prefsift.output import check_output, locked
 
     check_output(out, "score")  # a file, another stage's results, a foreign directory: before any work
@@ -334,69 +329,14 @@ def train(
     flags: dict,
 ) -> None:
     """Align MODEL on the pairs with DPO or KTO through TRL."""
-    import dataclasses
+    from prefsift.stages import scored_defaults, train_stage
 
-    from prefsift.manifest import dropped_record, read_manifest, write_dropped, write_input_drops, write_manifest
-    from prefsift.models import load_model
-    from prefsift.score import reference_logps_from_scores
-    from prefsift.train import order_values, training_pairs
-    from prefsift.train import train as run_train
-
-    scored = {k: v for k, v in read_manifest(scores).get("engine", {}).items() if k in ("max_length", "beta")} \
-        if scores is not None else {}
     train_config, engine, data_options, model_options = _settings(config, flags, TrainConfig, EngineConfig,
-                                                                  DataConfig, ModelConfig, defaults=scored)
-    from prefsift.output import check_output, locked, staged
-
-    check_output(out, "train")  # before any model is loaded or trained
-    _apply_threads(engine)
-    loaded_data = _load(data, data_options)
-    order = order_values(train_config.order, loaded_data, scores) if train_config.order else None
-    if train_config.algo == "kto" and scores is not None:
-        raise ConfigError("--scores feeds DPO's reference log-probs; KTO computes its own (its KL term needs "
-                          "mismatched completions no score holds): give --reference instead")
-    common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": model_options.trust_remote_code}
-    policy = load_model(model, **common)
-    ref_model = load_model(reference, **common) if reference and reference != model else policy
-    ref = None
-    if train_config.algo == "dpo":
-        if scores is not None:
-            ref = reference_logps_from_scores(scores, loaded_data, ref_model, engine)
-            console.print(f"reusing reference log-probs from {scores}", highlight=False)
-        elif ref_model is not policy:
-            from prefsift.logps import compute_logps
-
-            ref = compute_logps(ref_model.model, ref_model.tokenizer, loaded_data.pairs,
-                                max_length=engine.max_length, batch_tokens=engine.batch_tokens,
-                                desc="reference log-probs")
-        if ref_model is not policy:
-            del ref_model  # only its log-probs are needed from here on
-    # the model is saved into a staging directory swapped in whole: a failure keeps an earlier model at --out intact
-    with locked(out), staged(out, "train") as tmp:
-        result = run_train(policy, training_pairs(loaded_data), train_config, engine, tmp, ref_logps=ref,
-                           order=order, reference=ref_model if train_config.algo == "kto" and
-                           ref_model is not policy else None)
-        # the pairs TRL would drop (prompt fills max_length), then the input rows left out, beside the model
-        too_long = f"prompt fills max_length {engine.max_length}"
-        rows = loaded_data.rows or [None] * len(loaded_data.pairs)
-        write_dropped(tmp, [dropped_record("train", too_long, pair_id=loaded_data.pairs[i]["pair_id"], row=rows[i])
-                            for i in result.too_long])
-        write_input_drops(tmp, loaded_data.invalid)
-        write_manifest(tmp, "train", {"model": model, "fingerprint": policy.fingerprint, "reference": reference,
-                                      "data": {"source": data, "hash": loaded_data.data_hash,
-                                               "n_pairs": result.n_pairs},
-                                      "config": dataclasses.asdict(train_config), "engine": dataclasses.asdict(engine),
-                                      "scores": str(scores) if scores else None, "seconds": result.seconds})
-    # why it trained on fewer pairs than the file holds: each reason counted, the rows listed in dropped.jsonl
-    def counted(n: int, what: str) -> str:
-        return f"{n} {what}{'' if n == 1 else 's'}"
-
-    reasons = [counted(len(result.too_long), "pair") + f" whose {too_long}"] if result.too_long else []
-    reasons += [counted(len(loaded_data.invalid), "invalid input row")] if loaded_data.invalid else []
-    of = f" of {result.n_pairs + len(result.too_long) + len(loaded_data.invalid)} rows" if reasons else " pairs"
-    why = f" ({'; '.join(reasons)} left out → {out / 'dropped.jsonl'})" if reasons else ""
-    console.print(f"trained {train_config.algo} on {result.n_pairs}{of}{why} in {result.seconds:.1f}s → {out}",
-                  highlight=False)
+                                                                  DataConfig, ModelConfig,
+                                                                  defaults=scored_defaults(scores))
+    result = train_stage(data, model, out, reference=reference, scores=scores, config=train_config, engine=engine,
+                         data_options=data_options, model_options=model_options, log=_log)
+    console.print(result.summary(engine.max_length), highlight=False)
 
 
 @app.command("eval")
@@ -414,45 +354,13 @@ def eval_(
 ) -> None:
     """Held-out preference accuracy (implicit reward against --reference; without one, the share of pairs where
     the policy gives chosen the higher log-prob), and the win rate against the reference with a judge."""
-    import dataclasses
-    import json
-
-    from prefsift.evaluate import RewardModelJudge, evaluate, win_rate_prompts, write_eval_outputs
-    from prefsift.manifest import write_input_drops, write_manifest
-    from prefsift.models import load_model
     from prefsift.report import one_line
-    from prefsift.reward import load_reward_model
+    from prefsift.stages import eval_stage
 
     eval_config, engine, data_options, model_options = _settings(config, flags, EvalConfig, EngineConfig, DataConfig,
                                                                  ModelConfig)
-    from prefsift.output import check_output, locked, staged
-
-    check_output(out, "eval")  # before any model is loaded
-    _apply_threads(engine)
-    loaded_data = _load(data, data_options)
-    if loaded_data.kind == "unpaired":
-        raise ConfigError("eval needs preference pairs (prompt, chosen, rejected); this data is unpaired")
-    common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": model_options.trust_remote_code}
-    policy = load_model(model, **common)
-    ref = load_model(reference, **common) if reference else None
-    judge = (RewardModelJudge(load_reward_model(judge_model, **common), engine.max_length, eval_config.batch_size)
-             if judge_model else None)
-    prompts = win_rate_prompts(loaded_data, eval_config.eval_prompts) if judge is not None else None
-    record = evaluate(policy, ref, test_pairs=loaded_data.pairs, prompts=prompts, judge=judge, config=eval_config,
-                      engine=engine)
-    with locked(out), staged(out, "eval") as tmp:  # eval.json and its item files replace earlier ones whole
-        # item by item beside the summary: eval_pairs.jsonl (margins), answers.jsonl (what the judge saw)
-        record = write_eval_outputs(record, tmp, pair_ids=list(loaded_data.pairs["pair_id"]), prompts=prompts)
-        try:
-            text = json.dumps(record, indent=2, allow_nan=False)
-        except ValueError:  # a NaN is not JSON, and not a result
-            bad = sorted(k for k, v in record.items() if isinstance(v, float) and v != v)
-            raise PrefsiftError(f"evaluation gave no number for {', '.join(bad) or 'a metric'} (every pair dropped? "
-                                f"raise --max-length)") from None
-        (tmp / "eval.json").write_text(text + "\n")
-        write_input_drops(tmp, loaded_data.invalid)  # the test rows left out
-        write_manifest(tmp, "eval", {"model": model, "reference": reference, "data_hash": loaded_data.data_hash,
-                                     "config": dataclasses.asdict(eval_config), "engine": dataclasses.asdict(engine)})
+    record = eval_stage(model, data, out, reference=reference, judge_model=judge_model, config=eval_config,
+                        engine=engine, data_options=data_options, model_options=model_options, log=_log)
     console.print(one_line(record), highlight=False)
 
 
@@ -463,13 +371,13 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Output directory (overrides the config's).")] = None,
 ) -> None:
     """The whole flow from one config: warm-up, validation model, score, select, train, evaluate, report."""
-    from prefsift.config import from_dict, load_yaml
-    from prefsift.pipeline import run_staged
+    from prefsift.pipeline import load_run_config, run_staged
+    from prefsift.settings import load_yaml
 
     values = load_yaml(config)
     if out is not None:
         values["out"] = str(out)
-    run_config = from_dict(RunConfig, values, str(config))
+    run_config = load_run_config(values, str(config))
     if not run_config.data or not run_config.model:
         raise ConfigError(f"{config}: 'data' and 'model' are required")
     _apply_threads(run_config.engine)
@@ -493,30 +401,9 @@ def compare(
     """Every selection rule (or --methods) on your model and data at the same budgets: one table of quality with 95%
     intervals, paired differences from random and the measured cost of each method, and one plot."""
     from prefsift.compare import compare as run_compare
-    from prefsift.compare import resolve_methods
-    from prefsift.config import from_dict, load_yaml, split_flags
-    from prefsift.data import load_pairs
+    from prefsift.stages import compare_config
 
-    values = load_yaml(config) if config else {}
-    run_flags, engine_flags, train_flags = split_flags(flags, RunConfig, EngineConfig, TrainConfig)
-    values.update(run_flags)
-    values.setdefault("seeds", 3)
-    values["engine"] = {**values.get("engine", {}), **engine_flags}
-    values["train"] = {**values.get("train", {}), **train_flags}
-    if fractions is not None:
-        try:
-            values["fractions"] = [float(f) for f in fractions.split(",")]
-        except ValueError:
-            raise ConfigError(f"--fractions takes comma-separated numbers (got {fractions!r})") from None
-    if not values.get("data") or not values.get("model"):
-        raise ConfigError("--data and --model are required (or data/model in --config)")
-    if methods is not None:
-        listed = [m.strip() for m in methods.split(",") if m.strip()]
-    else:
-        listed = values.get("methods", ["all"])
-    columns = load_pairs(values["data"]).raw.column_names if listed == ["all"] else []
-    values["methods"] = resolve_methods(listed, values.get("reward_model"), columns)
-    run_config = from_dict(RunConfig, values, str(config or "options"))
+    run_config = compare_config(flags, methods=methods, fractions=fractions, config=config)
     _apply_threads(run_config.engine)
     result = run_compare(run_config, log=lambda line: console.print(line, highlight=False))
     typer.echo(result["markdown"])

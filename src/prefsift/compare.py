@@ -16,7 +16,7 @@ import numpy as np
 from prefsift.config import RunConfig
 from prefsift.errors import ConfigError
 from prefsift.report import markdown_table
-from prefsift.scorers import SCORERS, get_scorer
+from prefsift.scorers import SCORERS, get_scorer, parse_methods
 
 # Roles a run provides whatever the user gives: the SFT model as reference, the warm-up policy and validation model
 # it trains, the validation split, and an embedder (the SFT model's last-token state unless one is named).
@@ -63,7 +63,7 @@ def compare(config: RunConfig, *, log=print) -> dict:
     `seconds` column. Returns {"records", "summary", "markdown"}."""
     from prefsift.pipeline import run_staged
 
-    if len(config.scorers()) < 2:
+    if len(parse_methods(config.methods)) < 2:
         raise ConfigError("compare needs at least one method besides random")
     if config.seeds < 2:
         log("one seed: intervals cover the test items only, not training noise (--seeds 3 or more to compare)")

@@ -1,6 +1,6 @@
 """`prefsift demo`: the embedded benchmark end to end, offline, on a CPU.
 
-A synthetic task with a hidden oracle (src/prefsift/bench/task.py), a tiny Llama SFT-trained on the spot on
+A synthetic task with a hidden oracle (src/prefsift/synthetic/task.py), a tiny Llama SFT-trained on the spot on
 mixed-quality demonstrations, then the TIF pipeline of `prefsift run` with every method at the same budgets, the
 oracle judging win rates against the SFT model. Because the oracle is known, the table also says what share of the
 flipped (noisy) pairs each method kept.
@@ -14,15 +14,15 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from prefsift.bench import sft_model
-from prefsift.bench.task import HIDDEN_COLUMNS, OracleJudge, TaskConfig, make_task
-from prefsift.bench.tiny import torch_threads
 from prefsift.config import EngineConfig
 from prefsift.data import load_pairs
 from prefsift.evaluate import EvalConfig
 from prefsift.manifest import write_manifest
 from prefsift.models import LoadedModel, fingerprint_files
 from prefsift.pipeline import RunConfig, Splits, run_pipeline
+from prefsift.synthetic import sft_model
+from prefsift.synthetic.task import HIDDEN_COLUMNS, OracleJudge, TaskConfig, make_task
+from prefsift.synthetic.tiny import torch_threads
 from prefsift.train import TrainConfig
 
 # The default set fits 10 minutes on 2 cores; --all adds exact influence (its top and its middle band), ISA and

@@ -13,11 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from prefsift.config import EngineConfig, EvalConfig  # noqa: F401 (EvalConfig: re-exported)
+from prefsift.engine import Engine
+from prefsift.engine.reward import reward_scores
 from prefsift.errors import ConfigError, ModelError
-from prefsift.logps import compute_logps
 from prefsift.maths import implicit_reward_margin
 from prefsift.models import LoadedModel
-from prefsift.reward import reward_scores
 
 
 class Judge(Protocol):
@@ -138,8 +138,8 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
     start = time.perf_counter()
     record: dict = {}
     if test_pairs is not None and len(test_pairs):
-        kwargs = {"max_length": engine.max_length, "batch_tokens": engine.batch_tokens}
-        policy_logps = compute_logps(policy.model, policy.tokenizer, test_pairs, desc="policy", **kwargs)
+        passes = Engine(engine)
+        policy_logps = passes.logps(policy.model, policy.tokenizer, test_pairs, desc="policy")
         if np.isnan(policy_logps[:, 0]).all():
             raise ConfigError(f"every test pair's prompt fills max_length={engine.max_length}: nothing to evaluate")
         if reference is None:
@@ -147,8 +147,7 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
             record["logp_accuracy"] = float(np.mean(kept[:, 0] > kept[:, 1])) if len(kept) else float("nan")
         else:
             if reference_logps is None:
-                reference_logps = compute_logps(reference.model, reference.tokenizer, test_pairs,
-                                                desc="reference", **kwargs)
+                reference_logps = passes.logps(reference.model, reference.tokenizer, test_pairs, desc="reference")
             outcomes = preference_outcomes(policy_logps, reference_logps, engine.beta)
             margins = implicit_reward_margin(policy_logps, reference_logps, engine.beta)
             record["pref_accuracy"] = float(np.nanmean(outcomes))

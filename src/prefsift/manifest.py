@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prefsift.errors import PrefsiftError
+
 
 def versions() -> dict[str, str | int]:
     import datasets
@@ -104,3 +106,20 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise PrefsiftError(f"{path} is not a prefsift manifest (not a JSON object)")
     return record
+
+
+def check_dropped(n_dropped: int, n: int, allow: bool, records: list[dict] | None = None) -> None:
+    """One line instead of a run of NaN: every pair left out always stops; more than half stops unless allowed."""
+    if n_dropped == 0 or (n_dropped * 2 <= n and n_dropped < n) or (allow and n_dropped < n):
+        return
+    reasons: dict[str, int] = {}
+    for record in records or []:
+        if record["stage"] == "score":
+            key = record["reason"].split("=")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    why = ", ".join(f"{k}: {v} pairs" for k, v in reasons.items()) or "NaN scores"
+    if n_dropped == n:
+        raise PrefsiftError(f"every one of the {n} pairs would be dropped ({why}): nothing to score; for a long "
+                            f"prompt raise --max-length")
+    raise PrefsiftError(f"{n_dropped} of {n} pairs would be dropped ({why}): raise --max-length, or pass "
+                        f"--allow-dropped (allow_dropped: true in a config) to keep the rest")

@@ -42,6 +42,11 @@ LOGPS_COLUMNS = {"policy": ("chosen_logps", "rejected_logps"),
 REWARD_COLUMNS = ("chosen_reward", "rejected_reward")  # a reward model's pass, stored beside its difference
 
 
+def sources_of(config) -> dict[str, str | None]:
+    """Each role's source as a `ScoreConfig` (or any config with the roles' source fields) names it."""
+    return {role: getattr(config, spec.source_field) for role, spec in ROLES.items()}
+
+
 def flag_of(role: str) -> str:
     return "--" + ROLES[role].source_field.replace("_", "-")
 
@@ -120,7 +125,7 @@ class Resources:
 
             return load_model(source, **common)
         if kind == "reward":
-            from prefsift.reward import load_reward_model
+            from prefsift.engine.reward import load_reward_model
 
             return load_reward_model(source, **common)
         if kind == "pairs":
@@ -128,7 +133,7 @@ class Resources:
 
             return load_pairs(source)
         if kind == "embedder":
-            from prefsift.embeddings import load_embedder
+            from prefsift.engine.embeddings import load_embedder
 
             return load_embedder(source, **common)
         raise ValueError(f"unknown resource kind {kind}")
@@ -138,9 +143,8 @@ class Resources:
         """(n, 2) summed chosen/rejected log-probs under the model of `role`, computed once per distinct model,
         with resumable shards under out_dir. `pairs` (LoadedPairs) scores another table (e.g. the validation
         pairs) under its own `tag`."""
-        from prefsift.distributed import executor_for
-        from prefsift.logps import LogpsRun, compute_logps
-        from prefsift.manifest import tokenizer_fingerprint
+        from prefsift.engine import Engine, LogpsRun
+        from prefsift.manifest import check_dropped, tokenizer_fingerprint
 
         loaded = self.model(role)
         data = self.pairs if pairs is None else pairs
@@ -156,16 +160,11 @@ class Resources:
             start = time.perf_counter()
 
             def check(n_dropped: int, n: int) -> None:  # before any forward pass: most pairs dropped stops here
-                from prefsift.score import check_dropped
-
                 reason = [{"stage": "score", "reason": f"prompt fills max_length {self.engine.max_length}"}] * n_dropped
                 check_dropped(n_dropped, n, self.allow_dropped or pairs is not None, reason)
 
-            self._logps[key] = compute_logps(loaded.model, loaded.tokenizer, data.pairs,
-                                             max_length=self.engine.max_length,
-                                             batch_tokens=self.engine.batch_tokens, run=run,
-                                             desc=f"{tag or role} log-probs", check_dropped=check,
-                                             executor=executor_for(self.engine))
+            self._logps[key] = Engine(self.engine).logps(loaded.model, loaded.tokenizer, data.pairs, run=run,
+                                                         desc=f"{tag or role} log-probs", check_dropped=check)
             if pairs is None:
                 self.seconds[role] = time.perf_counter() - start
         return self._logps[key]
@@ -173,10 +172,8 @@ class Resources:
     def rewards(self, role: str = "reward_model", *, batch_size: int = 16) -> np.ndarray:
         """(n, 2) [chosen, rejected] rewards of the scored pairs under the reward model of `role`, once per model,
         batched, with resumable shards under out_dir like a log-prob pass (a failure after it loses nothing)."""
-        from prefsift.distributed import executor_for
-        from prefsift.logps import LogpsRun
+        from prefsift.engine import Engine, LogpsRun
         from prefsift.manifest import tokenizer_fingerprint
-        from prefsift.reward import pair_rewards
 
         loaded = self.model(role)
         key = self._pass_key(loaded, self.pairs)
@@ -189,9 +186,8 @@ class Resources:
                             "pass": "reward"}
                 run = LogpsRun(Path(self.out_dir), role, identity)
             start = time.perf_counter()
-            self._rewards[key] = pair_rewards(loaded.model, loaded.tokenizer, self.pairs.pairs, batch_size=batch_size,
-                                              max_length=self.engine.max_length, run=run, desc="reward model",
-                                              executor=executor_for(self.engine))
+            self._rewards[key] = Engine(self.engine).rewards(loaded.model, loaded.tokenizer, self.pairs.pairs,
+                                                             batch_size=batch_size, run=run, desc="reward model")
             self.seconds[role] = time.perf_counter() - start
         return self._rewards[key]
 

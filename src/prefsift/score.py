@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 
 from prefsift.config import EngineConfig, ScoreConfig  # noqa: F401 (ScoreConfig: re-exported)
 from prefsift.data import LoadedPairs
-from prefsift.errors import ConfigError, PrefsiftError
-from prefsift.manifest import dropped_record, read_manifest, tokenizer_fingerprint, write_dropped, write_manifest
-from prefsift.resources import LOGPS_COLUMNS, Resources
+from prefsift.errors import ConfigError
+from prefsift.manifest import check_dropped, dropped_record, write_dropped, write_manifest
+from prefsift.resources import LOGPS_COLUMNS, Resources, sources_of
 from prefsift.scorers import Scorer
 
 
@@ -46,7 +46,7 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
             if role in LOGPS_COLUMNS:
                 resources.logps(role)  # once per model, shared by every scorer that needs it; timed apart
         if "embedder" in scorer.needs and hasattr(scorer.params, "item"):
-            from prefsift.embeddings import embed_items
+            from prefsift.engine.embeddings import embed_items
 
             start = time.perf_counter()  # the embedding pass, shared like a log-prob pass, charged to each user
             embed_items(resources, scorer.params.item, batch_size=getattr(scorer.params, "batch_size", 32))
@@ -107,23 +107,6 @@ def _score_drops(data: LoadedPairs, scores: dict[str, np.ndarray], too_long: np.
     return out
 
 
-def check_dropped(n_dropped: int, n: int, allow: bool, records: list[dict] | None = None) -> None:
-    """One line instead of a run of NaN: every pair left out always stops; more than half stops unless allowed."""
-    if n_dropped == 0 or (n_dropped * 2 <= n and n_dropped < n) or (allow and n_dropped < n):
-        return
-    reasons: dict[str, int] = {}
-    for record in records or []:
-        if record["stage"] == "score":
-            key = record["reason"].split("=")[0]
-            reasons[key] = reasons.get(key, 0) + 1
-    why = ", ".join(f"{k}: {v} pairs" for k, v in reasons.items()) or "NaN scores"
-    if n_dropped == n:
-        raise PrefsiftError(f"every one of the {n} pairs would be dropped ({why}): nothing to score; for a long "
-                            f"prompt raise --max-length")
-    raise PrefsiftError(f"{n_dropped} of {n} pairs would be dropped ({why}): raise --max-length, or pass "
-                        f"--allow-dropped (allow_dropped: true in a config) to keep the rest")
-
-
 def write_scores(out_dir: Path, scores: dict[str, np.ndarray], data: LoadedPairs, record: dict,
                  dropped: list[dict] | None = None) -> None:
     """scores.parquet (pair_id + scores + TRL-named log-probs), pairs.parquet (the input's own rows),
@@ -180,35 +163,6 @@ def score(data: LoadedPairs, config: ScoreConfig, engine: EngineConfig, out_dir:
     from prefsift.scorers import get_scorer
 
     scorers = [get_scorer(name, **(params or {}).get(name, {})) for name in config.methods()]
-    resources = Resources(data, engine, config.sources(), out_dir=out_dir, seed=config.seed,
+    resources = Resources(data, engine, sources_of(config), out_dir=out_dir, seed=config.seed,
                           trust_remote_code=config.trust_remote_code, allow_dropped=config.allow_dropped)
     return score_pairs(data, scorers, resources, out_dir)
-
-
-def reference_logps_from_scores(scores_dir: Path, data: LoadedPairs, reference, engine: EngineConfig
-                                ) -> np.ndarray:
-    """The (n, 2) reference log-probs of `data`'s pairs from a score directory, matched by pair_id.
-
-    Refuses (one line, naming the flag that fixes it) when that directory's reference model (weights
-    fingerprint, tokenizer) or max_length differ from training's, or a pair is missing: log-probs of another
-    model would silently train against the wrong reference."""
-    manifest = read_manifest(Path(scores_dir))
-    if "ref_chosen_logps" not in pq.read_schema(Path(scores_dir) / "scores.parquet").names:
-        raise PrefsiftError(f"{scores_dir}/scores.parquet has no reference log-probs (score with irm or lossdiff)")
-    scored = manifest.get("models", {}).get("reference", {})
-    scored_length = manifest.get("engine", {}).get("max_length")
-    if scored.get("fingerprint") != reference.fingerprint or \
-            scored.get("tokenizer") != tokenizer_fingerprint(reference.tokenizer):
-        raise PrefsiftError(f"{scores_dir} was scored against reference {scored.get('source')!r}, not "
-                            f"{reference.source!r}: pass that model as --reference, or drop --scores")
-    if scored_length != engine.max_length:
-        raise PrefsiftError(f"{scores_dir} was scored at max_length {scored_length}, training uses "
-                            f"{engine.max_length}: pass --max-length {scored_length}, or drop --scores")
-    table = pq.read_table(Path(scores_dir) / "scores.parquet").to_pydict()
-    index = {pid: i for i, pid in enumerate(table["pair_id"])}
-    missing = [pid for pid in data.pairs["pair_id"] if pid not in index]
-    if missing:
-        raise PrefsiftError(f"{len(missing)} training pairs are not in {scores_dir} (e.g. {missing[0]})")
-    rows = [index[pid] for pid in data.pairs["pair_id"]]
-    return np.stack([np.asarray(table["ref_chosen_logps"], dtype=float)[rows],
-                     np.asarray(table["ref_rejected_logps"], dtype=float)[rows]], axis=1)

@@ -30,9 +30,11 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.data_utils import unpair_preference_dataset
 
 from prefsift.config import EngineConfig, TrainConfig  # noqa: F401 (TrainConfig: re-exported)
+from prefsift.engine import Engine
+from prefsift.engine.tokenize import TokenizedPair, pad_id
 from prefsift.errors import ConfigError
-from prefsift.logps import TokenizedPair, compute_logps, logps_of_tokenized, pad_id
 from prefsift.models import LoadedModel, lora_config
+from prefsift.reference import reference_logps
 
 WEIGHT_COLUMN = "weight"
 
@@ -120,9 +122,9 @@ class _KTOTrainerWithReferenceLogps(KTOTrainer):
     model). Only its log-probs are needed, so it is used for this pass and never handed to TRL, which would keep it
     in memory for the whole training."""
 
-    def __init__(self, *args, reference=None, batch_tokens: int = EngineConfig.batch_tokens, **kwargs) -> None:
+    def __init__(self, *args, reference=None, engine: Engine | None = None, **kwargs) -> None:
         # read by _precompute_ref_logps, which TRL's __init__ calls
-        self._reference, self._batch_tokens = reference, batch_tokens
+        self._reference, self._engine = reference, engine or Engine()
         super().__init__(*args, **kwargs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):  # noqa: D401 - TRL's hook
@@ -147,8 +149,8 @@ class _KTOTrainerWithReferenceLogps(KTOTrainer):
         model.eval()
         with adapter_off, tqdm(total=len(tokenized), desc=f"reference log-probs ({name})", unit="row",
                                disable=bool(os.environ.get("TQDM_DISABLE", ""))) as progress:
-            values = logps_of_tokenized(model, tokenized, pad_id=pad_id(self._tokenizer),
-                                        batch_tokens=self._batch_tokens, progress=progress)
+            values = self._engine.logps_of_tokenized(model, tokenized, pad=pad_id(self._tokenizer),
+                                                     progress=progress)
         model.train(was_training)
         if np.isnan(values).any():  # TRL filtered every row whose prompt fills max_length: none can be left
             raise RuntimeError("a KTO row lost its reference log-prob")
@@ -299,9 +301,8 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
         if "chosen" not in pairs.column_names:
             raise ConfigError("DPO needs preference pairs (prompt, chosen, rejected); this data is unpaired: "
                               "use --algo kto")
-        if ref_logps is None:
-            ref_logps = compute_logps(loaded.model, loaded.tokenizer, pairs, max_length=engine.max_length,
-                                      batch_tokens=engine.batch_tokens, desc="reference log-probs")
+        if ref_logps is None:  # the policy is its own reference
+            ref_logps = reference_logps(loaded, pairs, engine)
         kept = np.flatnonzero(~np.isnan(np.asarray(ref_logps, dtype=float)[:, 0]))
         pairs = pairs.add_column("ref_chosen_logps", ref_logps[:, 0].tolist())
         pairs = pairs.add_column("ref_rejected_logps", ref_logps[:, 1].tolist())
@@ -337,7 +338,7 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
     args = KTOConfig(**common, precompute_ref_log_probs=True, desirable_weight=desirable_weight)
     return _KTOTrainerWithReferenceLogps(model=loaded.model, args=args, train_dataset=unpaired,
                                          reference=None if reference is None else reference.model,
-                                         batch_tokens=engine.batch_tokens,
+                                         engine=Engine(engine),
                                          processing_class=loaded.tokenizer,
                                          peft_config=_peft_config(config)), np.arange(len(pairs))
 

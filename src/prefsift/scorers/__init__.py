@@ -8,7 +8,16 @@ import importlib
 import pkgutil
 from importlib.metadata import entry_points
 
-from prefsift.scorers.base import SCORERS, BandParams, Scorer, ScorerParams, get_scorer, parse_method, register
+from prefsift.scorers.base import (
+    SCORERS,
+    BandParams,
+    Scorer,
+    ScorerParams,
+    get_scorer,
+    parse_method,
+    parse_methods,
+    register,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
@@ -16,4 +25,5 @@ for _module in pkgutil.iter_modules(__path__):
 for _entry in entry_points(group="prefsift.scorers"):
     _entry.load()
 
-__all__ = ["SCORERS", "BandParams", "Scorer", "ScorerParams", "get_scorer", "parse_method", "register"]
+__all__ = ["SCORERS", "BandParams", "Scorer", "ScorerParams", "get_scorer", "parse_method", "parse_methods",
+           "register"]

@@ -23,11 +23,11 @@ import dataclasses
 
 import numpy as np
 
-from prefsift.config import option
 from prefsift.errors import PrefsiftError
 from prefsift.maths import implicit_reward_margin
 from prefsift.scorers.base import Scorer, register
 from prefsift.scorers.margin import MarginParams, MarginScorer
+from prefsift.settings import option
 
 
 def zscore(values: np.ndarray, rows: np.ndarray) -> np.ndarray:

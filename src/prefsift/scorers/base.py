@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from prefsift.config import Checked, from_dict, option
 from prefsift.errors import ConfigError
 from prefsift.maths import check_band
+from prefsift.settings import Checked, from_dict, option
 
 
 @dataclasses.dataclass
@@ -139,6 +139,16 @@ def labelled(scorer: Scorer, label: str) -> Scorer:
 
     Labelled.__name__ = Labelled.__qualname__ = f"{cls.__name__}[{label}]"
     return Labelled(scorer.params)
+
+
+def parse_methods(specs: list) -> list[Scorer]:
+    """The methods of a run (names, or {name: ..., <param>: ...} mappings) as scorer objects, their parameters
+    checked, each method once."""
+    scorers = [parse_method(m) for m in specs]
+    names = [s.name for s in scorers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"methods: each method once (got {', '.join(names)})")
+    return scorers
 
 
 def parse_method(spec: Any) -> Scorer:

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr
 
-from prefsift.config import option
-from prefsift.embeddings import ITEMS, embed_items
+from prefsift.engine.embeddings import ITEMS, embed_items
 from prefsift.scorers.base import Scorer, ScorerParams, register
 from prefsift.scorers.random import seeded_uniform
+from prefsift.settings import option
 
 ESTIMATORS = ("sketch", "exact")
 

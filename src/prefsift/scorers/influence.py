@@ -1,8 +1,8 @@
 """Exact influence (TIF paper): `if` keeps the top of IF(d) = β(1 − σ(Δ_θ(d)))·⟨ḡ_val, g_w − g_l⟩, `tif` its middle
 band (the paper's truncated influence: the top overfits the validation set, the bottom is noise).
 
-Computed at forward-pass cost by `prefsift.influence`: one backward pass over the validation pairs for ḡ_val, then
-a central difference (two log-prob passes on perturbed weights) or forward-mode AD a training pair.
+Computed at forward-pass cost by `prefsift.engine.influence`: one backward pass over the validation pairs for ḡ_val,
+then a central difference (two log-prob passes on perturbed weights) or forward-mode AD a training pair.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import dataclasses
 
 import numpy as np
 
-from prefsift.config import option
-from prefsift.influence import DEFAULT_STEP, METHODS, SCOPES, influence_scores
+from prefsift.engine.influence import DEFAULT_STEP, METHODS, SCOPES
 from prefsift.scorers.base import BandParams, Scorer, ScorerParams, register
+from prefsift.settings import option
 
 
 @dataclasses.dataclass
@@ -50,12 +50,13 @@ def influence_column(resources, params: InfluenceParams) -> np.ndarray:
                 "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "max_length": engine.max_length,
                 "batch_tokens": engine.batch_tokens, "dtype": str(next(loaded.model.parameters()).dtype),
                 "data": resources.pairs.data_hash, "validation": validation.data_hash, "beta": engine.beta}
-    return influence_scores(loaded.model, loaded.tokenizer, resources.pairs.pairs, validation.pairs,
-                            policy_logps=policy, reference_logps=reference,
-                            validation_reference_logps=validation_reference, beta=engine.beta,
-                            max_length=engine.max_length, batch_tokens=engine.batch_tokens, method=params.method,
-                            step=params.step, scope=params.scope, last_k=params.last_k, run_dir=resources.out_dir,
-                            identity=identity)
+    from prefsift.engine import Engine
+
+    return Engine(engine).influence(loaded.model, loaded.tokenizer, resources.pairs.pairs, validation.pairs,
+                                    policy_logps=policy, reference_logps=reference,
+                                    validation_reference_logps=validation_reference, beta=engine.beta,
+                                    method=params.method, step=params.step, scope=params.scope,
+                                    last_k=params.last_k, run_dir=resources.out_dir, identity=identity)
 
 
 def influence_passes(params: InfluenceParams, n_pairs: int, n_validation: int) -> float:

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prefsift.config import option
-from prefsift.embeddings import ITEMS, embed_items
+from prefsift.engine.embeddings import ITEMS, embed_items
 from prefsift.errors import ConfigError
 from prefsift.scorers.base import Scorer, ScorerParams, register
+from prefsift.settings import option
 
 COVARIANCE_TYPES = ("auto", "full", "tied", "diag", "spherical")
 # auto: one shared full covariance (tied) once there are this many items per dimension, else diagonal. Measured on

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prefsift.config import option
 from prefsift.errors import PrefsiftError
 from prefsift.scorers.base import Scorer, ScorerParams, register
+from prefsift.settings import option
 
 
 @dataclass

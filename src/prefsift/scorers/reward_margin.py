@@ -1,6 +1,6 @@
 """Reward margin (the TIF paper's strongest baseline, its "reward-model filter"): reward(chosen) − reward(rejected)
-from a sequence-classification reward model (`--reward-model`, scored in batches by `prefsift.reward`), or, without
-one, the dataset's own ratings (e.g. UltraFeedback's score_chosen − score_rejected). The rule keeps the top.
+from a sequence-classification reward model (`--reward-model`, scored in batches by `prefsift.engine.reward`), or,
+without one, the dataset's own ratings (e.g. UltraFeedback's score_chosen − score_rejected). The rule keeps the top.
 
 `margin` is the same scorer under its older name (kept so configs that name it still run); this one writes its own
 column, `reward_margin`, so the two can sit in one scores file.

@@ -19,11 +19,12 @@ import dataclasses
 
 import numpy as np
 
-from prefsift.config import TrainConfig, option
+from prefsift.config import TrainConfig
 from prefsift.errors import PrefsiftError
 from prefsift.maths import dpo_loss, implicit_reward_margin
 from prefsift.scorers.base import Scorer, ScorerParams, register
 from prefsift.scorers.random import seeded_uniform
+from prefsift.settings import option
 
 
 @dataclasses.dataclass
@@ -66,7 +67,7 @@ class SelectiveScorer(Scorer):
         return p.seeds * n_pairs * (3.0 * p.epochs * (p.folds - 1) + 1.0)
 
     def score(self, resources) -> dict[str, np.ndarray]:
-        from prefsift.logps import compute_logps
+        from prefsift.engine import Engine
         from prefsift.models import LoadedModel
         from prefsift.train import train
 
@@ -91,9 +92,8 @@ class SelectiveScorer(Scorer):
                                     f"{reference.fingerprint}:selective-{seed}-{k}")
                 trained = train(copy_, pairs.select(fit.tolist()), config, engine, ref_logps=ref[fit],
                                 quiet=True).model
-                held_logps = compute_logps(trained, reference.tokenizer, pairs.select(held.tolist()),
-                                           max_length=engine.max_length, batch_tokens=engine.batch_tokens,
-                                           desc=f"selective seed {s} fold {k}")
+                held_logps = Engine(engine).logps(trained, reference.tokenizer, pairs.select(held.tolist()),
+                                                  desc=f"selective seed {s} fold {k}")
                 losses[s, held] = dpo_loss(implicit_reward_margin(held_logps, ref[held], engine.beta))
                 del trained, copy_
         scored = ~np.isnan(losses)  # every seed scores every kept pair; a dropped pair stays NaN

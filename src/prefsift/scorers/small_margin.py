@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from prefsift.config import option
 from prefsift.errors import ConfigError
 from prefsift.maths import check_band, implicit_reward_margin
 from prefsift.scorers.base import Scorer, ScorerParams, register
+from prefsift.settings import option
 
 
 @dataclasses.dataclass

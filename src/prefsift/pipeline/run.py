@@ -12,7 +12,7 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,81 +21,21 @@ from transformers import TrainerCallback
 
 from prefsift import __version__
 from prefsift.config import EngineConfig, RunConfig, TrainConfig
-from prefsift.data import LoadedPairs, data_hash_of, load_pairs
+from prefsift.data import LoadedPairs, data_hash_of
 from prefsift.errors import ConfigError
-from prefsift.evaluate import Judge, RewardModelJudge, evaluate, greedy_answers, win_rate_prompts, write_eval_outputs
+from prefsift.evaluate import Judge, RewardModelJudge, evaluate, greedy_answers, write_eval_outputs
 from prefsift.manifest import write_manifest
 from prefsift.models import LoadedModel, fingerprint_files, load_model
+from prefsift.pipeline.accounting import compute_units
+from prefsift.pipeline.splits import Splits, hash_order, make_splits
 from prefsift.report import one_line, write_results
 from prefsift.resources import Resources
 from prefsift.score import ScoreResult, score_pairs
-from prefsift.scorers import Scorer
+from prefsift.scorers import Scorer, parse_methods
 from prefsift.select import SPLIT_COLUMNS, select_indices, target_count, write_subset
+from prefsift.settings import from_dict
 from prefsift.stats import summarize
 from prefsift.train import train
-
-
-def _hash_order(keys: list[str], seed: int) -> np.ndarray:
-    hashes = [hashlib.sha256(f"{seed}:{key}".encode()).hexdigest() for key in keys]
-    return np.argsort(np.asarray(hashes), kind="stable")
-
-
-def _prompt_key(prompt: Any) -> str:
-    return json.dumps(prompt, sort_keys=True)
-
-
-def split_pairs(data: LoadedPairs, validation_fraction: float, test_fraction: float, seed: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row indices of (train, validation, test), by a seeded hash of the PROMPT: pairs that share a prompt land in
-    the same split, so no test prompt (nor its win-rate question) was trained on. Reproducible and order-free."""
-    groups: dict[str, list[int]] = {}
-    for row, prompt in enumerate(data.pairs["prompt"]):
-        groups.setdefault(_prompt_key(prompt), []).append(row)
-    keys = list(groups)
-    n = len(data.pairs)
-    targets = (round(test_fraction * n), round(validation_fraction * n))
-    splits: tuple[list[int], list[int], list[int]] = ([], [], [])  # test, validation, train
-    for g in _hash_order(keys, seed):
-        rows = groups[keys[g]]
-        part = 0 if len(splits[0]) < targets[0] else 1 if len(splits[1]) < targets[1] else 2
-        splits[part].extend(rows)
-    test, validation, train_rows = (np.sort(np.asarray(x, dtype=int)) for x in splits)
-    return train_rows, validation, test
-
-
-@dataclass
-class Splits:
-    train: LoadedPairs
-    validation: LoadedPairs
-    test: LoadedPairs | None
-    eval_prompts: list
-    n_held_out_prompts_removed: int = 0  # training pairs dropped because their prompt is a validation/test prompt
-
-
-def subset(data: LoadedPairs, rows: np.ndarray) -> LoadedPairs:
-    rows = rows.tolist()
-    return LoadedPairs(pairs=data.pairs.select(rows), raw=data.raw.select(rows), kind=data.kind, invalid=[],
-                       n_read=len(rows), source=data.source,
-                       data_hash=data_hash_of(data.pairs.select(rows)["pair_id"]), keys=data.keys)
-
-
-def make_splits(config: RunConfig) -> Splits:
-    keys = {"prompt_key": config.prompt_key, "chosen_key": config.chosen_key, "rejected_key": config.rejected_key}
-    data = load_pairs(config.data, **keys)
-    train_rows, val_rows, test_rows = split_pairs(
-        data, 0.0 if config.validation_data else config.validation_fraction,
-        0.0 if config.test_data else config.test_fraction, config.seed)
-    validation = load_pairs(config.validation_data, **keys) if config.validation_data else subset(data, val_rows)
-    test = load_pairs(config.test_data, **keys) if config.test_data else subset(data, test_rows)
-    # A user's own validation/test file may share prompts with the training data: train on none of them.
-    held_out = {_prompt_key(p) for split in (validation, test) for p in split.pairs["prompt"]}
-    prompts = data.pairs["prompt"]
-    kept = np.asarray([r for r in train_rows if _prompt_key(prompts[int(r)]) not in held_out], dtype=int)
-    if any("validation" in s.needs or "validation_pairs" in s.needs for s in config.scorers()) \
-            and len(validation.pairs) == 0:
-        raise ConfigError("the validation split is empty: raise validation_fraction or give validation_data")
-    return Splits(subset(data, kept), validation, test, win_rate_prompts(test, config.eval.eval_prompts),
-                  len(train_rows) - len(kept))
 
 
 class CheckpointEvaluation(TrainerCallback):
@@ -156,7 +96,7 @@ def train_warmup(config: RunConfig, base: LoadedModel, train_data: LoadedPairs, 
                  log) -> tuple[LoadedModel, float]:
     """Step 1 of the paper: DPO on (a share of) the training pairs → θ."""
     n = len(train_data.pairs)
-    rows = np.sort(_hash_order(list(train_data.pairs["pair_id"]), config.seed + 1)[
+    rows = np.sort(hash_order(list(train_data.pairs["pair_id"]), config.seed + 1)[
         : max(1, round(config.warmup_fraction * n))])
     log(f"warm-up DPO on {len(rows)} pairs")
     tc = replace(config.train, seed=config.seed, epochs=config.warmup_epochs)
@@ -229,30 +169,6 @@ def _hidden_share(raw, rows: np.ndarray, column: str) -> float | None:
     flags = np.asarray(raw[column], dtype=bool)
     return float(flags[rows].sum() / flags.sum()) if flags.sum() else None
 
-
-def compute_units(config: RunConfig, scorer: Scorer | None, start: str, n_train: int, n_warmup: int,
-                  n_validation: int, n_subset: int) -> dict[str, float]:
-    """What a row cost, all of it, in pair passes (one forward pass over one pair's tokens; a DPO training step on a
-    pair is three: forward and backward). The reference pass over the training pairs is DPO's own and every row
-    pays it; a row pays the warm-up when it starts from it or its score needs it, the validation model when its
-    score needs it, each scoring pass, and its own training. A KTO row's 2·n_subset completions cost as many pair
-    passes as n_subset DPO pairs, plus KTO's forward over mismatched completions for its KL estimate (one more
-    pass over the same tokens, and TRL's reference pass over them)."""
-    needs = scorer.needs if scorer is not None else ()
-    uses_warmup = start == "warmup" or bool({"policy", "validation"} & set(needs))
-    # the reference pass over every training pair is needed by the warm-up and by a score against the reference;
-    # a row without either needs it over its own subset only
-    kto = scorer is not None and scorer.completion_columns() is not None
-    units = {"reference": float(n_train if uses_warmup or "reference" in needs else 0 if kto else n_subset),
-             "train": (5.0 if kto else 3.0) * n_subset * config.train.epochs}
-    if uses_warmup:
-        units["warmup"] = 3.0 * n_warmup * config.warmup_epochs
-    if "validation" in needs:
-        units["validation"] = 3.0 * n_validation * config.validation_epochs + n_validation
-    units["scoring"] = float(n_train * (("policy" in needs) + ("validation" in needs)))
-    if scorer is not None:
-        units["scoring"] += scorer.compute_passes(n_train, n_validation)
-    return units
 
 
 def artifact_name(method: str, budget: str) -> str:
@@ -346,7 +262,7 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     """Steps 1-6 under one training seed: warm-up, validation model, scores, then every subset from every start;
     the seed's files go under `results_dir` (default config.out)/seed-S."""
     out = Path(results_dir or config.out) / f"seed-{config.seed}"
-    scorers = config.scorers()
+    scorers = parse_methods(config.methods)
     resources = template.for_seed(config.seed)
     train_data = splits.train
     n_train = len(train_data.pairs)
@@ -395,6 +311,14 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     return records
 
 
+def load_run_config(values: dict[str, Any], where: str) -> RunConfig:
+    """A `RunConfig` from YAML values (strict keys, each option checked), its methods parsed and their parameters
+    checked too: one line for any bad value, before anything is loaded."""
+    config = from_dict(RunConfig, values, where)
+    parse_methods(config.methods)
+    return config
+
+
 def run_staged(config: RunConfig, *, log=print, finish=None) -> dict:
     """`prefsift run` and `compare`: `run_pipeline` under config.out's lock (a second run into it is refused), every
     result file (results.*, plots, timings, manifest, seed-S/) into a staging directory swapped in whole at the end,
@@ -439,7 +363,7 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     timings.json; per seed, each row's subset, evaluation outputs and, on request, model). Resumable shards go under
     config.out whatever `results_dir` is. `quiet` hides the generation progress bars."""
     start = time.perf_counter()
-    config.scorers()  # every method and parameter checked before anything runs
+    parse_methods(config.methods)  # every method and parameter checked before anything runs
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results_dir = Path(results_dir or out)
@@ -449,7 +373,7 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     base = base or load_model(config.model, dtype=engine.dtype, device=engine.device,
                               trust_remote_code=config.trust_remote_code)
     if judge is None and config.judge_model:
-        from prefsift.reward import load_reward_model
+        from prefsift.engine.reward import load_reward_model
 
         judge = RewardModelJudge(load_reward_model(config.judge_model, dtype=engine.dtype, device=engine.device,
                                                    trust_remote_code=config.trust_remote_code),
@@ -466,8 +390,8 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     # The reference passes and the reference's answers do not depend on the seed: once, shared by every seed.
     sources = {"reference": base, "validation_pairs": splits.validation, "embedder": config.embedder,
                "reward_model": config.reward_model}
-    if config.embedder is None and any("embedder" in s.needs for s in config.scorers()):
-        from prefsift.embeddings import CausalEmbedder
+    if config.embedder is None and any("embedder" in s.needs for s in parse_methods(config.methods)):
+        from prefsift.engine.embeddings import CausalEmbedder
 
         sources["embedder"] = CausalEmbedder.of(base)
     template = Resources(splits.train, engine, sources, out_dir=out, seed=config.seed,
@@ -485,7 +409,7 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     for k in range(config.seeds):
         records += run_seed(replace(config, seed=config.seed + k), splits, base, template, judge, baseline_answers,
                             log, quiet, results_dir)
-    summary = summarize(records, ceilings={s.name for s in config.scorers() if s.ceiling})
+    summary = summarize(records, ceilings={s.name for s in parse_methods(config.methods) if s.ceiling})
     write_results(records, summary, results_dir)
     write_manifest(results_dir, "run", {"config": asdict(config), "data_hash": splits.train.data_hash,
                                         "model": base.source, "model_fingerprint": base.fingerprint,

@@ -3,8 +3,8 @@
 A reward model was trained on its own chat format: prompt and response go through its chat template when it has
 one (conversational pairs as they are; an HH-style "\\n\\nHuman: ... \\n\\nAssistant:" transcript split into its
 turns; any other string prompt as one user turn), else as plain prompt + response text. The pass over a dataset is
-batched, shows a progress bar and keeps resumable shards like the log-prob pass (`prefsift.logps.LogpsRun`), so a
-failure after it never loses the rewards computed.
+batched, shows a progress bar and keeps resumable shards like the log-prob pass (`prefsift.engine.shards.LogpsRun`),
+so a failure after it never loses the rewards computed.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification
 
+from prefsift.engine.shards import ShardBuffer
 from prefsift.errors import PrefsiftError
-from prefsift.logps import ShardBuffer
 from prefsift.models import LoadedModel, load_model
 
 if TYPE_CHECKING:
-    from prefsift.distributed import RayExecutor
+    from prefsift.engine.executors import RayExecutor
 
 
 def load_reward_model(source: str, *, dtype: str | None = "auto", device: str | None = None,
@@ -104,7 +104,7 @@ def pair_rewards(model, tokenizer, pairs, *, batch_size: int, max_length: int | 
     """(n, 2) [chosen, rejected] rewards of a pairs table (prompt/chosen/rejected columns). With `run` (a
     `LogpsRun`), finished batches are kept as shards and a rerun skips them: batch k is rows
     [k·batch_size, (k+1)·batch_size), fixed by the batch size, which is part of the run's identity. `executor`
-    (a `prefsift.distributed.RayExecutor`) scores the batches still to compute on a Ray pool; None, here."""
+    (a `prefsift.engine.executors.RayExecutor`) scores the batches still to compute on a Ray pool; None, here."""
     n = len(pairs)
     out = np.full((n, 2), np.nan)
     done = {}

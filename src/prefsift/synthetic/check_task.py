@@ -1,4 +1,4 @@
-"""Check that the embedded benchmark is a useful one, and fast: `python -m prefsift.bench.check_task`.
+"""Check that the embedded benchmark is a useful one, and fast: `python -m prefsift.synthetic.check_task`.
 
 It builds the task, SFT-trains the tiny model, runs TRL's DPO from the SFT model on the full (noisy) train
 set, on its clean pairs only, on its flipped pairs only and on a random 10%, and judges each policy's greedy
@@ -26,10 +26,10 @@ import datasets
 import torch
 import transformers
 
-from prefsift.bench.task import BenchmarkTask, TaskConfig, make_task, parse_prompt
-from prefsift.bench.tiny import greedy_answers, sft_model
 from prefsift.config import EngineConfig
 from prefsift.models import LoadedModel
+from prefsift.synthetic.task import BenchmarkTask, TaskConfig, make_task, parse_prompt
+from prefsift.synthetic.tiny import greedy_answers, sft_model
 from prefsift.train import TrainConfig, train
 
 # The DPO recipe this check verified (fp32 on CPU). beta 0.5 rather than TRL's 0.1: at 0.1 the clean run

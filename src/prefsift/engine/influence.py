@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,22 +31,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from prefsift.errors import ConfigError
-from prefsift.logps import (
+from prefsift.engine.executors import RayExecutor
+from prefsift.engine.forward import PackedBatch, _unwrap, packed_batch, packed_logps
+from prefsift.engine.logps import compute_logps
+from prefsift.engine.paths import packed_path_ok
+from prefsift.engine.shards import LogpsRun
+from prefsift.engine.tokenize import (
     LONG_PAIR_TOKENS,
     BatchPlan,
-    LogpsRun,
-    PackedBatch,
     TokenizedPair,
-    _unwrap,
-    compute_logps,
-    packed_batch,
-    packed_logps,
-    packed_path_ok,
     pad_id,
     path_check_pair,
     tokenize_pairs,
 )
+from prefsift.errors import ConfigError
 from prefsift.output import temp_sibling
 
 SCOPES = ("all", "lora", "last_k")
@@ -210,14 +209,16 @@ def direction_hash(direction: Direction) -> str:
 
 
 def _norm(tensors) -> float:
-    return float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors)))
+    # numpy's pairwise sum on one core: the same float whatever torch's thread count (a torch reduction's order
+    # follows the threads, and ε, derived from this norm, sets the perturbed weights)
+    return math.sqrt(sum(float(np.square(t.detach().cpu().double().numpy()).sum()) for t in tensors))
 
 
 # --- ⟨v, g_w − g_l⟩ for every pair -------------------------------------------------------------------------------
 def finite_difference(model, tokenizer, pairs, direction: Direction, params: dict[str, nn.Parameter], *,
                       step: float = DEFAULT_STEP, max_length: int | None, batch_tokens: int = 8192,
-                      run_dir: Path | None = None, identity: dict | None = None, flush_rows: int = 512
-                      ) -> np.ndarray:
+                      run_dir: Path | None = None, identity: dict | None = None, flush_rows: int = 512,
+                      executor: RayExecutor | None = None) -> np.ndarray:
     """Central difference of log π(y_w|x) − log π(y_l|x) along `direction`, weights perturbed in place by ±ε·v
     (ε = step·‖θ_scope‖/‖v‖), each side one `compute_logps` pass (resumable shards when `run_dir` is given). The
     weights are restored bit for bit from a copy, also when a pass is interrupted."""
@@ -238,10 +239,12 @@ def finite_difference(model, tokenizer, pairs, direction: Direction, params: dic
                     p.copy_(saved[n] + (sign * epsilon) * direction[n].to(p.dtype))
             run = None
             if run_dir is not None:
+                # the direction's bytes and the step name the run, never ε: a float derived from them would tie
+                # the identity to the reduction order of a norm (issue 19's flake: a resume recomputed everything)
                 run = LogpsRun(Path(run_dir), tag, {**(identity or {}), "direction": direction_hash(direction),
-                                                    "epsilon": repr(epsilon)})
+                                                    "step": repr(float(step))})
             sides.append(compute_logps(model, tokenizer, pairs, max_length=max_length, batch_tokens=batch_tokens,
-                                       run=run, desc=f"{tag} log-probs", flush_rows=flush_rows))
+                                       run=run, desc=f"{tag} log-probs", flush_rows=flush_rows, executor=executor))
     finally:
         with torch.no_grad():
             for n, p in params.items():
@@ -351,11 +354,12 @@ def per_example(model, tokenizer, pairs, direction: Direction, params: dict[str,
 def directional_derivatives(model, tokenizer, pairs, direction: Direction, params: dict[str, nn.Parameter], *,
                             method: str = "finite-difference", step: float = DEFAULT_STEP,
                             max_length: int | None, batch_tokens: int = 8192, run_dir: Path | None = None,
-                            identity: dict | None = None) -> np.ndarray:
+                            identity: dict | None = None, executor: RayExecutor | None = None) -> np.ndarray:
     """⟨direction, g_w − g_l⟩ for every pair of `pairs` (NaN where TRL drops the pair), by `method`."""
     if method == "finite-difference":
         return finite_difference(model, tokenizer, pairs, direction, params, step=step, max_length=max_length,
-                                 batch_tokens=batch_tokens, run_dir=run_dir, identity=identity)
+                                 batch_tokens=batch_tokens, run_dir=run_dir, identity=identity,
+                                 executor=executor)
     if method == "jvp":
         try:
             return forward_ad(model, tokenizer, pairs, direction, params, max_length=max_length,
@@ -364,7 +368,8 @@ def directional_derivatives(model, tokenizer, pairs, direction: Direction, param
             warnings.warn(f"forward-mode AD fails on {type(_unwrap(model)).__name__} ({str(error).splitlines()[0]}):"
                           " using finite differences", stacklevel=2)
             return finite_difference(model, tokenizer, pairs, direction, params, step=step, max_length=max_length,
-                                     batch_tokens=batch_tokens, run_dir=run_dir, identity=identity)
+                                     batch_tokens=batch_tokens, run_dir=run_dir, identity=identity,
+                                 executor=executor)
     if method == "per-example":
         return per_example(model, tokenizer, pairs, direction, params, max_length=max_length)
     raise ConfigError(f"unknown influence method '{method}' (known: {', '.join(METHODS)})")
@@ -429,7 +434,8 @@ def influence_scores(model, tokenizer, pairs, validation_pairs, *, policy_logps:
                      reference_logps: np.ndarray, validation_reference_logps: np.ndarray, beta: float,
                      max_length: int | None, batch_tokens: int = 8192, method: str = "finite-difference",
                      step: float = DEFAULT_STEP, scope: str = "all", last_k: int = 1, run_dir: Path | None = None,
-                     identity: dict | None = None, check_pairs: int = 4) -> np.ndarray:
+                     identity: dict | None = None, check_pairs: int = 4, executor: RayExecutor | None = None
+                     ) -> np.ndarray:
     """IF of every pair of `pairs` (tables with prompt/chosen/rejected) under `model` (the policy θ): ḡ_val over
     `validation_pairs`, then ⟨ḡ_val, g_w − g_l⟩ by `method`, weighted by β(1 − σ(Δ_θ)) from the given log-probs.
     A finite difference is checked against exact gradients on `check_pairs` pairs (a warning when off by > 5%)."""
@@ -439,7 +445,7 @@ def influence_scores(model, tokenizer, pairs, validation_pairs, *, policy_logps:
                                            beta=beta, max_length=max_length, run_dir=run_dir, identity=identity)
     directional = directional_derivatives(model, tokenizer, pairs, direction, params, method=method, step=step,
                                           max_length=max_length, batch_tokens=batch_tokens, run_dir=run_dir,
-                                          identity=identity)
+                                          identity=identity, executor=executor)
     if method == "finite-difference" and check_pairs:
         check_against_exact(model, tokenizer, pairs, directional, direction, params, max_length=max_length,
                             n_pairs=check_pairs)

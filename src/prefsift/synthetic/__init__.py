@@ -1,6 +1,6 @@
 """The embedded benchmark: a synthetic preference task with a hidden oracle, and the tiny model playing it."""
 
-from prefsift.bench.task import (
+from prefsift.synthetic.task import (
     HIDDEN_COLUMNS,
     BenchmarkTask,
     OracleJudge,
@@ -8,7 +8,7 @@ from prefsift.bench.task import (
     make_task,
     oracle_reward,
 )
-from prefsift.bench.tiny import (
+from prefsift.synthetic.tiny import (
     build_char_tokenizer,
     build_tiny_llama,
     greedy_answers,

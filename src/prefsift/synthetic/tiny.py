@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 if TYPE_CHECKING:
-    from prefsift.bench.task import BenchmarkTask
+    from prefsift.synthetic.task import BenchmarkTask
 
 # Printable ASCII (space to "~") plus newline: enough for prompts, chat transcripts and the synthetic task.
 DEFAULT_ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n"

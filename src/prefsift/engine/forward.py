@@ -1,0 +1,231 @@
+"""The exact forward paths of a batch of tokenized pairs: the summed chosen / rejected log-probs that TRL's
+DPOTrainer computes, each path a different layout of the same computation.
+
+- packed: a pair becomes ONE sequence `prompt | chosen | rejected`: the rejected tokens take the positions right
+  after the prompt and a block mask hides the chosen tokens from them, so both completions see exactly the context
+  TRL gives them while the prompt is computed once (TRL runs it twice);
+- cached: the batch's prompts once, then both completions from the prompts' cached keys and values;
+- unpacked: the model's own forward on TRL's two rows a pair (the slow, general path every other is checked on);
+- long: one very long pair, each side unpadded with no mask.
+Only completion positions go through the LM head, a chunk at a time. Which path a batch takes is `paths.py`'s.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from prefsift.engine.tokenize import TokenizedPair
+
+
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA is injected
+
+
+def _backbone_and_head(model):
+    base = _unwrap(model)
+    backbone = getattr(base, base.base_model_prefix, None)
+    return base, backbone, base.get_output_embeddings()
+
+
+@dataclass
+class PackedBatch:
+    """The packed layout of a batch: one `prompt | chosen | rejected` row a pair, its block mask and positions, and
+    which position predicts which scored token (`index`: 2 × row + side, the slot of the token's sum)."""
+
+    inputs: dict[str, torch.Tensor | bool]  # the backbone's keyword arguments
+    rows: torch.Tensor
+    predictors: torch.Tensor
+    targets: torch.Tensor
+    index: torch.Tensor
+    n_pairs: int
+
+
+def packed_batch(model, pairs: list[TokenizedPair], pad_id: int) -> PackedBatch:
+    """`pairs` in the packed layout, on the device and in the dtype of the model's LM head (the mask is additive in
+    that dtype): the same for the log-prob pass, its exactness check and the influence passes."""
+    head = _backbone_and_head(model)[2]
+    dtype, device = head.weight.dtype, head.weight.device
+    width = max(len(p) for p in pairs)
+    batch = len(pairs)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    allowed = torch.zeros((batch, width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    rows, predictors, targets, sides = [], [], [], []
+    for b, pair in enumerate(pairs):
+        n_p, n_c, n_r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        total = n_p + n_c + n_r
+        input_ids[b, :total] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+        position_ids[b, : n_p + n_c] = torch.arange(n_p + n_c)
+        position_ids[b, n_p + n_c : total] = torch.arange(n_p, n_p + n_r)
+        allowed[b, :total, :total] = causal[:total, :total]
+        allowed[b, n_p + n_c : total, n_p : n_p + n_c] = False  # rejected never sees chosen
+        # token k of a completion is predicted by the position before it; the first one by the prompt's last
+        chosen_pred = [n_p - 1 + k for k in range(n_c)]
+        rejected_pred = [n_p - 1] + [n_p + n_c + k - 1 for k in range(1, n_r)] if n_r else []
+        for side, preds, ids in ((0, chosen_pred, pair.chosen_ids), (1, rejected_pred, pair.rejected_ids)):
+            for pred, tok in zip(preds, ids, strict=True):
+                if pred >= 0:  # an empty prompt leaves the first completion token unscored, as in TRL
+                    rows.append(b)
+                    predictors.append(pred)
+                    targets.append(tok)
+                    sides.append(side)
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves: no all-masked row
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+              "position_ids": position_ids.to(device), "use_cache": False}
+    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+    return PackedBatch(inputs, rows_t, torch.tensor(predictors, dtype=torch.long, device=device),
+                       torch.tensor(targets, dtype=torch.long, device=device),
+                       rows_t * 2 + torch.tensor(sides, dtype=torch.long, device=device), batch)
+
+
+def packed_logps(model, batch: PackedBatch) -> torch.Tensor:
+    """(pairs, 2) summed chosen / rejected log-probs of a packed batch, in float64. Differentiable, also in forward
+    mode: `_forward_batch` runs it under inference mode, forward-mode influence through `torch.func.jvp`."""
+    base, backbone, head = _backbone_and_head(model)
+    hidden = backbone(**batch.inputs).last_hidden_state
+    token_logps = _token_logps(base.config, head, hidden[batch.rows, batch.predictors], batch.targets)
+    sums = torch.zeros(batch.n_pairs * 2, dtype=torch.float64, device=hidden.device)
+    return sums.index_add(0, batch.index, token_logps.double()).view(batch.n_pairs, 2)
+
+
+@torch.inference_mode()
+def _forward_batch(model, pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed chosen / rejected log-probs of a batch of packed pairs (one sequence a pair)."""
+    sums = packed_logps(model, packed_batch(model, pairs, pad_id)).cpu()
+    return sums[:, 0], sums[:, 1]
+
+
+@torch.inference_mode()
+def _forward_batch_cached(model, pairs: list[TokenizedPair], pad_id: int, chunk: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached-prefix path: the batch's prompts run once, then both completions continue from the prompts' cached
+    keys and values, with the model's own causal attention (no block mask of ours). Prompts are padded on the left,
+    so every prompt ends at the same column and the completions follow it; positions are given explicitly. Queries
+    go `chunk` positions at a time, so nothing grows with the square of a pair's length."""
+    from transformers import DynamicCache
+
+    chunk = chunk or QUERY_CHUNK
+    base, backbone, head = _backbone_and_head(model)
+    device = head.weight.device
+    batch, n_prompt = len(pairs), max(len(p.prompt_ids) for p in pairs)
+    completions = [c for p in pairs for c in (p.chosen_ids, p.rejected_ids)]  # row 2b: chosen, 2b + 1: rejected
+    width = max(len(c) for c in completions) - 1  # a completion's last token predicts nothing: never fed
+    ids = torch.full((2 * batch, n_prompt + max(width, 0)), pad_id, dtype=torch.long)
+    mask = torch.zeros(ids.shape, dtype=torch.long)
+    for k, completion in enumerate(completions):
+        prompt, fed = pairs[k // 2].prompt_ids, completion[:-1]
+        ids[k, n_prompt - len(prompt):n_prompt + len(fed)] = torch.tensor(prompt + fed, dtype=torch.long)
+        mask[k, n_prompt - len(prompt):n_prompt + len(fed)] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    cache = DynamicCache(config=base.config)
+    sums = torch.zeros(2 * batch, dtype=torch.float64, device=device)
+
+    # transformers 5.24 renamed `past_key_values` to `cache`; 5.0 knows only the old name
+    cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+    def run(rows: slice, lo: int, hi: int) -> torch.Tensor:
+        return backbone(input_ids=ids[rows, lo:hi], attention_mask=mask[rows, :hi], position_ids=positions[rows, lo:hi],
+                        use_cache=True, **{cache_arg: cache}).last_hidden_state
+
+    last = None
+    for lo in range(0, n_prompt, chunk):  # the prompts, once: the chosen rows stand for their pair
+        last = run(slice(0, None, 2), lo, min(lo + chunk, n_prompt))[:, -1]
+    if last is not None:
+        cache.batch_repeat_interleave(2)  # each pair's cache, once for its chosen row and once for its rejected row
+        # a completion's first token is predicted by its prompt's last position (unscored after an empty prompt, as
+        # in TRL)
+        first = [k for k, c in enumerate(completions) if c and pairs[k // 2].prompt_ids]
+        rows_t = torch.tensor(first, device=device)
+        targets = torch.tensor([completions[k][0] for k in first], device=device)
+        sums.index_add_(0, rows_t, _token_logps(base.config, head, last[rows_t // 2], targets).double())
+    for lo in range(n_prompt, n_prompt + max(width, 0), chunk):  # both completions, from the cache
+        hi = min(lo + chunk, n_prompt + width)
+        hidden = run(slice(None), lo, hi)
+        # column j holds completion token j - n_prompt, which predicts the token after it
+        rows, cols, targets = [], [], []
+        for k, completion in enumerate(completions):
+            for j in range(lo, min(hi, n_prompt + len(completion) - 1)):
+                rows.append(k)
+                cols.append(j - lo)
+                targets.append(completion[j - n_prompt + 1])
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        hidden = hidden[rows_t, torch.tensor(cols, dtype=torch.long, device=device)]
+        token_logps = _token_logps(base.config, head, hidden, torch.tensor(targets, device=device))
+        sums.index_add_(0, rows_t, token_logps.double())
+    sums = sums.view(batch, 2).cpu()
+    return sums[:, 0], sums[:, 1]
+
+
+QUERY_CHUNK = 2048  # positions a cached-prefix forward feeds at once: its mask is rows × chunk × (cache + chunk)
+
+
+# Logits the LM head holds at once: 2^24 floats (64 MB in fp32), i.e. 341 positions of a 49k vocabulary. A batch's
+# full-vocabulary logits would be positions × vocabulary (1.6 GB for 8k positions), then as much again for the
+# log-softmax; chunks this size cost no measurable speed (the head's matmul stays large).
+HEAD_ELEMENTS = 1 << 24
+
+
+def _token_logps(config, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each row of `hidden` (positions × hidden size), through the LM head a chunk of positions at a
+    time: memory is bounded by HEAD_ELEMENTS whatever the batch."""
+    step = max(1, HEAD_ELEMENTS // head.weight.shape[0])
+    out = []
+    for lo in range(0, hidden.shape[0], step):
+        logits = _scale_logits(config, head(hidden[lo:lo + step]).float())
+        out.append(logits.log_softmax(-1).gather(-1, targets[lo:lo + step, None])[:, 0])
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _scale_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    cap = getattr(text_config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.inference_mode()
+def _forward_batch_unpacked(model, pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own forward on prompt+chosen and prompt+rejected rows (TRL's layout): the slow, general path."""
+    base = _unwrap(model)
+    device = next(base.parameters()).device
+    rows = [p.prompt_ids + c for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
+    starts = [len(p.prompt_ids) for p in pairs for _ in range(2)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    logps = base(input_ids=input_ids, attention_mask=attention, use_cache=False).logits.float().log_softmax(-1)
+    sums = torch.zeros(len(rows), dtype=torch.float64)
+    for k, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        positions = torch.arange(max(start, 1), len(row), device=device)
+        sums[k] = logps[k, positions - 1, input_ids[k, positions]].double().sum().cpu()
+    return sums[0::2], sums[1::2]
+
+
+@torch.inference_mode()
+def _forward_long(model, pair: TokenizedPair, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """One very long pair: each side as its own unpadded row with no mask (the model's causal kernel, no width²
+    mask), and the LM head on the completion's positions only, `chunk` at a time (no length × vocabulary logits)."""
+    base, backbone, head = _backbone_and_head(model)
+    device = head.weight.device
+    sums = []
+    for completion in (pair.chosen_ids, pair.rejected_ids):
+        ids = torch.tensor([pair.prompt_ids + completion], device=device)
+        hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state[0]
+        targets = torch.arange(max(len(pair.prompt_ids), 1), ids.shape[1], device=device)
+        total = torch.zeros((), dtype=torch.float64)
+        for lo in range(0, len(targets), chunk):
+            at = targets[lo:lo + chunk]
+            logits = _scale_logits(base.config, head(hidden[at - 1]).float())
+            total += logits.log_softmax(-1).gather(-1, ids[0, at][:, None]).double().sum().cpu()
+        sums.append(total)
+    return sums[0].view(1), sums[1].view(1)

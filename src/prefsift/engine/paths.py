@@ -1,0 +1,182 @@
+"""Which exact path a model's batches take, and the verdicts that decide it: each fast path is checked once a
+model and process against the model's own forward on one pair, and the cheaper of the exact fast paths is chosen by
+estimated FLOPs (a function of the batch's lengths alone, so a resumed run takes the same path for every batch).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from prefsift.config import EngineConfig
+from prefsift.engine import tokenize
+from prefsift.engine.forward import (
+    _backbone_and_head,
+    _forward_batch,
+    _forward_batch_cached,
+    _forward_batch_unpacked,
+    _forward_long,
+)
+from prefsift.engine.tokenize import BatchPlan, TokenizedPair
+
+
+def can_pack(model) -> bool:
+    """Whether the packed fast path reproduces this model's own forward: it supplies its own attention mask (so no
+    sliding windows) and applies the LM head by hand (so only the logit scalings `_scale_logits` knows)."""
+    base, backbone, head = _backbone_and_head(model)
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    sliding = sliding or "sliding_attention" in (getattr(config, "layer_types", None) or [])
+    unknown_scaling = any(getattr(config, name, None) not in (None, 1, 1.0)
+                          for name in ("logits_scaling", "lm_head_multiplier", "output_multiplier"))
+    return backbone is not None and backbone is not base and head is not None and not sliding and not unknown_scaling
+
+
+PATHS = ("packed", "cached", "unpacked")  # the exact ways to a batch's log-probs; see `forward_batch`
+
+
+class PathVerdicts:
+    """Each model's verdicts, checked once a model and process: whether the packed and the cached-prefix paths
+    reproduce its own forward. Held weakly, so a freed model's verdicts go with it."""
+
+    def __init__(self) -> None:
+        self.packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> packed path verified on it
+        self.cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> cached path verified on it
+
+    def of(self, model) -> dict[str, bool | None]:
+        return {"packed": self.packed.get(model), "cached": self.cached.get(model)}
+
+
+VERDICTS = PathVerdicts()  # this process's: every pass and every `Engine` shares them
+
+
+def _tolerance(model, pair: TokenizedPair) -> tuple[float, float]:
+    """(rtol, atol) between the packed and the model's own forward on `pair`. They reduce in another order: ~1e-4
+    nats apart in fp32. In bf16 each token's log-prob moves by rounding, so the sums drift apart like a random walk:
+    0.05 nats times the square root of the completion's tokens. An architecture the packed path gets wrong is off by
+    more (a sliding window forced through it: 0.29 nats in fp32); bf16 cannot see errors below its own noise."""
+    if next(model.parameters()).dtype == torch.float32:
+        return 1e-4, 1e-3
+    return 0.0, 0.05 * math.sqrt(max(len(pair.chosen_ids), len(pair.rejected_ids)))
+
+
+def packed_path_ok(model, pair: TokenizedPair, pad_id: int) -> bool:
+    """Whether the packed fast path reproduces this model's own forward, checked once a model and process on one
+    pair; any failure or mismatch warns once and sends the model to the unpacked path."""
+    if model in VERDICTS.packed:
+        return VERDICTS.packed[model]
+    ok, want = can_pack(model), None
+    if ok:
+        try:
+            got = torch.stack(_forward_batch(model, [pair], pad_id))[:, 0]
+        except Exception as error:  # e.g. ALiBi models (Bloom) build their bias from a 2-D mask
+            warnings.warn(f"the packed forward fails on {type(model).__name__} ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}): using the unpacked path",
+                          stacklevel=3)
+            ok = False
+        else:
+            want = torch.stack(_forward_batch_unpacked(model, [pair], pad_id))[:, 0]
+            rtol, atol = _tolerance(model, pair)
+            if not torch.allclose(got, want, rtol=rtol, atol=atol):
+                warnings.warn(f"the packed forward disagrees with {type(model).__name__}'s own forward "
+                              f"({got.tolist()} vs {want.tolist()}): using the unpacked path", stacklevel=3)
+                ok = False
+    VERDICTS.packed[model] = ok
+    if ok:  # on the same pair, so a resumed run makes the same choices; the model's own forward is not rerun
+        cached_path_ok(model, pair, pad_id, want)
+    return ok
+
+
+def cached_path_ok(model, pair: TokenizedPair, pad_id: int, want: torch.Tensor | None = None) -> bool:
+    """Whether the cached-prefix path reproduces this model's own forward (checked once, as `packed_path_ok`; `want`:
+    that forward's values on `pair` if already computed): a model whose cache or explicit positions behave otherwise
+    warns once and keeps to the packed path."""
+    if model not in VERDICTS.cached:
+        try:
+            got = torch.stack(_forward_batch_cached(model, [pair], pad_id))[:, 0]
+        except Exception as error:  # noqa: BLE001 - any failure means: not this path
+            warnings.warn(f"the cached-prefix forward fails on {type(model).__name__} ({type(error).__name__}): "
+                          f"using the packed path", stacklevel=3)
+            VERDICTS.cached[model] = False
+        else:
+            if want is None:
+                want = torch.stack(_forward_batch_unpacked(model, [pair], pad_id))[:, 0]
+            rtol, atol = _tolerance(model, pair)
+            VERDICTS.cached[model] = bool(torch.allclose(got, want, rtol=rtol, atol=atol))
+            if not VERDICTS.cached[model]:
+                warnings.warn(f"the cached-prefix forward disagrees with {type(model).__name__}'s own forward "
+                              f"({got.tolist()} vs {want.tolist()}): using the packed path", stacklevel=3)
+    return VERDICTS.cached[model]
+
+
+def _costs(model, pairs: list[TokenizedPair]) -> dict[str, float]:
+    """Estimated FLOPs of a batch on the packed and the cached-prefix paths, padding included: 2 × the backbone's
+    weights a token fed, and 4 × width × layers a query-key entry its attention computes (scores, then values).
+    The packed row attends densely over prompt|chosen|rejected (masked entries cost too); the cached path pads the
+    prompts to the longest and every completion to the longest of the batch. On SmolLM2 (CPU) the matmuls were 77%
+    of either path's time and attention 11-14%: these two terms are the cost (see bench/logps.py)."""
+    per_token, per_entry = _flops(model)
+    batch, n_prompt = len(pairs), max(len(p.prompt_ids) for p in pairs)
+    width = max(len(p) for p in pairs)
+    fed = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs) - 1
+    packed = batch * width * per_token + batch * width * width * per_entry
+    cached = (batch * n_prompt + 2 * batch * fed) * per_token
+    cached += (batch * n_prompt * n_prompt + 2 * batch * fed * (n_prompt + fed)) * per_entry
+    return {"packed": packed, "cached": cached}
+
+
+_FLOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _flops(model) -> tuple[float, float]:
+    """(FLOPs a token, FLOPs an attention entry) of the model's backbone."""
+    if model not in _FLOPS:
+        base, backbone, _ = _backbone_and_head(model)
+        config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        weights = sum(p.numel() for p in backbone.parameters()) - backbone.get_input_embeddings().weight.numel()
+        heads = getattr(config, "num_attention_heads", 1)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        _FLOPS[model] = (2.0 * weights, 4.0 * heads * head_dim * config.num_hidden_layers)
+    return _FLOPS[model]
+
+
+def logps_of_tokenized(model, tokenized: list[TokenizedPair | None], *, pad_id: int,
+                       batch_tokens: int = EngineConfig.batch_tokens,
+                       progress: tqdm | None = None, packed: bool | None = None, path: str | None = None
+                       ) -> np.ndarray:
+    """(n, 2) array of summed chosen / rejected log-probs; NaN rows for dropped pairs. `packed=None` takes the
+    packed fast path where `packed_path_ok` allows it; `path` forces one of PATHS."""
+    out = np.full((len(tokenized), 2), np.nan)
+    plan = BatchPlan.of(tokenized, batch_tokens)
+    for batch in plan.batches:
+        chosen, rejected = forward_batch(model, [tokenized[i] for i in batch], pad_id, packed, path)
+        out[batch, 0], out[batch, 1] = chosen.numpy(), rejected.numpy()
+        if progress is not None:
+            progress.update(len(batch))
+    if progress is not None:
+        progress.update(len(tokenized) - plan.n_kept)
+    return out
+
+
+def forward_batch(model, pairs: list[TokenizedPair], pad_id: int, packed: bool | None = None,
+                  path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if path is not None:  # packed: one prompt|chosen|rejected row a pair under a block mask; cached: the prompt once,
+        # the completions from its cached keys and values; unpacked: the model's own forward in TRL's layout
+        paths = {"packed": _forward_batch, "cached": _forward_batch_cached, "unpacked": _forward_batch_unpacked}
+        return paths[path](model, pairs, pad_id)
+    if len(pairs) == 1 and len(pairs[0]) > tokenize.LONG_PAIR_TOKENS and can_pack(model):
+        return _forward_long(model, pairs[0])
+    use_packed = packed_path_ok(model, pairs[0], pad_id) if packed is None else packed
+    if not use_packed:
+        return _forward_batch_unpacked(model, pairs, pad_id)
+    # the cheaper of the two exact fast paths, by estimated FLOPs: a function of the batch's lengths alone, so a
+    # resumed run takes the same path for every batch
+    costs = _costs(model, pairs)
+    if costs["cached"] < costs["packed"] and cached_path_ok(model, pairs[0], pad_id):
+        return _forward_batch_cached(model, pairs, pad_id)
+    return _forward_batch(model, pairs, pad_id)

@@ -1,14 +1,20 @@
-"""Render the README's result tables from the results files committed under bench/results: no number in the
-README is typed by hand. Each table sits between `<!-- NAME -->` and `<!-- /NAME -->` markers.
+"""Render the result tables of README.md and of the manual's pages (docs/**/*.md) from the results files committed
+under bench/results: no number in them is typed by hand. Each table sits between `<!-- NAME -->` and
+`<!-- /NAME -->` markers, NAME one of TABLES; the same block may sit in several files. The `walkthrough` block is
+README.md's tested walkthrough, copied into the manual.
 
-    python bench/render_readme.py          # rewrites README.md in place
-    python bench/render_readme.py --check  # exits 1 if README.md is out of date
+    python bench/render_readme.py          # rewrites the stale blocks in place
+    python bench/render_readme.py --check  # changes nothing; exits 1 naming each stale file and block
+
+The output is deterministic: the same results files give the same text, byte for byte (the demo's plateau fit
+bootstraps with a fixed seed and says how many refits failed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -57,16 +63,69 @@ def memory_table(path: Path) -> str:
     return head + module.table(record) + "\n"
 
 
+N_BOOT, BOOT_SEED = 1000, 0  # the bootstrap of the demo's plateau fit: fixed, so a render reproduces
+RIDGE = 0.01  # b·(largest share) below this: the curve is a straight line over the data (curvature under 0.5%)
+
+
+def _bound(value: float, low: float | None, high: float | None, digits: str = ".4g") -> str:
+    """An interval end, or the bound it lies beyond: an end past the bound sits on the fit's flat ridge, where its
+    digits depend on the last bits of the arithmetic (another BLAS, another CPU), not on the data."""
+    if high is not None and value > high:
+        return f"> {high:g}"
+    if low is not None and value < low:
+        return f"< {low:g}"
+    return f"{value:{digits}}"
+
+
 def demo_scaling(path: Path) -> str:
-    """The plateau fit of the demo's random subsets and full data from the SFT start, one point a seed."""
-    from prefsift.scaling import fit_plateau, plan_share, scaling_points, summary_markdown
+    """The plateau fit of the demo's random subsets and full data from the SFT start, one point a seed, with
+    percentile-bootstrap intervals (b is poorly pinned by 4 shares). Deterministic: a fixed seed and number of
+    refits; refits the optimizer cannot fit are counted and said, not dropped in silence; an interval end out on the
+    fit's flat ridge (r beyond what the metric can reach, b so small the curve is a straight line over the data)
+    is printed as the bound it lies beyond, since its digits there are float noise."""
+    from prefsift.scaling import PARAMS, fit_plateau, plan_share, scaling_points
+
+    def pct(x: float) -> str:  # as `prefsift scale` prints a share: ten times the data is an extrapolation
+        return "∞" if not math.isfinite(x) else f"{x:.1%}" if x <= 10 else "> 1000%"
 
     record = json.loads(path.read_text())
-    share, score = scaling_points(record["records"], method="random", metric="win_rate", start_from="reference")
-    fit = fit_plateau(share, score, interval="bootstrap")  # b is poorly pinned by 4 shares: percentile intervals
-    body = summary_markdown(fit, plan_share(fit)).split("\n", 2)[2]  # without its own heading
-    return (f"From `bench/results/{path.name}` (`{record['command']}`): random's rows and the full data's from the "
-            "SFT start, win rate against the SFT model.\n\n" + body)
+    metric = "win_rate"
+    share, score = scaling_points(record["records"], method="random", metric=metric, start_from="reference")
+    fit = fit_plateau(share, score, interval="bootstrap", n_boot=N_BOOT, seed=BOOT_SEED)
+    failed = N_BOOT - (len(fit.boot_b) if fit.boot_b is not None else 0)
+    plan = plan_share(fit)
+    top = float(max(fit.share))
+    bounded = metric in ("win_rate", "pref_accuracy")  # both lie in [0, 1]
+    limits = {"r": (0.0, 1.0) if bounded else (None, None), "a": (0.0, 1.0) if bounded else (None, None),
+              "b": (RIDGE / top, None)}
+    level = f"{fit.level:.0%}"
+    meaning = {"r": "plateau r", "a": "no-data score a", "b": "rate b (per unit share)"}
+    lines = [f"From `bench/results/{path.name}` (`{record['command']}`): random's rows and the full data's from the "
+             "SFT start, win rate against the SFT model.", "",
+             f"Fit of R(x) = r − (r − a)·exp(−b·x) to {len(fit.share)} points (x: share of the data); {level} "
+             f"intervals by bootstrap: {N_BOOT} refits to the fitted curve plus resampled residuals (seed "
+             f"{BOOT_SEED}); " + ("none failed to converge." if not failed else f"{failed} failed to converge and "
+                                    f"{'is' if failed == 1 else 'are'} left out of the percentiles."), "",
+             f"| parameter | estimate | {level} interval |", "|---|---|---|"]
+    ridge = False
+    for k in PARAMS:
+        (lo, hi), (floor, ceiling) = fit.intervals[k], limits[k]
+        ends = [_bound(lo, floor, ceiling), _bound(hi, floor, ceiling)]
+        ridge |= any(e[0] in "<>" for e in ends)
+        lines.append(f"| {meaning[k]} | {fit.params[k]:.4g} | {ends[0]} to {ends[1]} |")
+    lines += ["", f"R² = {fit.r2:.3f}."]
+    if ridge:
+        lines += ["", f"An end shown as `<` or `>` a bound lies on the fit's flat ridge, where the curve is a straight "
+                      f"line over the measured shares (b·x under {RIDGE:g}) and r and b trade off freely, r beyond "
+                      "any win rate: its digits there change with the last bits of the arithmetic, not with the data."]
+    lines += ["", f"**{plan.part:.0%} of the plateau gain is reached at {pct(plan.share)} of the data** ({level} "
+                  f"interval {pct(plan.interval[0])} to {pct(plan.interval[1])}), saving {plan.saved:.0%} of the full "
+                  "run's training compute."]
+    if not plan.reached_within_data:
+        lines.append(f"The fit does not reach {plan.part:.0%} of its plateau within the available data.")
+    elif plan.extrapolated:
+        lines.append(f"x* lies beyond the largest measured share ({top:.0%}): an extrapolation.")
+    return "\n".join(lines) + "\n"
 
 
 def logps_table(path: Path) -> str:
@@ -172,6 +231,14 @@ def influence_table(path: Path) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def walkthrough_block(path: Path) -> str:
+    """README.md's tested walkthrough (tests/test_pipeline.py runs it), copied into the manual as it is."""
+    match = re.search(r"<!-- walkthrough -->\n(.*?)<!-- /walkthrough -->", path.read_text(), re.S)
+    if match is None:
+        raise ValueError(f"{path.name} has no walkthrough block")
+    return match.group(1)
+
+
 TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "logps-transcripts": (RESULTS / "logps-transcripts.json", logps_table),
           "logps-instructions": (RESULTS / "logps-instructions.json", logps_table),
@@ -183,29 +250,78 @@ TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "kto-ref": (RESULTS / "kto-ref.json", kto_ref_line),
           "analysis-demo": (RESULTS / "analysis-demo.json", analysis_table),
           "analysis-hh": (RESULTS / "analysis-hh.json", analysis_table),
-          "influence-table": (RESULTS / "influence-smollm2.json", influence_table)}
+          "influence-table": (RESULTS / "influence-smollm2.json", influence_table),
+          "walkthrough": (ROOT / "README.md", walkthrough_block)}
+BLOCK = re.compile(r"<!-- ([A-Za-z0-9_-]+) -->\n(.*?)<!-- /\1 -->", re.S)
 
 
-def render(text: str) -> str:
-    for name, (path, render_one) in TABLES.items():
-        if not path.is_file():
-            continue
-        pattern = re.compile(rf"(<!-- {name} -->\n).*?(<!-- /{name} -->)", re.S)
-        text = pattern.sub(lambda match, p=path, f=render_one: match.group(1) + f(p) + match.group(2), text)
-    return text
+def pages() -> list[Path]:
+    """README.md and every page of the manual: the files whose marked blocks are rendered."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+_rendered: dict[str, str] = {}
+
+
+def block(name: str) -> str:
+    """A block's text, rendered once a run however many files hold it."""
+    if name not in _rendered:
+        path, render_one = TABLES[name]
+        _rendered[name] = render_one(path)
+    return _rendered[name]
+
+
+def render(text: str, label: str = "text") -> tuple[str, list[str], list[str]]:
+    """The text with every known block rendered, the names of the blocks that changed, and problems: a block of an
+    unknown name or whose results file is missing (left as it is)."""
+    changed, problems = [], []
+
+    def one(match: re.Match) -> str:
+        name, old = match.group(1), match.group(2)
+        if name not in TABLES:
+            problems.append(f"{label}: block '{name}' has no renderer (known: {', '.join(TABLES)})")
+            return match.group(0)
+        if not TABLES[name][0].is_file():
+            problems.append(f"{label}: block '{name}': {TABLES[name][0].relative_to(ROOT)} is missing")
+            return match.group(0)
+        try:
+            new = block(name)
+        except Exception:
+            print(f"render_readme: while rendering block '{name}' of {label}", file=sys.stderr)
+            raise
+        if new != old:
+            changed.append(name)
+        return f"<!-- {name} -->\n{new}<!-- /{name} -->"
+
+    return BLOCK.sub(one, text), changed, problems
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 naming each stale block")
     args = parser.parse_args()
-    readme = ROOT / "README.md"
-    old = readme.read_text()
-    new = render(old)
+    stale, problems = [], []
+    for path in pages():
+        old = path.read_text()
+        label = str(path.relative_to(ROOT))
+        new, changed, found = render(old, label)
+        problems += found
+        if args.check:
+            stale += [f"{label}: {name}" for name in changed]
+        elif new != old:
+            path.write_text(new)
+            print(f"{label}: updated ({', '.join(changed)})")
+    for problem in problems:
+        print(f"render_readme: {problem}", file=sys.stderr)
     if args.check:
-        sys.exit(0 if new == old else 1)
-    readme.write_text(new)
-    print("README.md " + ("updated" if new != old else "already up to date"))
+        for entry in stale:
+            print(f"render_readme: out of date: {entry}", file=sys.stderr)
+        if stale:
+            print("render_readme: run `python bench/render_readme.py` and commit the result", file=sys.stderr)
+        sys.exit(1 if stale or problems else 0)
+    if not problems:
+        print(f"{len(pages())} files checked; every rendered block is up to date")
+    sys.exit(1 if problems else 0)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Scorers: one file a scorer, one registry (`SCORERS`).
 
 Every module of this package is imported here, so a new scorer is one new file with `@register` on its class;
-scorers in other packages register through the `prefsift.scorers` entry-point group.
+scorers in other packages register through the `prefsift.scorers` entry-point group. `check_scorer` runs the
+conformance checks a scorer passes (`prefsift.scorers.check`).
 """
 
 import importlib
@@ -18,6 +19,7 @@ from prefsift.scorers.base import (
     parse_methods,
     register,
 )
+from prefsift.scorers.check import check_scorer
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
@@ -25,5 +27,5 @@ for _module in pkgutil.iter_modules(__path__):
 for _entry in entry_points(group="prefsift.scorers"):
     _entry.load()
 
-__all__ = ["SCORERS", "BandParams", "Scorer", "ScorerParams", "get_scorer", "parse_method", "parse_methods",
-           "register"]
+__all__ = ["SCORERS", "BandParams", "Scorer", "ScorerParams", "check_scorer", "get_scorer", "parse_method",
+           "parse_methods", "register"]

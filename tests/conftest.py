@@ -1,21 +1,22 @@
-"""Tiny models and tokenizers built in the test: no hub, no download."""
+"""The fixtures: a tiny tokenizer and model, one torch thread, and the scorer registry restored after every test.
+The plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 import torch
+from helpers import make_tiny_llama, random_text, registry_restored
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-WORDS = ("the cat dog sat on mat ran far near house tree big small red blue why how what is are you "
-         "human assistant please tell me about a joke story help can not sure yes no maybe").split()
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 
-def random_text(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+@pytest.fixture(autouse=True)
+def restore_scorer_registry():
+    """A scorer a test registers (the README's example, a deliberately broken one) is gone after it."""
+    with registry_restored():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -49,39 +50,6 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_llama(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 48) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    model = LlamaForCausalLM(config)
-    model.config._attn_implementation = "sdpa"
-    return model.eval()
-
-
-def saved_tiny_llama(directory, tokenizer, **kwargs):
-    """A tiny Llama and its tokenizer saved as a model directory, as a user's SFT model is."""
-    make_tiny_llama(tokenizer, **kwargs).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def write_jsonl(path, rows: list[dict]):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture
 def tiny_llama(bpe_tokenizer) -> LlamaForCausalLM:
     return make_tiny_llama(bpe_tokenizer)
-
-
-def make_pairs(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = "\n\nHuman: " + random_text(rng, rng.randint(2, 25)) + "\n\nAssistant:"
-        rows.append({"prompt": prompt, "chosen": " " + random_text(rng, rng.randint(1, 20)),
-                     "rejected": " " + random_text(rng, rng.randint(1, 20))})
-    return rows

@@ -1,5 +1,6 @@
 """The README's "add a scorer" example: one class with two parameters reaches the registry, the CLI (--param) and
-YAML without any other file knowing it."""
+YAML without any other file knowing it, and passes the conformance checks a scorer author runs. It is registered for
+each test that uses it (conftest restores the registry after every test): no other test module sees it."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
-from conftest import make_pairs
+import pytest
+from helpers import known_failures, make_pairs, provider
 from typer.testing import CliRunner
 
 from prefsift.cli import app
 from prefsift.config import RunConfig
-from prefsift.scorers import Scorer, ScorerParams, parse_methods, register
+from prefsift.scorers import SCORERS, Scorer, ScorerParams, get_scorer, parse_methods, register
+from prefsift.scorers.check import check_scorer
 from prefsift.settings import option
 
 
@@ -23,7 +26,6 @@ class LengthRatioParams(ScorerParams):
     count_prompt: bool = option(False, "Add the prompt's length to both sides.")
 
 
-@register
 class LengthRatioScorer(Scorer):
     """len(chosen) / len(rejected), raised to `power`: long chosen answers first."""
 
@@ -39,7 +41,13 @@ class LengthRatioScorer(Scorer):
         return {"length_ratio": np.asarray(ratio) ** self.params.power}
 
 
-def test_a_new_scorer_reaches_cli_and_yaml(tmp_path):
+@pytest.fixture
+def registered():
+    """`@register` on the class, as the README writes it, for the length of one test."""
+    return register(LengthRatioScorer)
+
+
+def test_a_new_scorer_reaches_cli_and_yaml(tmp_path, registered):
     rows = make_pairs(20, seed=50)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -57,3 +65,11 @@ def test_a_new_scorer_reaches_cli_and_yaml(tmp_path):
     assert bad.exit_code == 2 and "method 'length-ratio': power must be > 0" in bad.output
     config = RunConfig(data="d", model="m", methods=[{"name": "length-ratio", "power": 0.5}])
     assert parse_methods(config.methods)[0].params == LengthRatioParams(power=0.5)
+
+
+def test_a_new_scorer_passes_the_conformance_checks(registered):
+    known = known_failures(registered)
+    check_scorer(registered, expected_failed_checks=known)  # the static checks: no model, no data
+    scorer = get_scorer("length-ratio", power=2.0, count_prompt=True)
+    check_scorer(scorer, provider(make_pairs(12, seed=51)), expected_failed_checks=known)  # and a tiny provider
+    assert SCORERS["length-ratio"] is LengthRatioScorer

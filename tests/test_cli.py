@@ -8,17 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_pairs, make_tiny_llama
-from test_scorers import naive
-from typer.testing import CliRunner
-
-from prefsift.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
+from helpers import invoke, make_pairs, make_tiny_llama, naive
 
 
 @pytest.fixture(scope="module")

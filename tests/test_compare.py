@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from conftest import make_pairs, saved_tiny_llama, write_jsonl
+from helpers import make_pairs, saved_tiny_llama, write_jsonl
 from typer.testing import CliRunner
 
 from prefsift.cli import app

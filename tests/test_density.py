@@ -8,9 +8,8 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import make_pairs
 from datasets import Dataset
-from test_isa import TableEmbedder
+from helpers import TableEmbedder, make_pairs
 
 from prefsift.data import load_pairs
 from prefsift.engine.embeddings import item_texts

@@ -7,10 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
-from conftest import make_pairs, make_tiny_llama, saved_tiny_llama, write_jsonl
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from helpers import make_pairs, make_tiny_llama, saved_tiny_llama, tiny_reward_model, write_jsonl
 from typer.testing import CliRunner
 
 ray = pytest.importorskip("ray")
@@ -50,14 +48,6 @@ class CountingPool(RayExecutor):
         items = list(items)
         self.sent.append(len(items))
         return super().map(function, replica, items)
-
-
-def tiny_reward_model(tokenizer) -> LlamaForSequenceClassification:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForSequenceClassification(config).eval()
 
 
 def shards(run: LogpsRun) -> dict:

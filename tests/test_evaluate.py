@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_pairs, make_tiny_llama
 from datasets import Dataset
-from test_scorers import naive
+from helpers import make_pairs, make_tiny_llama, naive
 
 from prefsift.config import EngineConfig, EvalConfig
 from prefsift.evaluate import evaluate, greedy_answers, preference_accuracy, win_rate

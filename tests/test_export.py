@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from test_select import hh_rows, score_dir
+from helpers import hh_rows, score_dir
 from typer.testing import CliRunner
 
 from prefsift.cli import app

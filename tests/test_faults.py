@@ -14,16 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_pairs, make_tiny_llama
-from typer.testing import CliRunner
-
-from prefsift.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from helpers import invoke, make_pairs, make_tiny_llama
 
 
 def one_line_error(result, *fragments: str) -> str:

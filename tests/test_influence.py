@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_pairs, make_tiny_llama
 from datasets import Dataset
+from helpers import make_pairs, make_tiny_llama
 from scipy.stats import pearsonr, spearmanr
 
 import prefsift.engine.paths as paths

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_pairs, make_tiny_llama
 from datasets import Dataset
+from helpers import TableEmbedder, make_pairs, make_tiny_llama
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
@@ -29,20 +28,6 @@ from prefsift.resources import Resources
 from prefsift.scorers import get_scorer
 from prefsift.scorers.isa import mixture_scores
 from prefsift.select import select_indices
-
-
-class TableEmbedder:
-    """A test double with the Embedder interface: fixed vectors looked up by text, every call recorded."""
-
-    def __init__(self, table: dict[str, np.ndarray]):
-        self.table, self.calls = table, []
-        digest = hashlib.sha256(b"".join(k.encode() + np.asarray(v).tobytes() for k, v in table.items()))
-        self.source, self.fingerprint, self.dim = "table", digest.hexdigest()[:16], len(next(iter(table.values())))
-        self.identity = {"kind": "table", "fingerprint": self.fingerprint}
-
-    def embed(self, texts, batch_size=32):
-        self.calls.append(list(texts))
-        return np.stack([self.table[t] for t in texts]).astype(np.float32)
 
 
 def two_clusters(n: int, d: int = 3, seed: int = 0) -> np.ndarray:
@@ -194,7 +179,7 @@ def test_load_embedder_reads_a_causal_lm_directory(bpe_tokenizer, tmp_path):
 
 
 def tiny_sentence_transformer(path, max_seq_length: int = 8):
-    from conftest import WORDS
+    from helpers import WORDS
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     path.mkdir()

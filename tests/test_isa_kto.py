@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
-from conftest import make_pairs, saved_tiny_llama, write_jsonl
 from datasets import Dataset
+from helpers import make_pairs, saved_tiny_llama, write_jsonl
 
 from prefsift.config import EngineConfig, EvalConfig, RunConfig, TrainConfig
 from prefsift.models import LoadedModel

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 
 from prefsift.errors import ModelError
 from prefsift.models import fingerprint_files, load_model

@@ -1,11 +1,10 @@
-"""The peer selection rules against hand computations from independent, unpacked log-probs (test_scorers.naive)."""
+"""The peer selection rules against hand computations from independent, unpacked log-probs (helpers.naive)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_pairs, make_tiny_llama
-from test_scorers import BETA, naive, provider
+from helpers import BETA, make_pairs, make_tiny_llama, naive, provider, tiny_reward_model
 
 from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.models import LoadedModel
@@ -87,16 +86,11 @@ def test_alignment_potential_with_a_reward_model(setting, bpe_tokenizer):
     """The external margin from a sequence-classification reward model, one (prompt, response) at a time; the
     data's rating columns are there too, and the reward model wins."""
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from prefsift.engine.reward import reward_text
 
     rows, models, irm = setting
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=bpe_tokenizer.pad_token_id)
-    reward = LlamaForSequenceClassification(config).eval()
+    reward = tiny_reward_model(bpe_tokenizer)
 
     def one(prompt, response):  # one unpadded sequence, the text the reward model reads
         ids = bpe_tokenizer(reward_text(bpe_tokenizer, prompt, response), add_special_tokens=False)["input_ids"]

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import make_pairs, make_tiny_llama, saved_tiny_llama, write_jsonl
+from helpers import make_pairs, make_tiny_llama, saved_tiny_llama, write_jsonl
 from transformers import LlamaConfig, LlamaForSequenceClassification
 from typer.testing import CliRunner
 

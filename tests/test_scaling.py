@@ -100,7 +100,7 @@ def test_checkpoints_of_one_run_are_the_shorter_runs(tmp_path, bpe_tokenizer, on
     epoch trains (constant learning rate, same seed, same order), evaluated independently here."""
     import copy
 
-    from conftest import make_pairs, saved_tiny_llama, write_jsonl
+    from helpers import make_pairs, saved_tiny_llama, write_jsonl
     from typer.testing import CliRunner
 
     from prefsift.cli import app

@@ -5,37 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_pairs, make_tiny_llama
-from datasets import Dataset
+from helpers import BETA, make_pairs, make_tiny_llama, naive, provider, tiny_reward_model
 
-from prefsift.config import EngineConfig
-from prefsift.data import load_pairs
 from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.models import LoadedModel
-from prefsift.resources import Resources
 from prefsift.scorers import SCORERS, get_scorer
-
-BETA = 0.2
-
-
-def naive_logp(model, tokenizer, prompt: str, completion: str) -> float:
-    """log π(completion | prompt) the textbook way: one unpadded sequence, full logits, sum over the completion."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    full = tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"]
-    assert full[: len(prompt_ids)] == prompt_ids
-    with torch.no_grad():
-        logits = model(torch.tensor([full])).logits[0].double().log_softmax(-1)
-    return float(sum(logits[t - 1, full[t]] for t in range(len(prompt_ids), len(full))))
-
-
-def naive(model, tokenizer, rows) -> np.ndarray:
-    return np.array([[naive_logp(model, tokenizer, r["prompt"], r["chosen"]),
-                      naive_logp(model, tokenizer, r["prompt"], r["rejected"])] for r in rows])
-
-
-def provider(rows: list[dict], models: dict | None = None, seed: int = 0, **engine) -> Resources:
-    return Resources(load_pairs(Dataset.from_list(rows)), EngineConfig(**{"beta": BETA, "max_length": None, **engine}),
-                     dict(models or {}), seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +91,7 @@ def test_margin_from_rating_columns():
 
 
 def test_margin_from_a_reward_model(bpe_tokenizer):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=bpe_tokenizer.pad_token_id)
-    reward = LlamaForSequenceClassification(config).eval()
+    reward = tiny_reward_model(bpe_tokenizer)
     rows = make_pairs(7, seed=12)
     context = provider(rows, {"reward_model": LoadedModel(reward, bpe_tokenizer, "rm", "rm")}, max_length=1024)
 

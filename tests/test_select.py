@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
+from helpers import hh_rows, score_dir
 from typer.testing import CliRunner
 
 from prefsift.cli import app
@@ -99,38 +100,6 @@ def test_bad_selection_options(kwargs, message):
 
 
 # ---- prefsift select on a score directory: explicit columns, dropped.jsonl, degenerate-score warnings ----------
-
-
-def hh_rows(n: int) -> list[dict]:
-    """HH-RLHF-style transcripts (implicit prompt), multi-turn, whose two answers share their first letters: TRL's
-    character-prefix extract_prompt cuts those inside the answer."""
-    rows = []
-    for i in range(n):
-        prompt = f"\n\nHuman: question {i}?\n\nAssistant: An earlier answer {i}.\n\nHuman: and then?\n\nAssistant:"
-        rows.append({"chosen": prompt + f" Duck {i} says yes.", "rejected": prompt + f" Ducks {i} say no.",
-                     "source": f"s{i}"})
-    return rows
-
-
-def score_dir(tmp_path, rows, irm, *, policy="fp-warm", reference="fp-sft", nan_rows=()):
-    """A score directory written by score.py's own writer, with the given irm column; `nan_rows` are pairs whose
-    prompt filled max_length (NaN log-probs and scores, as the log-prob engine leaves them)."""
-    data = load_pairs(Dataset.from_list(rows))
-    n = len(data.pairs)
-    irm = np.asarray(irm, dtype=float)
-    logps = np.zeros(n)
-    for r in nan_rows:
-        irm[r], logps[r] = np.nan, np.nan
-    scores = {"pair_id": np.asarray(data.pairs["pair_id"], dtype=object), "irm": irm,
-              "chosen_logps": logps, "rejected_logps": logps, "ref_chosen_logps": logps,
-              "ref_rejected_logps": logps}
-    record = {"methods": {"irm": {"rule": {"rule": "band", "column": "irm", "low": 0.1, "high": 0.9}}},
-              "default_rule": {"rule": "band", "column": "irm", "low": 0.1, "high": 0.9},
-              "engine": {"max_length": 64}, "data": {"kind": data.kind, "hash": data.data_hash},
-              "models": {"policy": {"fingerprint": policy}, "reference": {"fingerprint": reference}}}
-    out = tmp_path / "scores"
-    write_scores(out, scores, data, record)
-    return out, data
 
 
 def test_select_writes_explicit_prompt_columns_for_implicit_input(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_pairs, make_tiny_llama
 from datasets import Dataset
+from helpers import make_pairs, make_tiny_llama
 
 import prefsift.train as train_module
 from prefsift.config import EngineConfig

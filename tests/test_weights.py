@@ -7,10 +7,8 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_pairs, make_tiny_llama
-from typer.testing import CliRunner
+from helpers import invoke, make_pairs, make_tiny_llama
 
-from prefsift.cli import app
 from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.weights import score_weights
 
@@ -55,10 +53,6 @@ def test_bad_weight_options(kwargs, error, message):
     values = kwargs.pop("values", SCORES)
     with pytest.raises(error, match=message):
         score_weights(values, **kwargs)
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

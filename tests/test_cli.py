@@ -24,6 +24,7 @@ def workspace(tmp_path_factory, bpe_tokenizer):
     return root, model_dir, data
 
 
+@pytest.mark.e2e
 def test_score_select_train_eval(workspace, monkeypatch):
     root, model, data = workspace
     rows = [json.loads(line) for line in data.read_text().splitlines()][:40]
@@ -145,6 +146,7 @@ def test_bad_inputs_fail_with_one_line(workspace, tmp_path):
     one_line_error(invoke("run", "--config", bad_yaml), "unknown option(s) warmup_share")
 
 
+@pytest.mark.e2e
 def test_train_config_yaml_and_eval_without_reference(workspace, tmp_path):
     root, model, data = workspace
     config = tmp_path / "train.yaml"
@@ -181,6 +183,7 @@ def test_scale_plans_the_share_of_a_known_curve(tmp_path):
     one_line_error(invoke("scale", "--out", tmp_path / "s2"), "exactly one of --points or --results")
 
 
+@pytest.mark.e2e
 def test_several_methods_one_scores_file_and_analyze(workspace, tmp_path):
     """`--method tif,lossdiff-irm` runs each model's passes once into one scores file; `analyze` reads it."""
     root, model, data = workspace

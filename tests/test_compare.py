@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from helpers import make_pairs, saved_tiny_llama, write_jsonl
 from typer.testing import CliRunner
 
@@ -23,6 +24,7 @@ def test_all_means_what_the_data_and_models_allow():
     assert resolve_methods(["irm"], None, [])[0] == "random"  # the baseline every difference is taken against
 
 
+@pytest.mark.e2e
 def test_compare_cli(tmp_path, bpe_tokenizer):
     model_dir = saved_tiny_llama(tmp_path / "sft", bpe_tokenizer)
     rng = np.random.default_rng(0)

@@ -20,6 +20,7 @@ def small(n_train: int, **kwargs) -> DemoConfig:
     return DemoConfig(task=task, **kwargs)
 
 
+@pytest.mark.e2e
 def test_demo_end_to_end(tmp_path):
     # the demo's own task and first seed, continuing from the warm-up only
     results = run_demo(tmp_path, seed=0, config=DemoConfig(seeds=1, start_from="warmup"), log=lambda _: None)
@@ -43,6 +44,7 @@ def test_demo_end_to_end(tmp_path):
     assert (tmp_path / "quality_vs_compute.png").is_file() and (tmp_path / "sft-model" / "model.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_same_seed_same_results_json(tmp_path, monkeypatch):
     config = small(200, seeds=2, start_from="both", methods=["random", "lossdiff-irm", "oracle"])
     first = run_demo(tmp_path / "a", seed=4, config=config, log=lambda _: None)

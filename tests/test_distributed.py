@@ -159,6 +159,7 @@ def test_the_provider_sends_rewards_and_embeddings_to_the_pool(bpe_tokenizer, tm
         np.testing.assert_array_equal(results["ray"][1][side], vectors)
 
 
+@pytest.mark.e2e
 def test_train_and_eval_run_their_log_prob_passes_on_the_pool(local_ray, bpe_tokenizer, tmp_path, monkeypatch):
     """`prefsift train --backend ray` and `prefsift eval --backend ray` send their reference and evaluation passes to
     the Ray pool (they accepted the flag and ignored it once), and give the single process's numbers."""

@@ -698,6 +698,7 @@ def tree(directory) -> dict[str, bytes]:
             if p.is_file() and "shards" not in p.relative_to(directory).parts}
 
 
+@pytest.mark.e2e
 def test_a_run_failing_part_way_keeps_the_earlier_results_whole_and_its_shards(ws, tmp_path, monkeypatch):
     import socket
 
@@ -753,6 +754,7 @@ def test_a_run_failing_part_way_keeps_the_earlier_results_whole_and_its_shards(w
 # ------------------------------------------------------------------ train says what it left out
 
 
+@pytest.mark.e2e
 def test_train_lists_the_pairs_whose_prompt_fills_max_length_and_says_why(ws, tmp_path):
     from prefsift.models import load_tokenizer
 
@@ -782,6 +784,7 @@ def test_train_lists_the_pairs_whose_prompt_fills_max_length_and_says_why(ws, tm
     assert json.loads((out / "manifest.json").read_text())["data"]["n_pairs"] == 7
 
 
+@pytest.mark.e2e
 def test_compare_failing_after_its_runs_keeps_the_earlier_table_and_results(ws, tmp_path, monkeypatch):
     import prefsift.compare
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from datasets import Dataset
 from helpers import make_pairs, saved_tiny_llama, write_jsonl
 
@@ -16,6 +17,7 @@ from prefsift.pipeline import run_pipeline
 from prefsift.train import make_trainer
 
 
+@pytest.mark.e2e
 def test_isa_selects_completions_and_trains_kto_under_both_orders(tmp_path, bpe_tokenizer, one_thread):
     model_dir = saved_tiny_llama(tmp_path / "sft", bpe_tokenizer)
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(60, seed=8))
@@ -65,6 +67,7 @@ def test_kto_balances_desirable_and_undesirable_losses(tmp_path, bpe_tokenizer, 
     assert trainer.args.desirable_weight == 3.0 and trainer.args.undesirable_weight == 1.0
 
 
+@pytest.mark.e2e
 def test_isa_with_kto_trains_on_the_embedded_task(tmp_path):
     """The demo's task and SFT model, ISA the paper's way: the KTO-trained policy answers differently from the SFT
     model (training moved it), and its subset is the completions ISA ranks atypical."""

@@ -18,6 +18,7 @@ from prefsift.data import load_pairs
 from prefsift.pipeline import split_pairs
 
 
+@pytest.mark.e2e
 def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch, one_thread):
     model_dir, judge_dir = tmp_path / "sft", tmp_path / "judge"
     make_tiny_llama(bpe_tokenizer).save_pretrained(model_dir)
@@ -158,6 +159,7 @@ def test_user_given_test_file_prompts_are_not_trained_on(tmp_path):
     assert splits.n_held_out_prompts_removed == expected_removed >= 1
 
 
+@pytest.mark.e2e
 def test_run_without_a_judge_keeps_models_on_request_and_refuses_a_tiny_test_split(tmp_path, bpe_tokenizer,
                                                                                    one_thread):
     model_dir = saved_tiny_llama(tmp_path / "sft", bpe_tokenizer)
@@ -190,6 +192,7 @@ def test_run_without_a_judge_keeps_models_on_request_and_refuses_a_tiny_test_spl
         p.numel() for p in make_tiny_llama(bpe_tokenizer).parameters())
 
 
+@pytest.mark.e2e
 def test_readme_walkthrough_runs_as_written(tmp_path, bpe_tokenizer, monkeypatch, one_thread):
     """The README's "From an SFT model to a trained subset model" block, line by line, on a tiny SFT model and
     HH-style transcripts (implicit prompt): shell lines through the shell, prefsift lines through the CLI."""

@@ -95,6 +95,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         read_points(bad)
 
 
+@pytest.mark.e2e
 def test_checkpoints_of_one_run_are_the_shorter_runs(tmp_path, bpe_tokenizer, one_thread):
     """`checkpoint_shares` evaluates the full run on the way: at half its steps, the model is the one a run of half an
     epoch trains (constant learning rate, same seed, same order), evaluated independently here."""

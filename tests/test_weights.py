@@ -69,6 +69,7 @@ def scored(tmp_path_factory, bpe_tokenizer):
     return root
 
 
+@pytest.mark.e2e
 def test_weigh_writes_a_weight_column_train_reads(scored, monkeypatch):
     root = scored
     result = invoke("weigh", "--scores", root / "scores", "--out", root / "soft", "--column", "random",

@@ -59,6 +59,12 @@ def packed_batch(model, pairs: list[TokenizedPair], pad_id: int) -> PackedBatch:
         n_p, n_c, n_r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
         total = n_p + n_c + n_r
         input_ids[b, :total] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+        # Padding positions attend only to themselves. Fed the pad token, whose embedding row is zero in models built
+        # with `padding_idx` (it never trains), their hidden state stays exactly zero through every layer, and each
+        # RMSNorm multiplies their forward-mode tangent by 1/sqrt(eps): 28 layers overflow fp32, and the masked
+        # attention's 0 x inf spreads NaN to every pair of the batch (jvp's NaN on the 0.6B shape, bench/jvp_probe.py).
+        # A real token of the row there keeps them ordinary; no value changes: no pair ever attends to them.
+        input_ids[b, total:] = input_ids[b, 0]
         position_ids[b, : n_p + n_c] = torch.arange(n_p + n_c)
         position_ids[b, n_p + n_c : total] = torch.arange(n_p, n_p + n_r)
         allowed[b, :total, :total] = causal[:total, :total]

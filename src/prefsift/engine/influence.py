@@ -44,7 +44,7 @@ from prefsift.engine.tokenize import (
     path_check_pair,
     tokenize_pairs,
 )
-from prefsift.errors import ConfigError
+from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.output import temp_sibling
 
 SCOPES = ("all", "lora", "last_k")
@@ -393,6 +393,20 @@ def check_against_exact(model, tokenizer, pairs, directional: np.ndarray, direct
     return error
 
 
+INSTEAD = {"jvp": "finite-difference", "finite-difference": "jvp", "per-example": "finite-difference"}
+
+
+def check_finite(directional: np.ndarray, policy_logps: np.ndarray, reference_logps: np.ndarray, method: str) -> None:
+    """One line, never a NaN influence in a scores file: a pair with finite log-probs must get a finite derivative
+    (forward-mode AD returned NaN on a GPU for a 0.6B shape that agreed on a CPU). A pair TRL drops stays NaN."""
+    kept = np.isfinite(policy_logps).all(axis=1) & np.isfinite(reference_logps).all(axis=1)
+    bad = kept & ~np.isfinite(directional)
+    if bad.any():
+        raise PrefsiftError(f"influence by {method} is not finite for {int(bad.sum())} of {int(kept.sum())} pairs "
+                            f"(a numerical failure of the method on this model, not a property of the pairs): use "
+                            f"--param method={INSTEAD[method]}")
+
+
 def influence(margins: np.ndarray, directional: np.ndarray, beta: float) -> np.ndarray:
     """IF(d) = β(1 − σ(Δ_θ(d))) · ⟨ḡ_val, g_w − g_l⟩."""
     return beta * (1.0 - 1.0 / (1.0 + np.exp(-np.asarray(margins, dtype=float)))) * directional
@@ -443,9 +457,13 @@ def influence_scores(model, tokenizer, pairs, validation_pairs, *, policy_logps:
     identity = {**(identity or {}), "scope": scope, "last_k": last_k if scope == "last_k" else None}
     direction = cached_validation_gradient(model, tokenizer, validation_pairs, validation_reference_logps, params,
                                            beta=beta, max_length=max_length, run_dir=run_dir, identity=identity)
+    if not all(bool(torch.isfinite(t).all()) for t in direction.values()):
+        raise PrefsiftError("the validation gradient ḡ_val is not finite (NaN or inf): every influence would be "
+                            "NaN; load the policy in float32 (--dtype float32) or check the validation pairs")
     directional = directional_derivatives(model, tokenizer, pairs, direction, params, method=method, step=step,
                                           max_length=max_length, batch_tokens=batch_tokens, run_dir=run_dir,
                                           identity=identity, executor=executor)
+    check_finite(directional, policy_logps, reference_logps, method)
     if method == "finite-difference" and check_pairs:
         check_against_exact(model, tokenizer, pairs, directional, direction, params, max_length=max_length,
                             n_pairs=check_pairs)

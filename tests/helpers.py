@@ -163,18 +163,3 @@ def registry_restored():
     finally:
         SCORERS.clear()
         SCORERS.update(saved)
-
-
-# Known: prefsift.scorers.base.labelled renames a rule's column twice when the scorer keeps the base class's
-# selection_rule (the base rule reads the copy's already renamed column, then the copy renames it again: irm labelled
-# irm-narrow selects on irm_narrow_narrow, which it does not write). check_scorer treats an expected failure that
-# passes as a failure, so this entry goes as soon as base.py is fixed.
-LABELLED_RENAMES_TWICE = ("base.labelled renames the base class's rule column twice (irm labelled irm-narrow reads "
-                          "irm_narrow_narrow)")
-
-
-def known_failures(scorer_cls) -> dict[str, str]:
-    """check_scorer's expected_failed_checks for a scorer class: the checks it fails through no fault of its own."""
-    from prefsift.scorers.base import Scorer
-
-    return {"labelled": LABELLED_RENAMES_TWICE} if scorer_cls.selection_rule is Scorer.selection_rule else {}

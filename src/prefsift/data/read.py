@@ -1,5 +1,7 @@
 """Read a preference dataset from wherever it lives into a `datasets.Dataset` in the input's own columns.
 
+(Over 400 lines: one reader a source kind, each with the bounded-memory and bad-input handling its format needs.)
+
 Sources: local JSONL / JSON / Parquet / CSV files (optionally `.gz`), a directory written by
 `save_to_disk`, an in-memory `Dataset`, or a hub dataset name (`name` or `name:split`).
 Nothing here knows about preference pairs; that is `normalize.py`'s job.

@@ -1,4 +1,6 @@
 """Exact influence of a training pair on the validation loss (TIF paper, identity Hessian), at forward-pass cost.
+(Over 400 lines: ḡ_val and the three exact methods share the scope, the layouts and the shards; apart, the formula
+would be in four files.)
 
     IF(d) = β(1 − σ(Δ_θ(d))) · ⟨ḡ_val, g_w − g_l⟩,   g_y = ∇ log π_θ(y|x) over the parameters in scope,
     ḡ_val = (1/|V|) Σ_V (1 − σ(Δ_θ(d_i))) (g_w^i − g_l^i).

@@ -1,5 +1,8 @@
 """`prefsift run`: the TIF paper's pipeline from one config, each step a named function over the stages.
 
+(Over 400 lines: the paper's steps and the per-seed loop that runs them, one function a step; the splits and the
+compute accounting are their own modules.)
+
     split → reference passes → warm-up DPO (θ) → validation DPO from θ (θ_val) → score (one score path) →
     budgets → train each subset → evaluate each policy, over every seed → results.json (records and a summary
     with intervals and paired differences), timings.json, results.md, quality_vs_compute.png; per seed, each row's

@@ -123,7 +123,9 @@ def labelled(scorer: Scorer, label: str) -> Scorer:
             return {rename(k): v for k, v in super().score(resources).items()}
 
         def selection_rule(self) -> dict[str, Any]:
-            rule = super().selection_rule()
+            # the unlabelled scorer's rule, renamed once: the base rule reads `self.columns`, which are this copy's
+            # renamed ones already (`irm` labelled `irm-narrow` selected on `irm_narrow_narrow`)
+            rule = cls(self.params).selection_rule()
             if rule.get("column"):
                 rule["column"] = rename(rule["column"])
             if rule.get("columns"):

@@ -1,5 +1,5 @@
 """`check_scorer`: the conformance checks every scorer passes, for scorer authors (scikit-learn's `check_estimator`
-is the model).
+is the model). (Over 400 lines: one small function a check, each with its own message; they are read as a list.)
 
     from prefsift.scorers.check import check_scorer
 

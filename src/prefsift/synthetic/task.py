@@ -1,5 +1,8 @@
 """The synthetic preference task behind `prefsift demo`: string puzzles with a hidden oracle reward.
 
+(Over 400 lines: one generator, its task families, response grades, noise regimes and oracle, which only make sense
+read together.)
+
 A prompt asks for a transform of a short letter string, e.g. "rev:cabd=" (answer "dbac"). Responses come in
 graded quality: the exact answer, answers with character substitutions, a "lazy" echo of the input, answers
 that are too short or too long. The oracle scores a response by its edit distance to the answer, with a

@@ -804,3 +804,47 @@ def test_compare_failing_after_its_runs_keeps_the_earlier_table_and_results(ws, 
     one_line_error(invoke(*args, "--fractions", 0.25), "the disk is full", "earlier results there are unchanged")
     assert tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp", "rated.jsonl"]
+
+
+# ------------------------------------------------------------------ user text is printed as it is, never as markup
+
+
+@pytest.mark.parametrize("name", ["missing[ray].jsonl", "a[/]b.jsonl", "x[bold]y:smile:.jsonl"])
+def test_a_path_is_printed_as_it_is(tmp_path, name):
+    data = tmp_path / name  # `[/]` would be a markup error (a traceback), `[ray]` a tag that vanishes
+    line = one_line_error(invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "o"))
+    assert line == f"error: file not found: {data}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_name_and_a_data_rows_role_are_printed_as_they_are(ws, tmp_path):
+    _, _, _, data = ws
+    taken = tmp_path / "out[/]"  # a file in the way, under a directory named `out[`
+    taken.parent.mkdir()
+    taken.write_text("mine")
+    one_line_error(invoke("score", "--data", data, "--method", "random", "--out", taken), f"{taken} is a file")
+    assert taken.read_text() == "mine"
+
+    def m(role, text):
+        return {"role": role, "content": text}
+
+    rows = [{"prompt": [m("user", "hi")], "chosen": [m("[/]", "x")], "rejected": [m("assistant", "y")]},
+            {"prompt": [m("user", "hi")], "chosen": [m("[bold]boss", "x")], "rejected": [m("assistant", "y")]},
+            {"prompt": [m("user", "hi")], "chosen": [m("assistant", "x")], "rejected": [m("assistant", "y")]}]
+    conv = tmp_path / "roles.jsonl"
+    conv.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = invoke("score", "--data", conv, "--method", "random", "--out", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "skipped row 1: unknown role '[/]' in chosen" in said
+    assert "skipped row 2: unknown role '[bold]boss' in chosen" in said
+
+
+def test_an_install_hint_keeps_its_extra(ws, tmp_path, monkeypatch):
+    import sys
+
+    _, model, _, data = ws
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails: Ray is not installed
+    one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", model, "--out", tmp_path / "o",
+                          "--backend", "ray"), "pip install 'prefsift[ray]'")
+    assert not (tmp_path / "o" / "scores.parquet").exists()

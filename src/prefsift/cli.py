@@ -20,6 +20,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # its Arrow bar
 
 import typer  # noqa: E402
 from rich.console import Console
+from rich.text import Text
 from typer.core import TyperGroup
 
 from prefsift.config import (
@@ -51,11 +52,10 @@ class _OneLineUsageErrors(TyperGroup):
             code = 0
         except click_errors.UsageError as error:
             where = f"; see `{error.ctx.command_path} --help`" if error.ctx is not None else ""
-            console.print(f"[bold red]error:[/] {error.format_message().rstrip('.')}{where}", highlight=False,
-                          soft_wrap=True)
+            _error(f"{error.format_message().rstrip('.')}{where}")
             code = 2
         except click_errors.ClickException as error:
-            console.print(f"[bold red]error:[/] {error.format_message()}", highlight=False, soft_wrap=True)
+            _error(error.format_message())
             code = error.exit_code
         if not standalone_mode:
             return code
@@ -66,6 +66,23 @@ app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help
                   help="Score preference pairs with the model you will align, keep the subset worth training on, "
                        "train with TRL, and measure what it bought.")
 console = Console(stderr=True)
+
+
+def _say(message: object, *, label: str | None = None, style: str = "", soft_wrap: bool = False) -> None:
+    """One line to stderr with its text exactly as given. Every line prefsift prints carries user or library text
+    (a path, an output name, a data row's role, an install hint such as `prefsift[ray]`): printed as a `Text`, it is
+    never read as rich markup (`[/]` would raise, `[ray]` would vanish), emoji codes or highlighting. `label` (e.g.
+    `error:`) is the one styled part."""
+    text = Text(str(message)) if label is None else Text.assemble((label, style), " ", str(message))
+    console.print(text, soft_wrap=soft_wrap)
+
+
+def _error(message: object) -> None:
+    _say(message, label="error:", style="bold red", soft_wrap=True)
+
+
+def _warn(message: object) -> None:
+    _say(message, label="warning:", style="yellow", soft_wrap=True)
 
 DataOpt = Annotated[str, typer.Option("--data", help="JSONL/JSON/Parquet/CSV file, datasets directory, or hub "
                                                      "name[:split].")]
@@ -84,19 +101,18 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except PrefsiftError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            _error(error)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted:[/] finished log-prob shards are kept; rerun the same command to "
-                          "resume from them")
+            _say("finished log-prob shards are kept; rerun the same command to resume from them", label="interrupted:",
+                 style="yellow")
             raise typer.Exit(130) from None
         except OSError as error:
             if error.errno not in _ENVIRONMENT_ERRORS:
                 raise
             # a full disk or a read-only place mid-run: the finished shards are kept, earlier results untouched
             where = f" ({error.filename})" if error.filename else ""
-            console.print(f"[bold red]error:[/] cannot write{where}: {error.strerror}; finished shards are kept, "
-                          f"rerun to resume", highlight=False, soft_wrap=True)
+            _error(f"cannot write{where}: {error.strerror}; finished shards are kept, rerun to resume")
             raise typer.Exit(2) from None
 
     return wrapper
@@ -127,7 +143,7 @@ def _apply_threads(engine) -> None:
 
 
 def _log(line: str) -> None:
-    console.print(line, highlight=False)
+    _say(line)
 
 
 def _load(data: str, options):
@@ -152,7 +168,7 @@ def _quiet() -> None:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning prefsift or a library raises is one line for the user, not a source location and its code."""
-    console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    _warn(message)
 
 
 @app.command()
@@ -192,9 +208,8 @@ def score(
     n_scored = len(result.scores["pair_id"]) - result.n_dropped
     left_out = result.n_dropped + len(loaded.invalid)
     dropped = f" ({left_out} left out → {out / 'dropped.jsonl'})" if left_out else ""
-    console.print(f"scored {n_scored} pairs{dropped} with {score_config.method} in "
-                  f"{sum(result.seconds.values()):.1f}s: {', '.join(columns)} → {out / 'scores.parquet'}",
-                  highlight=False)
+    _say(f"scored {n_scored} pairs{dropped} with {score_config.method} in "
+         f"{sum(result.seconds.values()):.1f}s: {', '.join(columns)} → {out / 'scores.parquet'}")
 
 
 @app.command()
@@ -246,11 +261,11 @@ def select(
                                     columns=columns.split(",") if columns else None, low=low, high=high,
                                     method=method, output_columns=output_columns, with_scores=with_scores)
     for warning in result["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        _warn(warning)
     dropped = (f"; {result['n_dropped']} not considered (NaN score) → {out / 'dropped.jsonl'}"
                if result["n_dropped"] else "")
-    console.print(f"kept {result['n_selected']} of {result['n_pairs']} pairs ({result['rule']}){dropped} → "
-                  f"{out / 'selected.jsonl'}", highlight=False)
+    _say(f"kept {result['n_selected']} of {result['n_pairs']} pairs ({result['rule']}){dropped} → "
+         f"{out / 'selected.jsonl'}")
 
 
 def _export_options(fn):  # ExportConfig lives in config.py: export.py imports datasets (seconds) and is not needed here
@@ -278,8 +293,8 @@ def export(
     result = run_export(selected, out, config)
     skipped = f" ({result.n_invalid} invalid rows skipped)" if result.n_invalid else ""
     where = ", ".join(str(p) for p in result.paths) or f"hub:{out}"
-    console.print(f"exported {result.n_pairs} pairs{skipped} as {config.format} → {where}", highlight=False)
-    console.print(f"read it with: {result.usage}", highlight=False, soft_wrap=True)
+    _say(f"exported {result.n_pairs} pairs{skipped} as {config.format} → {where}")
+    _say(f"read it with: {result.usage}", soft_wrap=True)
 
 
 @app.command()
@@ -309,9 +324,9 @@ def weigh(
         result = weigh_scores(scores, out, column=column, transform=transform, temperature=temperature, low=low,
                               high=high, reverse=reverse, output_columns=output_columns)
     nan = f", {result['n_nan']} without a score" if result["n_nan"] else ""
-    console.print(f"weighted {result['n_weighted']} of {result['n_pairs']} pairs ({result['n_zero']} at weight 0 "
-                  f"left out{nan}; weights {result['weight_min']:.3g}-{result['weight_max']:.3g}, mean "
-                  f"{result['weight_mean']:.3g}) → {out / 'selected.jsonl'}", highlight=False)
+    _say(f"weighted {result['n_weighted']} of {result['n_pairs']} pairs ({result['n_zero']} at weight 0 "
+         f"left out{nan}; weights {result['weight_min']:.3g}-{result['weight_max']:.3g}, mean "
+         f"{result['weight_mean']:.3g}) → {out / 'selected.jsonl'}")
 
 
 @app.command()
@@ -340,7 +355,7 @@ def train(
                                                                   defaults=scored_defaults(scores))
     result = train_stage(data, model, out, reference=reference, scores=scores, config=train_config, engine=engine,
                          data_options=data_options, model_options=model_options, log=_log)
-    console.print(result.summary(engine.max_length), highlight=False)
+    _say(result.summary(engine.max_length))
 
 
 @app.command("eval")
@@ -365,7 +380,7 @@ def eval_(
                                                                  ModelConfig)
     record = eval_stage(model, data, out, reference=reference, judge_model=judge_model, config=eval_config,
                         engine=engine, data_options=data_options, model_options=model_options, log=_log)
-    console.print(one_line(record), highlight=False)
+    _say(one_line(record))
 
 
 @app.command()
@@ -385,8 +400,8 @@ def run(
     if not run_config.data or not run_config.model:
         raise ConfigError(f"{config}: 'data' and 'model' are required")
     _apply_threads(run_config.engine)
-    run_staged(run_config, log=lambda line: console.print(line, highlight=False))  # locked, swapped in whole
-    console.print(f"results → {Path(run_config.out) / 'results.md'}", highlight=False)
+    run_staged(run_config, log=_log)  # locked, swapped in whole
+    _say(f"results → {Path(run_config.out) / 'results.md'}")
 
 
 @app.command()
@@ -409,10 +424,10 @@ def compare(
 
     run_config = compare_config(flags, methods=methods, fractions=fractions, config=config)
     _apply_threads(run_config.engine)
-    result = run_compare(run_config, log=lambda line: console.print(line, highlight=False))
+    result = run_compare(run_config, log=_log)
     typer.echo(result["markdown"])
     out = Path(run_config.out)
-    console.print(f"table → {out / 'compare.md'}, plot → {out / 'quality_vs_compute.png'}", highlight=False)
+    _say(f"table → {out / 'compare.md'}, plot → {out / 'quality_vs_compute.png'}")
 
 
 @app.command()
@@ -432,9 +447,9 @@ def demo(
     from prefsift.report import markdown_table
 
     config = DemoConfig(seeds=seeds, methods=list(ALL_METHODS) if all_methods else DemoConfig().methods)
-    results = run_demo(out, seed=seed, config=config, log=lambda line: console.print(line, highlight=False))
+    results = run_demo(out, seed=seed, config=config, log=_log)
     typer.echo(markdown_table(results["summary"]))
-    console.print(f"results → {out / 'results.md'}, report → {out / 'report.html'}", highlight=False)
+    _say(f"results → {out / 'results.md'}, report → {out / 'report.html'}")
 
 
 @app.command()
@@ -507,7 +522,7 @@ def report(
     if start_from not in (None, "warmup", "reference"):
         raise ConfigError(f"--start-from must be warmup or reference (got {start_from!r})")
     paths = write_report(run_dir, out, method=method, metric=metric, start_from=start_from)
-    console.print(f"report → {paths['html']}, {paths['markdown']}", highlight=False)
+    _say(f"report → {paths['html']}, {paths['markdown']}")
 
 
 @app.command()
@@ -527,7 +542,7 @@ def analyze(
 
     result = analyze_dir(scores, out, band_low=band_low, band_high=band_high, fraction=fraction)
     typer.echo(result["markdown"])
-    console.print(f"→ {', '.join(str(p) for p in result['files'])}", highlight=False)
+    _say(f"→ {', '.join(str(p) for p in result['files'])}")
 
 
 def main() -> None:

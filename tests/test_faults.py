@@ -848,3 +848,38 @@ def test_an_install_hint_keeps_its_extra(ws, tmp_path, monkeypatch):
     one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", model, "--out", tmp_path / "o",
                           "--backend", "ray"), "pip install 'prefsift[ray]'")
     assert not (tmp_path / "o" / "scores.parquet").exists()
+
+
+# ------------------------------------------------------------------ an export's files never collide
+
+
+def test_an_export_whose_files_would_be_one_file_is_refused(scored, tmp_path):
+    selected = tmp_path / "sel"
+    assert invoke("select", "--scores", scored, "--out", selected, "--rule", "all").exit_code == 0
+    lf = tmp_path / "lf"
+    lf.mkdir()
+    (lf / "dataset_info.json").write_text(json.dumps({"theirs": {"file_name": "theirs.json"}}))
+    (lf / "theirs.json").write_text("[]")
+    before = snapshot(lf)
+    export = ("export", "--selected", selected, "--out", lf, "--format", "llamafactory", "--name")
+    for name in ("dataset_info", "Dataset_Info"):  # the data file is the info file (on a case-insensitive disk too)
+        one_line_error(invoke(*export, name), f"--name {name} and LLaMA-Factory's dataset_info.json would be one "
+                                              f"file", "choose another --name")
+    assert snapshot(lf) == before
+    # another dataset of dataset_info.json already reads the file this name would write
+    info = json.loads((lf / "dataset_info.json").read_text())
+    info["mine"] = {"file_name": "prefsift_subset.json"}
+    (lf / "dataset_info.json").write_text(json.dumps(info))
+    (lf / "prefsift_subset.json").write_text("mine")
+    before = snapshot(lf)
+    one_line_error(invoke("export", "--selected", selected, "--out", lf, "--format", "llamafactory"),
+                   "dataset 'mine' already reads prefsift_subset.json", "choose another --name")
+    assert snapshot(lf) == before
+    # the subset a jsonl export reads is never its output
+    subset = tmp_path / "subset.jsonl"
+    shutil.copy(selected / "selected.jsonl", subset)
+    kept = subset.read_bytes()
+    for fmt in ("trl", "openrlhf", "axolotl"):
+        one_line_error(invoke("export", "--selected", subset, "--out", subset, "--format", fmt),
+                       "would replace the subset it is exported from")
+    assert subset.read_bytes() == kept

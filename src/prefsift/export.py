@@ -46,21 +46,24 @@ class Exported:
     n_invalid: int = 0
 
 
-def read_selected(selected: str | Path) -> tuple[LoadedPairs, list | None]:
-    """A `prefsift select` output directory (its selected.parquet) or any pairs file, through prefsift's own
-    normalization; with the subset's `weight` column when it has one."""
+def selected_file(selected: str | Path) -> Path:
+    """The file `read_selected` reads: a `prefsift select` directory's selected.parquet (or .jsonl), or `selected`."""
     path = Path(selected)
     if path.is_dir():
         for name in ("selected.parquet", "selected.jsonl"):
             if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise PrefsiftError(f"{selected} holds no selected.parquet or selected.jsonl: run `prefsift select` "
-                                "into it, or pass the subset file")
-    elif not path.is_file():
+                return path / name
+        raise PrefsiftError(f"{selected} holds no selected.parquet or selected.jsonl: run `prefsift select` "
+                            "into it, or pass the subset file")
+    if not path.is_file():
         raise PrefsiftError(f"--selected {selected}: no such file or directory")
-    data = load_pairs(str(path))
+    return path
+
+
+def read_selected(selected: str | Path) -> tuple[LoadedPairs, list | None]:
+    """A `prefsift select` output directory (its selected.parquet) or any pairs file, through prefsift's own
+    normalization; with the subset's `weight` column when it has one."""
+    data = load_pairs(str(selected_file(selected)))
     if data.kind == "unpaired":
         raise DataError(f"{selected}: unpaired (KTO) rows; export writes preference pairs")
     weight = data.raw["weight"] if "weight" in data.raw.column_names else None
@@ -140,6 +143,50 @@ def _jsonl_path(out: Path, fmt: str) -> Path:
     return out
 
 
+def output_files(fmt: str, target: Path, name: str) -> dict[str, Path]:
+    """What a local export writes, by what each path is: the files (a directory for `datasets`) it creates or
+    replaces."""
+    if fmt == "datasets":
+        return {"the dataset directory": target}
+    if fmt == "llamafactory":
+        return {f"the data file of --name {name}": target / f"{name}.json",
+                "LLaMA-Factory's dataset_info.json": target / "dataset_info.json"}
+    return {f"the {fmt} file": target}
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    """Whether two paths are one file: the same directory (links resolved) and the same name up to case (a
+    case-insensitive filesystem, macOS's and Windows' default, makes `Dataset_Info.json` the info file), or, both
+    existing, one inode (a hard link)."""
+    def key(p: Path) -> tuple[str, str]:
+        p = Path(os.path.abspath(p))
+        return str(p.parent.resolve()), p.name.casefold()
+
+    if key(a) == key(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_collisions(outputs: dict[str, Path], selected: Path) -> None:
+    """One line, before anything is written, when two of an export's outputs are one file (the second write would
+    replace the first: `--name dataset_info` made the data file the info file), or an output is the subset being
+    read, or holds it (a directory replaced whole)."""
+    items = list(outputs.items())
+    for i, (what, path) in enumerate(items):
+        for other, other_path in items[i + 1:]:
+            if _same_place(path, other_path):
+                raise ConfigError(f"{what} and {other} would be one file, {path}: choose another "
+                                  f"{'--name' if '--name' in what + other else '--out'}")
+    source = Path(os.path.abspath(selected))
+    for what, path in items:
+        if _same_place(path, source) or Path(os.path.abspath(path)).resolve() in source.resolve().parents:
+            raise ConfigError(f"--out {path}: {what} would replace the subset it is exported from ({selected}); "
+                              f"export to another place")
+
+
 def export_datasets(columns: dict[str, list], out: Path, record: dict) -> list[Path]:
     """A save_to_disk directory, written into a staging directory swapped in whole (prefsift.output), with a
     manifest.json beside the dataset files so a rerun may replace it (load_from_disk reads only its own files)."""
@@ -189,6 +236,11 @@ def export_llamafactory(columns: dict[str, list], conversational: bool, out: Pat
             raise PrefsiftError(f"{info_path} is not valid JSON ({error.msg}, line {error.lineno})") from None
         if not isinstance(info, dict):
             raise PrefsiftError(f"{info_path} is not a mapping of dataset names")
+    for other, value in info.items():  # another dataset's data file would be replaced by this one's
+        if other != name and isinstance(value, dict) and isinstance(value.get("file_name"), str) and \
+                _same_place(out / value["file_name"], out / entry["file_name"]):
+            raise ConfigError(f"{info_path}: dataset '{other}' already reads {value['file_name']}; choose another "
+                              f"--name than {name!r}")
     info[name] = entry
     return replace_together({out / f"{name}.json": _json_text(rows), info_path: _json_text(info)})
 
@@ -225,11 +277,13 @@ def usage(fmt: str, out: str, conversational: bool, config: ExportConfig) -> str
 def export(selected: str | Path, out: str, config: ExportConfig | None = None) -> Exported:
     """Write the subset at `selected` to `out` in `config.format`'s layout."""
     config = config or ExportConfig()
+    target = Path(out)
+    fmt = config.format
+    if fmt != "hub":  # every file it would write is distinct, and none is the subset it reads: before any work
+        check_collisions(output_files(fmt, target, config.name), selected_file(selected))
     data, weight = read_selected(selected)
     columns = _table(data, weight)
     conversational = data.conversational
-    target = Path(out)
-    fmt = config.format
     if fmt == "hub":
         export_hub(columns, out, config)
         paths = []

@@ -4,6 +4,7 @@ Same model, same pairs, same ḡ_val for every method (`prefsift.engine.influenc
   log-prob pass   `compute_logps` on the training pairs: the pass IRM scoring costs (one model; IRM needs the
                   policy's and the reference's, the reference's usually cached as TRL's ref columns)
   finite diff     `finite_difference`: two `compute_logps` passes on weights perturbed by ±ε·ḡ_val, fp32
+  one-sided       `finite_difference(base_logps=...)`: the +ε pass only, against the policy's own pass
   jvp             `forward_ad`: forward-mode AD (torch.func.jvp), eager attention
   per-example     `per_example`: one backward pass a pair, dotted with ḡ_val (the reference)
 Printed: seconds per pair and each as a multiple of the log-prob pass; the per-example / fast-path speedup; the
@@ -81,6 +82,17 @@ def timed(fn, *args, **kwargs):
     return out, time.process_time() - cpu, time.perf_counter() - wall
 
 
+def _commit() -> str:
+    """The commit this ran on, with "-dirty" when the tree had uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                           text=True).stdout.strip()
+    return head + ("-dirty" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a random 2-layer Llama instead of SmolLM2")
@@ -122,6 +134,8 @@ def main() -> None:
                                              beta=0.1, **kw)
     fd, *t_fd = timed(inf.finite_difference, model, tokenizer, train, direction, params, step=args.step,
                       batch_tokens=args.batch_tokens, **kw)
+    one, *t_one = timed(inf.finite_difference, model, tokenizer, train, direction, params, step=args.step,
+                        batch_tokens=args.batch_tokens, base_logps=policy, **kw)
     jvp, *t_jvp = timed(inf.forward_ad, model, tokenizer, train, direction, params, **kw)
     ref, *t_pe = timed(inf.per_example, model, tokenizer, train, direction, params, **kw)
 
@@ -133,6 +147,7 @@ def main() -> None:
 
     n = int(ok.sum())
     rows = [("log-prob pass (IRM)", t_pass, None), (f"finite difference (step {args.step:g})", t_fd, accuracy(fd)),
+            (f"one-sided (step {args.step:g})", t_one, accuracy(one)),
             ("jvp (forward-mode AD)", t_jvp, accuracy(jvp)), ("per-example gradients", t_pe, (1.0, 0.0))]
     print(f"model: {name}, fp32 CPU, {args.threads} threads; {n} training pairs, {len(val)} validation pairs, "
           f"max_length {args.max_length}; scope {args.scope} ({n_scope:,} parameters)")
@@ -144,28 +159,35 @@ def main() -> None:
               f"{err:>13.2e}")
     flop_ratio = per_example_flop_ratio(model, inf._tokenize(tokenizer, train, args.max_length))
     print(f"per-example / finite difference in FLOPs alone: {flop_ratio:.2f}x")
+    with_policy = (t_pass[0] + t_one[0]) / t_pass[0]
+    print(f"one-sided influence with the policy's own pass: {with_policy:.2f}x a log-prob pass a pair (central: "
+          f"{(t_pass[0] + t_fd[0]) / t_pass[0]:.2f}x), ḡ_val's once-off cost aside")
     print(f"ḡ_val (one backward pass over V): {t_val[0] / len(val):.4f} cpu s a validation pair "
           f"({t_val[0] / len(val) / (t_pass[0] / n):.2f}x a log-prob pass a pair)")
     theta, v = inf._norm(params.values()), inf._norm(direction.values())
     typical = v * v / float(np.nanmean(1 / (1 + np.exp(val_margins))))  # ‖ḡ‖² / mean(1 − σ(Δ)): a typical |dd|
     print(f"‖θ_scope‖ {theta:.4g}, ‖ḡ_val‖ {v:.4g}, median |⟨ḡ_val, g_w − g_l⟩| {np.median(np.abs(ref[ok])):.4g}, "
           f"‖ḡ‖²/mean(1−σ(Δ_val)) {typical:.4g}")
-    sweep = {}
-    print("finite-difference step sweep (step = ε‖v‖/‖θ_scope‖; ε·median|dd|: the log-margin change in nats):")
+    sweep, sweep_one = {}, {}
+    print("finite-difference step sweep (step = ε‖v‖/‖θ_scope‖; ε·median|dd|: the log-margin change in nats), "
+          "central | one-sided:")
     for step in [float(s) for s in args.steps.split(",") if s]:
         values = inf.finite_difference(model, tokenizer, train, direction, params, step=step,
                                        batch_tokens=args.batch_tokens, **kw)
         sweep[step] = accuracy(values)
+        sweep_one[step] = accuracy(inf.finite_difference(model, tokenizer, train, direction, params, step=step,
+                                                         batch_tokens=args.batch_tokens, base_logps=policy, **kw))
         nats = step * theta / v * np.median(np.abs(ref[ok]))
         print(f"  step {step:<8g} ε·median|dd| {nats:<10.3g} spearman {sweep[step][0]:.5f}  max rel err "
-              f"{sweep[step][1]:.2e}")
+              f"{sweep[step][1]:.2e} | spearman {sweep_one[step][0]:.5f}  max rel err {sweep_one[step][1]:.2e}")
     if args.json:
         record = {"command": shlex.join(["python", "bench/influence.py", *sys.argv[1:]]),
                   "when": time.strftime("%Y-%m-%d"), "load_average_1min": round(os.getloadavg()[0], 2),
                   "model": name, "threads": args.threads, "n_pairs": n, "n_val": len(val), "scope": args.scope,
                   "max_length": args.max_length, "cpu_wall_seconds": {label: s for label, s, _ in rows},
                   "validation_gradient_cpu_wall_s": t_val, "accuracy": {label: a for label, _, a in rows if a},
-                  "step_sweep": sweep, "per_example_over_fd_flop_ratio": flop_ratio}
+                  "step_sweep": sweep, "step_sweep_one_sided": sweep_one, "per_example_over_fd_flop_ratio": flop_ratio,
+                  "one_sided_with_policy_pass_x": with_policy, "commit": _commit()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1))
 

@@ -90,3 +90,30 @@ def test_the_cli_writes_no_scores_file_when_influence_is_not_finite(bpe_tokenize
     assert "error: influence by jvp is not finite for 8 of 8 pairs" in result.output
     assert "--param method=finite-difference" in result.output
     assert not (out / "scores.parquet").exists()
+
+
+def test_one_sided_and_central_share_the_plus_pass(bpe_tokenizer, tmp_path, monkeypatch):
+    """The one-sided difference runs the +ε pass only, against the policy's own pass; its +ε shards are the central
+    difference's, so switching methods on the same run computes only the −ε pass."""
+    from helpers import make_tiny_llama
+
+    import prefsift.engine.paths as paths
+
+    model = make_tiny_llama(bpe_tokenizer, seed=7)
+    train = Dataset.from_list(make_pairs(12, seed=35))
+    val = Dataset.from_list(make_pairs(4, seed=36))
+    policy = compute_logps(model, bpe_tokenizer, train, max_length=None, batch_tokens=96)
+    kwargs = {"policy_logps": policy, "reference_logps": policy - 0.1,
+              "validation_reference_logps": compute_logps(model, bpe_tokenizer, val, max_length=None) - 0.1,
+              "beta": 0.1, "max_length": None, "batch_tokens": 96, "identity": {"data": "t"}, "check_pairs": 0,
+              "run_dir": tmp_path}
+    real, calls = paths.forward_batch, []
+    monkeypatch.setattr(paths, "forward_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    n_batches = len(paths.BatchPlan.of(inf._tokenize(bpe_tokenizer, train, None), 96).batches)
+    one_sided = inf.influence_scores(model, bpe_tokenizer, train, val, method="one-sided", **kwargs)
+    assert len(calls) == n_batches  # the +ε pass: the unperturbed side is the policy's pass, given
+    calls.clear()
+    central = inf.influence_scores(model, bpe_tokenizer, train, val, method="finite-difference", **kwargs)
+    assert len(calls) == n_batches  # the −ε pass only: the +ε shards were the one-sided run's
+    scale = np.abs(central).max()
+    assert np.abs(one_sided - central).max() <= 2e-2 * scale and np.isfinite(one_sided).all()

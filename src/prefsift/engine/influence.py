@@ -1,5 +1,5 @@
 """Exact influence of a training pair on the validation loss (TIF paper, identity Hessian), at forward-pass cost.
-(Over 400 lines: ḡ_val and the three exact methods share the scope, the layouts and the shards; apart, the formula
+(Over 400 lines: ḡ_val and the exact methods share the scope, the layouts and the shards; apart, the formula
 would be in four files.)
 
     IF(d) = β(1 − σ(Δ_θ(d))) · ⟨ḡ_val, g_w − g_l⟩,   g_y = ∇ log π_θ(y|x) over the parameters in scope,
@@ -11,7 +11,9 @@ of log π(y_w|x) − log π(y_l|x) along ḡ_val, so every training pair then co
   ε = step·‖θ_scope‖/‖ḡ_val‖ (a step relative to the weights: an absolute one vanishes under rounding). Along
   ḡ_val, the steepest direction there is, the step must be far smaller than along a random direction (METHODS.md
   §3's 1e-2): see DEFAULT_STEP. Each side is a `compute_logps` pass: the packed, bucketed engine, with resumable
-  shards named by the direction and ε.
+  shards named by the direction and the step.
+- "one-sided": the +ε pass only, against the policy's own unperturbed pass (which every influence score computes
+  anyway, for its weight β(1 − σ(Δ_θ))): one perturbed pass a pair instead of two.
 - "jvp": forward-mode AD (`torch.func.jvp`) on the engine's packed rows (`logps.packed_logps`: the prompt once, the
   LM head on the completions only), with eager attention (SDPA kernels have no forward-AD rule).
 ḡ_val's backward pass runs on the packed rows too. Either falls back to TRL's two rows a pair (`pair_logps`) where
@@ -50,7 +52,7 @@ from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.output import temp_sibling
 
 SCOPES = ("all", "lora", "last_k")
-METHODS = ("finite-difference", "jvp", "per-example")
+METHODS = ("finite-difference", "one-sided", "jvp", "per-example")
 DEFAULT_STEP = 1e-5  # ε·‖v‖ = step·‖θ_scope‖; chosen by the sweep in bench/results/influence.txt (SmolLM2: 1e-2
 # gave ρ 0.69 along ḡ_val, 1e-4 ρ 0.95, 1e-5 ρ 1.000 / 0.5% error; tiny Llamas: 1e-5 ρ 1.000 / ≤0.3%)
 GRAD_BATCH_TOKENS = 2048  # token budget of the batches that keep activations for a backward / forward-AD pass
@@ -210,20 +212,33 @@ def direction_hash(direction: Direction) -> str:
     return digest.hexdigest()[:16]
 
 
+NORM_CHUNK = 4096  # elements a row of the norm's reduction: one thread sums a row, whatever the thread count
+
+
 def _norm(tensors) -> float:
-    # numpy's pairwise sum on one core: the same float whatever torch's thread count (a torch reduction's order
-    # follows the threads, and ε, derived from this norm, sets the perturbed weights)
-    return math.sqrt(sum(float(np.square(t.detach().cpu().double().numpy()).sum()) for t in tensors))
+    """‖tensors‖ in float64, the same float whatever torch's thread count (a reduction's split follows the threads,
+    and ε, derived from this norm, sets the perturbed weights): each tensor's squares summed in rows of NORM_CHUNK,
+    a row on one thread, on the tensor's own device; the row sums added exactly (math.fsum) on the host."""
+    partial: list[float] = []
+    for t in tensors:
+        x = t.detach().flatten().double()
+        x = torch.nn.functional.pad(x, (0, -len(x) % NORM_CHUNK))
+        partial += x.view(-1, NORM_CHUNK).square().sum(dim=1).cpu().tolist()
+    return math.sqrt(math.fsum(partial))
 
 
 # --- ⟨v, g_w − g_l⟩ for every pair -------------------------------------------------------------------------------
 def finite_difference(model, tokenizer, pairs, direction: Direction, params: dict[str, nn.Parameter], *,
                       step: float = DEFAULT_STEP, max_length: int | None, batch_tokens: int = 8192,
                       run_dir: Path | None = None, identity: dict | None = None, flush_rows: int = 512,
-                      executor: RayExecutor | None = None) -> np.ndarray:
+                      executor: RayExecutor | None = None, base_logps: np.ndarray | None = None) -> np.ndarray:
     """Central difference of log π(y_w|x) − log π(y_l|x) along `direction`, weights perturbed in place by ±ε·v
     (ε = step·‖θ_scope‖/‖v‖), each side one `compute_logps` pass (resumable shards when `run_dir` is given). The
-    weights are restored bit for bit from a copy, also when a pass is interrupted."""
+    weights are restored bit for bit from a copy, also when a pass is interrupted.
+
+    With `base_logps` (the unperturbed policy's (n, 2) log-probs from the same engine settings, so the same batches
+    and paths: their rounding cancels), a one-sided difference: the +ε pass only, one pass a pair instead of two.
+    Its +ε shards are the central difference's, so either method reuses the other's."""
     v_norm, theta_norm = _norm(direction.values()), _norm(params.values())
     if v_norm == 0.0:
         warnings.warn("the validation gradient is zero: every influence is 0", stacklevel=2)
@@ -234,8 +249,9 @@ def finite_difference(model, tokenizer, pairs, direction: Direction, params: dic
     epsilon = step * theta_norm / v_norm
     saved = {n: p.detach().clone() for n, p in params.items()}
     sides = []
+    signs = ((1.0, "influence-plus"), (-1.0, "influence-minus"))[: 1 if base_logps is not None else 2]
     try:
-        for sign, tag in ((1.0, "influence-plus"), (-1.0, "influence-minus")):
+        for sign, tag in signs:
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(saved[n] + (sign * epsilon) * direction[n].to(p.dtype))
@@ -251,6 +267,9 @@ def finite_difference(model, tokenizer, pairs, direction: Direction, params: dic
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n])
+    if base_logps is not None:
+        (plus,) = sides
+        return ((plus[:, 0] - plus[:, 1]) - (base_logps[:, 0] - base_logps[:, 1])) / epsilon
     plus, minus = sides
     return ((plus[:, 0] - plus[:, 1]) - (minus[:, 0] - minus[:, 1])) / (2 * epsilon)
 
@@ -356,12 +375,16 @@ def per_example(model, tokenizer, pairs, direction: Direction, params: dict[str,
 def directional_derivatives(model, tokenizer, pairs, direction: Direction, params: dict[str, nn.Parameter], *,
                             method: str = "finite-difference", step: float = DEFAULT_STEP,
                             max_length: int | None, batch_tokens: int = 8192, run_dir: Path | None = None,
-                            identity: dict | None = None, executor: RayExecutor | None = None) -> np.ndarray:
-    """⟨direction, g_w − g_l⟩ for every pair of `pairs` (NaN where TRL drops the pair), by `method`."""
-    if method == "finite-difference":
+                            identity: dict | None = None, executor: RayExecutor | None = None,
+                            policy_logps: np.ndarray | None = None) -> np.ndarray:
+    """⟨direction, g_w − g_l⟩ for every pair of `pairs` (NaN where TRL drops the pair), by `method`; "one-sided"
+    needs `policy_logps`, the unperturbed pass at the same engine settings."""
+    if method in ("finite-difference", "one-sided"):
+        if method == "one-sided" and policy_logps is None:
+            raise ConfigError("a one-sided difference needs the policy's log-probs of the same pairs")
         return finite_difference(model, tokenizer, pairs, direction, params, step=step, max_length=max_length,
                                  batch_tokens=batch_tokens, run_dir=run_dir, identity=identity,
-                                 executor=executor)
+                                 executor=executor, base_logps=policy_logps if method == "one-sided" else None)
     if method == "jvp":
         try:
             return forward_ad(model, tokenizer, pairs, direction, params, max_length=max_length,
@@ -395,7 +418,8 @@ def check_against_exact(model, tokenizer, pairs, directional: np.ndarray, direct
     return error
 
 
-INSTEAD = {"jvp": "finite-difference", "finite-difference": "jvp", "per-example": "finite-difference"}
+INSTEAD = {"jvp": "finite-difference", "finite-difference": "jvp", "one-sided": "jvp",
+           "per-example": "finite-difference"}
 
 
 def check_finite(directional: np.ndarray, policy_logps: np.ndarray, reference_logps: np.ndarray, method: str) -> None:
@@ -464,9 +488,9 @@ def influence_scores(model, tokenizer, pairs, validation_pairs, *, policy_logps:
                             "NaN; load the policy in float32 (--dtype float32) or check the validation pairs")
     directional = directional_derivatives(model, tokenizer, pairs, direction, params, method=method, step=step,
                                           max_length=max_length, batch_tokens=batch_tokens, run_dir=run_dir,
-                                          identity=identity, executor=executor)
+                                          identity=identity, executor=executor, policy_logps=policy_logps)
     check_finite(directional, policy_logps, reference_logps, method)
-    if method == "finite-difference" and check_pairs:
+    if method in ("finite-difference", "one-sided") and check_pairs:
         check_against_exact(model, tokenizer, pairs, directional, direction, params, max_length=max_length,
                             n_pairs=check_pairs)
     margins = beta * ((policy_logps[:, 0] - reference_logps[:, 0]) - (policy_logps[:, 1] - reference_logps[:, 1]))

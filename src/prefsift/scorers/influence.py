@@ -2,7 +2,8 @@
 band (the paper's truncated influence: the top overfits the validation set, the bottom is noise).
 
 Computed at forward-pass cost by `prefsift.engine.influence`: one backward pass over the validation pairs for ḡ_val,
-then a central difference (two log-prob passes on perturbed weights) or forward-mode AD a training pair.
+then a central difference (two log-prob passes on perturbed weights), a one-sided one (one pass, against the
+policy's own) or forward-mode AD a training pair.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ class InfluenceParams(ScorerParams):
     """How ⟨ḡ_val, g_w − g_l⟩ is computed and over which parameters."""
 
     method: str = option("finite-difference", "finite-difference: two fp32 log-prob passes on weights moved by "
-                         "±ε·ḡ_val; jvp: forward-mode AD (exact; eager attention); per-example: one backward pass a "
-                         "pair (slow, the reference).", choices=METHODS)
+                         "±ε·ḡ_val; one-sided: the +ε pass only, against the policy's own pass; jvp: forward-mode AD "
+                         "(exact; eager attention); per-example: one backward pass a pair (slow, the reference).",
+                         choices=METHODS)
     step: float = option(DEFAULT_STEP, "Finite-difference step relative to the weights: ε·‖ḡ_val‖ = step·‖θ_scope‖.",
                          low=0.0, high=1.0, low_open=True)
     scope: str = option("all", "Parameters the gradients are taken over: all, lora (names with 'lora_'), last_k "
@@ -62,9 +64,10 @@ def influence_column(resources, params: InfluenceParams) -> np.ndarray:
 def influence_passes(params: InfluenceParams, n_pairs: int, n_validation: int) -> float:
     """Pair passes beyond the policy's log-prob pass, as measured on SmolLM2 on a CPU (bench/results/influence.txt):
     ḡ_val, a forward and a backward over the validation pairs' packed rows (2.6-3.2 passes a pair), and per training
-    pair two perturbed passes (finite difference), a dual forward (jvp: 2.9-3.6) or a forward and a backward on
+    pair two perturbed passes (finite difference), one (one-sided: the policy's own pass is the other side), a dual
+    forward (jvp: 2.9-3.6) or a forward and a backward on
     TRL's rows (per-example: 5.4-7.6)."""
-    per_pair = {"finite-difference": 2.0, "jvp": 3.0, "per-example": 6.0}[params.method]
+    per_pair = {"finite-difference": 2.0, "one-sided": 1.0, "jvp": 3.0, "per-example": 6.0}[params.method]
     return per_pair * n_pairs + 3.0 * n_validation
 
 

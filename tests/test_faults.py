@@ -883,3 +883,38 @@ def test_an_export_whose_files_would_be_one_file_is_refused(scored, tmp_path):
         one_line_error(invoke("export", "--selected", subset, "--out", subset, "--format", fmt),
                        "would replace the subset it is exported from")
     assert subset.read_bytes() == kept
+
+
+# ------------------------------------------------------------------ a training says what it saw, or that it diverged
+
+
+@pytest.mark.e2e
+def test_a_diverged_training_is_an_error_and_keeps_the_earlier_model(ws, tmp_path):
+    _, model, _, data = ws
+    out = tmp_path / "trained"
+    args = ("train", "--data", data, "--model", model, "--out", out, "--batch-size", 8, "--no-gradient-checkpointing")
+    assert invoke(*args, "--learning-rate", 1e-4).exit_code == 0
+    before = snapshot(out)
+    one_line_error(invoke(*args, "--learning-rate", 1e30), "training diverged after 4 steps",
+                   "trainable weights are NaN or inf", "lower --learning-rate (it is 1e+30)")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trained"]  # no staging directory, no lock
+
+
+@pytest.mark.e2e
+def test_a_training_that_ends_inside_its_first_epoch_says_how_many_pairs_it_saw(ws, tmp_path):
+    _, model, _, data = ws
+    out = tmp_path / "short"
+    result = invoke("train", "--data", data, "--model", model, "--out", out, "--batch-size", 8,
+                    "--no-gradient-checkpointing", "--epochs", 1e-9)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert ("trained dpo on 8 of 30 pairs (--epochs 1e-09 ends after 1 step, 0.25 of an epoch: 22 of the 30 pairs "
+            "never seen)") in said
+    recorded = json.loads((out / "manifest.json").read_text())["data"]
+    assert (recorded["n_pairs"], recorded["rows"], recorded["rows_seen"], recorded["steps"]) == (30, 30, 8, 1)
+    # an --epochs below 1 whose steps still round up to the whole epoch trains on every pair, and says so
+    result = invoke("train", "--data", data, "--model", model, "--out", tmp_path / "rounded", "--batch-size", 8,
+                    "--no-gradient-checkpointing", "--epochs", 0.9)
+    assert result.exit_code == 0, result.output
+    assert "trained dpo on 30 pairs in" in " ".join(result.output.split())

@@ -55,17 +55,32 @@ class TrainStage:
     n_invalid: int
     seconds: float
     reused_scores: bool
+    epochs: float = 1.0  # as asked
+    rows: int = 0  # rows TRL trained on (pairs for DPO, completions for KTO) and how many its steps reached
+    rows_seen: int = 0
+    epochs_done: float = 1.0
+    steps: int = 0
 
     def summary(self, max_length: int | None) -> str:
+        """What was trained on, truthfully: the pairs left out and why, and, when the steps ended inside the first
+        epoch (a small --epochs), how many pairs they never reached."""
         def counted(n: int, what: str) -> str:
             return f"{n} {what}{'' if n == 1 else 's'}"
 
         too_long = f"prompt fills max_length {max_length}"
         reasons = [counted(self.n_too_long, "pair") + f" whose {too_long}"] if self.n_too_long else []
         reasons += [counted(self.n_invalid, "invalid input row")] if self.n_invalid else []
-        of = f" of {self.n_pairs + self.n_too_long + self.n_invalid} rows" if reasons else " pairs"
-        why = f" ({'; '.join(reasons)} left out → {self.out / 'dropped.jsonl'})" if reasons else ""
-        return f"trained {self.algo} on {self.n_pairs}{of}{why} in {self.seconds:.1f}s → {self.out}"
+        notes = [f"{'; '.join(reasons)} left out → {self.out / 'dropped.jsonl'}"] if reasons else []
+        n = self.n_pairs
+        if self.rows_seen < self.rows:
+            unit = "pairs" if self.algo == "dpo" else "completions"
+            notes.append(f"--epochs {self.epochs:g} ends after {counted(self.steps, 'step')}, {self.epochs_done:.2g} "
+                         f"of an epoch: {self.rows - self.rows_seen} of the {self.rows} {unit} never seen")
+            n = self.rows_seen if self.algo == "dpo" else n
+        of = (f" of {self.n_pairs + self.n_too_long + self.n_invalid} rows" if reasons else
+              f" of {self.n_pairs} pairs" if n != self.n_pairs else " pairs")
+        why = f" ({'; '.join(notes)})" if notes else ""
+        return f"trained {self.algo} on {n}{of}{why} in {self.seconds:.1f}s → {self.out}"
 
 
 def train_stage(data: str, model: str, out: Path, *, reference: str | None = None, scores: Path | None = None,
@@ -110,11 +125,14 @@ def train_stage(data: str, model: str, out: Path, *, reference: str | None = Non
         write_input_drops(tmp, loaded_data.invalid)
         write_manifest(tmp, "train", {"model": model, "fingerprint": policy.fingerprint, "reference": reference,
                                       "data": {"source": data, "hash": loaded_data.data_hash,
-                                               "n_pairs": result.n_pairs},
+                                               "n_pairs": result.n_pairs, "rows": result.rows,
+                                               "rows_seen": result.rows_seen, "epochs_done": result.epochs_done,
+                                               "steps": result.steps},
                                       "config": dataclasses.asdict(config), "engine": dataclasses.asdict(engine),
                                       "scores": str(scores) if scores else None, "seconds": result.seconds})
     return TrainStage(out, config.algo, result.n_pairs, len(result.too_long), len(loaded_data.invalid),
-                      result.seconds, scores is not None)
+                      result.seconds, scores is not None, config.epochs, result.rows, result.rows_seen,
+                      result.epochs_done, result.steps)
 
 
 def eval_stage(model: str, data: str, out: Path, *, reference: str | None = None, judge_model: str | None = None,

@@ -165,6 +165,14 @@ class TrainResult:
     n_pairs: int
     log_history: list[dict]
     too_long: list[int] = field(default_factory=list)  # rows of the given pairs left out: prompt fills max_length
+    rows: int = 0  # rows TRL trained on: the kept pairs for DPO, their completions (two a pair) for KTO
+    rows_seen: int = 0  # of those, the rows its steps reached: fewer when the steps end inside the first epoch
+    epochs_done: float = 0.0  # passes over the rows the steps made (transformers' state.epoch)
+    steps: int = 0  # optimizer steps taken
+
+    @property
+    def saw_every_row(self) -> bool:
+        return self.rows_seen >= self.rows
 
 
 def autocast_dtype(engine: EngineConfig, device: torch.device) -> torch.dtype:
@@ -356,6 +364,8 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
     trainer.train()
+    check_finite(trainer, config, engine)  # before anything is saved: NaN weights are no model
+    rows, rows_seen, epochs_done = coverage(trainer)
     model = trainer.model
     # TRL's fused LM head replaces `forward` on the instance with a method bound to THIS object; a deepcopy of the
     # model would keep calling the original's weights. Put back whatever forward the instance had before.
@@ -373,4 +383,39 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
         loaded.model = model
     model.eval()
     too_long = sorted(set(range(len(pairs))) - set(kept.tolist()))
-    return TrainResult(model, time.perf_counter() - start, len(kept), trainer.state.log_history, too_long)
+    return TrainResult(model, time.perf_counter() - start, len(kept), trainer.state.log_history, too_long, rows,
+                       rows_seen, epochs_done, trainer.state.global_step)
+
+
+def check_finite(trainer, config: TrainConfig, engine: EngineConfig) -> None:
+    """One line when a training diverged: a trainable weight or a logged loss is NaN or ±inf. The weights are
+    checked as well as the losses: at --learning-rate 1e30 every weight was NaN after the first step while TRL's
+    logged mean loss of the run stayed finite (0.43)."""
+    bad = total = 0
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                total += param.numel()
+                bad += int((~torch.isfinite(param)).sum())
+    losses = [(entry.get("step"), entry[key]) for entry in trainer.state.log_history for key in ("loss", "train_loss")
+              if isinstance(entry.get(key), (int, float)) and not np.isfinite(entry[key])]
+    if not bad and not losses:
+        return
+    what = [f"{bad} of {total} trainable weights are NaN or inf"] if bad else []
+    what += [f"the loss logged at step {losses[0][0]} is {losses[0][1]}"] if losses else []
+    fix = f"lower --learning-rate (it is {config.learning_rate:g})"
+    if trainer.args.fp16:
+        fix += ", or train in bfloat16 or float32 (--dtype): float16 overflows"
+    raise ConfigError(f"training diverged after {trainer.state.global_step} steps: {' and '.join(what)}; {fix}")
+
+
+def coverage(trainer) -> tuple[int, int, int | float]:
+    """(rows the trainer was given, rows its steps reached, epochs it made). Steps that end inside the first epoch
+    (a small --epochs: transformers trains ceil(epochs × steps an epoch) steps) reach only the first steps' batches,
+    every one full; from the end of the first epoch on, every row was seen."""
+    rows = len(trainer.train_dataset)
+    epochs_done = float(trainer.state.epoch or 0.0)
+    if epochs_done >= 1 - 1e-9:
+        return rows, rows, epochs_done
+    per_step = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps * trainer.args.world_size
+    return rows, min(rows, trainer.state.global_step * per_step), epochs_done

@@ -918,3 +918,83 @@ def test_a_training_that_ends_inside_its_first_epoch_says_how_many_pairs_it_saw(
                     "--no-gradient-checkpointing", "--epochs", 0.9)
     assert result.exit_code == 0, result.output
     assert "trained dpo on 30 pairs in" in " ".join(result.output.split())
+
+
+# ------------------------------------------------------------------ a model's NaN is the model's, never "too long"
+
+
+def _broken_copy(model, directory, how: str, token: int | None = None):
+    """A copy of `model` whose embedding row `token` is NaN (how="row") or inf ("inf"), or whose every weight is
+    NaN ("all")."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, directory)
+    tensors = load_file(directory / "model.safetensors")
+    if how == "all":
+        tensors = {k: v * float("nan") for k, v in tensors.items()}
+    else:
+        name = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+        tensors[name][token] = float("nan") if how == "row" else float("inf")
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def _a_common_token(model, data) -> tuple[int, int]:
+    """A token of the first pair's chosen answer, and how many pairs hold it in either completion."""
+    from prefsift.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model))
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    token = tokenizer(rows[0]["prompt"] + rows[0]["chosen"])["input_ids"][-2]
+    holding = sum(any(token in tokenizer(r["prompt"] + r[side])["input_ids"] for side in ("chosen", "rejected"))
+                  for r in rows)
+    assert 0 < holding < len(rows)
+    return token, holding
+
+
+@pytest.mark.parametrize("how", ["row", "inf", "all"])
+def test_a_models_nan_log_probs_are_its_failure_not_pairs_too_long(ws, tmp_path, how):
+    _, model, _, data = ws
+    token, holding = _a_common_token(model, data)
+    broken = _broken_copy(model, tmp_path / "broken", how, token)
+    n = 30 if how == "all" else holding
+    out = tmp_path / "scores"
+    assert invoke("score", "--data", data, "--method", "irm", "--model", model, "--out", out).exit_code == 0
+    before = snapshot(out)
+    for role, flags in (("policy", ("--model", broken)), ("reference", ("--model", model, "--reference", broken))):
+        line = one_line_error(invoke("score", "--data", data, "--method", "irm", *flags, "--out", out,
+                                     "--allow-dropped"),
+                              f"the {role} model {broken} ({flags[-2]}) gave NaN or inf for {n} of 30 pairs that fit "
+                              f"max_length 1024", "not pairs too long")
+        assert "prompt fills" not in line and "--max-length" not in line
+    assert snapshot(out) == before  # no dropped.jsonl calling them too long
+
+
+@pytest.mark.e2e
+def test_a_nan_reference_log_prob_handed_to_train_is_the_models_failure(ws, tmp_path):
+    _, model, _, data = ws
+    token, holding = _a_common_token(model, data)
+    broken = _broken_copy(model, tmp_path / "broken", "row", token)
+    out = tmp_path / "trained"
+    args = ("train", "--data", data, "--out", out, "--batch-size", 8, "--no-gradient-checkpointing")
+    assert invoke(*args, "--model", model).exit_code == 0
+    before = snapshot(out)
+    one_line_error(invoke(*args, "--model", model, "--reference", broken), "the reference model (--reference",
+                   f"gave NaN or inf for {holding} of 30 pairs that fit max_length 1024", "not pairs too long")
+    one_line_error(invoke(*args, "--model", model, "--reference", broken, "--algo", "kto"),
+                   f"KTO's reference model {broken} gave NaN or inf for", "rows that fit")
+    one_line_error(invoke(*args, "--model", broken), f"{broken} (--model) has", "NaN or inf weights before training")
+    nan = _broken_copy(model, tmp_path / "nan", "all")
+    one_line_error(invoke("eval", "--data", data, "--model", nan, "--out", tmp_path / "e"),
+                   f"{nan} (--model) has", "NaN or inf weights")
+    # a NaN reference log-prob read from a score directory (a hand-edited file) for a pair that fits
+    scores = tmp_path / "scores"
+    assert invoke("score", "--data", data, "--method", "irm", "--model", model, "--out", scores).exit_code == 0
+    table = pq.read_table(scores / "scores.parquet").to_pydict()
+    table["ref_chosen_logps"][4] = float("nan")
+    import pyarrow as pa
+
+    pq.write_table(pa.table(table), scores / "scores.parquet")
+    one_line_error(invoke(*args, "--model", model, "--scores", scores), "the reference model",
+                   "gave NaN or inf for 1 of 30 pairs that fit", f"(e.g. pair {table['pair_id'][4]})")
+    assert snapshot(out) == before and not (tmp_path / "e").exists()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefsift.errors import PrefsiftError
+from prefsift.errors import ModelError, PrefsiftError
 
 
 def versions() -> dict[str, str | int]:
@@ -123,3 +123,17 @@ def check_dropped(n_dropped: int, n: int, allow: bool, records: list[dict] | Non
                             f"prompt raise --max-length")
     raise PrefsiftError(f"{n_dropped} of {n} pairs would be dropped ({why}): raise --max-length, or pass "
                         f"--allow-dropped (allow_dropped: true in a config) to keep the rest")
+
+
+def model_failure(what: str, failed, pair_ids, fix: str, *, max_length: int | None = None,
+                  tokenized: bool = True, unit: str = "pairs") -> PrefsiftError:
+    """The one line of a model pass that gave NaN or inf for pairs that fit (`tokenized`: the tokenizer says they
+    fit; a reward model truncates and never drops): who, the count, one pair, the fix. Never "too long": a pair is
+    too long only when the tokenizer says its prompt fills max_length."""
+    import numpy as np
+
+    n_bad, n, first = int(failed.sum()), len(failed), int(np.flatnonzero(failed)[0])
+    example = f"pair {pair_ids[first]}" if pair_ids is not None else f"row {first + 1}"
+    fits = "" if not tokenized else " that fit" if max_length is None else f" that fit max_length {max_length}"
+    return ModelError(f"{what} gave NaN or inf for {n_bad} of {n} {unit}{fits} (e.g. {example}): a broken model (NaN "
+                      f"or inf weights, an overflowing --dtype), not {unit} too long; {fix}")

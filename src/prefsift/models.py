@@ -280,3 +280,15 @@ def add_lora(model: PreTrainedModel, *, r: int = 16, alpha: int = 32, dropout: f
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules))
+
+
+def check_finite_weights(loaded: LoadedModel, flag: str, when: str = "") -> None:
+    """One line when a model holds NaN or inf weights (a broken file, a bad conversion): said before it is used, as
+    the model's fault, rather than as pairs dropped or a training diverged later."""
+    import torch
+
+    with torch.no_grad():
+        broken = sum(int((~torch.isfinite(p)).sum()) for p in loaded.model.parameters() if p.is_floating_point())
+    if broken:
+        raise ModelError(f"{loaded.source} ({flag}) has {broken} NaN or inf weights{' ' + when if when else ''}: a "
+                         f"broken model; check it, or pass another {flag}")

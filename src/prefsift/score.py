@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 from prefsift.config import EngineConfig, ScoreConfig  # noqa: F401 (ScoreConfig: re-exported)
 from prefsift.data import LoadedPairs
 from prefsift.errors import ConfigError
-from prefsift.manifest import check_dropped, dropped_record, write_dropped, write_manifest
-from prefsift.resources import LOGPS_COLUMNS, Resources, sources_of
+from prefsift.manifest import check_dropped, dropped_record, model_failure, write_dropped, write_manifest
+from prefsift.resources import LOGPS_COLUMNS, REWARD_COLUMNS, Resources, flag_of, sources_of
 from prefsift.scorers import Scorer
 
 
@@ -26,6 +26,41 @@ class ScoreResult:
     seconds: dict[str, float]  # method -> its cost: own time, its passes, the trainings its models needed
     n_dropped: int  # pairs left out here (prompt fills max_length, a non-finite score): NaN in every score column
     dropped: list[dict] = dataclasses.field(default_factory=list)  # dropped.jsonl's records, input rows included
+
+
+def too_long_rows(tokenizer, pairs, rows: np.ndarray, max_length: int | None) -> np.ndarray:
+    """Which of `rows` (indices into the pairs table) TRL drops because the prompt fills max_length: the tokenizer's
+    verdict, the only thing that makes a pair too long. Only the rows asked about are tokenized."""
+    from prefsift.engine.tokenize import tokenize_pairs
+
+    rows = np.asarray(rows, dtype=int)
+    if not len(rows):
+        return np.zeros(0, dtype=bool)
+    subset = pairs.select(rows.tolist())
+    tokenized = tokenize_pairs(tokenizer, subset["prompt"], subset["chosen"], subset["rejected"], max_length)
+    return np.array([t is None for t in tokenized], dtype=bool)
+
+
+def non_finite_logps(values: np.ndarray, tokenizer, pairs, max_length: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(too_long, failed) masks of an (n, 2) log-prob pass: a NaN pair is too long when the tokenizer says its prompt
+    fills max_length; any other NaN or ±inf is the model's failure (NaN or inf weights, an overflowing dtype)."""
+    values = np.asarray(values, dtype=float)
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    too_long = np.zeros(len(values), dtype=bool)
+    too_long[bad[too_long_rows(tokenizer, pairs, bad, max_length)]] = True
+    return too_long, ~np.isfinite(values).all(axis=1) & ~too_long
+
+
+def _check_pass(resources: Resources, role: str, pair_ids) -> np.ndarray:
+    """The too-long mask of `role`'s log-prob pass over the scored pairs; a NaN or inf of a pair that fits stops
+    with one line naming the role's model."""
+    loaded = resources.model(role)
+    too_long, failed = non_finite_logps(resources.logps(role), loaded.tokenizer, resources.pairs.pairs,
+                                        resources.engine.max_length)
+    if failed.any():
+        raise model_failure(f"the {role} model {loaded.source} ({flag_of(role)})", failed, pair_ids,
+                            f"check it, or pass another {flag_of(role)}", max_length=resources.engine.max_length)
+    return too_long
 
 
 def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, out_dir: Path | None = None
@@ -41,10 +76,13 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
         resources.require(scorer.needs, scorer.name)
     scores: dict[str, np.ndarray] = {"pair_id": np.asarray(data.pairs["pair_id"], dtype=object)}
     seconds: dict[str, float] = {}
+    checked: dict[str, np.ndarray] = {}  # role -> its pass's too-long mask, checked once
     for scorer in scorers:
         for role in scorer.needs:
             if role in LOGPS_COLUMNS:
                 resources.logps(role)  # once per model, shared by every scorer that needs it; timed apart
+                if role not in checked:  # a model's NaN stops here, before a scorer turns it into scores
+                    checked[role] = _check_pass(resources, role, scores["pair_id"])
         if "embedder" in scorer.needs and hasattr(scorer.params, "item"):
             from prefsift.engine.embeddings import embed_items
 
@@ -62,9 +100,17 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
                 raise RuntimeError(f"scorer {scorer.name} wrote {len(values)} values for {len(data.pairs)} pairs")
             scores[name] = values
     logps = resources.logps_columns()
+    # a pair is too long only when a pass's tokenizer says so; a NaN or inf of a pair that fits is the model's
     too_long = np.zeros(len(data.pairs), dtype=bool)
-    for values in logps.values():
-        too_long |= np.isnan(values)
+    for role in LOGPS_COLUMNS:
+        if resources.has_logps(role):
+            too_long |= checked[role] if role in checked else _check_pass(resources, role, scores["pair_id"])
+    if REWARD_COLUMNS[0] in logps:  # a reward model truncates, never drops: every non-finite reward is its failure
+        failed = ~(np.isfinite(logps[REWARD_COLUMNS[0]]) & np.isfinite(logps[REWARD_COLUMNS[1]]))
+        if failed.any():
+            source = resources.model("reward_model").source
+            raise model_failure(f"the reward model {source} (--reward-model)", failed, scores["pair_id"],
+                                "check it, or pass another --reward-model", tokenized=False)
     records = [dropped_record("data", row.reason, row=row.row) for row in data.invalid]
     records += _score_drops(data, scores, too_long, resources.engine.max_length)
     dropped = too_long.copy()

@@ -155,6 +155,10 @@ def eval_stage(model: str, data: str, out: Path, *, reference: str | None = None
     common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": model_options.trust_remote_code}
     policy = models.load_model(model, **common)
     ref = models.load_model(reference, **common) if reference else None
+    # a NaN or inf weight would read as pairs dropped ("prompt fills max_length") in the evaluation: said as itself
+    models.check_finite_weights(policy, "--model")
+    if ref is not None:
+        models.check_finite_weights(ref, "--reference")
     judge = (RewardModelJudge(load_reward_model(judge_model, **common), engine.max_length, config.batch_size)
              if judge_model else None)
     prompts = win_rate_prompts(loaded_data, config.eval_prompts) if judge is not None else None

@@ -31,9 +31,10 @@ from trl.data_utils import unpair_preference_dataset
 
 from prefsift.config import EngineConfig, TrainConfig  # noqa: F401 (TrainConfig: re-exported)
 from prefsift.engine import Engine
-from prefsift.engine.tokenize import TokenizedPair, pad_id
+from prefsift.engine.tokenize import TokenizedPair, pad_id, tokenize_pairs
 from prefsift.errors import ConfigError
-from prefsift.models import LoadedModel, lora_config
+from prefsift.manifest import model_failure
+from prefsift.models import LoadedModel, check_finite_weights, lora_config
 from prefsift.reference import reference_logps
 
 WEIGHT_COLUMN = "weight"
@@ -122,9 +123,11 @@ class _KTOTrainerWithReferenceLogps(KTOTrainer):
     model). Only its log-probs are needed, so it is used for this pass and never handed to TRL, which would keep it
     in memory for the whole training."""
 
-    def __init__(self, *args, reference=None, engine: Engine | None = None, **kwargs) -> None:
+    def __init__(self, *args, reference=None, engine: Engine | None = None, reference_source=None,
+                 **kwargs) -> None:
         # read by _precompute_ref_logps, which TRL's __init__ calls
         self._reference, self._engine = reference, engine or Engine()
+        self._reference_source = reference_source  # the LoadedModel `reference` came from, for a message
         super().__init__(*args, **kwargs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):  # noqa: D401 - TRL's hook
@@ -152,8 +155,11 @@ class _KTOTrainerWithReferenceLogps(KTOTrainer):
             values = self._engine.logps_of_tokenized(model, tokenized, pad=pad_id(self._tokenizer),
                                                      progress=progress)
         model.train(was_training)
-        if np.isnan(values).any():  # TRL filtered every row whose prompt fills max_length: none can be left
-            raise RuntimeError("a KTO row lost its reference log-prob")
+        failed = ~np.isfinite(values).all(axis=1)
+        if failed.any():  # TRL filtered every row whose prompt fills max_length: a NaN left is the model's
+            source = getattr(self._reference_source, "source", "the policy (--model)")
+            raise model_failure(f"KTO's reference model {source}", failed, None,
+                                "check it, or pass another --reference", unit="rows", max_length=limit)
         return dataset.add_column("ref_logps", values[:, 0].astype(np.float32).tolist()).add_column(
             "ref_KL_logps", values[:, 1].astype(np.float32).tolist())
 
@@ -285,6 +291,28 @@ def curriculum_rows(order: np.ndarray, descending: bool) -> np.ndarray:
     return np.argsort(np.where(np.isnan(key), np.inf, key), kind="stable")
 
 
+def checked_reference(ref_logps: np.ndarray, tokenizer, pairs: Dataset, max_length: int | None,
+                      pair_ids: list | None, what: str) -> np.ndarray:
+    """DPO's (n, 2) reference log-probs, NaN exactly where TRL drops the pair. A pair is too long only when the
+    tokenizer says its prompt fills max_length; a NaN or inf of a pair that fits is the reference model's failure and
+    stops with one line, never a pair silently left out as too long."""
+    ref = np.array(ref_logps, dtype=float)
+    if len(ref) != len(pairs):
+        raise ConfigError(f"{len(ref)} reference log-prob rows for {len(pairs)} pairs")
+    bad = np.flatnonzero(~np.isfinite(ref).all(axis=1))
+    too_long = np.zeros(len(ref), dtype=bool)
+    if len(bad):
+        subset = pairs.select(bad.tolist())
+        verdicts = tokenize_pairs(tokenizer, subset["prompt"], subset["chosen"], subset["rejected"], max_length)
+        too_long[bad[[t is None for t in verdicts]]] = True
+    failed = ~np.isfinite(ref).all(axis=1) & ~too_long
+    if failed.any():
+        raise model_failure(what, failed, pair_ids, "check that model, or score again with a sound one",
+                            max_length=max_length)
+    ref[too_long] = np.nan
+    return ref
+
+
 def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: EngineConfig, output_dir: str,
                  ref_logps: np.ndarray | None = None, quiet: bool = False, order: np.ndarray | None = None,
                  reference: LoadedModel | None = None) -> tuple[DPOTrainer | KTOTrainer, np.ndarray]:
@@ -303,15 +331,20 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
         raise ConfigError("a curriculum needs both the score column's name (order) and its values" if order is None
                           else "order values given without naming their column (order)")
     weights = pair_weights(pairs)
+    pair_ids = list(pairs["pair_id"]) if "pair_id" in pairs.column_names else None
     keep = ["prompt", "chosen", "rejected"] if "chosen" in pairs.column_names else ["prompt", "completion", "label"]
     pairs = pairs.select_columns(keep)
     if config.algo == "dpo":
         if "chosen" not in pairs.column_names:
             raise ConfigError("DPO needs preference pairs (prompt, chosen, rejected); this data is unpaired: "
                               "use --algo kto")
+        given = ref_logps is not None
         if ref_logps is None:  # the policy is its own reference
             ref_logps = reference_logps(loaded, pairs, engine)
-        kept = np.flatnonzero(~np.isnan(np.asarray(ref_logps, dtype=float)[:, 0]))
+        ref_logps = checked_reference(ref_logps, loaded.tokenizer, pairs, engine.max_length, pair_ids,
+                                      "the reference model (--reference, or the one --scores was scored with)"
+                                      if given else f"the policy {loaded.source} (--model), its own reference,")
+        kept = np.flatnonzero(~np.isnan(ref_logps[:, 0]))
         pairs = pairs.add_column("ref_chosen_logps", ref_logps[:, 0].tolist())
         pairs = pairs.add_column("ref_rejected_logps", ref_logps[:, 1].tolist())
         if weights is not None:
@@ -346,6 +379,7 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
     args = KTOConfig(**common, precompute_ref_log_probs=True, desirable_weight=desirable_weight)
     return _KTOTrainerWithReferenceLogps(model=loaded.model, args=args, train_dataset=unpaired,
                                          reference=None if reference is None else reference.model,
+                                         reference_source=reference,
                                          engine=Engine(engine),
                                          processing_class=loaded.tokenizer,
                                          peft_config=_peft_config(config)), np.arange(len(pairs))
@@ -355,6 +389,7 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
            ref_logps: np.ndarray | None, output_dir: str, start: float, quiet: bool,
            order: np.ndarray | None, callbacks: list, reference: LoadedModel | None = None) -> TrainResult:
     forward_before = loaded.model.__dict__.get("forward")  # e.g. accelerate's device-map hook, or nothing
+    check_finite_weights(loaded, "--model", "before training")  # a broken model is not a diverged training
     trainer, kept = make_trainer(loaded, pairs, config, engine, output_dir, ref_logps, quiet, order, reference)
     for callback in callbacks:
         trainer.add_callback(callback)

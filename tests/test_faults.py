@@ -998,3 +998,24 @@ def test_a_nan_reference_log_prob_handed_to_train_is_the_models_failure(ws, tmp_
     one_line_error(invoke(*args, "--model", model, "--scores", scores), "the reference model",
                    "gave NaN or inf for 1 of 30 pairs that fit", f"(e.g. pair {table['pair_id'][4]})")
     assert snapshot(out) == before and not (tmp_path / "e").exists()
+
+
+# ------------------------------------------------------------------ a new score leaves nothing derived from the old
+
+
+def test_a_new_score_removes_what_was_derived_from_the_old_scores(ws, tmp_path):
+    _, model, _, data = ws
+    out = tmp_path / "scores"
+    result = invoke("score", "--data", data, "--method", "if,irm", "--model", model, "--validation-data", data,
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    assert invoke("analyze", out).exit_code == 0
+    derived = {"analysis.json", "analysis.md", "influence-scatter.png"}
+    assert derived <= {p.name for p in out.iterdir()}
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(data.read_text().splitlines(keepends=True)[:20]))
+    shards = sorted(p.relative_to(out) for p in (out / "shards").rglob("*.parquet"))
+    result = invoke("score", "--data", fewer, "--method", "random", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == FILES | {"shards"}  # the analysis of the old scores is gone
+    assert sorted(p.relative_to(out) for p in (out / "shards").rglob("*.parquet")) == shards  # caches stay

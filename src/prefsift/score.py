@@ -157,11 +157,13 @@ def write_scores(out_dir: Path, scores: dict[str, np.ndarray], data: LoadedPairs
                  dropped: list[dict] | None = None) -> None:
     """scores.parquet (pair_id + scores + TRL-named log-probs), pairs.parquet (the input's own rows),
     dropped.jsonl and the manifest, all into a staging directory swapped in whole: a failure part-way leaves the
-    earlier results untouched (prefsift.output)."""
-    from prefsift.output import staged
+    earlier results untouched (prefsift.output). Only the old directory's caches (resumable shards, embeddings,
+    influence) come along: whatever else it held was derived from the old scores (`prefsift analyze`'s
+    analysis.json, analysis.md and scatter plot) and would sit beside scores of other data."""
+    from prefsift.output import CACHE_ENTRIES, staged
 
     table = pa.table({k: list(v) if k == "pair_id" else v for k, v in scores.items()})
-    with staged(Path(out_dir), "score") as tmp:
+    with staged(Path(out_dir), "score", carry=CACHE_ENTRIES) as tmp:
         pq.write_table(table, tmp / "scores.parquet")
         write_pairs_parquet(data, tmp / "pairs.parquet")
         write_dropped(tmp, dropped or [])

@@ -32,6 +32,7 @@ from trl.data_utils import unpair_preference_dataset
 from prefsift.config import EngineConfig, TrainConfig  # noqa: F401 (TrainConfig: re-exported)
 from prefsift.engine import Engine
 from prefsift.engine.tokenize import TokenizedPair, pad_id, tokenize_pairs
+from prefsift.engine.training import policy_for
 from prefsift.errors import ConfigError
 from prefsift.manifest import model_failure
 from prefsift.models import LoadedModel, check_finite_weights, lora_config
@@ -59,14 +60,18 @@ class _DPOTrainerWithReferenceLogps(DPOTrainer):
 
     TRL 1.16 reduces the per-pair loss inside `_compute_loss` with `.mean()` and exposes no per-pair hook (trl#5613;
     its draft, trl#5804, was closed unmerged). So the weighted path lets TRL run everything as usual (its forward,
-    its metrics), keeps the forward's per-token log-probs through a hook on the model, and reduces TRL's own
-    sigmoid loss −log σ(β·Δᵢ) again with the weights:
+    its metrics), keeps the policy forward's output (`policy.output`), and reduces TRL's own sigmoid loss
+    −log σ(β·Δᵢ) again with the weights:
 
         loss = Σ wᵢ·ℓᵢ / Σ wᵢ   (over the batch)
 
     Why this normalization and not mean(w·ℓ): with every weight 1 it is TRL's mean exactly, a weight 0 is the pair
     dropped from the batch exactly (mean(w·ℓ) would still divide by it), and scaling all weights leaves the
-    learning rate's meaning unchanged. A batch whose weights are all 0 contributes a zero gradient."""
+    learning rate's meaning unchanged. A batch whose weights are all 0 contributes a zero gradient.
+
+    The policy's forward runs on the engine's packed layout (one prompt | chosen | rejected row a pair, the LM head
+    on completion positions only, in chunks) wherever `paths.packed_path_ok` holds for the model; else TRL's own,
+    with one warning (engine/training.py). Losses, gradients and TRL's metrics stay TRL's (test_train_packed.py)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -84,18 +89,16 @@ class _DPOTrainerWithReferenceLogps(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         weight = inputs.pop(WEIGHT_COLUMN, None)
+        # TRL's one policy call, model(..., fused_lm_head=True), answered on the engine's packed layout where it
+        # holds (each prompt once; engine/training.py), else by the model: the rest is TRL's own loss and metrics
+        policy = policy_for(self, model, inputs)
         if weight is None:
-            return super()._compute_loss(model, inputs, return_outputs)
+            return super()._compute_loss(policy, inputs, return_outputs)
         if (self.loss_types != ["sigmoid"] or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None
                 or self.use_weighting or not self.precompute_ref_logps or return_outputs):
             raise ValueError("the weighted DPO loss is the sigmoid loss with precomputed reference log-probs")
-        captured = {}
-        handle = model.register_forward_hook(lambda module, args, output: captured.__setitem__("out", output))
-        try:
-            super()._compute_loss(model, inputs, return_outputs=False)  # TRL's forward and metrics
-        finally:
-            handle.remove()
-        outputs = captured["out"]
+        super()._compute_loss(policy, inputs, return_outputs=False)  # TRL's forward and metrics
+        outputs = policy.output
         seq_len = inputs["completion_mask"].size(1) - 1
         chosen_logps, rejected_logps = outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
         delta_score = (chosen_logps - inputs["ref_chosen_logps"]) - (rejected_logps - inputs["ref_rejected_logps"])

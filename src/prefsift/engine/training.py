@@ -1,0 +1,218 @@
+"""The policy's forward of DPO training on the engine's packed layout, with gradients.
+
+TRL 1.16's `DPOTrainer._compute_loss` gets the policy's per-token log-probs from one call,
+`model(input_ids, attention_mask, labels, fused_lm_head=True)`, on its padded layout: two rows a pair (prompt |
+chosen, prompt | rejected), so every prompt runs twice. `PackedPolicy` stands in for `model` in that one call and
+answers it from the packed layout instead (`forward.packed_batch` / `packed_logps`: one `prompt | chosen | rejected`
+row a pair, the rejected tokens blind to the chosen ones, the LM head in chunks on completion positions only), built
+from the very tokens of TRL's batch (after its truncation). Everything after that call (the loss types, the
+reference log-ratios, the metrics TRL logs) is TRL's own code on the answer.
+
+The answer is a `FusedCausalLMOutput` of TRL's shape (2 × pairs, width - 1) whose rows sum to the packed sums:
+each row holds its completion's summed log-prob at its first completion position and zeros elsewhere, so TRL's
+`.sum(dim=1)` gives the sums exactly. The losses that need per-token log-probs (`sft`, WPO's `use_weighting`, LD-DPO's
+`ld_alpha`) keep TRL's own forward (`packed_unsupported`). The metrics' per-token fields (entropy, the mean logit,
+whether the label is the top token) are computed, without gradient, from the completion positions' logits as the
+chunked head produces them (a hook on the LM head), so TRL logs the same `entropy`, `logits/chosen`,
+`logits/rejected` and `mean_token_accuracy`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from trl.trainer.utils import FusedCausalLMOutput
+
+from prefsift.engine.forward import _backbone_and_head, _scale_logits, packed_batch, packed_logps
+from prefsift.engine.tokenize import TokenizedPair
+
+_TRL_CALL = {"input_ids", "attention_mask", "labels", "use_cache"}  # the keywords of TRL's policy call
+
+
+def batch_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion: torch.Tensor
+                ) -> list[TokenizedPair] | None:
+    """TRL's collated batch as the pairs it holds, after TRL's truncation: rows 0..n-1 are prompt | chosen, rows
+    n..2n-1 prompt | rejected, right-padded; `completion` marks the completion tokens (TRL's `completion_mask`, or
+    `labels != -100`). None when a pair's rows are not one prompt followed by its completion (e.g. `keep_end`
+    truncation cut the two prompts differently)."""
+    ids, lengths, marks = input_ids.tolist(), attention_mask.sum(1).tolist(), completion.long().tolist()
+    n = len(ids) // 2
+    out = []
+    for b in range(n):
+        parts = []
+        for row in (b, n + b):
+            length = lengths[row]
+            n_prompt = length - sum(marks[row][:length])
+            if marks[row][:length] != [0] * n_prompt + [1] * (length - n_prompt) or any(marks[row][length:]):
+                return None
+            parts.append((ids[row][:n_prompt], ids[row][n_prompt:length]))
+        (prompt, chosen), (prompt_r, rejected) = parts
+        if prompt != prompt_r:
+            return None
+        out.append(TokenizedPair(prompt, chosen, rejected))
+    return out
+
+
+def _slots(pairs: list[TokenizedPair]) -> tuple[list[int], list[int]]:
+    """(TRL row, TRL column) of each scored token, in the order `packed_batch` lists them: pair by pair, its chosen
+    tokens then its rejected ones. Token k of a completion is TRL's label at column n_prompt - 1 + k (labels are
+    shifted by one); the first one is unscored after an empty prompt, in both layouts."""
+    n = len(pairs)
+    rows, cols = [], []
+    for b, pair in enumerate(pairs):
+        n_p = len(pair.prompt_ids)
+        for row, ids in ((b, pair.chosen_ids), (n + b, pair.rejected_ids)):
+            for k in range(len(ids)):
+                if n_p - 1 + k >= 0:
+                    rows.append(row)
+                    cols.append(n_p - 1 + k)
+    return rows, cols
+
+
+class _HeadStats:
+    """Per-token entropy, mean logit and top-1 of the LM head's output chunks during a packed pass, without
+    gradient: a forward hook on the head, which `packed_logps` calls once a chunk of completion positions, in
+    order."""
+
+    def __init__(self, config, targets: torch.Tensor) -> None:
+        self.config, self.targets, self.done = config, targets, 0
+        self.entropy, self.mean, self.top1 = [], [], []
+
+    def __call__(self, module, args, output) -> None:
+        with torch.no_grad():
+            logits = _scale_logits(self.config, output.detach().float())
+            logps = logits.log_softmax(-1)
+            targets = self.targets[self.done:self.done + len(logits)]
+            self.done += len(logits)
+            self.entropy.append(-(logps.exp() * logps).sum(-1))
+            self.mean.append(logits.mean(-1))
+            self.top1.append(logits.argmax(-1) == targets)  # argmax: the first maximum, as TRL's is_top1
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.cat(self.entropy), torch.cat(self.mean), torch.cat(self.top1)
+
+
+def packed_policy_logps(model, pairs: list[TokenizedPair], pad_id: int, stats: bool = False
+                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """(n, 2) summed chosen / rejected log-probs of `pairs` on the packed layout, differentiable (float64), and, when
+    `stats`, the per-token (entropy, mean logit, top-1) of the scored tokens in `packed_batch`'s order."""
+    batch = packed_batch(model, pairs, pad_id)
+    if not stats:
+        return packed_logps(model, batch), None
+    base, _, head = _backbone_and_head(model)
+    recorder = _HeadStats(base.config, batch.targets)
+    handle = head.register_forward_hook(recorder)
+    try:
+        sums = packed_logps(model, batch)
+    finally:
+        handle.remove()
+    return sums, recorder.tensors()
+
+
+def packed_output(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_id: int
+                  ) -> FusedCausalLMOutput | None:
+    """What TRL's `model(input_ids, attention_mask, labels=labels, fused_lm_head=True)` returns, computed on the
+    packed layout: `log_probs` (2n, width - 1) whose rows sum to the packed sums (each at the row's first label
+    column), and the metrics' per-token fields at TRL's columns. None when the batch is not TRL's pair layout."""
+    completion = labels != -100
+    pairs = batch_pairs(input_ids, attention_mask, completion)
+    if pairs is None or input_ids.shape[1] < 2:
+        return None
+    sums, (entropy, mean, top1) = packed_policy_logps(model, pairs, pad_id, stats=True)
+    device, shape = sums.device, (input_ids.shape[0], input_ids.shape[1] - 1)
+    n = len(pairs)
+    rows, cols = (torch.tensor(x, dtype=torch.long, device=device) for x in _slots(pairs))
+    label_mask = completion[:, 1:].to(device)
+    # each row's sum at its first label column (column 0 for a row without one, whose sum is 0)
+    first = torch.where(label_mask.any(1), label_mask.float().argmax(1), 0)
+    row_ids = torch.arange(2 * n, device=device)
+    log_probs = torch.zeros(shape, dtype=torch.float32, device=device).index_put(
+        (row_ids, first), torch.cat([sums[:, 0], sums[:, 1]]).float())
+
+    def spread(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, device=device).index_put_((rows, cols), values.to(dtype))
+
+    return FusedCausalLMOutput(log_probs=log_probs, entropy=spread(entropy, torch.float32),
+                               mean_logits=spread(mean, torch.float32), is_top1=spread(top1, torch.bool),
+                               label_mask=label_mask)
+
+
+def packed_unsupported(trainer) -> str | None:
+    """Why a DPO trainer's policy forward cannot take the packed layout (None: it can): what TRL's loss reads
+    besides each completion's summed log-prob, or a model wrapped or shaped in a way the packed forward does not
+    handle. Checked once a trainer."""
+    from peft import PeftModel
+
+    if "sft" in trainer.loss_types or trainer.use_weighting or trainer.ld_alpha is not None:
+        return "its loss reads per-token log-probs (sft, use_weighting or ld_alpha)"
+    if trainer.aux_loss_enabled:
+        return "the model's router loss comes from its own forward"
+    if getattr(trainer, "_is_vision_dataset", False):
+        return "vision inputs"
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return "DeepSpeed and FSDP run the model's own forward"
+    if isinstance(trainer.model, PeftModel) and trainer.model.active_peft_config.is_prompt_learning:
+        return "prompt-learning adapters add virtual tokens"
+    return None
+
+
+class PackedPolicy:
+    """Stands in for the policy in TRL's `_compute_loss`: the call `model(..., labels=..., fused_lm_head=True)` is
+    answered on the packed layout (under the trainer's autocast: accelerate puts autocast on the model's own forward,
+    which the packed pass goes around); any other call, or a batch the packed layout cannot hold, goes to the model.
+    `output`: the last answer to the fused call, whichever way it came."""
+
+    def __init__(self, model, pad_id: int, autocast=contextlib.nullcontext, packed: bool = True) -> None:
+        self.model, self.pad_id, self.autocast, self.packed = model, pad_id, autocast, packed
+        self.output = None
+        self.packed_calls = 0
+
+    def __call__(self, *args, fused_lm_head: bool = False, **kwargs):
+        out = None
+        if self.packed and fused_lm_head and not args and set(kwargs) <= _TRL_CALL and "labels" in kwargs:
+            with self.autocast():
+                out = packed_output(self.model, kwargs["input_ids"], kwargs["attention_mask"], kwargs["labels"],
+                                    self.pad_id)
+            self.packed_calls += out is not None
+        if out is None:
+            out = self.model(*args, fused_lm_head=fused_lm_head, **kwargs) if fused_lm_head else self.model(
+                *args, **kwargs)
+        if fused_lm_head:
+            self.output = out
+        return out
+
+
+def policy_for(trainer, model, inputs) -> PackedPolicy:
+    """What `trainer._compute_loss` calls as the policy for `inputs`: the packed forward when it holds for this
+    trainer and model, else the model itself (through the same recorder). Decided once a trainer, on its first
+    batch: `packed_unsupported`, a model wrapped for distributed training (DDP's gradient hooks run in its own
+    forward), then `paths.packed_path_ok` on the batch's first pair (once a model and process). Any failure warns
+    once and keeps TRL's own forward."""
+    from prefsift.engine.paths import packed_path_ok
+
+    pad = trainer._tokenizer.pad_token_id
+    if getattr(trainer, "_prefsift_packed", None) is None:
+        reason = packed_unsupported(trainer)
+        if reason is None and trainer.accelerator.unwrap_model(model) is not model:
+            reason = f"the model is wrapped ({type(model).__name__})"
+        pairs = None if reason else batch_pairs(inputs["input_ids"], inputs["attention_mask"],
+                                                inputs["completion_mask"])
+        if reason is None and not pairs:
+            reason = "TRL's batch is not one prompt and its completion a row (truncation_mode keep_end?)"
+        if reason is None:
+            was_training = model.training
+            model.eval()  # no dropout, no activation checkpointing under inference mode
+            try:
+                with warnings.catch_warnings():  # one warning, this one, says why
+                    warnings.simplefilter("ignore")
+                    ok = packed_path_ok(model, pairs[0], pad)
+            finally:
+                model.train(was_training)
+            if not ok:
+                reason = f"the packed forward does not reproduce {type(model).__name__}'s own forward"
+        if reason is not None:
+            warnings.warn(f"DPO training runs TRL's own forward, not prefsift's packed one: {reason}", stacklevel=3)
+        trainer._prefsift_packed = reason is None
+    return PackedPolicy(model, pad, trainer.accelerator.autocast, packed=trainer._prefsift_packed)

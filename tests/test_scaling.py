@@ -9,8 +9,17 @@ import math
 import numpy as np
 import pytest
 
+import prefsift.scaling
 from prefsift.errors import PrefsiftError
-from prefsift.scaling import fit_plateau, plan_share, plateau, read_points, share_for, write_scaling_report
+from prefsift.scaling import (
+    fit_plateau,
+    plan_share,
+    plateau,
+    read_points,
+    share_for,
+    summary_markdown,
+    write_scaling_report,
+)
 
 TRUE = {"r": 0.82, "a": 0.50, "b": 6.0}
 SHARES = np.repeat([0.0, 0.1, 0.25, 0.5, 0.75, 1.0], 3)  # the paper's protocol, 3 seeds
@@ -84,6 +93,48 @@ def test_csv_in_percent_and_the_report(tmp_path):
     assert record["plan"]["share"] == pytest.approx(math.log(20) / fit.params["b"])
     assert files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "of the plateau gain is reached" in files["markdown"].read_text()
+
+
+def test_failed_bootstrap_refits_are_counted_and_printed(monkeypatch):
+    x, y = noisy_points(4)
+    real, calls = prefsift.scaling._curve_fit, {"n": 0}
+
+    def every_fifth_refit_fails(xs, ys, p0=None):
+        if p0 is not None:  # a refit (the first fit has no start)
+            calls["n"] += 1
+            if calls["n"] % 5 == 0:
+                raise RuntimeError("Optimal parameters not found: maxfev reached")
+        return real(xs, ys, p0)
+
+    monkeypatch.setattr(prefsift.scaling, "_curve_fit", every_fifth_refit_fails)
+    fit = fit_plateau(x, y, interval="bootstrap", n_boot=50, seed=0)
+    assert (fit.n_boot, fit.failed_refits, len(fit.boot_b)) == (50, 10, 40)
+    text = summary_markdown(fit, plan_share(fit))
+    assert "bootstrap (50 refits, 10 failed to converge and are left out of the percentiles)" in text
+    monkeypatch.setattr(prefsift.scaling, "_curve_fit", lambda xs, ys, p0=None: (
+        real(xs, ys) if p0 is None else (_ for _ in ()).throw(RuntimeError("no"))))
+    with pytest.raises(PrefsiftError, match="50 of 50 refits"):
+        fit_plateau(x, y, interval="bootstrap", n_boot=50)
+    monkeypatch.undo()
+    clean = fit_plateau(x, y, interval="bootstrap", n_boot=30, seed=0)
+    assert clean.failed_refits == 0 and "none failed to converge" in summary_markdown(clean, plan_share(clean))
+    assert fit_plateau(x, y).n_boot == 0  # covariance intervals: no refits
+
+
+def test_the_plan_prints_its_interval_and_says_when_it_is_uninformative():
+    fit = fit_plateau(SHARES, plateau(SHARES, **TRUE) + np.random.default_rng(5).normal(0, 0.005, len(SHARES)))
+    plan = plan_share(fit)
+    text = summary_markdown(fit, plan)
+    assert plan.informative and "uninformative" not in text
+    assert f"of the data (95% interval {plan.interval[0]:.1%} to {plan.interval[1]:.1%})**" in text
+    # a curve the points barely bend: b's interval reaches 0, x*'s runs to infinity
+    flat_y = 0.5 + 0.02 * SHARES + np.random.default_rng(6).normal(0, 0.02, len(SHARES))
+    flat = fit_plateau(SHARES, flat_y)
+    vague = plan_share(flat)
+    assert not vague.informative
+    text = summary_markdown(flat, vague)
+    assert "The plan is uninformative: its interval runs past all of the data" in text
+    assert "95% interval" in text.split("**")[1]  # beside the planned share, in the same bold sentence
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):

@@ -4,7 +4,8 @@
 x is the share of the training data in [0, 1] (a CSV in percent is read as percent / 100, so b here is 100 × the
 paper's per-percent b: the paper's HH fit b = 0.3/% is 30 here). a is the score with no alignment data, r the
 plateau, b the rate. The share reaching a part q of the gain r − a solves R(x) − a = q(r − a): x* = −ln(1 − q)/b,
-independent of a and r; its interval is b's interval mapped through that (monotone) formula.
+independent of a and r; its interval is b's interval mapped through that (monotone) formula, and is printed beside
+x* wherever x* is. A plan whose interval runs past all of the data is uninformative (`Plan.informative`) and says so.
 
     points = read_points("scaling.csv")            # columns share (or percent) and score; one row a run/seed
     fit = fit_plateau(points.share, points.score)  # parameters, intervals (covariance or bootstrap), R²
@@ -77,6 +78,8 @@ class PlateauFit:
     share: np.ndarray = field(repr=False)
     score: np.ndarray = field(repr=False)
     boot_b: np.ndarray | None = field(default=None, repr=False)
+    n_boot: int = 0  # bootstrap refits attempted (0 for covariance intervals)
+    failed_refits: int = 0  # of those, the ones the optimizer could not fit: left out of the percentiles, counted
 
     def predict(self, x) -> np.ndarray:
         return plateau(x, **self.params)
@@ -116,7 +119,7 @@ def fit_plateau(share, score, *, level: float = 0.95, interval: str = "covarianc
     r2 = float(1 - (residuals ** 2).sum() / total) if total > 0 else float("nan")
     stderr = np.sqrt(np.clip(np.diag(covariance), 0, None))
     params = dict(zip(PARAMS, map(float, estimate), strict=True))
-    boot_b = None
+    boot_b, n_tried, failed = None, 0, 0
     if interval == "covariance":
         q = student_t.ppf(0.5 + level / 2, len(x) - 3)
         intervals = {k: (float(v - q * s), float(v + q * s)) for k, v, s in zip(PARAMS, estimate, stderr, strict=True)}
@@ -129,14 +132,17 @@ def fit_plateau(share, score, *, level: float = 0.95, interval: str = "covarianc
             try:
                 draws.append(_curve_fit(x, fitted + rng.choice(residuals, len(x)), tuple(estimate))[0])
             except RuntimeError:
-                continue  # a resample the optimizer cannot fit is left out
+                continue  # a resample the optimizer cannot fit is left out of the percentiles, and counted
+        n_tried, failed = n_boot, n_boot - len(draws)
+        if len(draws) < 2:
+            raise PrefsiftError(f"the plateau fit's bootstrap failed: {failed} of {n_boot} refits did not converge")
         boot = np.array(draws)
         lo, hi = np.quantile(boot, [0.5 - level / 2, 0.5 + level / 2], axis=0)
         intervals = {k: (float(lo[i]), float(hi[i])) for i, k in enumerate(PARAMS)}
         stderr = boot.std(0, ddof=1)
         boot_b = boot[:, 2]
     return PlateauFit(params, intervals, dict(zip(PARAMS, map(float, stderr), strict=True)), r2, level, interval,
-                      x, y, boot_b)
+                      x, y, boot_b, n_tried, failed)
 
 
 @dataclass
@@ -148,6 +154,12 @@ class Plan:
     reached_within_data: bool  # x* ≤ 1: the measured data reach that part of the gain
     extrapolated: bool  # x* beyond the largest measured share
     saved_cost: float | None = None  # `full_cost` × saved, in the unit full_cost was given
+
+    @property
+    def informative(self) -> bool:
+        """Whether the interval of x* says anything: False when it runs past all of the data (up to ∞ when b's
+        interval reaches 0), so the fit cannot tell whether any share short of the full data reaches the part."""
+        return math.isfinite(self.interval[1]) and self.interval[1] <= 1.0
 
 
 def share_for(part: float, b: float) -> float:
@@ -187,8 +199,12 @@ def plot_fit(fit: PlateauFit, path: str | Path, plan: Plan | None = None, *, tit
             label=f"R(x) = {r:.3g} − ({r:.3g} − {a:.3g})·exp(−{b:.3g}·x),  R² = {fit.r2:.3f}")
     ax.axhline(r, color="tab:blue", linestyle=":", linewidth=1, label="plateau r")
     if plan is not None and math.isfinite(plan.share) and plan.share <= grid.max():
+        low, high = plan.interval
         ax.axvline(plan.share * 100, color="tab:red", linestyle="--", linewidth=1,
-                   label=f"{plan.part:.0%} of the gain at {plan.share:.1%} of the data")
+                   label=f"{plan.part:.0%} of the gain at {_pct(plan.share)} of the data ({fit.level:.0%} interval "
+                         f"{_pct(low)} to {_pct(high)}" + ("; uninformative)" if not plan.informative else ")"))
+        if math.isfinite(low):
+            ax.axvspan(low * 100, min(high, float(grid.max())) * 100, color="tab:red", alpha=0.08)
     ax.set_xlabel("share of the training data (%)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -227,26 +243,49 @@ def _pct(x: float) -> str:
     return f"{x:.1%}" if x <= 10 else "> 1000%"  # ten times the data: an extrapolation, its digits mean nothing
 
 
+def interval_method(fit: PlateauFit) -> str:
+    """How the fit's intervals were made, with the bootstrap's failed refits counted: "bootstrap (1000 refits, 3
+    failed to converge and are left out of the percentiles)"."""
+    if fit.method != "bootstrap":
+        return f"{fit.method}"
+    failed = ("none failed to converge" if not fit.failed_refits else
+              f"{fit.failed_refits} failed to converge and {'is' if fit.failed_refits == 1 else 'are'} left out of "
+              "the percentiles")
+    return f"bootstrap ({fit.n_boot} refits, {failed})"
+
+
+def plan_sentences(fit: PlateauFit, plan: Plan, pct=_pct) -> list[str]:
+    """The planned share with its interval beside it, what it saves, and what the plan cannot say: uninformative when
+    the interval runs past all of the data, an extrapolation beyond the largest measured share."""
+    level = f"{fit.level:.0%}"
+    lines = [f"**{plan.part:.0%} of the plateau gain is reached at {pct(plan.share)} of the data ({level} interval "
+             f"{pct(plan.interval[0])} to {pct(plan.interval[1])})**, saving {plan.saved:.0%} of the full run's "
+             "training compute" + (f" ({plan.saved_cost:.4g} in the full run's unit)." if plan.saved_cost is not None
+                                   else ".")]
+    if not plan.informative:
+        lines.append(f"The plan is uninformative: its interval runs past all of the data, so the fit cannot tell "
+                     f"whether any share short of the full data reaches {plan.part:.0%} of the gain, nor what it "
+                     "saves. More shares, more seeds or larger test sets narrow it.")
+    if not plan.reached_within_data:
+        lines.append(f"The fit does not reach {plan.part:.0%} of its plateau within the available data.")
+    elif plan.extrapolated:
+        lines.append(f"x* lies beyond the largest measured share ({fit.share.max():.0%}): an extrapolation.")
+    return lines
+
+
 def summary_markdown(fit: PlateauFit, plan: Plan, *, plot: str | None = None) -> str:
-    """A Markdown summary: the parameters with intervals, R², x* and what it saves."""
+    """A Markdown summary: the parameters with intervals (and the bootstrap's failed refits), R², x* with its
+    interval, what it saves, and whether the plan is informative."""
     level = f"{fit.level:.0%}"
     lines = ["## Data scaling", "",
              f"Fit of R(x) = r − (r − a)·exp(−b·x) to {len(fit.share)} points (x: share of the data); "
-             f"{level} intervals by {fit.method}.", "",
+             f"{level} intervals by {interval_method(fit)}.", "",
              f"| parameter | estimate | {level} interval |", "|---|---|---|"]
     meaning = {"r": "plateau r", "a": "no-data score a", "b": "rate b (per unit share)"}
     for k in PARAMS:
         lo, hi = fit.intervals[k]
         lines.append(f"| {meaning[k]} | {fit.params[k]:.4g} | {lo:.4g} to {hi:.4g} |")
-    lines += ["", f"R² = {fit.r2:.3f}.", "",
-              f"**{plan.part:.0%} of the plateau gain is reached at {_pct(plan.share)} of the data** "
-              f"({level} interval {_pct(plan.interval[0])} to {_pct(plan.interval[1])}), saving "
-              f"{plan.saved:.0%} of the full run's training compute"
-              + (f" ({plan.saved_cost:.4g} in the full run's unit)." if plan.saved_cost is not None else ".")]
-    if not plan.reached_within_data:
-        lines.append(f"The fit does not reach {plan.part:.0%} of its plateau within the available data.")
-    elif plan.extrapolated:
-        lines.append(f"x* lies beyond the largest measured share ({fit.share.max():.0%}): an extrapolation.")
+    lines += ["", f"R² = {fit.r2:.3f}.", "", *plan_sentences(fit, plan)]
     if plot:
         lines += ["", f"![scaling curve]({plot})"]
     return "\n".join(lines) + "\n"
@@ -269,9 +308,9 @@ def write_scaling_report(fit: PlateauFit, plan: Plan, out_dir: str | Path) -> di
     md = out_dir / "scaling.md"
     md.write_text(summary_markdown(fit, plan, plot=png.name), encoding="utf-8")
     record = {"params": fit.params, "intervals": fit.intervals, "stderr": fit.stderr, "r2": fit.r2,
-              "level": fit.level, "method": fit.method, "points": {"share": fit.share.tolist(),
-                                                                   "score": fit.score.tolist()},
-              "plan": _finite(asdict(plan))}
+              "level": fit.level, "method": fit.method, "n_boot": fit.n_boot, "failed_refits": fit.failed_refits,
+              "points": {"share": fit.share.tolist(), "score": fit.score.tolist()},
+              "plan": _finite({**asdict(plan), "informative": plan.informative})}
     path = out_dir / "scaling.json"
     path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     return {"json": path, "markdown": md, "plot": png}

@@ -10,8 +10,9 @@ from helpers import make_pairs, saved_tiny_llama, write_jsonl
 from typer.testing import CliRunner
 
 from prefsift.cli import app
-from prefsift.compare import applicable_methods, resolve_methods
+from prefsift.compare import _legend, applicable_methods, resolve_methods
 from prefsift.scorers import SCORERS
+from prefsift.stats import claims, summarize
 
 
 def test_all_means_what_the_data_and_models_allow():
@@ -42,6 +43,10 @@ def test_compare_cli(tmp_path, bpe_tokenizer):
     for method in ("random", "irm", "margin"):
         assert f"| reference | {method} | 0.25 |" in table
     assert "seconds" in table.splitlines()[2]
+    # the table says which correction its marks survive, over how many tests, and names what survives (or not)
+    assert "Holm's correction (family-wise error ≤ 5%)" in table and "▲ better, ▼ worse" in table
+    assert "*" not in table.split("Δ random:")[0].replace("**", "") and "Significant against random" not in table
+    assert "Holm's correction (family-wise error ≤ 5%) over the table's 2 tests" in table  # irm and margin against random
     assert (out / "quality_vs_compute.png").stat().st_size > 0
     rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())}
     records = json.loads((out / "results.json").read_text())["records"]
@@ -56,6 +61,19 @@ def test_compare_cli(tmp_path, bpe_tokenizer):
         assert abs(rows[method]["pref_accuracy_vs_random"] - np.mean(mine - base)) < 1e-4  # rounded to 4 places
         assert rows[method]["pref_accuracy_vs_random_low"] <= rows[method]["pref_accuracy_vs_random"] \
             <= rows[method]["pref_accuracy_vs_random_high"]
+        assert rows[method]["pref_accuracy_vs_random_verdict"] in (None, "better", "worse")
+        assert 0 <= rows[method]["pref_accuracy_vs_random_p"] <= rows[method]["pref_accuracy_vs_random_p_adjusted"]
+
+
+def test_the_legend_says_when_nothing_survives():
+    rng = np.random.default_rng(0)
+    records = [{"seed": s, "start_from": "reference", "method": m, "budget": b, "fraction": 0.1, "n_pairs": 10,
+                "compute": 1.0, "win_outcomes": rng.integers(0, 2, 300).astype(float).tolist()} for s in range(3)
+               for m, b in (("full", "full"), ("random", "0.1"), ("irm", "0.1"))]  # three rows, all alike
+    rows = summarize(records)
+    text = _legend(rows)
+    assert "No difference survives Holm's correction (family-wise error ≤ 5%) over the table's 5 tests" in text
+    assert "Benjamini-Hochberg (false discovery rate 10%)" in _legend(rows, claims(rows, correction="bh", alpha=0.1))
 
 
 def test_compare_refuses_bad_methods(tmp_path):

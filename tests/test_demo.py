@@ -4,6 +4,7 @@ same results.json, byte for byte."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import pytest
@@ -46,10 +47,18 @@ def test_demo_end_to_end(tmp_path):
 
 @pytest.mark.e2e
 def test_same_seed_same_results_json(tmp_path, monkeypatch):
+    import prefsift.report
+
+    # the commit a run records is the tree's: one committed between the two runs (other work goes on in this tree)
+    # would differ, which is no difference in the results
+    monkeypatch.setattr(prefsift.report, "provenance", lambda: {"prefsift": "x", "commit": "abc1234", "dirty": False})
     config = small(200, seeds=2, start_from="both", methods=["random", "lossdiff-irm", "oracle"])
     first = run_demo(tmp_path / "a", seed=4, config=config, log=lambda _: None)
     run_demo(tmp_path / "b", seed=4, config=config, log=lambda _: None)
     assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
+    written = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert written["provenance"]["commit"] == "abc1234"  # the code it ran on (test_significance: the real one)
+    assert written["significance"]["correction"] == "holm" and written["significance"]["tests"] > 0
     assert {r["seed"] for r in first["records"]} == {4, 5} and {r["start_from"] for r in first["records"]} == {
         "warmup", "reference"}
     assert all(row["n_seeds"] == 2 for row in first["summary"])
@@ -84,3 +93,4 @@ def test_same_seed_same_results_json(tmp_path, monkeypatch):
     # the reference start's scaling fit: random at 10%, the rule's share and the full data over 2 seeds, plus the
     # reference against itself at share 0
     assert "R² =" in md and "points" in md and "7 points" in page
+    assert "Holm's correction" in md and "▲ better, ▼ worse" in md  # the methods table says what its marks mean

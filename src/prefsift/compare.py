@@ -1,6 +1,7 @@
 """`prefsift compare`: every selection rule prefsift has (or a chosen list) on the user's own model and data, at the
 same budgets, through the pipeline and the statistics of `prefsift run` (seeds, 95% intervals, paired differences
-from random at the same budget), with each method's measured cost beside its quality.
+from random at the same budget and from the full data, corrected together: `prefsift.stats`), with each method's
+measured cost beside its quality.
 
 The published rules disagree on which pairs help (the smallest implicit margins, the largest, the easiest first,
 the middle band of influence, an external reward margin, ...); this is where a user finds out which wins on theirs.
@@ -17,6 +18,7 @@ from prefsift.config import RunConfig
 from prefsift.errors import ConfigError
 from prefsift.report import markdown_table
 from prefsift.scorers import SCORERS, get_scorer, parse_methods
+from prefsift.stats import Family, annotate, claims
 
 # Roles a run provides whatever the user gives: the SFT model as reference, the warm-up policy and validation model
 # it trains, the validation split, and an embedder (the SFT model's last-token state unless one is named).
@@ -73,23 +75,43 @@ def compare(config: RunConfig, *, log=print) -> dict:
         seconds = mean_seconds(results["records"])
         rows = [{**row, "seconds": round(seconds[(row["start_from"], row["method"], row["budget"])], 1)}
                 for row in results["summary"]]
+        family = claims(rows)  # the table's tests, corrected together (Holm unless prefsift.stats says else)
+        rows = annotate(rows, family)
         table.update(rows=rows, markdown=markdown_table(rows))
-        (out / "compare.md").write_text("# prefsift compare\n\n" + table["markdown"] + "\n" + _legend(rows))
+        (out / "compare.md").write_text("# prefsift compare\n\n" + table["markdown"] + "\n" + _legend(rows, family))
         (out / "compare.json").write_text(json.dumps(rows, indent=1, allow_nan=False) + "\n")
 
     results = run_staged(config, log=log, finish=write_table)
     return {**results, "summary": table["rows"], "markdown": table["markdown"]}
 
 
-def _legend(rows: list[dict]) -> str:
-    significant = sorted({(r["method"], r["budget"]) for r in rows
-                          if any(r.get(f"{m}_vs_random_significant") for m in ("win_rate", "pref_accuracy"))})
-    lines = ["Δ random: paired difference from random at the same budget (same seeds, same test items), 95% "
-             "two-way bootstrap interval; * marks an interval that excludes 0. `seconds`: measured, mean over "
-             "seeds (scoring passes, the trainings a score needs, the subset's training); `compute × full`: pair "
-             "passes against training on all pairs.", ""]
-    if significant:
-        lines.append("Significant against random: " + ", ".join(f"{m} @ {b}" for m, b in significant) + ".")
-    else:
-        lines.append("No method differs significantly from random here.")
+def _named(claims: list) -> str:
+    """`method @ budget (start: metric, metric)`, one entry a (start, method, budget)."""
+    groups: dict[tuple, list[str]] = {}
+    for c in claims:
+        groups.setdefault((c.method, c.budget, c.start_from), []).append(c.metric)
+    return ", ".join(f"{m} @ {b} ({s}: {', '.join(metrics)})" for (m, b, s), metrics in sorted(groups.items()))
+
+
+def _legend(rows: list[dict], family: Family | None = None) -> str:
+    """What the columns are, then each surviving claim by name: better or worse than random, better or worse than
+    full, non-inferior to full; or that none survives the correction."""
+    family = family or claims(rows)
+    lines = ["Δ random: paired difference from random at the same budget (same seeds, same test items); Δ full: "
+             "from the full data. `seconds`: measured, mean over seeds (scoring passes, the trainings a score needs, "
+             "the subset's training); `compute × full`: pair passes against training on all pairs.", ""]
+    found = []
+    for against in ("random", "full"):
+        for verdict in ("better", "worse"):
+            picked = [c for c in family.survivors(verdict) if c.against == against]
+            if picked:
+                found.append(f"{verdict.capitalize()} than {against}: {_named(picked)}.")
+    picked = family.survivors("non-inferior")
+    if picked:
+        found.append(f"Non-inferior to full (margin {family.margin:g}): {_named(picked)}.")
+    rule = f"{family.rule()} over the table's {len(family.claims)} tests"
+    if found:
+        lines.append(f"Surviving {rule}: " + " ".join(found))
+    elif family.claims:
+        lines.append(f"No difference survives {rule}: no method here is shown better or worse than random or full.")
     return "\n".join(lines) + "\n"

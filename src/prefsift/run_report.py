@@ -1,6 +1,7 @@
 """`prefsift report RUN_DIR`: one self-contained HTML page (plots inline) and a Markdown version over a run, demo or
-compare directory: the methods table with intervals, quality against compute, the data-scaling curve when the run
-measured enough budgets, and each method's score distribution with the pairs its rule keeps marked."""
+compare directory: the methods table with intervals and its tests corrected together, quality against compute, the
+data-scaling curve when the run measured enough budgets, and each method's score distribution with the pairs its
+rule keeps marked."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from prefsift.errors import PrefsiftError
 from prefsift.output import temp_sibling
 from prefsift.report import markdown_table
 from prefsift.scaling import fit_plateau, plan_share, plot_fit, scaling_points, summary_markdown
+from prefsift.stats import METRICS, summarize
 
 
 def _score_dir(run_dir: Path) -> Path | None:
@@ -93,9 +95,21 @@ def _html_table(markdown: str) -> str:
     return "\n".join(out) + "</tbody></table>"
 
 
+def resummarize(records: list[dict], summary: list[dict]) -> list[dict]:
+    """The summary recomputed from the records' per-item outcomes with this prefsift's statistics (ceilings as the
+    stored summary marks them), so a report over an older run has the same intervals and tests as a new one; the
+    stored summary when the records carry no outcomes."""
+    if not records or not all(any(f in r for f in METRICS.values()) for r in records):
+        return summary
+    return summarize(records, ceilings={r["method"] for r in summary if r.get("ceiling")})
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, method: str = "random",
-                 metric: str | None = None, start_from: str | None = None) -> dict[str, Path]:
-    """report.html (self-contained) and report.md (+ its PNGs) under `out_dir` (default: `run_dir`)."""
+                 metric: str | None = None, start_from: str | None = None, correction: str | None = None,
+                 alpha: float | None = None, margin: float | None = None) -> dict[str, Path]:
+    """report.html (self-contained) and report.md (+ its PNGs) under `out_dir` (default: `run_dir`). The methods
+    table corrects its tests together: `correction` ("holm" or "bh"), `alpha` and the non-inferiority `margin`
+    default to `prefsift.stats`'s CORRECTION, ALPHA and MARGIN."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     path = run_dir / "results.json"
@@ -112,9 +126,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, meth
     starts = [r["start_from"] for r in records]
     start_from = start_from or ("reference" if "reference" in starts else (starts[0] if starts else "reference"))
     sections: list[tuple[str, str, Path | None]] = []  # (title, markdown text, image)
-    table = markdown_table(summary)
-    sections.append(("Methods", table + "\nΔ: paired difference (same seeds, same test items) with its 95% "
-                     "interval; * marks an interval that excludes 0.", None))
+    summary = resummarize(records, summary)
+    table = markdown_table(summary, correction=correction, alpha=alpha, margin=margin)
+    sections.append(("Methods", "Δ: paired difference from random at the same budget and from the full data (same "
+                     "seeds, same test items).\n\n" + table, None))
     plot = run_dir / "quality_vs_compute.png"
     if plot.is_file():
         sections.append(("Quality against compute", "", plot))

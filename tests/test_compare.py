@@ -46,7 +46,7 @@ def test_compare_cli(tmp_path, bpe_tokenizer):
     # the table says which correction its marks survive, over how many tests, and names what survives (or not)
     assert "Holm's correction (family-wise error ≤ 5%)" in table and "▲ better, ▼ worse" in table
     assert "*" not in table.split("Δ random:")[0].replace("**", "") and "Significant against random" not in table
-    assert "Holm's correction (family-wise error ≤ 5%) over the table's 2 tests" in table  # irm and margin against random
+    assert "Holm's correction (family-wise error ≤ 5%) over the table's 2 tests" in table  # irm, margin vs random
     assert (out / "quality_vs_compute.png").stat().st_size > 0
     rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())}
     records = json.loads((out / "results.json").read_text())["records"]

@@ -26,9 +26,9 @@ difference from the full data is also tested for non-inferiority (H0: method −
 every such test of a summary's rows (ceiling rows, which select by hidden labels, aside) and corrects them together:
 Holm's step-down (family-wise error ≤ alpha, under any dependence between the tests) by default, or
 Benjamini-Hochberg (false discovery rate ≤ alpha for independent or positively dependent tests; differences from
-one shared random or full row are close to the latter, and tests/test_significance.py measures it on such tables). A difference that survives is "better" or "worse"; a
-non-inferiority test that survives makes the method "non-inferior" to full within the margin. The intervals shown
-are each comparison's own 95% interval, not corrected.
+one shared random or full row are close to the latter, and tests/test_significance.py measures it on such tables).
+A difference that survives is "better" or "worse"; a non-inferiority test that survives makes the method
+"non-inferior" to full within the margin. The intervals shown are each comparison's own 95% interval, not corrected.
 """
 
 from __future__ import annotations

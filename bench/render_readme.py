@@ -7,7 +7,10 @@ README.md's tested walkthrough, copied into the manual.
     python bench/render_readme.py --check  # changes nothing; exits 1 naming each stale file and block
 
 The output is deterministic: the same results files give the same text, byte for byte (the demo's plateau fit
-bootstraps with a fixed seed and says how many refits failed).
+bootstraps with a fixed seed and says how many refits failed). The method tables and the `*-findings` sentences
+beside them are rendered from each file's summary as `prefsift.stats.summarize` computes it from the file's records
+today (its intervals, and its tests corrected together); a stored summary that differs is rewritten (--check names
+it), so a change to the statistics reaches every table, sentence and results file at once.
 """
 
 from __future__ import annotations
@@ -25,21 +28,137 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 
+def resummarized(path: Path) -> dict:
+    """A results file with its summary recomputed from its records' per-item outcomes by this prefsift's statistics
+    (ceilings as the stored summary marks them): the tables and sentences are rendered from it, and `main` writes it
+    back when the stored summary differs (--check names the file instead)."""
+    from prefsift.stats import summarize
+
+    if path not in _summaries:
+        record = json.loads(path.read_text())
+        ceilings = {r["method"] for r in record["summary"] if r.get("ceiling")}
+        _summaries[path] = {**record, "summary": summarize(record["records"], ceilings=ceilings)}
+    return _summaries[path]
+
+
+_summaries: dict[Path, dict] = {}
+
+
+def code(record: dict) -> str:
+    """The commit a result ran on, as bench/demo.py records it (`abc1234`, `+changes` when the tree was dirty)."""
+    commit = record.get("commit")
+    if not commit:
+        return "commit not recorded"
+    head, _, dirty = commit.partition("+")
+    return f"commit {head}" + (", from a tree with uncommitted changes" if dirty else "")
+
+
 def demo_table(path: Path) -> str:
-    record = json.loads(path.read_text())
+    record = resummarized(path)
     m = record["machine"]
     load = f", load average {m['load_average_1min']} when it ended" if "load_average_1min" in m else ""
-    head = (f"`{record['command']}`: {record['wall_seconds'] / 60:.1f} minutes on {m['cores']} cores "
-            f"({m['cpu']}, torch {m['torch']}{load}); from `bench/results/{path.name}`.\n\n")
+    head = (f"`{record['command']}` ({code(record)}): {record['wall_seconds'] / 60:.1f} minutes on {m['cores']} "
+            f"cores ({m['cpu']}, torch {m['torch']}{load}); from `bench/results/{path.name}`.\n\n")
     return head + markdown_table(record["summary"])
 
 
 def real_table(path: Path) -> str:
-    record = json.loads(path.read_text())
+    record = resummarized(path)
     m = record["machine"]
-    head = (f"`{record['command']}`: {record['wall_seconds'] / 60:.1f} minutes on {m['cores']} cores "
-            f"({m['cpu']}); {record['description']}; from `bench/results/{path.name}`.\n\n")
+    head = (f"`{record['command']}` ({code(record)}): {record['wall_seconds'] / 60:.1f} minutes on {m['cores']} "
+            f"cores ({m['cpu']}); {record['description']}; from `bench/results/{path.name}`.\n\n")
     return head + markdown_table(record["summary"])
+
+
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:+.3f}" if round(low, 3) == round(high, 3) else f"{low:+.3f} to {high:+.3f}"
+
+
+def _verdicts(family) -> str:
+    """The surviving claims of a family by verdict, each (start, method, budget) once with its metrics."""
+    parts = []
+    for against in ("random", "full"):
+        for verdict in ("better", "worse"):
+            picked = [c for c in family.survivors(verdict) if c.against == against]
+            if picked:
+                parts.append(f"{verdict} than {against}: {_claims(picked)}")
+    picked = family.survivors("non-inferior")
+    if picked:
+        parts.append(f"non-inferior to full within {family.margin:g}: {_claims(picked)}")
+    return "; ".join(parts)
+
+
+def _claims(picked: list) -> str:
+    groups: dict[tuple, list[str]] = {}
+    for c in picked:
+        groups.setdefault((c.method, c.budget, c.start_from), []).append(c.metric.replace("_", " "))
+    return ", ".join(f"`{m}` {_budget(b)} from the {_START.get(s, s)} ({' and '.join(metrics)})"
+                     for (m, b, s), metrics in sorted(groups.items()))
+
+
+_START = {"reference": "SFT model", "warmup": "warm-up model"}
+
+
+def _budget(budget: str) -> str:
+    if budget.endswith(" rule"):
+        return f"at the {budget[:-5]} rule's share"
+    try:
+        return f"at {float(budget):.0%}"
+    except ValueError:
+        return f"at {budget}"
+
+
+def findings(path: Path) -> str:
+    """What the table of a results file shows, in sentences rendered from the file: the claims that survive Holm
+    and Benjamini-Hochberg over the table's tests, how many intervals exclude 0 uncorrected, the ceiling's
+    differences (outside the family), and the measured shares of flipped pairs and compute beside random's."""
+    from prefsift.stats import claims
+
+    record = resummarized(path)
+    summary = record["summary"]
+    holm, bh = claims(summary, correction="holm"), claims(summary, correction="bh")
+    n, diffs = len(holm.claims), holm.differences
+    lines = [f"Over the table's {n} tests ({len(diffs)} differences from random and from full, "
+             f"{len(holm.noninferiority)} non-inferiority tests at margin {holm.margin:g}), "
+             + (f"{holm.rule()} keeps {len(holm.survivors())}: {_verdicts(holm)}." if holm.survivors() else
+                f"{holm.rule()} keeps none: no method is shown better or worse than random or the full data, nor "
+                f"within {holm.margin:g} of full.")
+             + (f" At a {bh.alpha:.0%} false discovery rate (Benjamini-Hochberg, `correction=\"bh\"`) "
+                f"{len(bh.survivors())} survive: {_verdicts(bh)}." if bh.survivors() else
+                f" Benjamini-Hochberg at a {bh.alpha:.0%} false discovery rate keeps none either.")
+             + f" Uncorrected, {sum(c.p < holm.alpha for c in diffs)} of the {len(diffs)} differences have p < "
+             f"{holm.alpha:g}, where about {holm.alpha * len(diffs):.1f} would with no difference anywhere."]
+    ceilings = [r for r in summary if r.get("ceiling")]
+    for name in sorted({r["method"] for r in ceilings}):
+        rows = [{**r, "ceiling": False} for r in ceilings if r["method"] == name]
+        own = claims(rows, correction="holm")  # its differences tested on their own, as a family of their own
+        spans = [f"{'above' if min(v) > 0 else 'from'} {against} by {_span(v)}" for against in ("random", "full")
+                 if (v := [c.difference for c in own.differences if c.against == against])]
+        if spans:
+            lines.append(f"The `{name}` ceiling, outside the table's family (it selects by hidden labels), lies "
+                         f"{' and '.join(spans)} over its rows and metrics; tested as a family of its own, "
+                         f"{own.rule()} keeps {len(own.survivors('better'))} of its {len(own.differences)} "
+                         f"differences as better and {len(own.survivors('worse'))} as worse.")
+    random = {(r["start_from"], r["budget"]): r for r in summary if r["method"] == "random"}
+    methods = [r for r in summary if r["method"] not in ("random", "full") and not r.get("ceiling")
+               and (r["start_from"], r["budget"]) in random]
+    if methods and all("flipped_kept" in r for r in methods):
+        fewer = sorted({r["method"] for r in methods} - {r["method"] for r in methods
+                       if r["flipped_kept"] >= random[(r["start_from"], r["budget"])]["flipped_kept"]})
+        lines.append("Measured in this run (a share, not a test): "
+                     + (f"{', '.join(f'`{m}`' for m in fewer)} kept a smaller share of the flipped pairs than "
+                        "random at every budget and start" if fewer else "no method kept a smaller share of the "
+                                                                          "flipped pairs than random everywhere")
+                     + f" ({len(fewer)} of {len({r['method'] for r in methods})} methods).")
+    if methods and all("compute_ratio" in r for r in methods):
+        cheaper = [r for r in methods if r["compute_ratio"] <= random[(r["start_from"], r["budget"])]["compute_ratio"]]
+        names = sorted({f"`{r['method']}`" for r in cheaper})
+        lines.append(f"Compute (pair passes, measured): {len(methods) - len(cheaper)} of the {len(methods)} method "
+                     "rows used more than random at the same budget and start"
+                     + (f" (the {len(cheaper)} others, of {', '.join(names)}, no more)" if cheaper else "")
+                     + f", and {sum(r['compute_ratio'] > 1 for r in methods)} more than training on all the pairs.")
+    return "\n\n".join(lines) + "\n"
 
 
 def memory_table(path: Path) -> str:
@@ -83,7 +202,7 @@ def demo_scaling(path: Path) -> str:
     refits; refits the optimizer cannot fit are counted and said, not dropped in silence; an interval end out on the
     fit's flat ridge (r beyond what the metric can reach, b so small the curve is a straight line over the data)
     is printed as the bound it lies beyond, since its digits there are float noise."""
-    from prefsift.scaling import PARAMS, fit_plateau, plan_share, scaling_points
+    from prefsift.scaling import PARAMS, fit_plateau, interval_method, plan_sentences, plan_share, scaling_points
 
     def pct(x: float) -> str:  # as `prefsift scale` prints a share: ten times the data is an extrapolation
         return "∞" if not math.isfinite(x) else f"{x:.1%}" if x <= 10 else "> 1000%"
@@ -92,7 +211,6 @@ def demo_scaling(path: Path) -> str:
     metric = "win_rate"
     share, score = scaling_points(record["records"], method="random", metric=metric, start_from="reference")
     fit = fit_plateau(share, score, interval="bootstrap", n_boot=N_BOOT, seed=BOOT_SEED)
-    failed = N_BOOT - (len(fit.boot_b) if fit.boot_b is not None else 0)
     plan = plan_share(fit)
     top = float(max(fit.share))
     bounded = metric in ("win_rate", "pref_accuracy")  # both lie in [0, 1]
@@ -103,10 +221,8 @@ def demo_scaling(path: Path) -> str:
     lines = [f"From `bench/results/{path.name}` (`{record['command']}`): random's rows and the full data's from the "
              "SFT start, win rate against the SFT model.", "",
              f"Fit of R(x) = r − (r − a)·exp(−b·x) to {len(fit.share)} points (x: share of the data); {level} "
-             f"intervals by bootstrap: {N_BOOT} refits to the fitted curve plus resampled residuals (seed "
-             f"{BOOT_SEED}); " + ("none failed to converge." if not failed else f"{failed} failed to converge and "
-                                    f"{'is' if failed == 1 else 'are'} left out of the percentiles."), "",
-             f"| parameter | estimate | {level} interval |", "|---|---|---|"]
+             f"intervals by {interval_method(fit)}, to the fitted curve plus resampled residuals (seed {BOOT_SEED}).",
+             "", f"| parameter | estimate | {level} interval |", "|---|---|---|"]
     ridge = False
     for k in PARAMS:
         (lo, hi), (floor, ceiling) = fit.intervals[k], limits[k]
@@ -118,13 +234,7 @@ def demo_scaling(path: Path) -> str:
         lines += ["", f"An end shown as `<` or `>` a bound lies on the fit's flat ridge, where the curve is a straight "
                       f"line over the measured shares (b·x under {RIDGE:g}) and r and b trade off freely, r beyond "
                       "any win rate: its digits there change with the last bits of the arithmetic, not with the data."]
-    lines += ["", f"**{plan.part:.0%} of the plateau gain is reached at {pct(plan.share)} of the data** ({level} "
-                  f"interval {pct(plan.interval[0])} to {pct(plan.interval[1])}), saving {plan.saved:.0%} of the full "
-                  "run's training compute."]
-    if not plan.reached_within_data:
-        lines.append(f"The fit does not reach {plan.part:.0%} of its plateau within the available data.")
-    elif plan.extrapolated:
-        lines.append(f"x* lies beyond the largest measured share ({top:.0%}): an extrapolation.")
+    lines += ["", *plan_sentences(fit, plan, pct)]
     return "\n".join(lines) + "\n"
 
 
@@ -247,6 +357,10 @@ TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "demo-all-table": (RESULTS / "demo-all.json", demo_table),
           "real-peers-table": (RESULTS / "real-peers.json", real_table),
           "demo-scaling": (RESULTS / "demo.json", demo_scaling),
+          "demo-findings": (RESULTS / "demo.json", findings),
+          "demo-all-findings": (RESULTS / "demo-all.json", findings),
+          "real-findings": (RESULTS / "real.json", findings),
+          "real-peers-findings": (RESULTS / "real-peers.json", findings),
           "kto-ref": (RESULTS / "kto-ref.json", kto_ref_line),
           "analysis-demo": (RESULTS / "analysis-demo.json", analysis_table),
           "analysis-hh": (RESULTS / "analysis-hh.json", analysis_table),
@@ -301,6 +415,18 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 naming each stale block")
     args = parser.parse_args()
     stale, problems = [], []
+    for path in sorted({path for path, render_one in TABLES.values() if render_one in (demo_table, real_table,
+                                                                                          findings)}):
+        if not path.is_file():
+            continue
+        label = str(path.relative_to(ROOT))
+        stored, fresh = json.loads(path.read_text()), resummarized(path)
+        if stored["summary"] != fresh["summary"]:  # the tables are rendered from the fresh one: the file must agree
+            if args.check:
+                stale.append(f"{label}: summary (recomputed from its records by prefsift.stats.summarize)")
+            else:
+                path.write_text(json.dumps(fresh, indent=1) + "\n")
+                print(f"{label}: summary recomputed from its records")
     for path in pages():
         old = path.read_text()
         label = str(path.relative_to(ROOT))

@@ -13,7 +13,7 @@ import numpy as np
 from prefsift.compare import _legend
 from prefsift.report import markdown_table, write_results
 from prefsift.run_report import write_report
-from prefsift.stats import claims, summarize
+from prefsift.stats import claims, settings_of, summarize
 
 TIES = {"win_outcomes": 0.4, "pref_outcomes": 0.05}  # share of tied items: judged ties are common, zero margins rare
 
@@ -160,3 +160,14 @@ def test_report_recomputes_an_older_summary_from_the_records(tmp_path):
     m0 = next(line for line in md.splitlines() if line.startswith("| reference | m0 |"))
     assert "▲" in m0 and "*" not in md and "Holm's correction" in md
     assert "Holm&#x27;s correction" in paths["html"].read_text()  # escaped in the page
+
+
+def test_a_run_configuration_carries_the_family_settings():
+    class Configured:
+        correction, alpha, noninferiority_margin = "bh", 0.1, 0.05
+
+    assert settings_of(Configured()) == {"correction": "bh", "alpha": 0.1, "margin": 0.05}
+    assert settings_of(object()) == {"correction": None, "alpha": None, "margin": None}  # prefsift.stats's defaults
+    rng = np.random.default_rng(6)
+    summary = summarize(table_records(rng, methods=1, budgets=("0.1",), items=100), **settings_of(Configured()))
+    assert "≥ full − 0.05" in markdown_table(summary, **settings_of(Configured())).splitlines()[0]

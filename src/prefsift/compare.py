@@ -18,7 +18,7 @@ from prefsift.config import RunConfig
 from prefsift.errors import ConfigError
 from prefsift.report import markdown_table
 from prefsift.scorers import SCORERS, get_scorer, parse_methods
-from prefsift.stats import Family, annotate, claims
+from prefsift.stats import Family, annotate, claims, settings_of
 
 # Roles a run provides whatever the user gives: the SFT model as reference, the warm-up policy and validation model
 # it trains, the validation split, and an embedder (the SFT model's last-token state unless one is named).
@@ -75,9 +75,10 @@ def compare(config: RunConfig, *, log=print) -> dict:
         seconds = mean_seconds(results["records"])
         rows = [{**row, "seconds": round(seconds[(row["start_from"], row["method"], row["budget"])], 1)}
                 for row in results["summary"]]
-        family = claims(rows)  # the table's tests, corrected together (Holm unless prefsift.stats says else)
+        settings = settings_of(config)  # the table's tests, corrected together (Holm unless configured else)
+        family = claims(rows, **settings)
         rows = annotate(rows, family)
-        table.update(rows=rows, markdown=markdown_table(rows))
+        table.update(rows=rows, markdown=markdown_table(rows, **settings))
         (out / "compare.md").write_text("# prefsift compare\n\n" + table["markdown"] + "\n" + _legend(rows, family))
         (out / "compare.json").write_text(json.dumps(rows, indent=1, allow_nan=False) + "\n")
 

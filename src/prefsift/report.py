@@ -129,21 +129,23 @@ def provenance() -> dict:
     return {**record, "commit": head or None, "dirty": bool(changes)}
 
 
-def write_results(records: list[dict], summary: list[dict], out_dir: Path, title: str = "prefsift results"
+def write_results(records: list[dict], summary: list[dict], out_dir: Path, title: str = "prefsift results", *,
+                  correction: str | None = None, alpha: float | None = None, margin: float | None = None
                   ) -> dict[str, Path]:
     """results.json holds only what the same seed reproduces exactly, with the code it ran on (`provenance`) and
-    the table's tests corrected together (`significance`: `prefsift.stats.claims`); the seconds go to
-    timings.json."""
+    the table's tests corrected together (`significance`: `prefsift.stats.claims` under `correction`, `alpha` and
+    `margin`, by default prefsift.stats's); the seconds go to timings.json."""
+    settings = {"correction": correction, "alpha": alpha, "margin": margin}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "timings": out_dir / "timings.json",
              "markdown": out_dir / "results.md"}
     exact = [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
-    results = {"provenance": provenance(), "significance": claims(summary).as_dict(), "records": exact,
+    results = {"provenance": provenance(), "significance": claims(summary, **settings).as_dict(), "records": exact,
                "summary": summary}
     paths["json"].write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     keys = ("seed", "start_from", "method", "budget", *TIMING_FIELDS)
     paths["timings"].write_text(json.dumps([{k: r.get(k) for k in keys} for r in records], indent=1) + "\n")
-    paths["markdown"].write_text(f"# {title}\n\n" + markdown_table(summary))
+    paths["markdown"].write_text(f"# {title}\n\n" + markdown_table(summary, **settings))
     plot = plot_quality_against_compute(summary, out_dir / "quality_vs_compute.png")
     if plot is not None:
         paths["plot"] = plot

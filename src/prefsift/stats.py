@@ -347,6 +347,14 @@ def claims(summary: list[dict], *, correction: str | None = None, alpha: float |
                                                                    if "n_seeds" in r))
 
 
+def settings_of(config) -> dict:
+    """The family's settings a run configuration carries (`correction`, `alpha`, `noninferiority_margin`), each None
+    where it carries none (then claims uses CORRECTION, ALPHA, MARGIN): keyword arguments for `summarize`, `claims`,
+    `markdown_table` and `write_results`."""
+    return {"correction": getattr(config, "correction", None), "alpha": getattr(config, "alpha", None),
+            "margin": getattr(config, "noninferiority_margin", None)}
+
+
 def annotate(summary: list[dict], family: Family) -> list[dict]:
     """The rows with each test's p-value, adjusted p-value and verdict: `<metric>_vs_<against>_p`, `_p_adjusted`,
     `_verdict` ("better", "worse" or None) and `<metric>_vs_full_noninferior` (True when shown at the margin)."""

@@ -37,7 +37,7 @@ from prefsift.score import ScoreResult, score_pairs
 from prefsift.scorers import Scorer, parse_methods
 from prefsift.select import SPLIT_COLUMNS, select_indices, target_count, write_subset
 from prefsift.settings import from_dict
-from prefsift.stats import summarize
+from prefsift.stats import settings_of, summarize
 from prefsift.train import train
 
 
@@ -412,8 +412,10 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     for k in range(config.seeds):
         records += run_seed(replace(config, seed=config.seed + k), splits, base, template, judge, baseline_answers,
                             log, quiet, results_dir)
-    summary = summarize(records, ceilings={s.name for s in parse_methods(config.methods) if s.ceiling})
-    write_results(records, summary, results_dir)
+    significance = settings_of(config)  # the correction, its rate and the non-inferiority margin: one family
+    summary = summarize(records, ceilings={s.name for s in parse_methods(config.methods) if s.ceiling},
+                        **significance)
+    write_results(records, summary, results_dir, **significance)
     write_manifest(results_dir, "run", {"config": asdict(config), "data_hash": splits.train.data_hash,
                                         "model": base.source, "model_fingerprint": base.fingerprint,
                                         "n_held_out_prompts_removed": splits.n_held_out_prompts_removed,

@@ -167,8 +167,9 @@ def main() -> None:
               "command": "python bench/train.py " + " ".join(passed),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                        text=True).stdout.strip(),
-              "dirty": bool(subprocess.run(["git", "status", "--porcelain", "--", "src", "bench/train.py"], cwd=ROOT,
-                                           capture_output=True, text=True).stdout.strip())}
+              # files of src/ or this script that differ from the commit when the run starts (others' work in progress)
+              "uncommitted": subprocess.run(["git", "status", "--porcelain", "--", "src", "bench/train.py"], cwd=ROOT,
+                                            capture_output=True, text=True).stdout.split("\n")[:-1]}
     sides: dict[str, dict[str, list]] = {s: {"seconds": [], "peak_rss_mb": [], "train_loop_seconds": [],
                                              "losses": []} for s in ("trl", "prefsift")}
     with tempfile.TemporaryDirectory() as work:

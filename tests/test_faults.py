@@ -1019,3 +1019,76 @@ def test_a_new_score_removes_what_was_derived_from_the_old_scores(ws, tmp_path):
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == FILES | {"shards"}  # the analysis of the old scores is gone
     assert sorted(p.relative_to(out) for p in (out / "shards").rglob("*.parquet")) == shards  # caches stay
+
+
+# ------------------------------------------------------------------ every writing command refuses a user's own files
+
+
+def test_export_never_replaces_a_users_own_file(scored, tmp_path):
+    selected = tmp_path / "sel"
+    assert invoke("select", "--scores", scored, "--out", selected, "--rule", "all").exit_code == 0
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"prompt": "my", "chosen": "own", "rejected": "data"}\n')
+    for fmt in ("trl", "openrlhf", "axolotl"):
+        one_line_error(invoke("export", "--selected", selected, "--out", mine, "--format", fmt),
+                       f"--out {mine} exists and is not a file prefsift export wrote")
+    assert mine.read_text() == '{"prompt": "my", "chosen": "own", "rejected": "data"}\n'
+    ours = tmp_path / "ours.jsonl"  # an export's own file is replaced by a rerun, until someone edits it
+    assert invoke("export", "--selected", selected, "--out", ours, "--format", "trl").exit_code == 0
+    assert invoke("export", "--selected", selected, "--out", ours, "--format", "openrlhf").exit_code == 0
+    ours.write_text(ours.read_text().replace('"prompt": "', '"prompt": "edited ', 1).replace(", ", ",", 1))
+    edited = ours.read_bytes()
+    one_line_error(invoke("export", "--selected", selected, "--out", ours, "--format", "trl"),
+                   "is not a file prefsift export wrote")
+    assert ours.read_bytes() == edited
+    # never a file inside another stage's results, which that stage swaps whole
+    one_line_error(invoke("export", "--selected", selected, "--out", selected / "extra.jsonl", "--format", "trl"),
+                   f"is inside {selected}, which holds the results of `prefsift select`")
+    assert not (selected / "extra.jsonl").exists()
+
+
+def test_a_llamafactory_export_replaces_only_its_own_dataset(scored, tmp_path):
+    selected = tmp_path / "sel"
+    assert invoke("select", "--scores", scored, "--out", selected, "--rule", "all").exit_code == 0
+    lf = tmp_path / "lf"
+    lf.mkdir()
+    (lf / "prefsift_subset.json").write_text("my own file")  # not in dataset_info.json
+    export = ("export", "--selected", selected, "--out", lf, "--format", "llamafactory")
+    one_line_error(invoke(*export), "prefsift_subset.json exists and no prefsift export wrote it")
+    (lf / "dataset_info.json").write_text(json.dumps({"prefsift_subset": {"file_name": "prefsift_subset.json"}}))
+    before = snapshot(lf)
+    one_line_error(invoke(*export), "already has a dataset 'prefsift_subset' that no prefsift export wrote")
+    assert snapshot(lf) == before
+    assert invoke(*export, "--name", "other").exit_code == 0  # beside the user's datasets
+    assert invoke(*export, "--name", "other").exit_code == 0  # and again: its own dataset
+    assert (lf / "prefsift_subset.json").read_text() == "my own file"
+    one_line_error(invoke("export", "--selected", selected, "--out", scored, "--format", "llamafactory"),
+                   "holds the results of `prefsift score`")
+
+
+def test_analyze_and_report_refuse_a_users_directory(ws, tmp_path):
+    _, model, _, data = ws
+    scores = tmp_path / "scores"
+    assert invoke("score", "--data", data, "--method", "if,irm", "--model", model, "--validation-data", data,
+                  "--out", scores).exit_code == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "analysis.md").write_text("my notes")
+    one_line_error(invoke("analyze", scores, "--out", mine), "not empty and holds no prefsift analyze results")
+    one_line_error(invoke("report", scores, "--out", mine), "not empty and holds no prefsift report results")
+    assert snapshot(mine) == {"analysis.md": b"my notes"}
+    away = tmp_path / "analysis"
+    for _ in range(2):  # a new directory, then its own again
+        result = invoke("analyze", scores, "--out", away)
+        assert result.exit_code == 0, result.output
+    assert {p.name for p in away.iterdir()} == {"analysis.json", "analysis.md", "influence-scatter.png",
+                                               "manifest.json"}
+    one_line_error(invoke("analyze", scores, "--out", scores / "scores.parquet"), "is a file")
+    # beside the scores only in a directory prefsift wrote
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(scores / "scores.parquet", copy / "scores.parquet")
+    one_line_error(invoke("analyze", copy), "holds no prefsift score manifest", "give --out")
+    (copy / "results.json").write_text("{}")
+    one_line_error(invoke("report", copy), "holds no prefsift manifest", "give --out")
+    assert sorted(p.name for p in copy.iterdir()) == ["results.json", "scores.parquet"]

@@ -144,24 +144,58 @@ def write_scatter(scores: Mapping[str, Sequence], path: str | Path) -> Path:
     return path
 
 
+ANALYSIS_FILES = ("analysis.json", "analysis.md", "influence-scatter.png")
+
+
 def analyze_dir(scores_dir: str | Path, out_dir: str | Path | None = None, *, band_low: float = BAND_LOW,
                 band_high: float = BAND_HIGH, fraction: float | None = None) -> dict[str, Any]:
     """`prefsift analyze SCORES_DIR`: read scores.parquet, write analysis.json, analysis.md and
-    influence-scatter.png into `out_dir` (default: the score directory); returns the analysis with the paths."""
+    influence-scatter.png into `out_dir` (default: the score directory); returns the analysis with the paths.
+
+    Into the score directory itself (prefsift's: its manifest says `score`), under its lock, each file replaced
+    whole; a new score there removes them with the old scores. Anywhere else, `out_dir` is an analyze output
+    directory like any stage's: refused when it holds anything else (`check_output`), written whole with a
+    manifest."""
     import pyarrow.parquet as pq
+
+    from prefsift.manifest import write_manifest
+    from prefsift.output import check_output, locked, stage_of, staged
 
     scores_dir = Path(scores_dir)
     if not (scores_dir / "scores.parquet").is_file():
         raise PrefsiftError(f"{scores_dir} has no scores.parquet: run `prefsift score` into it first")
+    out = Path(out_dir) if out_dir is not None else scores_dir
+    beside = _same_directory(out, scores_dir)
+    if beside:
+        stage = stage_of(scores_dir)
+        if stage != "score":
+            what = f"the results of `prefsift {stage}`" if stage else "no prefsift score manifest"
+            raise PrefsiftError(f"{scores_dir} holds {what}: analyze writes beside the scores only in a score "
+                                f"directory; give --out")
+    else:
+        check_output(out, "analyze")  # before any work: a file, another stage's results, a user's directory
     scores = pq.read_table(scores_dir / "scores.parquet").to_pydict()
     result = analyze(scores, band_low=band_low, band_high=band_high, fraction=fraction)
-    out = Path(out_dir) if out_dir is not None else scores_dir
-    out.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(result)
+    with locked(out):
+        if beside:
+            _write_analysis(out, scores, result, markdown)
+        else:
+            with staged(out, "analyze") as tmp:
+                _write_analysis(tmp, scores, result, markdown)
+                write_manifest(tmp, "analyze", {"scores": str(scores_dir), "band_low": band_low,
+                                                "band_high": band_high, "fraction": fraction})
+    return {**result, "markdown": markdown, "files": [str(out / name) for name in ANALYSIS_FILES]}
+
+
+def _write_analysis(out: Path, scores: Mapping[str, Sequence], result: Mapping[str, Any], markdown: str) -> None:
     for name, text in (("analysis.md", markdown), ("analysis.json", json.dumps(result, indent=1))):
-        tmp = temp_sibling(out / name)  # beside the scores it reads: each file replaced whole
+        tmp = temp_sibling(out / name)  # each file replaced whole
         tmp.write_text(text)
         tmp.replace(out / name)
-    scatter = write_scatter(scores, out / "influence-scatter.png")
-    return {**result, "markdown": markdown, "files": [str(out / "analysis.json"), str(out / "analysis.md"),
-                                                      str(scatter)]}
+    write_scatter(scores, out / "influence-scatter.png")
+
+
+def _same_directory(a: Path, b: Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+

@@ -521,8 +521,30 @@ def report(
         raise ConfigError(f"--metric must be win_rate or pref_accuracy (got {metric!r})")
     if start_from not in (None, "warmup", "reference"):
         raise ConfigError(f"--start-from must be warmup or reference (got {start_from!r})")
-    paths = write_report(run_dir, out, method=method, metric=metric, start_from=start_from)
+    options = {"method": method, "metric": metric, "start_from": start_from}
+    paths = _write_report(run_dir, out, lambda where: write_report(run_dir, where, **options), options)
     _say(f"report → {paths['html']}, {paths['markdown']}")
+
+
+def _write_report(run_dir: Path, out: Path | None, write, options: dict) -> dict[str, Path]:
+    """`write(directory)` writes the report's files there. Beside the results (no --out, or --out RUN_DIR): only in
+    a directory prefsift wrote, under its lock (a rerun there replaces the directory, report included). Anywhere
+    else --out is a report directory like any stage's output: checked first (never a user's directory or another
+    stage's results), written whole with a manifest."""
+    from prefsift.manifest import write_manifest
+    from prefsift.output import check_output, locked, stage_of, staged
+
+    if out is None or out.resolve() == run_dir.resolve():
+        if run_dir.is_dir() and stage_of(run_dir) is None and (run_dir / "results.json").is_file():
+            raise ConfigError(f"{run_dir} holds no prefsift manifest: the report goes beside the results only in a "
+                              f"directory prefsift wrote; give --out")
+        with locked(run_dir):
+            return write(run_dir)
+    check_output(out, "report")
+    with locked(out), staged(out, "report") as tmp:
+        paths = write(tmp)
+        write_manifest(tmp, "report", {"run_dir": str(run_dir), **options})
+    return {key: out / Path(path).name for key, path in paths.items()}
 
 
 @app.command()

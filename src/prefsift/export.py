@@ -29,7 +29,7 @@ from prefsift.config import ExportConfig
 from prefsift.data import LoadedPairs, load_pairs
 from prefsift.errors import ConfigError, DataError, PrefsiftError
 from prefsift.manifest import write_manifest
-from prefsift.output import check_output, locked, staged, temp_sibling
+from prefsift.output import check_output, check_output_file, locked, stage_of, staged, temp_sibling
 from prefsift.select import write_jsonl
 
 # LLaMA-Factory's sharegpt reader with OpenAI-style messages: these tags map our role/content keys to its roles
@@ -135,6 +135,38 @@ def _json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=1) + "\n"
 
 
+# The key orders of the JSON lines `trl`, `openrlhf` and `axolotl` write (`_rows`, `export_axolotl`)
+JSONL_LAYOUTS = {("prompt", "chosen", "rejected", "pair_id"), ("prompt", "chosen", "rejected", "pair_id", "weight"),
+                 ("messages", "chosen", "rejected", "pair_id")}
+
+
+def written_by_export(path: Path) -> bool:
+    """Whether `path` is, byte for byte, JSON lines as an export writes them (`write_jsonl`: one object a line in one
+    of JSONL_LAYOUTS' key orders, serialized as json.dumps does): a rerun may replace such a file; a user's own
+    file, or one edited by hand since, is refused. An empty file holds nothing to lose."""
+    try:
+        with Path(path).open(encoding="utf-8") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    return False
+                row = json.loads(line)
+                if not isinstance(row, dict) or tuple(row) not in JSONL_LAYOUTS or \
+                        json.dumps(row, ensure_ascii=False, allow_nan=False) != line[:-1]:
+                    return False
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return True
+
+
+def _llamafactory_entries(name: str) -> list[dict]:
+    """The two dataset_info.json entries an export writes for `name`: alpaca (text) and sharegpt (messages)."""
+    return [{"file_name": f"{name}.json", "ranking": True,
+             "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
+            {"file_name": f"{name}.json", "formatting": "sharegpt", "ranking": True,
+             "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+             "tags": dict(LLAMAFACTORY_TAGS)}]
+
+
 def _jsonl_path(out: Path, fmt: str) -> Path:
     if out.suffix != ".jsonl":
         raise ConfigError(f"--out of --format {fmt} is a .jsonl file (got {out})")
@@ -220,13 +252,7 @@ def export_llamafactory(columns: dict[str, list], conversational: bool, out: Pat
                          "pair_id": pair_id})
         else:
             rows.append({"instruction": prompt, "chosen": chosen, "rejected": rejected, "pair_id": pair_id})
-    if conversational:
-        entry = {"file_name": f"{name}.json", "formatting": "sharegpt", "ranking": True,
-                 "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
-                 "tags": dict(LLAMAFACTORY_TAGS)}
-    else:
-        entry = {"file_name": f"{name}.json", "ranking": True,
-                 "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}
+    entry = _llamafactory_entries(name)[1 if conversational else 0]
     info_path = out / "dataset_info.json"
     info = {}
     if info_path.is_file():
@@ -241,6 +267,14 @@ def export_llamafactory(columns: dict[str, list], conversational: bool, out: Pat
                 _same_place(out / value["file_name"], out / entry["file_name"]):
             raise ConfigError(f"{info_path}: dataset '{other}' already reads {value['file_name']}; choose another "
                               f"--name than {name!r}")
+    # LLaMA-Factory's dataset_dir holds other datasets: only a dataset an export wrote under this name is replaced
+    ours = info.get(name) in _llamafactory_entries(name)
+    if name in info and not ours:
+        raise ConfigError(f"{info_path} already has a dataset '{name}' that no prefsift export wrote: choose another "
+                          f"--name")
+    if (out / entry["file_name"]).exists() and not ours:
+        raise ConfigError(f"{out / entry['file_name']} exists and no prefsift export wrote it (dataset_info.json has "
+                          f"no prefsift dataset '{name}'): choose another --name")
     info[name] = entry
     return replace_together({out / f"{name}.json": _json_text(rows), info_path: _json_text(info)})
 
@@ -281,6 +315,12 @@ def export(selected: str | Path, out: str, config: ExportConfig | None = None) -
     fmt = config.format
     if fmt != "hub":  # every file it would write is distinct, and none is the subset it reads: before any work
         check_collisions(output_files(fmt, target, config.name), selected_file(selected))
+    if fmt in ("trl", "openrlhf", "axolotl"):  # never a user's own file, nor a file inside another stage's results
+        check_output_file(_jsonl_path(target, fmt), "export", written_by_export)
+    elif fmt == "llamafactory" and stage_of(target) is not None:  # a dataset_dir is the user's and holds other
+        # datasets; a stage's results directory is swapped whole
+        raise ConfigError(f"--out {target} holds the results of `prefsift {stage_of(target)}`: give LLaMA-Factory's "
+                          f"dataset_dir")
     data, weight = read_selected(selected)
     columns = _table(data, weight)
     conversational = data.conversational

@@ -39,11 +39,15 @@ def _sibling(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _stage_of(directory: Path) -> str | None:
+def stage_of(directory: Path) -> str | None:
+    """The stage whose results `directory` holds, from its manifest.json; None when it has no readable one."""
     try:
-        return json.loads((directory / "manifest.json").read_text()).get("stage")
+        return json.loads((Path(directory) / "manifest.json").read_text()).get("stage")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+_stage_of = stage_of
 
 
 def check_output(out: Path, stage: str, *, flag: str = "--out") -> None:
@@ -66,6 +70,28 @@ def check_output(out: Path, stage: str, *, flag: str = "--out") -> None:
     if found is None and entries - CACHE_ENTRIES - {"manifest.json"}:
         raise PrefsiftError(f"{flag} {out} is not empty and holds no prefsift {stage} results: choose an empty or new "
                             f"directory")
+
+
+def check_output_file(path: Path, stage: str, owned, *, flag: str = "--out") -> None:
+    """`check_output` for a stage whose output is one file (an export's .jsonl): one line, before any work, when
+    `path` sits under a file, is a directory, lies inside another stage's results directory (its swap would drop the
+    file, or the file would replace one of its results), or exists and `owned(path)` says it is not a file this stage
+    wrote (a user's own file is never replaced)."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PrefsiftError(f"{flag} {path} is under {parent}, which is a file: give a file in a directory")
+            break
+    if path.is_dir():
+        raise PrefsiftError(f"{flag} {path} is a directory; {stage} writes a file there")
+    found = _stage_of(path.parent)
+    if found is not None:
+        raise PrefsiftError(f"{flag} {path} is inside {path.parent}, which holds the results of `prefsift {found}`: "
+                            f"write it elsewhere")
+    if path.exists() and not owned(path):
+        raise PrefsiftError(f"{flag} {path} exists and is not a file prefsift {stage} wrote: choose a new file, or "
+                            f"move that one away")
 
 
 def _pid_alive(pid: int) -> bool:

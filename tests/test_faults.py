@@ -987,16 +987,6 @@ def test_a_nan_reference_log_prob_handed_to_train_is_the_models_failure(ws, tmp_
     nan = _broken_copy(model, tmp_path / "nan", "all")
     one_line_error(invoke("eval", "--data", data, "--model", nan, "--out", tmp_path / "e"),
                    f"{nan} (--model) has", "NaN or inf weights")
-    # a NaN reference log-prob read from a score directory (a hand-edited file) for a pair that fits
-    scores = tmp_path / "scores"
-    assert invoke("score", "--data", data, "--method", "irm", "--model", model, "--out", scores).exit_code == 0
-    table = pq.read_table(scores / "scores.parquet").to_pydict()
-    table["ref_chosen_logps"][4] = float("nan")
-    import pyarrow as pa
-
-    pq.write_table(pa.table(table), scores / "scores.parquet")
-    one_line_error(invoke(*args, "--model", model, "--scores", scores), "the reference model",
-                   "gave NaN or inf for 1 of 30 pairs that fit", f"(e.g. pair {table['pair_id'][4]})")
     assert snapshot(out) == before and not (tmp_path / "e").exists()
 
 
@@ -1092,3 +1082,60 @@ def test_analyze_and_report_refuse_a_users_directory(ws, tmp_path):
     (copy / "results.json").write_text("{}")
     one_line_error(invoke("report", copy), "holds no prefsift manifest", "give --out")
     assert sorted(p.name for p in copy.iterdir()) == ["results.json", "scores.parquet"]
+
+
+# ------------------------------------------------------------------ a score file's null or inf is one line, everywhere
+
+
+def _edit_scores(directory, column, row, value):
+    import pyarrow as pa
+
+    table = pq.read_table(directory / "scores.parquet").to_pydict()
+    table[column][row] = value
+    pq.write_table(pa.table(table), directory / "scores.parquet")
+    return table["pair_id"][row]
+
+
+@pytest.mark.parametrize(("value", "kind"), [(float("inf"), "+inf"), (-float("inf"), "-inf"), (None, "null"),
+                                             (float("nan"), "NaN")])
+def test_a_non_finite_or_null_score_in_a_score_file_is_one_line_at_every_stage(ws, tmp_path, value, kind):
+    _, model, _, data = ws
+    scores = tmp_path / "scores"
+    assert invoke("score", "--data", data, "--method", "if,irm,random", "--model", model, "--validation-data", data,
+                  "--out", scores).exit_code == 0
+    for column in ("irm", "influence", "ref_chosen_logps"):
+        pair = _edit_scores(scores, column, 4, value)
+    before = snapshot(scores)
+    said = f"column '{{}}' holds {kind} for 1 of its 30 pairs"
+    example = f"(e.g. pair {pair})"
+    for args, column in [(("select", "--scores", scores, "--method", "irm", "--fraction", 0.5, "--out",
+                           tmp_path / "o"), "irm"),
+                         (("select", "--scores", scores, "--rule", "all", "--column", "irm", "--out", tmp_path / "o"),
+                          "irm"),
+                         (("weigh", "--scores", scores, "--column", "irm", "--transform", "rank", "--out",
+                           tmp_path / "o"), "irm"),
+                         (("analyze", scores), "influence"),
+                         (("analyze", scores, "--out", tmp_path / "o"), "influence")]:
+        one_line_error(invoke(*args), said.format(column), example, "score again")
+    assert snapshot(scores) == before and not (tmp_path / "o").exists()
+    # the column another stage reads: a curriculum's order, the reference log-probs train reuses
+    train = ("train", "--data", data, "--model", model, "--out", tmp_path / "t", "--scores", scores)
+    one_line_error(invoke(*train, "--order", "irm"), said.format("irm"), example)
+    one_line_error(invoke(*train), said.format("ref_chosen_logps"), example)
+    assert not (tmp_path / "t").exists()
+    # the other columns are untouched: a rule that reads none of the edited ones runs
+    result = invoke("select", "--scores", scores, "--method", "random", "--fraction", 0.5, "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_nan_the_score_file_records_as_left_out_stays_a_pair_not_considered(tmp_path):
+    rows = make_pairs(6, seed=3)
+    for row, chosen in zip(rows, [1.0, float("inf"), 2.0, 4.0, 3.0, 5.0], strict=True):
+        row["score_chosen"], row["score_rejected"] = chosen, 0.5
+    data = tmp_path / "rated.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert invoke("score", "--data", data, "--out", tmp_path / "m", "--method", "margin").exit_code == 0
+    result = invoke("select", "--scores", tmp_path / "m", "--rule", "all", "--column", "margin", "--out",
+                    tmp_path / "s")
+    assert result.exit_code == 0, result.output  # its dropped.jsonl lists the pair: NaN, not considered
+    assert "kept 5 of 6 pairs" in result.output and "1 not considered" in result.output

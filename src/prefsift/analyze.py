@@ -158,7 +158,7 @@ def analyze_dir(scores_dir: str | Path, out_dir: str | Path | None = None, *, ba
     manifest."""
     import pyarrow.parquet as pq
 
-    from prefsift.manifest import write_manifest
+    from prefsift.manifest import check_scores, write_manifest
     from prefsift.output import check_output, locked, stage_of, staged
 
     scores_dir = Path(scores_dir)
@@ -175,6 +175,7 @@ def analyze_dir(scores_dir: str | Path, out_dir: str | Path | None = None, *, ba
     else:
         check_output(out, "analyze")  # before any work: a file, another stage's results, a user's directory
     scores = pq.read_table(scores_dir / "scores.parquet").to_pydict()
+    check_scores(scores_dir, scores, ["influence", *PROXIES])  # a null, an inf or an unexplained NaN: one line
     result = analyze(scores, band_low=band_low, band_high=band_high, fraction=fraction)
     markdown = render_markdown(result)
     with locked(out):

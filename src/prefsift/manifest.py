@@ -137,3 +137,61 @@ def model_failure(what: str, failed, pair_ids, fix: str, *, max_length: int | No
     fits = "" if not tokenized else " that fit" if max_length is None else f" that fit max_length {max_length}"
     return ModelError(f"{what} gave NaN or inf for {n_bad} of {n} {unit}{fits} (e.g. {example}): a broken model (NaN "
                       f"or inf weights, an overflowing --dtype), not {unit} too long; {fix}")
+
+
+def check_scores(directory: Path, table: dict[str, list], names) -> None:
+    """One line when a column a stage reads from DIRECTORY/scores.parquet (`table`, as `to_pydict` gives it) holds a
+    null, a ±inf, or a NaN for a pair the score stage did not leave out. `prefsift score` writes a finite number for
+    every pair it scored and NaN only for the pairs it left out, which the directory itself records: its
+    dropped.jsonl lists them, and a pair whose prompt fills max_length has NaN in every log-prob column. Anything
+    else is a hand-edited or damaged file: a +inf would rank first, a null would read as a pair left out. Columns
+    that are absent or not numeric are the caller's to refuse."""
+    import numpy as np
+
+    pair_ids = table.get("pair_id") or [None] * len(next(iter(table.values()), []))
+    left_out = _left_out(Path(directory), pair_ids)
+    for name in names:
+        raw = table.get(name)
+        if raw is None or name == "pair_id":
+            continue
+        null = np.array([v is None for v in raw], dtype=bool)
+        try:
+            values = np.asarray([np.nan if v is None else v for v in raw], dtype=float)
+        except (TypeError, ValueError):
+            continue
+        kinds = {"null": null, "+inf": values == np.inf, "-inf": values == -np.inf,
+                 "NaN": np.isnan(values) & ~null & ~left_out}
+        found = [(kind, mask) for kind, mask in kinds.items() if mask.any()]
+        if not found:
+            continue
+        what = ", ".join(f"{kind} for {int(mask.sum())}" for kind, mask in found)
+        bad = np.flatnonzero(np.any([mask for _, mask in found], axis=0))
+        example = f"pair {pair_ids[bad[0]]}" if pair_ids[bad[0]] is not None else f"row {bad[0] + 1}"
+        unlisted = " it did not leave out" if any(kind == "NaN" for kind, _ in found) else ""
+        raise PrefsiftError(f"{Path(directory) / 'scores.parquet'}: column '{name}' holds {what} of its {len(raw)} "
+                            f"pairs{unlisted} (e.g. {example}): prefsift score writes a finite number for every pair "
+                            f"it scored; the file was edited or damaged: score again")
+
+
+def _left_out(directory: Path, pair_ids: list):
+    """Which pairs the score stage left out, as its directory records it: listed in dropped.jsonl (stage score), or
+    NaN in every log-prob column of scores.parquet (the engine's mark of a prompt that fills max_length)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    try:
+        listed = {r.get("pair_id") for r in read_dropped(directory)
+                  if isinstance(r, dict) and r.get("stage") == "score"}
+    except (OSError, ValueError):
+        listed = set()
+    out = np.array([pid in listed for pid in pair_ids], dtype=bool)
+    path = directory / "scores.parquet"
+    try:
+        logps = [n for n in pq.read_schema(path).names if n.endswith("_logps")]
+        if logps:
+            table = pq.read_table(path, columns=logps).to_pydict()
+            if len(table[logps[0]]) == len(out):
+                out |= np.all([[v is not None and v != v for v in table[n]] for n in logps], axis=0)
+    except (OSError, ValueError):
+        pass
+    return out

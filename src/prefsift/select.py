@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from prefsift.errors import ConfigError, PrefsiftError
-from prefsift.manifest import dropped_record, read_manifest, write_dropped, write_manifest
+from prefsift.manifest import check_scores, dropped_record, read_manifest, write_dropped, write_manifest
 from prefsift.maths import band_mask, percentile_ranks, tie_keys
 from prefsift.output import staged, temp_sibling
 
@@ -314,6 +314,8 @@ def select_from_scores(scores_dir: str | Path, out_dir: str | Path, *, rule: str
         column = candidates[0] if len(candidates) == 1 else None
     if fraction is None and count is None and low is None and high is None and rule != "all":
         raise ConfigError(f"rule '{rule}' needs --fraction or --count")
+    # a null, an inf or an unexplained NaN in a column the rule reads: one line, not a +inf ranked first
+    check_scores(scores_dir, table, list(columns or ([column] if column else score_columns(table))))
     rows = select_indices(table, rule, column=column, columns=columns, fraction=fraction, count=count, low=low,
                           high=high)
     names = list(columns or ([column] if column else score_columns(table)))

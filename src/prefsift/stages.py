@@ -103,6 +103,8 @@ def train_stage(data: str, model: str, out: Path, *, reference: str | None = Non
     if config.algo == "kto" and scores is not None:
         raise ConfigError("--scores feeds DPO's reference log-probs; KTO computes its own (its KL term needs "
                           "mismatched completions no score holds): give --reference instead")
+    if scores is not None:  # the reference log-probs it reuses: finite, or left out there (before any model loads)
+        check_reference_columns(scores)
     common = {"dtype": engine.dtype, "device": engine.device, "trust_remote_code": model_options.trust_remote_code}
     policy = models.load_model(model, **common)
     ref_model = models.load_model(reference, **common) if reference and reference != model else policy
@@ -133,6 +135,22 @@ def train_stage(data: str, model: str, out: Path, *, reference: str | None = Non
     return TrainStage(out, config.algo, result.n_pairs, len(result.too_long), len(loaded_data.invalid),
                       result.seconds, scores is not None, config.epochs, result.rows, result.rows_seen,
                       result.epochs_done, result.steps)
+
+
+def check_reference_columns(scores: Path) -> None:
+    """A score directory's reference log-probs hold a finite number for every pair it scored and NaN only for those
+    its dropped.jsonl lists (prompt fills max_length); a hand-edited null or inf is one line, not a training against
+    it."""
+    import pyarrow.parquet as pq
+
+    from prefsift.manifest import check_scores
+
+    path = Path(scores) / "scores.parquet"
+    if not path.is_file():
+        return  # reference_logps names the missing file
+    names = [n for n in ("ref_chosen_logps", "ref_rejected_logps") if n in pq.read_schema(path).names]
+    if names:
+        check_scores(scores, pq.read_table(path, columns=["pair_id", *names]).to_pydict(), names)
 
 
 def eval_stage(model: str, data: str, out: Path, *, reference: str | None = None, judge_model: str | None = None,

@@ -34,7 +34,7 @@ from prefsift.engine import Engine
 from prefsift.engine.tokenize import TokenizedPair, pad_id, tokenize_pairs
 from prefsift.engine.training import policy_for
 from prefsift.errors import ConfigError
-from prefsift.manifest import model_failure
+from prefsift.manifest import check_scores, model_failure
 from prefsift.models import LoadedModel, check_finite_weights, lora_config
 from prefsift.reference import reference_logps
 
@@ -271,6 +271,7 @@ def order_values(column: str, loaded, scores_dir: Path | None = None) -> np.ndar
 
     if scores_dir is not None and column in pq.read_schema(Path(scores_dir) / "scores.parquet").names:
         table = pq.read_table(Path(scores_dir) / "scores.parquet", columns=["pair_id", column]).to_pydict()
+        check_scores(scores_dir, table, [column])  # a null, an inf or an unexplained NaN: one line
         index = {pid: i for i, pid in enumerate(table["pair_id"])}
         missing = [pid for pid in loaded.pairs["pair_id"] if pid not in index]
         if missing:

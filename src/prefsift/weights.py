@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from prefsift.errors import ConfigError, PrefsiftError
-from prefsift.manifest import dropped_record, read_manifest, write_dropped, write_manifest
+from prefsift.manifest import check_scores, dropped_record, read_manifest, write_dropped, write_manifest
 from prefsift.maths import check_band, percentile_ranks
 from prefsift.output import staged
 from prefsift.select import COLUMN_MODES, score_columns, subset_source, write_subset
@@ -88,6 +88,7 @@ def weigh_scores(scores_dir: str | Path, out_dir: str | Path, *, column: str, tr
     except (TypeError, ValueError):  # a text column has no order a weight could follow
         raise ConfigError(f"column '{column}' is not a numeric score (columns: "
                           f"{', '.join(score_columns(table))})") from None
+    check_scores(scores_dir, table, [column])  # a null, an inf or an unexplained NaN: one line
     weights = score_weights(values, transform, temperature=temperature, low=low, high=high, reverse=reverse,
                             pair_ids=table["pair_id"])
     rows = np.flatnonzero(weights > 0)

@@ -1139,3 +1139,40 @@ def test_a_nan_the_score_file_records_as_left_out_stays_a_pair_not_considered(tm
                     tmp_path / "s")
     assert result.exit_code == 0, result.output  # its dropped.jsonl lists the pair: NaN, not considered
     assert "kept 5 of 6 pairs" in result.output and "1 not considered" in result.output
+
+
+# ------------------------------------------------------------------ a symbolic link is never swapped nor followed
+
+
+def test_a_symlinked_out_is_refused_and_recovery_never_follows_a_link(ws, tmp_path):
+    _, _, _, data = ws
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    link = tmp_path / "out"
+    link.symlink_to(mine)
+    score = ("score", "--data", data, "--method", "random", "--out")
+    one_line_error(invoke(*score, link), f"--out {link} is a symbolic link (to {mine})")
+    selected = tmp_path / "sel"
+    assert invoke(*score, tmp_path / "scores").exit_code == 0
+    assert invoke("select", "--scores", tmp_path / "scores", "--rule", "all", "--out", selected).exit_code == 0
+    one_line_error(invoke("select", "--scores", tmp_path / "scores", "--rule", "all", "--out", link),
+                   "is a symbolic link")
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.symlink_to(mine / "notes.txt")
+    one_line_error(invoke("export", "--selected", selected, "--out", jsonl, "--format", "trl"), "is a symbolic link")
+    assert link.is_symlink() and jsonl.is_symlink() and snapshot(mine) == {"notes.txt": b"my notes"}
+
+    # a stale `.old-*` link beside an output (what an earlier version left when it renamed a linked --out aside):
+    # the next run's recovery neither follows it nor moves anything out of the directory it points to
+    out = tmp_path / "s"
+    assert invoke(*score, out).exit_code == 0
+    stale = tmp_path / ".s.old-99999-abcd"
+    stale.symlink_to(mine)
+    assert invoke(*score, out, "--seed", 2).exit_code == 0
+    assert snapshot(mine) == {"notes.txt": b"my notes"} and stale.is_symlink()
+    assert {p.name for p in out.iterdir()} == FILES
+    # with the output gone, the link goes back under its name (the user's link, as it was), and is refused
+    shutil.rmtree(out)
+    one_line_error(invoke(*score, out), f"--out {out} is a symbolic link (to {mine})")
+    assert out.is_symlink() and not stale.exists() and snapshot(mine) == {"notes.txt": b"my notes"}

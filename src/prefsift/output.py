@@ -50,10 +50,23 @@ def stage_of(directory: Path) -> str | None:
 _stage_of = stage_of
 
 
-def check_output(out: Path, stage: str, *, flag: str = "--out") -> None:
-    """One line, before any work, when `out` cannot take `stage`'s results: it is a file, it sits under a file,
-    it holds another stage's results, or it holds files that are not prefsift's (a swap would lose them)."""
+def refuse_link(out: Path, *, flag: str = "--out") -> None:
+    """One line when `out` itself is a symbolic link. Results are swapped in by renaming `out`: a link would be
+    renamed aside and replaced by a directory, and whatever later followed the renamed link (a recovery carrying
+    the old directory's entries) would move the files of the directory it points to. A link above `out` is fine:
+    the renames happen inside the directory it leads to."""
     out = Path(out)
+    if out.is_symlink():
+        raise PrefsiftError(f"{flag} {out} is a symbolic link (to {os.readlink(out)}): give the directory it points "
+                            f"to, or a new path")
+
+
+def check_output(out: Path, stage: str, *, flag: str = "--out") -> None:
+    """One line, before any work, when `out` cannot take `stage`'s results: it is a symbolic link, a file, it sits
+    under a file, it holds another stage's results, or it holds files that are not prefsift's (a swap would lose
+    them)."""
+    out = Path(out)
+    refuse_link(out, flag=flag)
     for parent in [out, *out.parents]:
         if parent.exists():
             if not parent.is_dir():
@@ -78,6 +91,7 @@ def check_output_file(path: Path, stage: str, owned, *, flag: str = "--out") -> 
     file, or the file would replace one of its results), or exists and `owned(path)` says it is not a file this stage
     wrote (a user's own file is never replaced)."""
     path = Path(path)
+    refuse_link(path, flag=flag)
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -114,6 +128,7 @@ def locked(out: Path, *, flag: str = "--out") -> Iterator[None]:
     on this host is taken over; a live one is refused with one line. Also the first write: a read-only or missing
     parent fails here, with one line, before any work."""
     out = Path(out)
+    refuse_link(out, flag=flag)  # every writer takes the lock: none swaps a link
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -152,11 +167,19 @@ def locked(out: Path, *, flag: str = "--out") -> Iterator[None]:
 
 def recover(out: Path) -> None:
     """Finish or undo a swap a crash interrupted (called under the lock, so every staging or old sibling is a dead
-    run's): an old directory comes back when `out` is gone, else its caches move into `out`; staging is removed."""
+    run's): an old directory comes back when `out` is gone, else its caches move into `out`; staging is removed.
+    Never through a link: a sibling that is a symbolic link (an older prefsift renamed a linked --out aside) is only
+    renamed back when `out` is gone, and nothing is moved out of, or removed from, the directory it points to; a
+    linked `out` is left as it is."""
     out = Path(out)
-    if not out.parent.is_dir():
+    if not out.parent.is_dir() or out.is_symlink():
         return
     for sibling in sorted(out.parent.glob(f".{out.name}.*-*-*")):
+        if sibling.is_symlink():
+            kind = sibling.name[len(out.name) + 2:].split("-")[0]
+            if kind in ("old", "oldcache") and not out.exists():
+                sibling.rename(out)  # the user's link back under its name; its target untouched
+            continue
         if not sibling.is_dir():
             continue
         kind = sibling.name[len(out.name) + 2:].split("-")[0]
@@ -189,6 +212,8 @@ def commit(staging: Path, out: Path, carry: set[str] | None = None) -> None:
     """Swap the complete `staging` directory in as `out`. Two renames; between them a crash leaves `out` missing and
     the old directory beside it, which `recover` renames back. `carry`: the old entries kept (default: all the new
     one lacks)."""
+    if out.is_symlink():  # check_output and locked refuse one first; a swap never renames a link aside
+        raise PrefsiftError(f"{out} is a symbolic link: results are never swapped in through one")
     if not out.exists():
         staging.rename(out)
         return

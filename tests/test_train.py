@@ -142,7 +142,7 @@ def _assert_same(a: tuple[float, dict], b: tuple[float, dict]) -> None:
 
 def test_weight_one_is_trls_own_loss(bpe_tokenizer, one_thread):
     pairs, ref = _weighted_setting(bpe_tokenizer)
-    trl_own = _loss_and_grads(bpe_tokenizer, pairs, ref)  # no weight column: TRL's _compute_loss untouched
+    trl_own = _loss_and_grads(bpe_tokenizer, pairs, ref)  # no weight column: TRL's own loss (both packed)
     weighted = _loss_and_grads(bpe_tokenizer, pairs.add_column("weight", [1.0] * len(pairs)), ref)
     _assert_same(weighted, trl_own)
     assert trl_own[0] != pytest.approx(np.log(2), abs=1e-3)  # the reference differs: a real loss, not log 2

@@ -262,3 +262,13 @@ def test_compare_takes_the_model_options_and_lora_from_flags_and_yaml(tmp_path, 
     run = seen["config"]
     assert run.trust_remote_code and (run.engine.device, run.engine.dtype) == ("cpu", "bfloat16")
     assert (run.train.lora, run.train.lora_r, run.train.lora_alpha) == (True, 4, 8)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--correction", "bonferroni"), "--correction must be holm or bh"),
+    (("--alpha", "0"), "--alpha must be a number in (0, 1)"),
+    (("--margin", "nan"), "--margin must be a finite number >= 0")])
+def test_report_refuses_a_correction_it_does_not_know(tmp_path, flags, message):
+    result = invoke("report", tmp_path, *flags)
+    assert result.exit_code == 2 and f"error: {message}" in result.output, result.output
+    assert "Traceback" not in result.output

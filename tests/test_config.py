@@ -87,3 +87,22 @@ def test_scheduler_choices_are_transformers_own():
     assert set(SCHEDULERS) == {s.value for s in SchedulerType}
     with pytest.raises(ConfigError, match="lr_scheduler_type must be one of"):
         TrainConfig(lr_scheduler_type="bogus")
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"correction": "bonferroni"}, "correction must be one of"),
+    ({"alpha": 0.0}, "alpha must be > 0"),
+    ({"alpha": 1.0}, "alpha must be < 1"),
+    ({"noninferiority_margin": -0.01}, "noninferiority_margin must be >= 0"),
+])
+def test_a_tables_family_settings_are_checked(values, message):
+    """The correction of a table's tests (prefsift.stats reads them through settings_of) is refused out of range."""
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(data="d", model="m", **values)
+
+
+def test_run_and_compare_carry_the_family_settings_to_the_tables():
+    from prefsift.stats import settings_of
+
+    config = from_dict(RunConfig, {"data": "d", "model": "m", "correction": "bh", "alpha": 0.1}, "run.yaml")
+    assert settings_of(config) == {"correction": "bh", "alpha": 0.1, "margin": 0.02}

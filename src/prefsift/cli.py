@@ -512,16 +512,30 @@ def report(
     metric: Annotated[str | None, typer.Option(help="win_rate or pref_accuracy (default: win_rate when judged).")
                       ] = None,
     start_from: Annotated[str | None, typer.Option(help="warmup or reference rows (default: reference).")] = None,
+    correction: Annotated[str, typer.Option(help="How the table's tests are corrected together: holm (family-wise "
+                                                 "error) or bh (false discovery rate).")] = "holm",
+    alpha: Annotated[float, typer.Option(help="Family-wise error (holm) or false discovery rate (bh).")] = 0.05,
+    margin: Annotated[float, typer.Option(help="Non-inferiority margin against the full data.")] = 0.02,
 ) -> None:
     """One HTML page (plots inline) and a Markdown version: the methods table with intervals, quality against
     compute, the data-scaling curve, and each method's score distribution with what its rule keeps marked."""
+    import math
+
+    from prefsift.config import CORRECTIONS
     from prefsift.run_report import write_report
 
+    if correction not in CORRECTIONS:
+        raise ConfigError(f"--correction must be holm or bh (got {correction!r})")
+    if not (math.isfinite(alpha) and 0 < alpha < 1):
+        raise ConfigError(f"--alpha must be a number in (0, 1) (got {alpha!r})")
+    if not (math.isfinite(margin) and margin >= 0):
+        raise ConfigError(f"--margin must be a finite number >= 0 (got {margin!r})")
     if metric not in (None, "win_rate", "pref_accuracy"):
         raise ConfigError(f"--metric must be win_rate or pref_accuracy (got {metric!r})")
     if start_from not in (None, "warmup", "reference"):
         raise ConfigError(f"--start-from must be warmup or reference (got {start_from!r})")
-    options = {"method": method, "metric": metric, "start_from": start_from}
+    options = {"method": method, "metric": metric, "start_from": start_from, "correction": correction, "alpha": alpha,
+               "margin": margin}
     paths = _write_report(run_dir, out, lambda where: write_report(run_dir, where, **options), options)
     _say(f"report → {paths['html']}, {paths['markdown']}")
 

@@ -86,6 +86,7 @@ class ScoreConfig(Checked):
 
 
 ALGOS = ("dpo", "kto")
+CORRECTIONS = ("holm", "bh")  # prefsift.stats's corrections of a table's family of tests
 # transformers' SchedulerType values (a test keeps this list equal to them; importing transformers here would slow
 # every `prefsift --help`)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -178,6 +179,12 @@ class RunConfig(Checked):
     trust_remote_code: bool = option(False, "Let a model run its own code.")
     allow_dropped: bool = option(False, "Go on when max_length drops more than half of the training pairs (every "
                                         "pair dropped always stops).")
+    correction: str = option("holm", "How a table's tests are corrected together: holm (family-wise error ≤ alpha) or "
+                                     "bh (Benjamini-Hochberg, false discovery rate alpha).", choices=CORRECTIONS)
+    alpha: float = option(0.05, "Family-wise error (holm) or false discovery rate (bh) of a table's marks.", low=0,
+                          high=1, low_open=True, high_open=True)
+    noninferiority_margin: float = option(0.02, "Non-inferiority against the full data: method − full > −margin.",
+                                          low=0)
     engine: EngineConfig = option(default_factory=EngineConfig, help="β, max_length, precision: shared by all.")
     train: TrainConfig = option(default_factory=TrainConfig, help="DPO settings of every training.")
     eval: EvalConfig = option(default_factory=EvalConfig, help="Evaluation settings.")

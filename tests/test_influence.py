@@ -312,4 +312,6 @@ def test_a_resume_under_another_thread_count_keeps_the_finished_shards(bpe_token
     finally:
         torch.set_num_threads(threads)
     assert len(calls) == n_batches  # the minus pass only: the plus pass's shards and the direction were reused
-    np.testing.assert_array_equal(resumed, clean)
+    # the reused ḡ_val and plus pass ran at 2 threads, the clean run at 1: equal to rounding (bit-equal here, where a
+    # tiny model's matmuls stay below torch's parallel grain; a BLAS that splits them could differ in the last bits)
+    np.testing.assert_allclose(resumed, clean, rtol=1e-6, atol=1e-9 * np.abs(clean[np.isfinite(clean)]).max())

@@ -171,3 +171,17 @@ def test_a_run_configuration_carries_the_family_settings():
     rng = np.random.default_rng(6)
     summary = summarize(table_records(rng, methods=1, budgets=("0.1",), items=100), **settings_of(Configured()))
     assert "≥ full − 0.05" in markdown_table(summary, **settings_of(Configured())).splitlines()[0]
+
+
+def test_a_report_marks_the_table_as_the_run_did(tmp_path):
+    """A run corrected by Benjamini-Hochberg at 10%: `prefsift report` without flags says what its results.md says,
+    and a flag still wins."""
+    rng = np.random.default_rng(7)
+    records = as_lists(table_records(rng, seeds=5, methods=2, budgets=("0.1",), items=1000, effects={"m0": 0.2}))
+    summary = summarize(records)
+    write_results(records, summary, tmp_path, correction="bh", alpha=0.1)
+    assert "Benjamini-Hochberg (false discovery rate 10%)" in (tmp_path / "results.md").read_text()
+    md = write_report(tmp_path, tmp_path / "report")["markdown"].read_text()
+    assert "Benjamini-Hochberg (false discovery rate 10%)" in md and "Holm" not in md
+    md = write_report(tmp_path, tmp_path / "holm", correction="holm")["markdown"].read_text()
+    assert "Holm's correction (family-wise error ≤ 10%)" in md

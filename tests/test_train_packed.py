@@ -223,3 +223,21 @@ def test_a_model_the_packed_forward_does_not_hold_for_trains_on_trls_forward(bpe
     assert len(said) == 1 and "does not reproduce" in str(said[0].message)
     assert ours._prefsift_packed is False and calls == []
     _assert_same(mine, _step(theirs, batch))
+
+
+def test_rows_past_the_engines_long_pair_limit_train_on_trls_forward(bpe_tokenizer, tmp_path, one_thread,
+                                                                     monkeypatch):
+    """A packed row's block mask grows with the square of its width (up to twice TRL's row): past the engine's own
+    limit (LONG_PAIR_TOKENS, lowered here to this batch's size) the step runs TRL's forward, says so, and is TRL's."""
+    from prefsift.engine import tokenize
+
+    calls = []
+    real = training.packed_logps
+    monkeypatch.setattr(training, "packed_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours, theirs, batch = _trainers(bpe_tokenizer, tmp_path, _rows())
+    monkeypatch.setattr(tokenize, "LONG_PAIR_TOKENS", 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mine = _step(ours, batch)
+    assert calls == [] and any("training forward on TRL's layout" in str(w.message) for w in caught)
+    _assert_same(mine, _step(theirs, batch))

@@ -512,10 +512,13 @@ def report(
     metric: Annotated[str | None, typer.Option(help="win_rate or pref_accuracy (default: win_rate when judged).")
                       ] = None,
     start_from: Annotated[str | None, typer.Option(help="warmup or reference rows (default: reference).")] = None,
-    correction: Annotated[str, typer.Option(help="How the table's tests are corrected together: holm (family-wise "
-                                                 "error) or bh (false discovery rate).")] = "holm",
-    alpha: Annotated[float, typer.Option(help="Family-wise error (holm) or false discovery rate (bh).")] = 0.05,
-    margin: Annotated[float, typer.Option(help="Non-inferiority margin against the full data.")] = 0.02,
+    correction: Annotated[str | None, typer.Option(help="How the table's tests are corrected together: holm "
+                                                        "(family-wise error) or bh (false discovery rate); default: "
+                                                        "the run's own, else holm.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Family-wise error (holm) or false discovery rate (bh); "
+                                                     "default: the run's own, else 0.05.")] = None,
+    margin: Annotated[float | None, typer.Option(help="Non-inferiority margin against the full data; default: "
+                                                      "the run's own, else 0.02.")] = None,
 ) -> None:
     """One HTML page (plots inline) and a Markdown version: the methods table with intervals, quality against
     compute, the data-scaling curve, and each method's score distribution with what its rule keeps marked."""
@@ -524,11 +527,11 @@ def report(
     from prefsift.config import CORRECTIONS
     from prefsift.run_report import write_report
 
-    if correction not in CORRECTIONS:
+    if correction is not None and correction not in CORRECTIONS:
         raise ConfigError(f"--correction must be holm or bh (got {correction!r})")
-    if not (math.isfinite(alpha) and 0 < alpha < 1):
+    if alpha is not None and not (math.isfinite(alpha) and 0 < alpha < 1):
         raise ConfigError(f"--alpha must be a number in (0, 1) (got {alpha!r})")
-    if not (math.isfinite(margin) and margin >= 0):
+    if margin is not None and not (math.isfinite(margin) and margin >= 0):
         raise ConfigError(f"--margin must be a finite number >= 0 (got {margin!r})")
     if metric not in (None, "win_rate", "pref_accuracy"):
         raise ConfigError(f"--metric must be win_rate or pref_accuracy (got {metric!r})")

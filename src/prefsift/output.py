@@ -47,7 +47,6 @@ def stage_of(directory: Path) -> str | None:
         return None
 
 
-_stage_of = stage_of
 
 
 def refuse_link(out: Path, *, flag: str = "--out") -> None:
@@ -76,7 +75,7 @@ def check_output(out: Path, stage: str, *, flag: str = "--out") -> None:
     if not out.is_dir():
         return
     entries = {p.name for p in out.iterdir()}
-    found = _stage_of(out)
+    found = stage_of(out)
     if found is not None and found != stage:
         raise PrefsiftError(f"{flag} {out} holds the results of `prefsift {found}`, not {stage}: choose another "
                             f"directory")
@@ -99,7 +98,7 @@ def check_output_file(path: Path, stage: str, owned, *, flag: str = "--out") -> 
             break
     if path.is_dir():
         raise PrefsiftError(f"{flag} {path} is a directory; {stage} writes a file there")
-    found = _stage_of(path.parent)
+    found = stage_of(path.parent)
     if found is not None:
         raise PrefsiftError(f"{flag} {path} is inside {path.parent}, which holds the results of `prefsift {found}`: "
                             f"write it elsewhere")

@@ -109,7 +109,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, meth
                  alpha: float | None = None, margin: float | None = None) -> dict[str, Path]:
     """report.html (self-contained) and report.md (+ its PNGs) under `out_dir` (default: `run_dir`). The methods
     table corrects its tests together: `correction` ("holm" or "bh"), `alpha` and the non-inferiority `margin`
-    default to `prefsift.stats`'s CORRECTION, ALPHA and MARGIN."""
+    default to those the run itself used (its results.json's `significance`), else `prefsift.stats`'s CORRECTION,
+    ALPHA and MARGIN: a report says what the run's results.md says unless told otherwise."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     path = run_dir / "results.json"
@@ -127,6 +128,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, meth
     start_from = start_from or ("reference" if "reference" in starts else (starts[0] if starts else "reference"))
     sections: list[tuple[str, str, Path | None]] = []  # (title, markdown text, image)
     summary = resummarize(records, summary)
+    used = results.get("significance") if isinstance(results.get("significance"), dict) else {}
+    correction = correction if correction is not None else used.get("correction")
+    alpha = alpha if alpha is not None else used.get("alpha")
+    margin = margin if margin is not None else used.get("margin")
     table = markdown_table(summary, correction=correction, alpha=alpha, margin=margin)
     sections.append(("Methods", "Δ: paired difference from random at the same budget and from the full data (same "
                      "seeds, same test items).\n\n" + table, None))

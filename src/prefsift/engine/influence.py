@@ -394,7 +394,7 @@ def directional_derivatives(model, tokenizer, pairs, direction: Direction, param
                           " using finite differences", stacklevel=2)
             return finite_difference(model, tokenizer, pairs, direction, params, step=step, max_length=max_length,
                                      batch_tokens=batch_tokens, run_dir=run_dir, identity=identity,
-                                 executor=executor)
+                                     executor=executor)
     if method == "per-example":
         return per_example(model, tokenizer, pairs, direction, params, max_length=max_length)
     raise ConfigError(f"unknown influence method '{method}' (known: {', '.join(METHODS)})")

@@ -25,6 +25,7 @@ import warnings
 import torch
 from trl.trainer.utils import FusedCausalLMOutput
 
+from prefsift.engine import tokenize
 from prefsift.engine.forward import _backbone_and_head, _scale_logits, packed_batch, packed_logps
 from prefsift.engine.tokenize import TokenizedPair
 
@@ -171,7 +172,13 @@ class PackedPolicy:
 
     def __call__(self, *args, fused_lm_head: bool = False, **kwargs):
         out = None
-        if self.packed and fused_lm_head and not args and set(kwargs) <= _TRL_CALL and "labels" in kwargs:
+        long = fused_lm_head and "input_ids" in kwargs and 2 * kwargs["input_ids"].shape[1] > tokenize.LONG_PAIR_TOKENS
+        if long and self.packed:
+            # a packed row can be twice TRL's (prompt + both completions) and its block mask is width²: past the
+            # engine's own limit for scoring, TRL's rows (no materialised mask) cost less memory
+            warnings.warn(f"rows of {kwargs['input_ids'].shape[1]} tokens: training forward on TRL's layout (a packed "
+                          f"row's mask grows with the square of its length)", stacklevel=2)
+        if self.packed and not long and fused_lm_head and not args and set(kwargs) <= _TRL_CALL and "labels" in kwargs:
             with self.autocast():
                 out = packed_output(self.model, kwargs["input_ids"], kwargs["attention_mask"], kwargs["labels"],
                                     self.pad_id)

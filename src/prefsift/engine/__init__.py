@@ -26,9 +26,9 @@ import numpy as np
 
 from prefsift.config import EngineConfig
 from prefsift.engine.embeddings import Embedder, embed_texts
-from prefsift.engine.executors import RayExecutor, default_threads, executor_for, in_process
+from prefsift.engine.executors import RayExecutor, default_threads, executor_for
 from prefsift.engine.logps import compute_logps
-from prefsift.engine.paths import VERDICTS, PathVerdicts, packed_path_ok
+from prefsift.engine.paths import VERDICTS, PathVerdicts, logps_of_tokenized, packed_path_ok
 from prefsift.engine.reward import pair_rewards
 from prefsift.engine.shards import LogpsRun, ShardBuffer
 from prefsift.engine.tokenize import BatchPlan, TokenizedPair, pad_id, path_check_pair, tokenize_pairs
@@ -60,20 +60,10 @@ class Engine:
                            progress=None) -> np.ndarray:
         """(n, 2) log-probs of pairs already tokenized by someone else (KTO's reference rows, TRL's own ids), NaN
         for None; batched to the engine's token budget, the path checked on the plan's check pair."""
-        out = np.full((len(tokenized), 2), np.nan)
-        plan = BatchPlan.of(tokenized, self.config.batch_tokens)
-        checked = path_check_pair(plan, tokenized)
+        checked = path_check_pair(BatchPlan.of(tokenized, self.config.batch_tokens), tokenized)
         packed = packed_path_ok(model, checked, pad) if checked is not None else None
-        batches = ([tokenized[i] for i in batch] for batch in plan.batches)
-        results = (self.executor or in_process)(model, batches, pad, packed)
-        for batch in plan.batches:
-            chosen, rejected = next(results)
-            out[batch, 0], out[batch, 1] = chosen.numpy(), rejected.numpy()
-            if progress is not None:
-                progress.update(len(batch))
-        if progress is not None:
-            progress.update(len(tokenized) - plan.n_kept)
-        return out
+        return logps_of_tokenized(model, tokenized, pad_id=pad, batch_tokens=self.config.batch_tokens,
+                                  progress=progress, packed=packed, executor=self.executor)
 
     def rewards(self, model, tokenizer, pairs, *, batch_size: int, run: LogpsRun | None = None,
                 desc: str = "reward model") -> np.ndarray:

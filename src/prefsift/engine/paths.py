@@ -147,14 +147,18 @@ def _flops(model) -> tuple[float, float]:
 
 def logps_of_tokenized(model, tokenized: list[TokenizedPair | None], *, pad_id: int,
                        batch_tokens: int = EngineConfig.batch_tokens,
-                       progress: tqdm | None = None, packed: bool | None = None, path: str | None = None
-                       ) -> np.ndarray:
+                       progress: tqdm | None = None, packed: bool | None = None, path: str | None = None,
+                       executor=None) -> np.ndarray:
     """(n, 2) array of summed chosen / rejected log-probs; NaN rows for dropped pairs. `packed=None` takes the
-    packed fast path where `packed_path_ok` allows it; `path` forces one of PATHS."""
+    packed fast path where `packed_path_ok` allows it; `path` forces one of PATHS. `executor(model, batches, pad_id,
+    packed)` (an `executors.RayExecutor`) runs the batches elsewhere, yielding them in order; None: here."""
     out = np.full((len(tokenized), 2), np.nan)
     plan = BatchPlan.of(tokenized, batch_tokens)
+    batches = ([tokenized[i] for i in batch] for batch in plan.batches)
+    results = (executor(model, batches, pad_id, packed) if executor is not None and path is None
+               else (forward_batch(model, pairs, pad_id, packed, path) for pairs in batches))
     for batch in plan.batches:
-        chosen, rejected = forward_batch(model, [tokenized[i] for i in batch], pad_id, packed, path)
+        chosen, rejected = next(results)
         out[batch, 0], out[batch, 1] = chosen.numpy(), rejected.numpy()
         if progress is not None:
             progress.update(len(batch))

@@ -219,15 +219,18 @@ def test_scorers_compute_influence_and_keep_their_band(bpe_tokenizer, data, tmp_
     np.testing.assert_array_equal(kept, np.flatnonzero((ranks >= 0.25) & (ranks <= 0.75)))
 
 
-def test_interrupted_run_resumes_to_identical_scores(bpe_tokenizer, data, tmp_path, monkeypatch):
+def kill_and_resume(tokenizer, data, tmp_path, monkeypatch, threads: tuple = (None, None, None)) -> dict:
+    """An influence run killed during its minus pass, then rerun on the same run directory, beside an uninterrupted
+    run; `threads`: torch's thread count of the clean, the killed and the resumed run (None: as it is). Returns both
+    runs' scores, the batches the resumed run computed, the plan's batch count, and whether the kill left the
+    weights as they were."""
     train, val = data
-    model = make_tiny_llama(bpe_tokenizer, seed=6)
-    logps = compute_logps(model, bpe_tokenizer, train, max_length=None)
-    kwargs = {"policy_logps": logps, "reference_logps": reference_logps(bpe_tokenizer, train),
-              "validation_reference_logps": reference_logps(bpe_tokenizer, val), "beta": BETA, "max_length": None,
+    model = make_tiny_llama(tokenizer, seed=6)
+    logps = compute_logps(model, tokenizer, train, max_length=None)
+    kwargs = {"policy_logps": logps, "reference_logps": reference_logps(tokenizer, train),
+              "validation_reference_logps": reference_logps(tokenizer, val), "beta": BETA, "max_length": None,
               "batch_tokens": 96, "identity": {"data": "t"}}
-    clean = inf.influence_scores(model, bpe_tokenizer, train, val, run_dir=tmp_path / "clean", **kwargs)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    n_batches = len(paths.BatchPlan.of(inf._tokenize(tokenizer, train, None), 96).batches)
     real, calls = paths.forward_batch, []
 
     def counting(*args, fail_at: int | None = None, **kw):
@@ -236,16 +239,33 @@ def test_interrupted_run_resumes_to_identical_scores(bpe_tokenizer, data, tmp_pa
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    n_batches = len(paths.BatchPlan.of(inf._tokenize(bpe_tokenizer, train, None), 96).batches)
-    monkeypatch.setattr(paths, "forward_batch", lambda *a, **k: counting(*a, fail_at=n_batches + 2, **k))
-    with pytest.raises(KeyboardInterrupt):  # killed during the minus pass
-        inf.influence_scores(model, bpe_tokenizer, train, val, run_dir=tmp_path / "resumed", **kwargs)
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored despite the kill
-    calls.clear()
-    monkeypatch.setattr(paths, "forward_batch", counting)
-    resumed = inf.influence_scores(model, bpe_tokenizer, train, val, run_dir=tmp_path / "resumed", **kwargs)
-    assert len(calls) == n_batches  # the plus pass came from its shards, the direction from disk
-    np.testing.assert_array_equal(resumed, clean)
+    def run(where: str, n_threads: int | None):
+        if n_threads is not None:
+            torch.set_num_threads(n_threads)
+        return inf.influence_scores(model, tokenizer, train, val, run_dir=tmp_path / where, **kwargs)
+
+    before = torch.get_num_threads()
+    try:
+        clean = run("clean", threads[0])
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        monkeypatch.setattr(paths, "forward_batch", lambda *a, **k: counting(*a, fail_at=n_batches + 2, **k))
+        with pytest.raises(KeyboardInterrupt):  # killed during the minus pass, the plus pass on disk
+            run("resumed", threads[1])
+        restored = all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+        calls.clear()
+        monkeypatch.setattr(paths, "forward_batch", counting)
+        resumed = run("resumed", threads[2])
+    finally:
+        torch.set_num_threads(before)
+    return {"clean": clean, "resumed": resumed, "computed": len(calls), "n_batches": n_batches,
+            "restored": restored}
+
+
+def test_interrupted_run_resumes_to_identical_scores(bpe_tokenizer, data, tmp_path, monkeypatch):
+    run = kill_and_resume(bpe_tokenizer, data, tmp_path, monkeypatch)
+    assert run["restored"]  # the weights restored despite the kill
+    assert run["computed"] == run["n_batches"]  # the plus pass came from its shards, the direction from disk
+    np.testing.assert_array_equal(run["resumed"], run["clean"])
 
 
 def test_analysis_of_perfectly_tracking_proxies():
@@ -282,36 +302,9 @@ def test_a_resume_under_another_thread_count_keeps_the_finished_shards(bpe_token
     batches and gives the uninterrupted run's scores: the shards are named by the direction's bytes and the step,
     never by ε, a float whose last bits follow a norm's reduction order, i.e. the thread count (this recomputed
     every batch once, on a loaded CI machine)."""
-    train, val = data
-    model = make_tiny_llama(bpe_tokenizer, seed=6)
-    logps = compute_logps(model, bpe_tokenizer, train, max_length=None)
-    kwargs = {"policy_logps": logps, "reference_logps": reference_logps(bpe_tokenizer, train),
-              "validation_reference_logps": reference_logps(bpe_tokenizer, val), "beta": BETA, "max_length": None,
-              "batch_tokens": 96, "identity": {"data": "t"}}
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        clean = inf.influence_scores(model, bpe_tokenizer, train, val, run_dir=tmp_path / "clean", **kwargs)
-        real, calls = paths.forward_batch, []
-
-        def counting(*args, fail_at: int | None = None, **kw):
-            calls.append(1)
-            if fail_at is not None and len(calls) == fail_at:
-                raise KeyboardInterrupt
-            return real(*args, **kw)
-
-        n_batches = len(paths.BatchPlan.of(inf._tokenize(bpe_tokenizer, train, None), 96).batches)
-        torch.set_num_threads(2)
-        monkeypatch.setattr(paths, "forward_batch", lambda *a, **k: counting(*a, fail_at=n_batches + 2, **k))
-        with pytest.raises(KeyboardInterrupt):  # killed during the minus pass, the plus pass on disk
-            inf.influence_scores(model, bpe_tokenizer, train, val, run_dir=tmp_path / "resumed", **kwargs)
-        torch.set_num_threads(1)
-        calls.clear()
-        monkeypatch.setattr(paths, "forward_batch", counting)
-        resumed = inf.influence_scores(model, bpe_tokenizer, train, val, run_dir=tmp_path / "resumed", **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-    assert len(calls) == n_batches  # the minus pass only: the plus pass's shards and the direction were reused
+    run = kill_and_resume(bpe_tokenizer, data, tmp_path, monkeypatch, threads=(1, 2, 1))
+    clean, resumed = run["clean"], run["resumed"]
+    assert run["computed"] == run["n_batches"]  # the minus pass only: the plus shards and the direction reused
     # the reused ḡ_val and plus pass ran at 2 threads, the clean run at 1: equal to rounding (bit-equal here, where a
     # tiny model's matmuls stay below torch's parallel grain; a BLAS that splits them could differ in the last bits)
     np.testing.assert_allclose(resumed, clean, rtol=1e-6, atol=1e-9 * np.abs(clean[np.isfinite(clean)]).max())

@@ -77,16 +77,9 @@ def _span(values: list[float]) -> str:
 
 def _verdicts(family) -> str:
     """The surviving claims of a family by verdict, each (start, method, budget) once with its metrics."""
-    parts = []
-    for against in ("random", "full"):
-        for verdict in ("better", "worse"):
-            picked = [c for c in family.survivors(verdict) if c.against == against]
-            if picked:
-                parts.append(f"{verdict} than {against}: {_claims(picked)}")
-    picked = family.survivors("non-inferior")
-    if picked:
-        parts.append(f"non-inferior to full within {family.margin:g}: {_claims(picked)}")
-    return "; ".join(parts)
+    return "; ".join(f"non-inferior to full within {family.margin:g}: {_claims(picked)}" if verdict == "non-inferior"
+                     else f"{verdict} than {against}: {_claims(picked)}"
+                     for verdict, against, picked in family.grouped())
 
 
 def _claims(picked: list) -> str:

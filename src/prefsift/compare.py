@@ -101,15 +101,9 @@ def _legend(rows: list[dict], family: Family | None = None) -> str:
     lines = ["Δ random: paired difference from random at the same budget (same seeds, same test items); Δ full: "
              "from the full data. `seconds`: measured, mean over seeds (scoring passes, the trainings a score needs, "
              "the subset's training); `compute × full`: pair passes against training on all pairs.", ""]
-    found = []
-    for against in ("random", "full"):
-        for verdict in ("better", "worse"):
-            picked = [c for c in family.survivors(verdict) if c.against == against]
-            if picked:
-                found.append(f"{verdict.capitalize()} than {against}: {_named(picked)}.")
-    picked = family.survivors("non-inferior")
-    if picked:
-        found.append(f"Non-inferior to full (margin {family.margin:g}): {_named(picked)}.")
+    found = [f"Non-inferior to full (margin {family.margin:g}): {_named(picked)}." if verdict == "non-inferior"
+             else f"{verdict.capitalize()} than {against}: {_named(picked)}." for verdict, against, picked
+             in family.grouped()]
     rule = f"{family.rule()} over the table's {len(family.claims)} tests"
     if found:
         lines.append(f"Surviving {rule}: " + " ".join(found))

@@ -251,6 +251,14 @@ class Family:
     def survivors(self, verdict: str | None = None) -> list[Claim]:
         return [c for c in self.claims if c.verdict is not None and (verdict is None or c.verdict == verdict)]
 
+    def grouped(self) -> list[tuple[str, str, list[Claim]]]:
+        """The survivors as a reader lists them: (verdict, against, claims) for better and worse than random, better
+        and worse than full, then non-inferior to full; groups without a survivor left out."""
+        groups = [(verdict, against, [c for c in self.survivors(verdict) if c.against == against])
+                  for against in ("random", "full") for verdict in ("better", "worse")]
+        groups.append(("non-inferior", "full", self.survivors("non-inferior")))
+        return [g for g in groups if g[2]]
+
     def rule(self) -> str:
         """How the family is corrected, in words: "Holm's correction (family-wise error ≤ 5%)"."""
         if self.correction == "holm":

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu import SHAPES, Shape, make_model, synthetic_rows, word_tokenizer  # noqa: E402
 
 from prefsift.engine import influence as inf  # noqa: E402
-from prefsift.engine.forward import packed_batch, packed_logps  # noqa: E402
+from prefsift.engine.forward import packed_batch  # noqa: E402
 from prefsift.engine.tokenize import pad_id  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def first_non_finite(model, batch, names, primals, tangents) -> str | None:
     try:
         with fwAD.dual_level(), torch.no_grad():
             duals = {n: fwAD.make_dual(p, t) for n, p, t in zip(names, primals, tangents, strict=True)}
-            sums = torch.func.functional_call(_Packed(model), {f"base.{n}": d for n, d in duals.items()},
+            sums = torch.func.functional_call(inf._Packed(model), {f"base.{n}": d for n, d in duals.items()},
                                               (batch,), strict=False)
             _, tangent = fwAD.unpack_dual(sums)
             if not seen and tangent is not None and not torch.isfinite(tangent).all():
@@ -86,13 +86,12 @@ def first_non_finite(model, batch, names, primals, tangents) -> str | None:
     return seen[0] if seen else None
 
 
-class _Packed(torch.nn.Module):
-    def __init__(self, base) -> None:
-        super().__init__()
-        self.base = base
-
-    def forward(self, batch):
-        return packed_logps(self.base, batch)
+def unit_direction(params: dict, seed: int = 1) -> dict:
+    """A random direction of norm 1 over `params` (not ḡ_val: whether a failure is the direction's or the model's)."""
+    torch.manual_seed(seed)
+    unit = {n: torch.randn_like(p) for n, p in params.items()}
+    norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in unit.values())))
+    return {n: t / norm for n, t in unit.items()}
 
 
 def run_variant(label: str, shape: Shape, attention: str, device: str, n_pairs: int, max_length: int) -> dict:
@@ -111,10 +110,7 @@ def run_variant(label: str, shape: Shape, attention: str, device: str, n_pairs: 
     jvp = inf.forward_ad(model, tokenizer, train, direction, params, max_length=max_length)
     fd = inf.finite_difference(model, tokenizer, train, direction, params, max_length=max_length)
     # a random unit direction too: is the failure ḡ_val's (its scale) or the model's?
-    torch.manual_seed(1)
-    unit = {n: torch.randn_like(p) for n, p in params.items()}
-    norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in unit.values())))
-    unit = {n: t / norm for n, t in unit.items()}
+    unit = unit_direction(params)
     jvp_unit = inf.forward_ad(model, tokenizer, train, unit, params, max_length=max_length)
     record = {"variant": label, "shape": shape.__dict__, "attention": attention, "pairs": n_pairs,
               "grad_finite": grad_finite, "jvp_nan": int(np.isnan(jvp).sum()), "fd_nan": int(np.isnan(fd).sum()),

@@ -25,9 +25,10 @@ import transformers.models.llama.modeling_llama as llama  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu import SHAPES, make_model, synthetic_rows, word_tokenizer  # noqa: E402
+from jvp_nan import unit_direction  # noqa: E402
 
 from prefsift.engine import influence as inf  # noqa: E402
-from prefsift.engine.forward import packed_batch, packed_logps  # noqa: E402
+from prefsift.engine.forward import packed_batch  # noqa: E402
 from prefsift.engine.tokenize import pad_id  # noqa: E402
 
 STATS: list[dict] = []
@@ -65,15 +66,6 @@ def probed_attention(module, query, key, value, attention_mask, scaling, dropout
     return out.transpose(1, 2).contiguous(), probs
 
 
-class _Packed(torch.nn.Module):
-    def __init__(self, base) -> None:
-        super().__init__()
-        self.base = base
-
-    def forward(self, batch):
-        return packed_logps(self.base, batch)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -94,14 +86,12 @@ def main() -> None:
     tokenized = [t for t in inf._tokenize(tokenizer, Dataset.from_list(rows), args.max_length) if t is not None]
     params = inf.scope_parameters(model, "all")
     names = list(params)
-    torch.manual_seed(1)
-    unit = {n: torch.randn_like(p) for n, p in params.items()}
-    norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in unit.values())))
-    tangents = [unit[n] / norm for n in names]
+    unit = unit_direction(params)
+    tangents = [unit[n] for n in names]
     primals = [params[n].detach() for n in names]
     out: dict = {"device": args.device, "shape": args.shape, "torch": torch.__version__, "runs": {}}
     llama.eager_attention_forward = probed_attention
-    module = _Packed(model)
+    module = inf._Packed(model)
     for label, masked in (("finfo.min", None), ("-1e9", -1e9), ("-1e4", -1e4)):
         batch = packed_batch(model, tokenized, pad_id(tokenizer))
         if masked is not None:

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from prefsift.config import EngineConfig, ScoreConfig  # noqa: F401 (ScoreConfig: re-exported)
 from prefsift.data import LoadedPairs
+from prefsift.engine.tokenize import non_finite_logps
 from prefsift.errors import ConfigError
 from prefsift.manifest import check_dropped, dropped_record, model_failure, write_dropped, write_manifest
 from prefsift.resources import LOGPS_COLUMNS, REWARD_COLUMNS, Resources, flag_of, sources_of
@@ -26,29 +27,6 @@ class ScoreResult:
     seconds: dict[str, float]  # method -> its cost: own time, its passes, the trainings its models needed
     n_dropped: int  # pairs left out here (prompt fills max_length, a non-finite score): NaN in every score column
     dropped: list[dict] = dataclasses.field(default_factory=list)  # dropped.jsonl's records, input rows included
-
-
-def too_long_rows(tokenizer, pairs, rows: np.ndarray, max_length: int | None) -> np.ndarray:
-    """Which of `rows` (indices into the pairs table) TRL drops because the prompt fills max_length: the tokenizer's
-    verdict, the only thing that makes a pair too long. Only the rows asked about are tokenized."""
-    from prefsift.engine.tokenize import tokenize_pairs
-
-    rows = np.asarray(rows, dtype=int)
-    if not len(rows):
-        return np.zeros(0, dtype=bool)
-    subset = pairs.select(rows.tolist())
-    tokenized = tokenize_pairs(tokenizer, subset["prompt"], subset["chosen"], subset["rejected"], max_length)
-    return np.array([t is None for t in tokenized], dtype=bool)
-
-
-def non_finite_logps(values: np.ndarray, tokenizer, pairs, max_length: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(too_long, failed) masks of an (n, 2) log-prob pass: a NaN pair is too long when the tokenizer says its prompt
-    fills max_length; any other NaN or ±inf is the model's failure (NaN or inf weights, an overflowing dtype)."""
-    values = np.asarray(values, dtype=float)
-    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
-    too_long = np.zeros(len(values), dtype=bool)
-    too_long[bad[too_long_rows(tokenizer, pairs, bad, max_length)]] = True
-    return too_long, ~np.isfinite(values).all(axis=1) & ~too_long
 
 
 def _check_pass(resources: Resources, role: str, pair_ids) -> np.ndarray:

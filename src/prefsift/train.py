@@ -31,7 +31,7 @@ from trl.data_utils import unpair_preference_dataset
 
 from prefsift.config import EngineConfig, TrainConfig  # noqa: F401 (TrainConfig: re-exported)
 from prefsift.engine import Engine
-from prefsift.engine.tokenize import TokenizedPair, pad_id, tokenize_pairs
+from prefsift.engine.tokenize import TokenizedPair, non_finite_logps, pad_id
 from prefsift.engine.training import policy_for
 from prefsift.errors import ConfigError
 from prefsift.manifest import check_scores, model_failure
@@ -303,13 +303,7 @@ def checked_reference(ref_logps: np.ndarray, tokenizer, pairs: Dataset, max_leng
     ref = np.array(ref_logps, dtype=float)
     if len(ref) != len(pairs):
         raise ConfigError(f"{len(ref)} reference log-prob rows for {len(pairs)} pairs")
-    bad = np.flatnonzero(~np.isfinite(ref).all(axis=1))
-    too_long = np.zeros(len(ref), dtype=bool)
-    if len(bad):
-        subset = pairs.select(bad.tolist())
-        verdicts = tokenize_pairs(tokenizer, subset["prompt"], subset["chosen"], subset["rejected"], max_length)
-        too_long[bad[[t is None for t in verdicts]]] = True
-    failed = ~np.isfinite(ref).all(axis=1) & ~too_long
+    too_long, failed = non_finite_logps(ref, tokenizer, pairs, max_length)
     if failed.any():
         raise model_failure(what, failed, pair_ids, "check that model, or score again with a sound one",
                             max_length=max_length)

@@ -154,3 +154,24 @@ class CompactPairs(Sequence):
     def kept_and_lengths(self) -> tuple[list[int], list[int]]:
         kept = np.flatnonzero(self.meta[:, 0] >= 0)
         return kept.tolist(), self.meta[kept, 1:].sum(axis=1).tolist()
+
+
+def too_long_rows(tokenizer, pairs, rows: np.ndarray, max_length: int | None) -> np.ndarray:
+    """Which of `rows` (indices into the pairs table) TRL drops because the prompt fills max_length: the tokenizer's
+    verdict, the only thing that makes a pair too long. Only the rows asked about are tokenized."""
+    rows = np.asarray(rows, dtype=int)
+    if not len(rows):
+        return np.zeros(0, dtype=bool)
+    subset = pairs.select(rows.tolist())
+    tokenized = tokenize_pairs(tokenizer, subset["prompt"], subset["chosen"], subset["rejected"], max_length)
+    return np.array([t is None for t in tokenized], dtype=bool)
+
+
+def non_finite_logps(values: np.ndarray, tokenizer, pairs, max_length: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(too_long, failed) masks of an (n, 2) log-prob pass: a NaN pair is too long when the tokenizer says its prompt
+    fills max_length; any other NaN or ±inf is the model's failure (NaN or inf weights, an overflowing dtype)."""
+    values = np.asarray(values, dtype=float)
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    too_long = np.zeros(len(values), dtype=bool)
+    too_long[bad[too_long_rows(tokenizer, pairs, bad, max_length)]] = True
+    return too_long, ~np.isfinite(values).all(axis=1) & ~too_long

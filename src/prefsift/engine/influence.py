@@ -250,17 +250,16 @@ def finite_difference(model, tokenizer, pairs, direction: Direction, params: dic
     saved = {n: p.detach().clone() for n, p in params.items()}
     sides = []
     signs = ((1.0, "influence-plus"), (-1.0, "influence-minus"))[: 1 if base_logps is not None else 2]
+    # the direction's bytes and the step name the runs, never ε: a float derived from them would tie the identity to
+    # the reduction order of a norm (issue 19's flake: a resume recomputed everything). Hashed once for both sides.
+    named = None if run_dir is None else {**(identity or {}), "direction": direction_hash(direction),
+                                          "step": repr(float(step))}
     try:
         for sign, tag in signs:
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(saved[n] + (sign * epsilon) * direction[n].to(p.dtype))
-            run = None
-            if run_dir is not None:
-                # the direction's bytes and the step name the run, never ε: a float derived from them would tie
-                # the identity to the reduction order of a norm (issue 19's flake: a resume recomputed everything)
-                run = LogpsRun(Path(run_dir), tag, {**(identity or {}), "direction": direction_hash(direction),
-                                                    "step": repr(float(step))})
+            run = None if named is None else LogpsRun(Path(run_dir), tag, named)
             sides.append(compute_logps(model, tokenizer, pairs, max_length=max_length, batch_tokens=batch_tokens,
                                        run=run, desc=f"{tag} log-probs", flush_rows=flush_rows, executor=executor))
     finally:

@@ -44,6 +44,7 @@ import prefsift.engine.logps  # noqa: E402
 from prefsift.data import load_pairs  # noqa: E402
 from prefsift.engine import influence as inf  # noqa: E402
 from prefsift.engine.logps import compute_logps  # noqa: E402
+from prefsift.report import provenance  # noqa: E402
 
 _tqdm = prefsift.engine.logps.tqdm
 prefsift.engine.logps.tqdm = lambda *a, **k: _tqdm(*a, **{**k, "disable": True})  # progress bars would swamp the table
@@ -80,17 +81,6 @@ def timed(fn, *args, **kwargs):
     cpu, wall = time.process_time(), time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.process_time() - cpu, time.perf_counter() - wall
-
-
-def _commit() -> str:
-    """The commit this ran on, with "-dirty" when the tree had uncommitted changes."""
-    import subprocess
-
-    root = Path(__file__).parent.parent
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                           text=True).stdout.strip()
-    return head + ("-dirty" if dirty else "")
 
 
 def main() -> None:
@@ -187,7 +177,7 @@ def main() -> None:
                   "max_length": args.max_length, "cpu_wall_seconds": {label: s for label, s, _ in rows},
                   "validation_gradient_cpu_wall_s": t_val, "accuracy": {label: a for label, _, a in rows if a},
                   "step_sweep": sweep, "step_sweep_one_sided": sweep_one, "per_example_over_fd_flop_ratio": flop_ratio,
-                  "one_sided_with_policy_pass_x": with_policy, "commit": _commit()}
+                  "one_sided_with_policy_pass_x": with_policy, "provenance": provenance()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1))
 

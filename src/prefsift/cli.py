@@ -142,14 +142,10 @@ def _apply_threads(engine) -> None:
     Engine(engine).apply_threads()
 
 
-def _log(line: str) -> None:
-    _say(line)
-
-
 def _load(data: str, options):
     from prefsift.stages import load_data
 
-    return load_data(data, options, _log)
+    return load_data(data, options, _say)
 
 
 @app.callback()
@@ -354,7 +350,7 @@ def train(
                                                                   DataConfig, ModelConfig,
                                                                   defaults=scored_defaults(scores))
     result = train_stage(data, model, out, reference=reference, scores=scores, config=train_config, engine=engine,
-                         data_options=data_options, model_options=model_options, log=_log)
+                         data_options=data_options, model_options=model_options, log=_say)
     _say(result.summary(engine.max_length))
 
 
@@ -379,7 +375,7 @@ def eval_(
     eval_config, engine, data_options, model_options = _settings(config, flags, EvalConfig, EngineConfig, DataConfig,
                                                                  ModelConfig)
     record = eval_stage(model, data, out, reference=reference, judge_model=judge_model, config=eval_config,
-                        engine=engine, data_options=data_options, model_options=model_options, log=_log)
+                        engine=engine, data_options=data_options, model_options=model_options, log=_say)
     _say(one_line(record))
 
 
@@ -400,7 +396,7 @@ def run(
     if not run_config.data or not run_config.model:
         raise ConfigError(f"{config}: 'data' and 'model' are required")
     _apply_threads(run_config.engine)
-    run_staged(run_config, log=_log)  # locked, swapped in whole
+    run_staged(run_config, log=_say)  # locked, swapped in whole
     _say(f"results → {Path(run_config.out) / 'results.md'}")
 
 
@@ -424,7 +420,7 @@ def compare(
 
     run_config = compare_config(flags, methods=methods, fractions=fractions, config=config)
     _apply_threads(run_config.engine)
-    result = run_compare(run_config, log=_log)
+    result = run_compare(run_config, log=_say)
     typer.echo(result["markdown"])
     out = Path(run_config.out)
     _say(f"table → {out / 'compare.md'}, plot → {out / 'quality_vs_compute.png'}")
@@ -447,7 +443,7 @@ def demo(
     from prefsift.report import markdown_table
 
     config = DemoConfig(seeds=seeds, methods=list(ALL_METHODS) if all_methods else DemoConfig().methods)
-    results = run_demo(out, seed=seed, config=config, log=_log)
+    results = run_demo(out, seed=seed, config=config, log=_say)
     typer.echo(markdown_table(results["summary"]))
     _say(f"results → {out / 'results.md'}, report → {out / 'report.html'}")
 
@@ -525,7 +521,7 @@ def report(
     import math
 
     from prefsift.config import CORRECTIONS
-    from prefsift.run_report import write_report
+    from prefsift.run_report import report_dir
 
     if correction is not None and correction not in CORRECTIONS:
         raise ConfigError(f"--correction must be holm or bh (got {correction!r})")
@@ -539,29 +535,8 @@ def report(
         raise ConfigError(f"--start-from must be warmup or reference (got {start_from!r})")
     options = {"method": method, "metric": metric, "start_from": start_from, "correction": correction, "alpha": alpha,
                "margin": margin}
-    paths = _write_report(run_dir, out, lambda where: write_report(run_dir, where, **options), options)
+    paths = report_dir(run_dir, out, **options)
     _say(f"report → {paths['html']}, {paths['markdown']}")
-
-
-def _write_report(run_dir: Path, out: Path | None, write, options: dict) -> dict[str, Path]:
-    """`write(directory)` writes the report's files there. Beside the results (no --out, or --out RUN_DIR): only in
-    a directory prefsift wrote, under its lock (a rerun there replaces the directory, report included). Anywhere
-    else --out is a report directory like any stage's output: checked first (never a user's directory or another
-    stage's results), written whole with a manifest."""
-    from prefsift.manifest import write_manifest
-    from prefsift.output import check_output, locked, stage_of, staged
-
-    if out is None or out.resolve() == run_dir.resolve():
-        if run_dir.is_dir() and stage_of(run_dir) is None and (run_dir / "results.json").is_file():
-            raise ConfigError(f"{run_dir} holds no prefsift manifest: the report goes beside the results only in a "
-                              f"directory prefsift wrote; give --out")
-        with locked(run_dir):
-            return write(run_dir)
-    check_output(out, "report")
-    with locked(out), staged(out, "report") as tmp:
-        paths = write(tmp)
-        write_manifest(tmp, "report", {"run_dir": str(run_dir), **options})
-    return {key: out / Path(path).name for key, path in paths.items()}
 
 
 @app.command()

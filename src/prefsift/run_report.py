@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from prefsift.errors import PrefsiftError
-from prefsift.output import temp_sibling
+from prefsift.errors import ConfigError, PrefsiftError
+from prefsift.manifest import write_manifest
+from prefsift.output import check_output, locked, stage_of, staged, temp_sibling
 from prefsift.report import markdown_table
 from prefsift.scaling import fit_plateau, plan_share, plot_fit, scaling_points, summary_markdown
 from prefsift.stats import METRICS, summarize
@@ -181,3 +182,27 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, meth
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     return paths
+
+
+def report_dir(run_dir: str | Path, out: str | Path | None = None, **options) -> dict[str, Path]:
+    """`prefsift report`: `write_report(run_dir, directory, **options)` into its place. Beside the results (no
+    `out`, or `out` = run_dir): only in a directory prefsift wrote, under its lock (a rerun there replaces the
+    directory, report included). Anywhere else `out` is a report directory like any stage's output: checked first
+    (never a user's directory or another stage's results), written whole with a manifest."""
+
+    run_dir, out = Path(run_dir), None if out is None else Path(out)
+
+    def write(where: Path) -> dict[str, Path]:
+        return write_report(run_dir, where, **options)
+
+    if out is None or out.resolve() == run_dir.resolve():
+        if run_dir.is_dir() and stage_of(run_dir) is None and (run_dir / "results.json").is_file():
+            raise ConfigError(f"{run_dir} holds no prefsift manifest: the report goes beside the results only in a "
+                              f"directory prefsift wrote; give --out")
+        with locked(run_dir):
+            return write(run_dir)
+    check_output(out, "report")
+    with locked(out), staged(out, "report") as tmp:
+        paths = write(tmp)
+        write_manifest(tmp, "report", {"run_dir": str(run_dir), **options})
+    return {key: out / Path(path).name for key, path in paths.items()}

@@ -19,6 +19,20 @@ def restore_scorer_registry():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_user_cache(tmp_path_factory):
+    """The log-prob cache (prefsift.reference) of module fixtures' commands: never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFSIFT_CACHE", str(tmp_path_factory.mktemp("prefsift-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def log_prob_cache(monkeypatch, tmp_path_factory):
+    """Each test's own log-prob cache: no test reads another's passes."""
+    monkeypatch.setenv("PREFSIFT_CACHE", str(tmp_path_factory.mktemp("prefsift-cache")))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread: tiny models run as fast on one, and on a shared 2-core box 2 OpenMP threads spin-waiting on

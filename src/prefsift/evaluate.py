@@ -18,6 +18,7 @@ from prefsift.engine.reward import reward_scores
 from prefsift.errors import ConfigError, ModelError
 from prefsift.maths import implicit_reward_margin
 from prefsift.models import LoadedModel
+from prefsift.reference import cached_logps
 
 
 class Judge(Protocol):
@@ -138,8 +139,7 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
     start = time.perf_counter()
     record: dict = {}
     if test_pairs is not None and len(test_pairs):
-        passes = Engine(engine)
-        policy_logps = passes.logps(policy.model, policy.tokenizer, test_pairs, desc="policy")
+        policy_logps = _logps(policy, test_pairs, engine, "policy")
         if np.isnan(policy_logps[:, 0]).all():
             raise ConfigError(f"every test pair's prompt fills max_length={engine.max_length}: nothing to evaluate")
         if reference is None:
@@ -147,7 +147,7 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
             record["logp_accuracy"] = float(np.mean(kept[:, 0] > kept[:, 1])) if len(kept) else float("nan")
         else:
             if reference_logps is None:
-                reference_logps = passes.logps(reference.model, reference.tokenizer, test_pairs, desc="reference")
+                reference_logps = _logps(reference, test_pairs, engine, "reference")
             outcomes = preference_outcomes(policy_logps, reference_logps, engine.beta)
             margins = implicit_reward_margin(policy_logps, reference_logps, engine.beta)
             record["pref_accuracy"] = float(np.nanmean(outcomes))
@@ -171,6 +171,12 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
                        "policy_scores": result.policy_scores, "baseline_scores": result.baseline_scores})
     record["eval_seconds"] = time.perf_counter() - start
     return record
+
+
+def _logps(loaded: LoadedModel, pairs, engine: EngineConfig, desc: str) -> np.ndarray:
+    """A test pass, read from the log-prob cache when a command already made it (e.g. `run`'s reference pass)."""
+    return cached_logps(loaded, pairs, engine, lambda: Engine(engine).logps(loaded.model, loaded.tokenizer, pairs,
+                                                                            desc=desc))
 
 
 PER_ITEM = ("pref_margins", "answers", "baseline_answers", "policy_scores", "baseline_scores")

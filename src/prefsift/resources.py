@@ -145,6 +145,7 @@ class Resources:
         pairs) under its own `tag`."""
         from prefsift.engine import Engine, LogpsRun
         from prefsift.manifest import check_dropped, tokenizer_fingerprint
+        from prefsift.reference import cached_logps
 
         loaded = self.model(role)
         data = self.pairs if pairs is None else pairs
@@ -163,8 +164,10 @@ class Resources:
                 reason = [{"stage": "score", "reason": f"prompt fills max_length {self.engine.max_length}"}] * n_dropped
                 check_dropped(n_dropped, n, self.allow_dropped or pairs is not None, reason)
 
-            self._logps[key] = Engine(self.engine).logps(loaded.model, loaded.tokenizer, data.pairs, run=run,
-                                                         desc=f"{tag or role} log-probs", check_dropped=check)
+            self._logps[key] = cached_logps(
+                loaded, data.pairs, self.engine, check_dropped=check,
+                compute=lambda: Engine(self.engine).logps(loaded.model, loaded.tokenizer, data.pairs, run=run,
+                                                          desc=f"{tag or role} log-probs", check_dropped=check))
             if pairs is None:
                 self.seconds[role] = time.perf_counter() - start
         return self._logps[key]

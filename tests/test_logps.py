@@ -282,12 +282,13 @@ _TRL: dict = {}  # TRL's pass once per shape and max_length: the tiny_llama fixt
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("path", ["packed", "cached"])
+@pytest.mark.parametrize("path", ["packed", "cached", "flex", "jagged"])
 @pytest.mark.parametrize("max_length", [None, 48])
 def test_every_path_matches_trl_on_both_shapes(bpe_tokenizer, tiny_llama, tmp_path, monkeypatch, one_thread, shape,
                                                path, max_length):
-    """The packed and cached-prefix paths, each with the LM head in chunks (7 positions at a time) and the cached
-    path's queries in chunks of 16 positions, give TRL's own reference log-probs at 1e-4 relative; with max_length
+    """The packed, cached-prefix and unpadded (flex block mask, jagged documents) paths, each with the LM head in
+    chunks (7 positions at a time) and the cached path's queries in chunks of 16 positions, give TRL's own reference
+    log-probs at 1e-4 relative; with max_length
     48 responses are cut (instructions) and long transcripts dropped, as TRL cuts and drops them."""
     import prefsift.engine.forward as forward
     import prefsift.engine.paths as paths
@@ -451,3 +452,75 @@ def test_tokenized_pairs_are_held_compactly(bpe_tokenizer):
     assert list(compact) == pairs  # the same pairs back, dropped ones None
     assert compact.ids.dtype == np.int32 and compact.ids.nbytes == 4 * sum(len(p) for p in pairs if p is not None)
     assert BatchPlan.of(compact, 64) == BatchPlan.of(pairs, 64)  # the same batches: resume stays exact
+
+
+# ---- issue 21: the unpadded layout (one flat sequence a batch), chosen through the engine's settings
+
+
+@pytest.mark.parametrize("layout", ["flex", "jagged"])
+def test_the_engine_takes_the_unpadded_layout_it_is_given(bpe_tokenizer, tiny_llama, one_thread, monkeypatch, layout):
+    """EngineConfig.layout sends every batch through the flat forward once its check passes on the model (the verdict
+    is recorded), and the values are the textbook log-probs of each side."""
+    import prefsift.engine.paths as paths
+    from prefsift.config import EngineConfig
+    from prefsift.engine import Engine
+
+    flat_batches = []
+    real = paths._forward_batch_flat
+    monkeypatch.setattr(paths, "_forward_batch_flat",
+                        lambda model, pairs, kernel, *a: flat_batches.append(kernel) or real(model, pairs, kernel, *a))
+    rows = instruction_pairs(10, seed=41)
+    engine = Engine(EngineConfig(max_length=None, batch_tokens=200, layout=layout))
+    got = engine.logps(tiny_llama, bpe_tokenizer, Dataset.from_list(rows))
+    assert engine.paths_of(tiny_llama)[layout] is True
+    assert flat_batches.count(layout) >= 3  # the check pair, then every batch of the plan
+    expected = [[naive_logp(tiny_llama, bpe_tokenizer, r["prompt"], r[side]) for side in ("chosen", "rejected")]
+                for r in rows]
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_a_flat_forward_that_disagrees_keeps_the_padded_layout(bpe_tokenizer, tiny_llama, one_thread, monkeypatch):
+    """An attention the flat layout gets wrong (here: its outputs scaled) fails the check with one warning; the pass
+    runs padded and its values stay right."""
+    import prefsift.engine.forward as forward
+    import prefsift.engine.paths as paths
+
+    real = forward._flat_attention
+    monkeypatch.setattr(forward, "_flat_attention", lambda *a, **k: (real(*a, **k)[0] * 1.5, None))
+    flat_batches = []
+    monkeypatch.setattr(paths, "_forward_batch_flat",
+                        lambda *a: flat_batches.append(a) or forward._forward_batch_flat(*a))
+    rows = make_pairs(6, seed=42)
+    with pytest.warns(UserWarning, match="unpadded flex forward disagrees"):
+        got = compute_logps(tiny_llama, bpe_tokenizer, Dataset.from_list(rows), max_length=None, layout="flex")
+    assert len(flat_batches) == 1  # the check only
+    expected = compute_logps(tiny_llama, bpe_tokenizer, Dataset.from_list(rows), max_length=None)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_the_flat_length_padding_of_compiled_flex_changes_no_value(bpe_tokenizer, tiny_llama, one_thread):
+    """Compiled flex pads a batch's flat length up to a bucket (a bounded number of compilations): the padding is a
+    document of its own that no pair sees, so each pair's log-probs are those of the unpadded batch; the buckets
+    are multiples of a sixteenth of the budget, at least 128 tokens."""
+    from prefsift.engine.forward import flat_batch, flat_bucket, flat_logps
+
+    assert [flat_bucket(n, 8192) for n in (1, 512, 513, 8000)] == [512, 512, 1024, 8192]
+    assert flat_bucket(5, 100) == 128
+    assert len({flat_bucket(n, 8192) for n in range(1, 8193)}) == 16
+    rows = instruction_pairs(4, seed=43)
+    tokenized = tokenize_pairs(bpe_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                               [r["rejected"] for r in rows], None)
+    with torch.inference_mode():
+        tight = flat_logps(tiny_llama, flat_batch(tiny_llama, tokenized, "flex"))
+        padded = flat_logps(tiny_llama, flat_batch(tiny_llama, tokenized, "flex", pad_to=flat_bucket(
+            sum(len(t) for t in tokenized), 8192)))
+    torch.testing.assert_close(padded, tight, rtol=1e-5, atol=1e-5)
+
+
+def test_the_unpadded_layout_is_refused_on_a_ray_pool():
+    from prefsift.config import EngineConfig
+    from prefsift.engine import Engine
+    from prefsift.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="layout jagged runs in this process only"):
+        Engine(EngineConfig(backend="ray", layout="jagged"))

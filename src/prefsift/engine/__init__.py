@@ -32,6 +32,7 @@ from prefsift.engine.paths import VERDICTS, PathVerdicts, logps_of_tokenized, pa
 from prefsift.engine.reward import pair_rewards
 from prefsift.engine.shards import LogpsRun, ShardBuffer
 from prefsift.engine.tokenize import BatchPlan, TokenizedPair, pad_id, path_check_pair, tokenize_pairs
+from prefsift.errors import ConfigError
 
 __all__ = ["Engine", "LogpsRun", "ShardBuffer", "TokenizedPair", "PathVerdicts", "RayExecutor", "compute_logps",
            "default_threads", "pad_id", "tokenize_pairs"]
@@ -46,6 +47,9 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, *, executor: RayExecutor | None = None) -> None:
         self.config = config if config is not None else EngineConfig()
         self.executor = executor if executor is not None else executor_for(self.config)
+        if self.executor is not None and self.config.layout != "padded":
+            raise ConfigError(f"layout {self.config.layout} runs in this process only: use --backend local or "
+                              f"--layout padded")
         self.verdicts: PathVerdicts = VERDICTS
 
     def logps(self, model, tokenizer, pairs, *, run: LogpsRun | None = None, desc: str = "log-probs",
@@ -54,7 +58,8 @@ class Engine:
         (see `compute_logps`), at the engine's max_length and batch_tokens, on its executor."""
         return compute_logps(model, tokenizer, pairs, max_length=self.config.max_length,
                              batch_tokens=self.config.batch_tokens, run=run, desc=desc, check_dropped=check_dropped,
-                             flush_rows=flush_rows, flush_seconds=flush_seconds, executor=self.executor)
+                             flush_rows=flush_rows, flush_seconds=flush_seconds, executor=self.executor,
+                             layout=self.config.layout)
 
     def logps_of_tokenized(self, model, tokenized: list[TokenizedPair | None], *, pad: int,
                            progress=None) -> np.ndarray:
@@ -63,7 +68,8 @@ class Engine:
         checked = path_check_pair(BatchPlan.of(tokenized, self.config.batch_tokens), tokenized)
         packed = packed_path_ok(model, checked, pad) if checked is not None else None
         return logps_of_tokenized(model, tokenized, pad_id=pad, batch_tokens=self.config.batch_tokens,
-                                  progress=progress, packed=packed, executor=self.executor)
+                                  progress=progress, packed=packed, executor=self.executor,
+                                  layout=self.config.layout)
 
     def rewards(self, model, tokenizer, pairs, *, batch_size: int, run: LogpsRun | None = None,
                 desc: str = "reward model") -> np.ndarray:

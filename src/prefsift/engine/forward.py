@@ -12,9 +12,13 @@ Only completion positions go through the LM head, a chunk at a time. Which path 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from prefsift.engine.tokenize import TokenizedPair
@@ -235,3 +239,198 @@ def _forward_long(model, pair: TokenizedPair, chunk: int = 1024) -> tuple[torch.
             total += logits.log_softmax(-1).gather(-1, ids[0, at][:, None]).double().sum().cpu()
         sums.append(total)
     return sums[0].view(1), sums[1].view(1)
+
+
+# --- the unpadded layout -----------------------------------------------------------------------------------------
+# A batch as ONE flat sequence: each pair's `prompt | chosen | rejected` tokens one after another, no padding row, so
+# the backbone's matmuls see each pair's unique tokens once. The attention pattern (each pair on its own, the
+# rejected tokens blind to the chosen ones) is a document mask, applied by one of two kernels (`FLAT_KERNELS`):
+# - flex: flex attention's block mask (blocks outside every pair are skipped when compiled: on a GPU always; on a
+#   CPU eager flex computes the dense pattern, the reference the tests check);
+# - jagged: variable-length attention over the pairs' documents `prompt|chosen` and `prompt|rejected` (the prompt's
+#   keys gathered twice, its queries' outputs kept from the first), plain causal within each: FlashAttention's varlen
+#   kernel in bf16/fp16 on a GPU, else SDPA one document at a time.
+# The model's attention is swapped for `_flat_attention` by name (transformers' AttentionInterface) while the flat
+# forward runs; a model whose attention does not go through that interface fails the path's check and keeps the
+# padded layout.
+FLAT_KERNELS = ("flex", "jagged")
+FLAT_ATTENTION = "prefsift_flat"
+_FLAT_LAYOUT: contextvars.ContextVar[FlatBatch | None] = contextvars.ContextVar("prefsift_flat_layout", default=None)
+
+
+@dataclass
+class FlatBatch:
+    """The unpadded layout of a batch: the flat tokens and positions, which position predicts which scored token
+    (`index`: 2 × pair + side), and what the kernel needs: the block mask (flex) or the documents (jagged)."""
+
+    kernel: str
+    input_ids: torch.Tensor  # (1, tokens)
+    position_ids: torch.Tensor  # (1, tokens)
+    predictors: torch.Tensor
+    targets: torch.Tensor
+    index: torch.Tensor
+    n_pairs: int
+    block_mask: object | None = None  # flex
+    documents: torch.Tensor | None = None  # jagged: flat position of each document slot, documents one after another
+    bounds: torch.Tensor | None = None  # jagged: cumulative document lengths (int32), for the varlen kernel
+    back: torch.Tensor | None = None  # jagged: the document slot each flat position's output is read from
+    longest: int = 0  # jagged: the longest document
+
+
+def flat_bucket(tokens: int, batch_tokens: int) -> int:
+    """The flat length a batch of `tokens` is padded to when flex attention is compiled: a multiple of a sixteenth
+    of the token budget (at least flex's 128-token block), so one budget compiles at most ~16 shapes."""
+    step = max(128, -(-batch_tokens // 16 // 128) * 128)
+    return -(-tokens // step) * step
+
+
+def flat_batch(model, pairs: list[TokenizedPair], kernel: str, pad_to: int | None = None) -> FlatBatch:
+    """`pairs` in the unpadded layout for `kernel` (one of FLAT_KERNELS), on the model's device. `pad_to`: a flat
+    length to pad to (flex compiled: a bounded set of shapes); padding is a document of its own that no pair sees,
+    filled with the batch's first token (a real token: see `packed_batch`)."""
+    device = _backbone_and_head(model)[2].weight.device
+    ids: list[int] = []
+    positions: list[int] = []
+    pair_of: list[int] = []  # which pair a flat position belongs to (-1: padding)
+    side_of: list[int] = []  # 0 prompt, 1 chosen, 2 rejected
+    predictors, targets, index = [], [], []
+    documents: list[int] = []
+    lengths: list[int] = []
+    for b, pair in enumerate(pairs):
+        start, n_p, n_c, n_r = len(ids), len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        ids += pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
+        positions += list(range(n_p + n_c)) + list(range(n_p, n_p + n_r))
+        pair_of += [b] * (n_p + n_c + n_r)
+        side_of += [0] * n_p + [1] * n_c + [2] * n_r
+        # token k of a completion is predicted by the position before it; the first one by the prompt's last
+        chosen_pred = [start + n_p - 1 + k for k in range(n_c)]
+        rejected_pred = ([start + n_p - 1] + [start + n_p + n_c + k - 1 for k in range(1, n_r)]) if n_r else []
+        for side, preds, tokens in ((0, chosen_pred, pair.chosen_ids), (1, rejected_pred, pair.rejected_ids)):
+            for pred, tok in zip(preds, tokens, strict=True):
+                if pred >= start:  # an empty prompt leaves the first completion token unscored, as in TRL
+                    predictors.append(pred)
+                    targets.append(tok)
+                    index.append(2 * b + side)
+        documents += list(range(start, start + n_p + n_c))
+        documents += list(range(start, start + n_p)) + list(range(start + n_p + n_c, start + n_p + n_c + n_r))
+        lengths += [n_p + n_c, n_p + n_r]
+    n_real = len(ids)
+    if pad_to is not None and pad_to > n_real:
+        ids += [ids[0]] * (pad_to - n_real)
+        positions += list(range(pad_to - n_real))
+        pair_of += [-1] * (pad_to - n_real)
+        side_of += [0] * (pad_to - n_real)
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    batch = FlatBatch(kernel, tensor(ids)[None], tensor(positions)[None], tensor(predictors), tensor(targets),
+                      tensor(index), len(pairs))
+    if kernel == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        pair_t, side_t = tensor(pair_of), tensor(side_of)
+
+        def same_pair_causal(b, h, q, kv):  # rejected queries never see chosen keys
+            return (pair_t[q] == pair_t[kv]) & (kv <= q) & ~((side_t[q] == 2) & (side_t[kv] == 1))
+
+        batch.block_mask = create_block_mask(same_pair_causal, None, None, len(ids), len(ids), device=device)
+    elif kernel == "jagged":
+        slots = torch.arange(len(documents))
+        document = torch.tensor(documents)
+        back = torch.empty(n_real, dtype=torch.long)
+        # a prompt position is in both of its pair's documents; its output is read from the first (`prompt|chosen`),
+        # so that one is written last
+        second = torch.repeat_interleave(torch.arange(len(lengths)) % 2 == 1, torch.tensor(lengths))
+        back[document[second]] = slots[second]
+        back[document[~second]] = slots[~second]
+        batch.documents, batch.back = document.to(device), back.to(device)
+        batch.bounds = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device=device)
+        batch.longest = max(lengths)
+    else:
+        raise ValueError(f"unknown flat kernel {kernel!r} (known: {', '.join(FLAT_KERNELS)})")
+    return batch
+
+
+def _flat_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, *,
+                    scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
+    """The attention of a flat batch (transformers' attention-function interface: query (1, heads, tokens, dim),
+    key and value (1, kv heads, tokens, dim); returns (1, tokens, heads, dim)). Anything this does not implement
+    (soft-capped scores, attention sinks, dropout) raises, so the path's check sends the model elsewhere."""
+    layout = _FLAT_LAYOUT.get()
+    if layout is None or dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("the flat layout's attention supports plain scaled dot-product attention only")
+    gqa = query.shape[1] != key.shape[1]
+    if layout.kernel == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        attend = _compiled_flex() if query.is_cuda else flex_attention
+        out = attend(query, key, value, block_mask=layout.block_mask, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2), None
+    q, k, v = (x[0, :, layout.documents] for x in (query, key, value))  # (heads, document slots, dim)
+    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+        from torch.nn.attention.varlen import varlen_attn
+
+        out = varlen_attn(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), layout.bounds, layout.bounds,
+                          layout.longest, layout.longest, scale=scaling, window_size=(-1, 0),
+                          enable_gqa=gqa).transpose(0, 1)
+    else:
+        bounds = layout.bounds.tolist()
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q[None, :, lo:hi], k[None, :, lo:hi], v[None, :, lo:hi], is_causal=True, scale=scaling,
+            enable_gqa=gqa)[0] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)], dim=1)
+    return out[:, layout.back][None].transpose(1, 2), None
+
+
+_COMPILED_FLEX = None
+
+
+def _compiled_flex():
+    """flex attention compiled once a process (each new flat length recompiles: `flat_bucket` bounds them)."""
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED_FLEX = torch.compile(flex_attention)
+    return _COMPILED_FLEX
+
+
+@contextlib.contextmanager
+def _flat_attention_on(model, batch: FlatBatch) -> Iterator[None]:
+    """The model's attention swapped for `_flat_attention` on `batch` while the block runs; restored after."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FLAT_ATTENTION, _flat_attention)
+    config = _unwrap(model).config
+    before = config._attn_implementation
+    token = _FLAT_LAYOUT.set(batch)
+    config._attn_implementation = FLAT_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+        _FLAT_LAYOUT.reset(token)
+
+
+def flat_logps(model, batch: FlatBatch) -> torch.Tensor:
+    """(pairs, 2) summed chosen / rejected log-probs of a flat batch, in float64 (as `packed_logps`)."""
+    base, backbone, head = _backbone_and_head(model)
+    with _flat_attention_on(model, batch):
+        hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+                          ).last_hidden_state[0]
+    token_logps = _token_logps(base.config, head, hidden[batch.predictors], batch.targets)
+    sums = torch.zeros(batch.n_pairs * 2, dtype=torch.float64, device=hidden.device)
+    return sums.index_add(0, batch.index, token_logps.double()).view(batch.n_pairs, 2)
+
+
+@torch.inference_mode()
+def _forward_batch_flat(model, pairs: list[TokenizedPair], kernel: str, batch_tokens: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed chosen / rejected log-probs of a batch in the unpadded layout (`kernel`: one of FLAT_KERNELS). Compiled
+    flex pads the flat length to `flat_bucket` of `batch_tokens`, so the pass compiles a bounded number of times."""
+    device = _backbone_and_head(model)[2].weight.device
+    pad_to = None
+    if kernel == "flex" and device.type == "cuda":
+        pad_to = flat_bucket(sum(len(p) for p in pairs), batch_tokens or 8192)
+    sums = flat_logps(model, flat_batch(model, pairs, kernel, pad_to)).cpu()
+    return sums[:, 0], sums[:, 1]

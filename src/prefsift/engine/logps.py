@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from prefsift.config import EngineConfig
 from prefsift.engine.executors import in_process
-from prefsift.engine.paths import packed_path_ok
+from prefsift.engine.paths import chosen_layout, forward_batch, packed_path_ok
 from prefsift.engine.shards import LogpsRun, ShardBuffer
 from prefsift.engine.tokenize import BatchPlan, CompactPairs, pad_id, path_check_pair, tokenize_pairs
 from prefsift.errors import PrefsiftError
@@ -20,7 +20,7 @@ from prefsift.errors import PrefsiftError
 def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_tokens: int = EngineConfig.batch_tokens,
                   run: LogpsRun | None = None, desc: str = "log-probs", flush_rows: int = 512,
                   flush_seconds: float = 60.0, check_dropped: Callable[[int, int], None] | None = None,
-                  executor: Callable | None = None) -> np.ndarray:
+                  executor: Callable | None = None, layout: str = "padded") -> np.ndarray:
     """Summed completion log-probs of every pair of `pairs` (a table with prompt/chosen/rejected columns).
 
     Returns an (n, 2) array [chosen_logps, rejected_logps] in row order, NaN where TRL would drop the pair.
@@ -32,6 +32,8 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
 
     `executor(model, batches, pad_id, packed)` runs the forward passes of the batches still to compute and yields
     their (chosen, rejected) in order: this process by default, `prefsift.engine.executors.RayExecutor` on a Ray pool.
+    `layout` (EngineConfig.layout): padded rows, or one flat sequence a batch (flex or jagged attention) where its
+    check passes on the model (`paths.chosen_layout`).
     """
     n = len(pairs)
     out = np.full((n, 2), np.nan)
@@ -58,7 +60,12 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
         return number in done and sorted(done[number][:, 0].astype(int)) == sorted(batch)
 
     todo = ([tokenized[i] for i in batch] for number, batch in enumerate(plan.batches) if not on_disk(number, batch))
-    results = (executor or in_process)(model, todo, pad, packed)
+    layout = chosen_layout(model, plan, tokenized, pad, layout, executor)
+    if layout == "padded":
+        results = (executor or in_process)(model, todo, pad, packed)
+    else:
+        results = (forward_batch(model, pairs, pad, packed, batch_tokens=batch_tokens, layout=layout)
+                   for pairs in todo)
     with tqdm(total=n, desc=desc, unit="pair", dynamic_ncols=True, disable=n == 0) as progress:
         progress.update(n - plan.n_kept)
         for number, batch in enumerate(plan.batches):

@@ -16,13 +16,16 @@ from tqdm.auto import tqdm
 from prefsift.config import EngineConfig
 from prefsift.engine import tokenize
 from prefsift.engine.forward import (
+    FLAT_KERNELS,
     _backbone_and_head,
     _forward_batch,
     _forward_batch_cached,
+    _forward_batch_flat,
     _forward_batch_unpacked,
     _forward_long,
 )
 from prefsift.engine.tokenize import BatchPlan, TokenizedPair
+from prefsift.errors import ConfigError
 
 
 def can_pack(model) -> bool:
@@ -37,7 +40,7 @@ def can_pack(model) -> bool:
     return backbone is not None and backbone is not base and head is not None and not sliding and not unknown_scaling
 
 
-PATHS = ("packed", "cached", "unpacked")  # the exact ways to a batch's log-probs; see `forward_batch`
+PATHS = ("packed", "cached", "unpacked", *FLAT_KERNELS)  # the exact ways to a batch's log-probs; see `forward_batch`
 
 
 class PathVerdicts:
@@ -47,9 +50,12 @@ class PathVerdicts:
     def __init__(self) -> None:
         self.packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> packed path verified on it
         self.cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> cached path verified on it
+        self.flat: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {flat kernel: verified}
 
     def of(self, model) -> dict[str, bool | None]:
-        return {"packed": self.packed.get(model), "cached": self.cached.get(model)}
+        flat = self.flat.get(model, {})
+        return {"packed": self.packed.get(model), "cached": self.cached.get(model),
+                **{kernel: flat.get(kernel) for kernel in FLAT_KERNELS}}
 
 
 VERDICTS = PathVerdicts()  # this process's: every pass and every `Engine` shares them
@@ -114,6 +120,45 @@ def cached_path_ok(model, pair: TokenizedPair, pad_id: int, want: torch.Tensor |
     return VERDICTS.cached[model]
 
 
+def flat_path_ok(model, pair: TokenizedPair, pad_id: int, kernel: str) -> bool:
+    """Whether the unpadded layout with `kernel` (one of FLAT_KERNELS) reproduces this model's own forward, checked
+    once a model, kernel and process on one pair, as `packed_path_ok`; a failure or mismatch warns once and the
+    model keeps the padded layout."""
+    verdicts = VERDICTS.flat.setdefault(model, {})
+    if kernel not in verdicts:
+        ok = can_pack(model)
+        if ok:
+            try:
+                got = torch.stack(_forward_batch_flat(model, [pair], kernel))[:, 0]
+            except Exception as error:  # noqa: BLE001 - any failure means: not this layout
+                warnings.warn(f"the unpadded {kernel} forward fails on {type(model).__name__} ({type(error).__name__}"
+                              f": {str(error).splitlines()[0] if str(error) else ''}): using the padded layout",
+                              stacklevel=3)
+                ok = False
+            else:
+                want = torch.stack(_forward_batch_unpacked(model, [pair], pad_id))[:, 0]
+                rtol, atol = _tolerance(model, pair)
+                ok = bool(torch.allclose(got, want, rtol=rtol, atol=atol))
+                if not ok:
+                    warnings.warn(f"the unpadded {kernel} forward disagrees with {type(model).__name__}'s own forward "
+                                  f"({got.tolist()} vs {want.tolist()}): using the padded layout", stacklevel=3)
+        verdicts[kernel] = ok
+    return verdicts[kernel]
+
+
+def chosen_layout(model, plan: BatchPlan, tokenized, pad_id: int, layout: str, executor=None) -> str:
+    """The layout a pass takes: `layout` as asked (EngineConfig.layout) when it is padded or its check passes on the
+    plan's check pair (`flat_path_ok`), else padded. The unpadded layout runs in this process only."""
+    if layout == "padded":
+        return layout
+    if layout not in FLAT_KERNELS:
+        raise ConfigError(f"unknown layout {layout!r} (known: padded, {', '.join(FLAT_KERNELS)})")
+    if executor is not None:
+        raise ConfigError(f"layout {layout} runs in this process only: use --backend local or --layout padded")
+    checked = tokenize.path_check_pair(plan, tokenized)
+    return layout if checked is not None and flat_path_ok(model, checked, pad_id, layout) else "padded"
+
+
 def _costs(model, pairs: list[TokenizedPair]) -> dict[str, float]:
     """Estimated FLOPs of a batch on the packed and the cached-prefix paths, padding included: 2 × the backbone's
     weights a token fed, and 4 × width × layers a query-key entry its attention computes (scores, then values).
@@ -148,15 +193,18 @@ def _flops(model) -> tuple[float, float]:
 def logps_of_tokenized(model, tokenized: list[TokenizedPair | None], *, pad_id: int,
                        batch_tokens: int = EngineConfig.batch_tokens,
                        progress: tqdm | None = None, packed: bool | None = None, path: str | None = None,
-                       executor=None) -> np.ndarray:
+                       executor=None, layout: str = "padded") -> np.ndarray:
     """(n, 2) array of summed chosen / rejected log-probs; NaN rows for dropped pairs. `packed=None` takes the
-    packed fast path where `packed_path_ok` allows it; `path` forces one of PATHS. `executor(model, batches, pad_id,
-    packed)` (an `executors.RayExecutor`) runs the batches elsewhere, yielding them in order; None: here."""
+    packed fast path where `packed_path_ok` allows it; `path` forces one of PATHS; `layout` (padded, or one of
+    FLAT_KERNELS) as `chosen_layout` decides. `executor(model, batches, pad_id, packed)` (an
+    `executors.RayExecutor`) runs the batches elsewhere, yielding them in order; None: here."""
     out = np.full((len(tokenized), 2), np.nan)
     plan = BatchPlan.of(tokenized, batch_tokens)
     batches = ([tokenized[i] for i in batch] for batch in plan.batches)
+    if path is None:
+        layout = chosen_layout(model, plan, tokenized, pad_id, layout, executor)
     results = (executor(model, batches, pad_id, packed) if executor is not None and path is None
-               else (forward_batch(model, pairs, pad_id, packed, path) for pairs in batches))
+               else (forward_batch(model, pairs, pad_id, packed, path, batch_tokens, layout) for pairs in batches))
     for batch in plan.batches:
         chosen, rejected = next(results)
         out[batch, 0], out[batch, 1] = chosen.numpy(), rejected.numpy()
@@ -168,13 +216,21 @@ def logps_of_tokenized(model, tokenized: list[TokenizedPair | None], *, pad_id: 
 
 
 def forward_batch(model, pairs: list[TokenizedPair], pad_id: int, packed: bool | None = None,
-                  path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  path: str | None = None, batch_tokens: int | None = None, layout: str = "padded"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's (chosen, rejected) summed log-probs. `path` forces one of PATHS; else a very long lone pair takes
+    `_forward_long`, a `layout` of FLAT_KERNELS whose check passed on the model takes the unpadded layout, and the
+    rest the cheaper verified padded path (packed or cached-prefix), or the unpacked one."""
+    if path in FLAT_KERNELS:  # one flat sequence of the batch's pairs, no padding; flex or jagged attention
+        return _forward_batch_flat(model, pairs, path, batch_tokens)
     if path is not None:  # packed: one prompt|chosen|rejected row a pair under a block mask; cached: the prompt once,
         # the completions from its cached keys and values; unpacked: the model's own forward in TRL's layout
         paths = {"packed": _forward_batch, "cached": _forward_batch_cached, "unpacked": _forward_batch_unpacked}
         return paths[path](model, pairs, pad_id)
     if len(pairs) == 1 and len(pairs[0]) > tokenize.LONG_PAIR_TOKENS and can_pack(model):
         return _forward_long(model, pairs[0])
+    if layout in FLAT_KERNELS and VERDICTS.flat.get(model, {}).get(layout):  # checked by the pass (flat_path_ok)
+        return _forward_batch_flat(model, pairs, layout, batch_tokens)
     use_packed = packed_path_ok(model, pairs[0], pad_id) if packed is None else packed
     if not use_packed:
         return _forward_batch_unpacked(model, pairs, pad_id)

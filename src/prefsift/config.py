@@ -35,6 +35,10 @@ class EngineConfig(Checked):
     ray_address: str | None = option(None, "Ray cluster to join (host:6379, auto, ray://host:10001); default: start "
                                            "Ray on this machine.")
     workers: int = option(2, "Ray workers (model replicas) of --backend ray.", low=1)
+    layout: str = option("padded", "Log-prob batches: padded (a row a pair, or the prompts' cache) or unpadded, one "
+                                   "flat sequence a batch with flex attention's block mask (flex) or variable-length "
+                                   "attention over the pairs (jagged); in this process only. See docs/engine.md.",
+                         choices=("padded", "flex", "jagged"))
 
     def check(self) -> None:
         if self.device is not None and not DEVICE_PATTERN.match(self.device):

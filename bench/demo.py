@@ -1,8 +1,11 @@
 """The demo's comparison as a committed result: runs `prefsift demo` (the default methods, or `--all`) and writes
-its results.json, the machine it ran on and the wall time to bench/results/demo.json, which
-bench/render_readme.py turns into the README's demo table.
+its records and summary, the configuration, the code it ran on (commit, whether the tree was dirty, and which of
+the files it runs differed from the commit), the machine and the wall time to bench/results/demo.json, which
+bench/render_readme.py turns into the README's demo table. `--task KEY=VALUE` sets an option of the synthetic task
+(`prefsift.synthetic.task.TaskConfig`, checked as YAML would be), e.g. the shifted-validation setting:
 
     python bench/demo.py [--seed 0] [--seeds 3] [--all] [--out bench/results/demo.json]
+    python bench/demo.py --task validation_shift=family --out bench/results/demo-shift.json
 """
 
 from __future__ import annotations
@@ -11,27 +14,58 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import yaml
 
 from prefsift.demo import ALL_METHODS, DemoConfig, run_demo
+from prefsift.errors import ConfigError
+from prefsift.settings import from_dict
+from prefsift.synthetic.task import TaskConfig
 
 
 def commit() -> str | None:
-    """The code a result came from (and whether the tree had changes)."""
+    """The code a result came from, as bench/render_readme.py reads it: `abc1234`, `+changes` when tracked files
+    differed from that commit (prefsift.report.provenance)."""
+    from prefsift.report import provenance
+
+    code = provenance()
+    if code["commit"] is None:
+        return None
+    return code["commit"] + ("+changes" if code["dirty"] else "")
+
+
+def uncommitted() -> list[str]:
+    """The files the demo runs (prefsift's source, bench/) that differed from the commit when it started: in a tree
+    others are working in, `+changes` alone cannot say whether the result's own code was committed."""
     import subprocess
 
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "bench"],
+                                capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout
     except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+changes" if dirty else "")
+        return []
+    return [line[3:] for line in status.splitlines()]
+
+
+def task_options(pairs: list[str]) -> TaskConfig:
+    """TaskConfig from KEY=VALUE pairs, each value read as YAML and checked (one line for a bad one, exit 2)."""
+    values = {}
+    try:
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise ConfigError(f"--task takes KEY=VALUE, got {pair!r}")
+            values[key.strip()] = yaml.safe_load(value)
+        return from_dict(TaskConfig, values, "--task")
+    except (ConfigError, yaml.YAMLError) as error:
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def machine() -> dict:
@@ -47,14 +81,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=DemoConfig.seeds)
     parser.add_argument("--all", action="store_true", help="every method, not the default set")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "demo.json")
+    parser.add_argument("--task", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the synthetic task (TaskConfig), e.g. validation_shift=family; repeatable")
     args = parser.parse_args()
-    config = DemoConfig(seeds=args.seeds, methods=list(ALL_METHODS) if args.all else DemoConfig().methods)
-    start = time.perf_counter()
+    task = task_options(args.task)
+    config = DemoConfig(task=task, seeds=args.seeds,
+                        methods=list(ALL_METHODS) if args.all else DemoConfig().methods)
+    code, changed, start = commit(), uncommitted(), time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         results = run_demo(Path(out), seed=args.seed, config=config)
-    record = {"command": f"prefsift demo --seed {args.seed} --seeds {args.seeds}" + (" --all" if args.all else ""),
-              "commit": commit(), "machine": machine(), "wall_seconds": round(time.perf_counter() - start, 1),
-              **results}
+    command = (f"python bench/demo.py --seed {args.seed} --seeds {args.seeds}" + (" --all" if args.all else "")
+               + "".join(f" --task {t}" for t in args.task))
+    record = {"command": command, "commit": code, "uncommitted": changed, "config": asdict(config),
+              "machine": machine(), "wall_seconds": round(time.perf_counter() - start, 1), **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out} ({record['wall_seconds']} s)")

@@ -13,11 +13,13 @@ that say what was done to it, so a selection method can be graded against the tr
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prefsift.errors import ConfigError
+from prefsift.settings import Checked, option
 
 LETTERS = "abcdefgh"
 # The shift family maps a..h to b..i, so responses may use one letter more than inputs.
@@ -36,93 +38,88 @@ HIDDEN_COLUMNS = ("oracle_margin", "is_flipped", "is_near_tie", "is_near_duplica
 Kind = tuple[str, int]
 
 
+# How the training labels are corrupted (`TaskConfig.label_noise`).
+LABEL_NOISE = ("bradley-terry", "lazy-biased")
+# Where the visible score_chosen/score_rejected ratings come from (`TaskConfig.ratings`).
+RATINGS = ("label-derived", "independent")
+# How the validation pairs' distribution differs from the test pairs' (`TaskConfig.validation_shift`).
+VALIDATION_SHIFTS = ("none", "family")
+
+_EULER_GAMMA = 0.5772156649015329  # the mean of a standard Gumbel variable
+
+
 @dataclass
-class TaskConfig:
-    """Sizes and corruption rates of the synthetic preference task (the demo's defaults fit 2 CPU cores)."""
+class TaskConfig(Checked):
+    """Sizes, corruption rates and noise regimes of the synthetic preference task (the demo's defaults fit 2 CPU
+    cores). The defaults are the regime of real annotation data: flips concentrated near ties (Bradley-Terry) and
+    ratings from which the labels were derived (UltraFeedback's chosen is its higher-rated response)."""
 
-    seed: int = field(
-        default=0, metadata={"help": "Seed of every random choice; same config gives the same task."}
-    )
-    n_train: int = field(default=2000, metadata={"help": "Number of (noisy) training pairs."})
-    n_validation: int = field(
-        default=200, metadata={"help": "Number of validation pairs (the trusted set LossDiff trains θ_val on)."}
-    )
-    n_test: int = field(
-        default=500, metadata={"help": "Number of clean test pairs (held-out preference accuracy)."}
-    )
-    n_eval_prompts: int = field(
-        default=500, metadata={"help": "Number of held-out prompts for the win rate."}
-    )
-    n_sft: int = field(default=4000, metadata={"help": "Number of mixed-quality SFT demonstrations."})
-    min_len: int = field(default=3, metadata={"help": "Shortest input string."})
-    max_len: int = field(default=6, metadata={"help": "Longest input string."})
-    max_errors: int = field(
-        default=2, metadata={"help": "Most character substitutions in a corrupted response."}
-    )
-    length_penalty: float = field(
-        default=0.1,
-        metadata={"help": "Oracle penalty for a response whose length differs from the answer's."},
-    )
-    flip_rate: float = field(
-        default=0.3,
-        metadata={"help": "Share of training pairs whose chosen/rejected are swapped (label noise)."},
-    )
-    validation_flip_rate: float = field(
-        default=0.05,
-        metadata={"help": "Share of validation pairs flipped: a trusted set is mostly, not perfectly, clean."},
-    )
-    near_tie_rate: float = field(
-        default=0.1, metadata={"help": "Share of training pairs whose two responses differ by < tie_epsilon."}
-    )
-    near_duplicate_rate: float = field(
-        default=0.05,
-        metadata={
-            "help": "Share of training pairs whose prompt differs from another pair's by one character."
-        },
-    )
-    flip_lazy_share: float = field(
-        default=0.5,
-        metadata={
-            "help": "Share of the flips aimed at pairs with the lazy echo on one side (a biased annotator); "
-            "the rest hit non-tie pairs uniformly."
-        },
-    )
-    tie_epsilon: float = field(
-        default=0.05,
-        metadata={"help": "Oracle margin below which a pair is a near-tie (other pairs are above)."},
-    )
-    rating_noise: float = field(
-        default=0.25,
-        metadata={"help": "Std of the Gaussian noise on the training pairs' visible score_chosen/score_rejected "
-                          "ratings (the oracle reward plus noise: an external rater, as UltraFeedback's ratings)."},
-    )
-    sft_lazy_rate: float = field(
-        default=0.45, metadata={"help": "Share of SFT demonstrations that lazily echo the input."}
-    )
-    sft_exact_rate: float = field(
-        default=0.35,
-        metadata={"help": "Share of SFT demonstrations that are exact; the rest are flawed answers."},
-    )
+    seed: int = option(0, "Seed of every random choice; same config gives the same task.", low=0)
+    n_train: int = option(2000, "Number of (noisy) training pairs.", low=0)
+    n_validation: int = option(200, "Number of validation pairs (the trusted set LossDiff trains θ_val on).", low=0)
+    n_test: int = option(500, "Number of clean test pairs (held-out preference accuracy).", low=0)
+    n_eval_prompts: int = option(500, "Number of held-out prompts for the win rate.", low=0)
+    n_sft: int = option(4000, "Number of mixed-quality SFT demonstrations.", low=0)
+    min_len: int = option(3, "Shortest input string.", low=2)
+    max_len: int = option(6, "Longest input string.", low=2)
+    max_errors: int = option(2, "Most character substitutions in a corrupted response.", low=1)
+    length_penalty: float = option(0.1, "Oracle penalty for a response whose length differs from the answer's.",
+                                   low=0.0, high=1.0, high_open=True)
+    label_noise: str = option(
+        "bradley-terry", "How training labels are flipped. bradley-terry: each pair independently with probability "
+        "σ(−margin/τ) of its oracle margin, τ set so that the expected share is flip_rate (an annotator whose "
+        "noisy utilities are the oracle reward plus Gumbel noise: flips fall near ties, as real annotator noise "
+        "does). lazy-biased: exactly flip_rate of the pairs with a real margin, flip_lazy_share of them on pairs "
+        "with the lazy echo on one side and the rest uniformly, whatever their margin (the task before issue 20).",
+        choices=LABEL_NOISE)
+    flip_rate: float = option(0.3, "Share of training pairs whose chosen/rejected are swapped (label noise): "
+                                   "exact under lazy-biased, the expectation under bradley-terry.", low=0.0, high=1.0)
+    flip_lazy_share: float = option(
+        0.5, "lazy-biased only: share of the flips aimed at pairs with the lazy echo on one side (a biased "
+        "annotator); the rest hit non-tie pairs uniformly.", low=0.0, high=1.0)
+    validation_flip_rate: float = option(
+        0.05, "Share of validation pairs flipped, under the same label_noise: a trusted set is mostly, not "
+        "perfectly, clean.", low=0.0, high=1.0)
+    near_tie_rate: float = option(0.1, "Share of training pairs whose two responses differ by < tie_epsilon.",
+                                  low=0.0, high=1.0)
+    near_duplicate_rate: float = option(
+        0.05, "Share of training pairs whose prompt differs from another pair's by one character.", low=0.0, high=1.0)
+    tie_epsilon: float = option(0.05, "Oracle margin below which a pair is a near-tie (other pairs are above).",
+                                low=0.0, high=1.0, low_open=True, high_open=True)
+    ratings: str = option(
+        "label-derived", "The training pairs' visible score_chosen/score_rejected. label-derived: the ratings the "
+        "labels came from, chosen = the higher rated (UltraFeedback); under bradley-terry they are the annotator's "
+        "noisy utilities (oracle reward + centred Gumbel noise of scale τ), under lazy-biased the oracle reward + "
+        "Gaussian noise of rating_noise, sorted to agree with the label. independent: an external rater, the oracle "
+        "reward + Gaussian noise of rating_noise drawn apart from the labels, so it contradicts a flipped label "
+        "about as often as it agrees with a clean one.", choices=RATINGS)
+    rating_noise: float = option(0.25, "Std of the Gaussian noise of independent ratings (and of label-derived "
+                                       "ones under lazy-biased).", low=0.0)
+    validation_shift: str = option(
+        "none", "How the validation pairs differ from the test pairs. none: the same generator. family: every "
+        "validation prompt is of shift_family while train and test mix all families (an unrepresentative trusted "
+        "set, the case the TIF paper's truncation argues for).", choices=VALIDATION_SHIFTS)
+    shift_family: str = option("rev", "The one task family of the validation prompts under validation_shift: "
+                                      "family.", choices=tuple(sorted(FAMILIES)))
+    sft_lazy_rate: float = option(0.45, "Share of SFT demonstrations that lazily echo the input.", low=0.0, high=1.0)
+    sft_exact_rate: float = option(0.35, "Share of SFT demonstrations that are exact; the rest are flawed answers.",
+                                   low=0.0, high=1.0)
 
-    def __post_init__(self) -> None:
-        for name in ("n_train", "n_validation", "n_test", "n_eval_prompts", "n_sft"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 2 <= self.min_len <= self.max_len:
-            raise ConfigError(f"need 2 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
-        rates = ("flip_rate", "flip_lazy_share", "near_tie_rate", "near_duplicate_rate", "validation_flip_rate")
-        for name in (*rates, "sft_lazy_rate", "sft_exact_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        # Flips and near-duplicates are drawn among the pairs that are not near-ties.
+    def check(self) -> None:
+        if self.min_len > self.max_len:
+            raise ConfigError(f"need min_len <= max_len, got {self.min_len}, {self.max_len}")
+        # lazy-biased draws its flips and near-duplicates among the pairs that are not near-ties
         if self.near_tie_rate + max(self.flip_rate, self.near_duplicate_rate) > 1.0:
             raise ConfigError("near_tie_rate + max(flip_rate, near_duplicate_rate) must be <= 1")
+        # a Bradley-Terry flip has probability < 1/2 and near-ties (equal rewards) are never flipped, only shuffled
+        if self.label_noise == "bradley-terry" and self.flip_rate >= 0.5 * (1.0 - self.near_tie_rate):
+            raise ConfigError(f"label_noise bradley-terry flips each pair with probability < 0.5: flip_rate must be "
+                              f"< 0.5 × (1 − near_tie_rate) = {0.5 * (1 - self.near_tie_rate):g}, got {self.flip_rate}")
+        if self.label_noise == "bradley-terry" and self.validation_flip_rate >= 0.5:
+            raise ConfigError(f"label_noise bradley-terry: validation_flip_rate must be < 0.5, got "
+                              f"{self.validation_flip_rate}")
         if self.sft_lazy_rate + self.sft_exact_rate > 1.0:
             raise ConfigError("sft_lazy_rate + sft_exact_rate must be <= 1")
-        if not (0.0 <= self.rating_noise < float("inf")):
-            raise ConfigError(f"rating_noise must be a finite number >= 0, got {self.rating_noise}")
-        if not 0.0 < self.tie_epsilon < 1.0 or not 0.0 <= self.length_penalty < 1.0:
-            raise ConfigError("tie_epsilon must be in (0, 1) and length_penalty in [0, 1)")
 
 
 def make_prompt(family: str, text: str) -> str:
@@ -193,6 +190,7 @@ class BenchmarkTask:
     test: list[dict]
     eval_prompts: list[str]
     sft_examples: list[tuple[str, str]]
+    flip_temperatures: dict[str, float] = field(default_factory=dict)  # τ of each Bradley-Terry split
 
     def oracle_reward(self, prompt: str, response: str) -> float:
         return oracle_reward(prompt, response, length_penalty=self.config.length_penalty)
@@ -227,9 +225,9 @@ class _PromptPool:
         self.config = config
         self.used: set[str] = set()
 
-    def draw(self, rng: random.Random) -> str:
+    def draw(self, rng: random.Random, families: tuple[str, ...] | None = None) -> str:
         while True:
-            family = rng.choice(sorted(FAMILIES))
+            family = rng.choice(sorted(families or FAMILIES))
             length = rng.randint(self.config.min_len, self.config.max_len)
             prompt = make_prompt(family, "".join(rng.choice(LETTERS) for _ in range(length)))
             if prompt not in self.used:
@@ -314,10 +312,11 @@ def _make_pair(
     return None
 
 
-def _clean_pairs(rng: random.Random, pool: _PromptPool, config: TaskConfig, n: int) -> list[dict]:
+def _clean_pairs(rng: random.Random, pool: _PromptPool, config: TaskConfig, n: int,
+                 families: tuple[str, ...] | None = None) -> list[dict]:
     rows = []
     while len(rows) < n:
-        made = _make_pair(rng, config, pool.draw(rng), near_tie=False)
+        made = _make_pair(rng, config, pool.draw(rng, families), near_tie=False)
         if made is not None:
             rows.append(made[0])
     return rows
@@ -327,7 +326,6 @@ def _train_pairs(rng: random.Random, pool: _PromptPool, config: TaskConfig) -> l
     n = config.n_train
     n_tie = round(config.near_tie_rate * n)
     n_dup = round(config.near_duplicate_rate * n)
-    n_flip = round(config.flip_rate * n)
     rows: list[dict] = []
     kinds: list[tuple[Kind, Kind]] = []
     while len(rows) < n - n_dup:
@@ -348,22 +346,84 @@ def _train_pairs(rng: random.Random, pool: _PromptPool, config: TaskConfig) -> l
             made[0]["is_near_duplicate"] = True
             rows.append(made[0])
             kinds.append(made[1])
-    # Label noise: swap chosen and rejected on pairs with a real margin (a flipped near-tie has no signal).
-    # Uniform noise barely hurts DPO here (the majority label still wins on every kind of pair); an annotator
-    # biased toward the lazy echo cancels the signal that moves the SFT model off its shortcut, and that is
-    # the noise that makes selecting pairs matter.
+    if config.label_noise == "lazy-biased":
+        _lazy_biased_flips(rng, rows, kinds, config)
+    rng.shuffle(rows)
+    return rows
+
+
+def _swap(row: dict) -> None:
+    row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+    row["oracle_margin"] = 0.0 - row["oracle_margin"]  # a tie stays +0.0
+    row["is_flipped"] = row["oracle_margin"] < 0  # a tie swapped is no wrong label
+
+
+def _lazy_biased_flips(rng: random.Random, rows: list[dict], kinds: list[tuple[Kind, Kind]], config: TaskConfig
+                       ) -> None:
+    """Swap chosen and rejected on exactly flip_rate of the pairs with a real margin, whatever the margin. Uniform
+    noise barely hurts DPO here (the majority label still wins on every kind of pair); an annotator biased toward the
+    lazy echo cancels the signal that moves the SFT model off its shortcut. Its flips have larger oracle margins
+    than its clean pairs, the opposite of real annotator noise: the reason it is no longer the default."""
+    n_flip = round(config.flip_rate * len(rows))
     candidates = [i for i, row in enumerate(rows) if not row["is_near_tie"]]
     lazy = [i for i in candidates if ("lazy", 0) in kinds[i]]
     targeted = rng.sample(lazy, min(len(lazy), round(config.flip_lazy_share * n_flip)))
     chosen_set = set(targeted)
     rest = [i for i in candidates if i not in chosen_set]
     for i in targeted + rng.sample(rest, n_flip - len(targeted)):
-        row = rows[i]
-        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
-        row["oracle_margin"] = -row["oracle_margin"]
-        row["is_flipped"] = True
-    rng.shuffle(rows)
-    return rows
+        _swap(rows[i])
+
+
+def flip_probability(margin: float, temperature: float) -> float:
+    """Bradley-Terry: the chance that an annotator prefers the worse response of a pair whose oracle margin is
+    `margin` >= 0, σ(−margin/τ); a tie is a coin toss."""
+    if temperature == 0.0:
+        return 0.5 if margin == 0.0 else 0.0
+    z = math.exp(-margin / temperature)  # margin >= 0: no overflow
+    return z / (1.0 + z)
+
+
+def bradley_terry_temperature(margins: list[float], rate: float, what: str) -> float:
+    """The τ at which the expected share of flipped pairs (ties aside: swapping equal responses is no flip) is
+    `rate`: Σ σ(−m/τ)·[m > 0] / n, which grows with τ from 0 to half the pairs with a margin."""
+    real = [m for m in margins if m > 0.0]
+    if rate == 0.0 or not real:
+        return 0.0
+    most = 0.5 * len(real) / len(margins)
+    if rate >= most:
+        raise ConfigError(f"{what}: a Bradley-Terry flip has probability < 0.5, so at most {most:.3f} of these pairs "
+                          f"can be flipped in expectation; got {rate}")
+    low, high = math.log(1e-6), math.log(1e6)
+    for _ in range(200):  # bisection on log τ: the share is monotone in τ
+        middle = 0.5 * (low + high)
+        share = sum(flip_probability(m, math.exp(middle)) for m in real) / len(margins)
+        low, high = (middle, high) if share < rate else (low, middle)
+    return math.exp(0.5 * (low + high))
+
+
+def _gumbel(rng: random.Random, scale: float) -> float:
+    """Centred Gumbel noise of `scale`: the difference of two is logistic, which makes the choice Bradley-Terry."""
+    u = rng.random()
+    while u == 0.0:
+        u = rng.random()
+    return scale * (-math.log(-math.log(u)) - _EULER_GAMMA)
+
+
+def _bradley_terry_labels(rng: random.Random, rows: list[dict], temperature: float, length_penalty: float
+                          ) -> list[tuple[float, float]]:
+    """Relabel each oracle-ordered pair as an annotator with utilities oracle reward + Gumbel(τ) would: chosen is the
+    response of higher utility, so a pair of margin m is flipped with probability σ(−m/τ) (exactly Bradley-Terry).
+    Returns each row's (chosen, rejected) utilities after the relabelling: ratings the labels are derived from."""
+    utilities = []
+    for row in rows:
+        oracle = [oracle_reward(row["prompt"], row[side], length_penalty=length_penalty)
+                  for side in ("chosen", "rejected")]
+        noisy = [r + _gumbel(rng, temperature) for r in oracle]
+        if noisy[1] > noisy[0]:
+            _swap(row)
+            noisy.reverse()
+        utilities.append((noisy[0], noisy[1]))
+    return utilities
 
 
 def _sft_examples(rng: random.Random, pool: _PromptPool, config: TaskConfig) -> list[tuple[str, str]]:
@@ -393,21 +453,37 @@ def make_task(config: TaskConfig) -> BenchmarkTask:
     eval_rng = stream("eval")
     eval_prompts = [pool.draw(eval_rng) for _ in range(config.n_eval_prompts)]
     test = _clean_pairs(stream("test"), pool, config, config.n_test)
-    validation = _clean_pairs(stream("validation"), pool, config, config.n_validation)
+    shifted = (config.shift_family,) if config.validation_shift == "family" else None
+    validation = _clean_pairs(stream("validation"), pool, config, config.n_validation, shifted)
     noise = stream("validation-noise")  # its own stream: the rate leaves the validation pairs drawn unchanged
-    for row in noise.sample(validation, round(config.validation_flip_rate * len(validation))):
-        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
-        row["oracle_margin"], row["is_flipped"] = -row["oracle_margin"], True
+    temperatures = {}
+    if config.label_noise == "lazy-biased":
+        for row in noise.sample(validation, round(config.validation_flip_rate * len(validation))):
+            _swap(row)
+    else:
+        temperatures["validation"] = bradley_terry_temperature(
+            [r["oracle_margin"] for r in validation], config.validation_flip_rate, "validation_flip_rate")
+        _bradley_terry_labels(noise, validation, temperatures["validation"], config.length_penalty)
     sft_examples = _sft_examples(stream("sft"), pool, config)
     train = _train_pairs(stream("train"), pool, config)
-    # An external rater's scores, visible like UltraFeedback's: the oracle reward plus noise, rated per response, so
-    # they disagree with a flipped label only as often as the noise makes them (their own stream: nothing else moves).
+    utilities = None
+    if config.label_noise == "bradley-terry":  # its own stream: the pairs drawn stay those of the other regime
+        temperatures["train"] = bradley_terry_temperature(
+            [r["oracle_margin"] for r in train], config.flip_rate, "flip_rate")
+        utilities = _bradley_terry_labels(stream("labels"), train, temperatures["train"], config.length_penalty)
+    # The visible ratings (their own stream: nothing else moves). Independent: an external rater, the oracle reward
+    # plus noise rated per response, which disagrees with a flipped label only as often as the noise makes it.
+    # Label-derived: the ratings the label was read from, so chosen is never rated below rejected.
     ratings = stream("ratings")
-    for row in train:
-        for side in ("chosen", "rejected"):
-            noisy = oracle_reward(row["prompt"], row[side], length_penalty=config.length_penalty) \
-                + ratings.gauss(0.0, config.rating_noise)
-            row[f"score_{side}"] = round(noisy, 3)
+    for k, row in enumerate(train):
+        if config.ratings == "label-derived" and utilities is not None:
+            rated = list(utilities[k])
+        else:
+            rated = [oracle_reward(row["prompt"], row[side], length_penalty=config.length_penalty)
+                     + ratings.gauss(0.0, config.rating_noise) for side in ("chosen", "rejected")]
+            if config.ratings == "label-derived":
+                rated.sort(reverse=True)
+        row["score_chosen"], row["score_rejected"] = round(rated[0], 3), round(rated[1], 3)
     return BenchmarkTask(
         config=config,
         train=train,
@@ -415,4 +491,5 @@ def make_task(config: TaskConfig) -> BenchmarkTask:
         test=test,
         eval_prompts=eval_prompts,
         sft_examples=sft_examples,
+        flip_temperatures=temperatures,
     )

@@ -12,6 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from prefsift.config import EngineConfig, TrainConfig
+
 if TYPE_CHECKING:
     from prefsift.synthetic.task import BenchmarkTask
 
@@ -184,7 +186,20 @@ def greedy_answers(
     from prefsift.evaluate import greedy_answers as generate
 
     with torch_threads(threads):
-        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, quiet=True)
+
+
+def dpo_engine() -> EngineConfig:
+    """The benchmark's engine: β 0.5 (at TRL's 0.1 the clean run drifts far from the SFT model within an epoch and
+    its greedy answers degrade, which hides the noise's cost), max_length 32 (prompt <= 11 characters, response <= 7
+    + EOS), fp32 (bf16 drowns small steps on a CPU), one thread (fastest for a model this small)."""
+    return EngineConfig(beta=0.5, max_length=32, batch_tokens=16384, dtype="float32", threads=1)
+
+
+def dpo_train() -> TrainConfig:
+    """The benchmark's DPO recipe, one for `prefsift demo` and `check_task`, so that the check's full-data run is the
+    demo's `full` row from the SFT model under the same seed."""
+    return TrainConfig(learning_rate=2e-4, epochs=2.0, batch_size=32, logging_steps=1000, gradient_checkpointing=False)
 
 
 # SFT recipe of the benchmark's model; on 2 shared CPU cores (one thread) ~20 s for 4,000 demonstrations.

@@ -38,8 +38,20 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch, one_thread):
               "min_test_pairs": 0}  # 8 test pairs: allowed on request
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
+    import prefsift.pipeline.run
+    import prefsift.train
+
+    trained_seconds: list[float] = []  # what each training measured, as train() returned it
+
+    def timed_train(*args, **kwargs):
+        result = prefsift.train.train(*args, **kwargs)
+        trained_seconds.append(result.seconds)
+        return result
+
+    monkeypatch.setattr(prefsift.pipeline.run, "train", timed_train)
     result = CliRunner().invoke(app, ["run", "--config", str(config_path)])
     assert result.exit_code == 0, result.output
+    monkeypatch.undo()
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     records = results["records"]
     methods = {"full", "random", "irm", "lossdiff", "lossdiff-irm"}
@@ -54,15 +66,30 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch, one_thread):
     assert {r["n_pairs"] for r in at_quarter} == {16}
     rule = [r for r in records if r["method"] != "full" and r["fraction"] != 0.25]
     assert len({r["n_pairs"] for r in rule}) == 1 and 0.4 < rule[0]["fraction"] < 0.9  # the band rule's share
-    # compute, all of it, in pair passes: 64 training pairs, 32 in the warm-up (warmup_fraction 0.5), 8 validation
-    compute = {r["method"]: r["compute"] for r in at_quarter}
+    # compute, all of it, measured: each part at the seconds the run's own trainings and passes took (the trainings
+    # recorded here as TRL ran them: warm-up, validation model, then each row in order), charged to every row that
+    # used it; the nominal pair passes beside: 64 training pairs, 32 in the warm-up (warmup_fraction 0.5), 8 validation
+    warmup_s, validation_s, *rows_s = trained_seconds
+    assert len(rows_s) == len(records)
+    for record, seconds in zip(records, rows_s, strict=True):
+        parts = record["compute_parts"]
+        assert parts["train"] == round(seconds, 3) and parts["warmup"] == round(warmup_s, 3)  # every row starts there
+        assert record["compute"] == pytest.approx(sum(parts.values()), abs=1e-3)
+        assert ("validation" in parts) == (record["method"] in ("lossdiff", "lossdiff-irm"))
+        if "validation" in parts:
+            assert parts["validation"] >= round(validation_s, 3)  # + the validation pairs' reference pass
+    measured = {r["method"]: r["compute_parts"] for r in at_quarter}
+    assert measured["irm"]["scoring"] > measured["random"]["scoring"]  # the policy's pass over 64 pairs
+    passes = {r["method"]: r["pair_passes"] for r in at_quarter}
     trained = 3 * 16  # 16 pairs, one epoch, three passes a step
     warmup = 3 * 32
-    assert compute["random"] == 64 + warmup + trained  # reference pass + the warm-up it starts from + training
-    assert compute["irm"] == compute["random"] + 64  # + the policy's scoring pass
-    assert compute["lossdiff"] == compute["irm"] + 3 * 8 + 8 + 64  # + validation training, its reference, its pass
+    assert passes["random"] == 64 + warmup + trained  # reference pass + the warm-up it starts from + training
+    assert passes["irm"] == passes["random"] + 64  # + the policy's scoring pass
+    assert passes["lossdiff"] == passes["irm"] + 3 * 8 + 8 + 64  # + validation training, its reference, its pass
     summary = {(r["method"], r["budget"]): r for r in results["summary"]}
-    assert summary[("random", "0.25")]["compute_ratio"] == round(compute["random"] / (64 + warmup + 3 * 64), 3)
+    full = next(r for r in records if r["method"] == "full")
+    assert summary[("random", "0.25")]["compute_ratio"] == round(
+        next(r["compute"] for r in at_quarter if r["method"] == "random") / full["compute"], 3)
     timings = json.loads((tmp_path / "run" / "timings.json").read_text())
     assert len(timings) == len(records) and all(t["seconds"] > 0 for t in timings)
     run_scores = tmp_path / "run" / "seed-0" / "scores"
@@ -103,7 +130,6 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch, one_thread):
     # ... and `prefsift train` continues from the run's warm-up model against the SFT reference, reusing the run's
     # reference log-probs: neither prefsift nor TRL runs a reference pass.
     import prefsift.engine
-    import prefsift.train
 
     monkeypatch.setattr(prefsift.engine, "compute_logps", lambda *a, **k: pytest.fail("reference pass recomputed"))
     monkeypatch.setattr(prefsift.train.DPOTrainer, "_precompute_ref_logps",
@@ -227,3 +253,55 @@ def test_readme_walkthrough_runs_as_written(tmp_path, bpe_tokenizer, monkeypatch
     assert exported == subset and 0 < len(subset) < 120
     transcripts = {r["chosen"]: r["rejected"] for r in rows}
     assert all(transcripts[x["prompt"] + x["chosen"]] == x["prompt"] + x["rejected"] for x in exported)
+
+
+@pytest.mark.e2e
+def test_baseline_arms_on_the_synthetic_task(tmp_path, one_thread):
+    """validation-only, random+validation and random-kto beside the methods (issue 20): each trains what it says,
+    checked against the subsets the run wrote and the task's own splits, and each is charged its compute."""
+    from datasets import Dataset
+
+    from prefsift.config import EngineConfig, RunConfig, TrainConfig
+    from prefsift.evaluate import EvalConfig
+    from prefsift.models import LoadedModel
+    from prefsift.pipeline import Splits, run_pipeline
+    from prefsift.synthetic import sft_model
+    from prefsift.synthetic.task import TaskConfig, make_task
+
+    task = make_task(TaskConfig(n_train=120, n_validation=24, n_test=30, n_eval_prompts=1, n_sft=300))
+    model, tokenizer = sft_model(task, seed=0)
+    splits = Splits(*(load_pairs(Dataset.from_list(rows)) for rows in (task.train, task.validation, task.test)),
+                    eval_prompts=[])
+    config = RunConfig(out=str(tmp_path / "run"), methods=["random"], fractions=[0.25], rule_share=False,
+                       start_from="reference", baselines="validation-only,random+validation,random-kto",
+                       engine=EngineConfig(beta=0.5, max_length=32, dtype="float32", threads=1),
+                       train=TrainConfig(learning_rate=2e-4, epochs=1.0, batch_size=16, gradient_checkpointing=False),
+                       eval=EvalConfig(max_new_tokens=2, batch_size=64))
+    records = run_pipeline(config, splits=splits, base=LoadedModel(model, tokenizer, "sft", "sft"),
+                           log=lambda _: None, quiet=True)["records"]
+    rows = {r["method"]: r for r in records}
+    assert set(rows) == {"full", "random", "validation-only", "random+validation", "random-kto"}
+    selected = tmp_path / "run" / "seed-0" / "selected"
+
+    def ids(slug: str) -> list[str]:
+        return [json.loads(x)["pair_id"] for x in (selected / slug / "selected.jsonl").read_text().splitlines()]
+
+    validation_ids = list(splits.validation.pairs["pair_id"])
+    assert sorted(ids("validation-only")) == sorted(validation_ids)  # every validation pair fits max_length 32
+    assert rows["validation-only"]["n_pairs"] == 24 and rows["validation-only"]["budget"] == "validation"
+    # random + validation: the random arm's own subset plus the validation pairs, nothing else
+    assert sorted(ids("random+validation-0.25")) == sorted(ids("random-0.25") + validation_ids)
+    assert rows["random+validation"]["n_pairs"] == rows["random"]["n_pairs"] + 24 == 30 + 24
+    # random with KTO: as many completions as ISA's KTO keeps at the budget, from the training pairs, both labels
+    kto = [json.loads(x) for x in (selected / "random-kto-0.25" / "selected.jsonl").read_text().splitlines()]
+    assert rows["random-kto"]["algo"] == "kto" and rows["random-kto"]["n_completions"] == len(kto) == 60
+    train_ids = set(splits.train.pairs["pair_id"])
+    assert {row["pair_id"].rsplit(":", 1)[0] for row in kto} <= train_ids
+    assert {row["label"] for row in kto} == {True, False}
+    # each charged its own: the validation pairs' reference pass and training; KTO's five passes a completion pair
+    assert rows["validation-only"]["pair_passes"] == 24 + 3 * 24
+    assert rows["random+validation"]["pair_passes"] == 30 + 24 + 3 * 54
+    assert rows["random-kto"]["pair_passes"] == 5 * 30 and rows["random-kto"]["compute_parts"]["reference"] == 0
+    assert rows["validation-only"]["compute_parts"]["reference"] > 0  # measured: the validation pairs' pass
+    for record in records:  # what each training saw, said
+        assert record["trained"]["rows_seen"] == record["trained"]["rows"] > 0 and record["trained"]["steps"] >= 1

@@ -144,6 +144,10 @@ class RunConfig(Checked):
     test_fraction: float = option(0.1, "Share of data split off for testing.", low=0, high=1, high_open=True)
     prompt_key: str = option("prompt", "Input column holding the prompt.")
     chosen_key: str = option("chosen", "Input column holding the chosen response.")
+# the baseline arms `run` trains beside the methods (pipeline.run.arm_data builds each one's subset)
+BASELINES = ("validation-only", "random+validation", "random-kto")
+
+
     rejected_key: str = option("rejected", "Input column holding the rejected response.")
     methods: list[str | dict] = option(default_factory=lambda: ["random", "irm", "lossdiff", "lossdiff-irm"],
                                        help="Methods to compare: names, or {name: ..., <param>: ...} mappings.",
@@ -172,6 +176,11 @@ class RunConfig(Checked):
                                               "OUT/seed-S/models/<start>-<method>-<budget> (one model a row: large).")
     min_test_pairs: int = option(20, "Refuse a test split of fewer pairs (an accuracy near 0.5 over 20 pairs already "
                                      "has a 95% interval of ±0.22). 0 allows any size: the summary's intervals then "
+    validation_lora: bool = option(False, "Train θ_val as a LoRA adapter on the warm-up model (merged after): "
+                                          "cheaper than all weights on a large model.")
+    baselines: str = option("", "Baseline arms beside the methods, comma-separated: validation-only (DPO on the "
+                                "trusted validation pairs alone), random+validation (the random subset plus them), "
+                                "random-kto (random completions trained with KTO, beside ISA's).")
                                      "show how little it says.", low=0)
     judge_model: str | None = option(None, "Reward model judging win rates.")
     reward_model: str | None = option(None, "Sequence-classification reward model of the methods that score with one "
@@ -223,6 +232,16 @@ class ExportConfig(Checked):
 
     format: str = option("trl", "Layout: datasets, hub, trl, llamafactory, openrlhf, axolotl.", choices=EXPORT_FORMATS)
     name: str = option("prefsift_subset", "Dataset name: LLaMA-Factory's dataset_info.json key and data file stem.")
+        self.baseline_arms()
+
+    def baseline_arms(self) -> list[str]:
+        """The `baselines` option as a list, each name checked."""
+        names = [b.strip() for b in self.baselines.split(",") if b.strip()]
+        unknown = [b for b in names if b not in BASELINES]
+        if unknown or len(set(names)) != len(names):
+            raise ConfigError(f"baselines: distinct names among {', '.join(BASELINES)}, comma-separated "
+                              f"(got {self.baselines!r})")
+        return names
     split: str = option("train", "Split name of a hub push.")
     private: bool = option(True, "Hub push: a private dataset repository.")
 

@@ -15,9 +15,9 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from transformers import TrainerCallback
@@ -29,16 +29,17 @@ from prefsift.errors import ConfigError
 from prefsift.evaluate import Judge, RewardModelJudge, evaluate, greedy_answers, write_eval_outputs
 from prefsift.manifest import write_manifest
 from prefsift.models import LoadedModel, fingerprint_files, load_model
-from prefsift.pipeline.accounting import compute_units
+from prefsift.pipeline.accounting import Arm, Measured, measured_compute, pair_passes
 from prefsift.pipeline.splits import Splits, hash_order, make_splits
 from prefsift.report import one_line, write_results
 from prefsift.resources import Resources
 from prefsift.score import ScoreResult, score_pairs
 from prefsift.scorers import Scorer, parse_methods
+from prefsift.scorers.random import seeded_uniform
 from prefsift.select import SPLIT_COLUMNS, select_indices, target_count, write_subset
 from prefsift.settings import from_dict
 from prefsift.stats import settings_of, summarize
-from prefsift.train import train
+from prefsift.train import TrainResult, train
 
 
 class CheckpointEvaluation(TrainerCallback):
@@ -77,9 +78,10 @@ class CheckpointEvaluation(TrainerCallback):
 
 def trained_copy(parent: LoadedModel, tag: str, pairs, ref_logps: np.ndarray, config: TrainConfig,
                  engine: EngineConfig, save_dir: Path | None = None, callbacks: list | None = None
-                 ) -> tuple[LoadedModel, float]:
-    """Train a copy of `parent`. Saved, it is fingerprinted by content like any model on disk; in memory, by
-    parent, recipe and data, so resumable shards of a run with another recipe are never taken for its own."""
+                 ) -> tuple[LoadedModel, TrainResult]:
+    """Train a copy of `parent`; returns it and what the training measured and saw (seconds, rows, steps). Saved,
+    it is fingerprinted by content like any model on disk; in memory, by parent, recipe and data, so resumable
+    shards of a run with another recipe are never taken for its own."""
     child = LoadedModel(copy.deepcopy(parent.model), parent.tokenizer, str(save_dir or f"{parent.source}#{tag}"), "")
     result = train(child, pairs, config, engine, ref_logps=ref_logps, quiet=True, callbacks=callbacks)
     if save_dir is not None:
@@ -92,7 +94,7 @@ def trained_copy(parent: LoadedModel, tag: str, pairs, ref_logps: np.ndarray, co
         recipe = json.dumps([parent.fingerprint, asdict(config), asdict(engine), data_hash_of(pairs["pair_id"]),
                              __version__], sort_keys=True, default=str)
         child.fingerprint = hashlib.sha256(recipe.encode()).hexdigest()[:16]
-    return child, result.seconds
+    return child, result
 
 
 def train_warmup(config: RunConfig, base: LoadedModel, train_data: LoadedPairs, ref_train: np.ndarray, out: Path,
@@ -103,17 +105,21 @@ def train_warmup(config: RunConfig, base: LoadedModel, train_data: LoadedPairs, 
         : max(1, round(config.warmup_fraction * n))])
     log(f"warm-up DPO on {len(rows)} pairs")
     tc = replace(config.train, seed=config.seed, epochs=config.warmup_epochs)
-    return trained_copy(base, "warmup", train_data.pairs.select(rows.tolist()), ref_train[rows], tc, config.engine,
-                        out / "models" / "warmup" if config.save_models else None)
+    model, result = trained_copy(base, "warmup", train_data.pairs.select(rows.tolist()), ref_train[rows], tc,
+                                 config.engine, out / "models" / "warmup" if config.save_models else None)
+    return model, result.seconds
 
 
 def train_validation_model(config: RunConfig, warmup: LoadedModel, validation: LoadedPairs, ref_val: np.ndarray,
                            out: Path, log) -> tuple[LoadedModel, float]:
-    """Step 2: DPO on the validation pairs from θ → θ_val."""
-    log(f"validation DPO on {len(validation.pairs)} pairs from the warm-up model")
-    tc = replace(config.train, seed=config.seed, epochs=config.validation_epochs)
-    return trained_copy(warmup, "validation", validation.pairs, ref_val, tc, config.engine,
-                        out / "models" / "validation" if config.save_models else None)
+    """Step 2: DPO on the validation pairs from θ → θ_val (a LoRA adapter on θ, merged, with validation_lora)."""
+    log(f"validation DPO on {len(validation.pairs)} pairs from the warm-up model"
+        + (" (LoRA)" if config.validation_lora else ""))
+    tc = replace(config.train, seed=config.seed, epochs=config.validation_epochs,
+                 lora=config.train.lora or config.validation_lora)
+    model, result = trained_copy(warmup, "validation", validation.pairs, ref_val, tc, config.engine,
+                                 out / "models" / "validation" if config.save_models else None)
+    return model, result.seconds
 
 
 def budgets(config: RunConfig, scores: dict[str, np.ndarray], n_train: int, log) -> list[tuple[str, float, int | None]]:
@@ -175,22 +181,109 @@ def _hidden_share(raw, rows: np.ndarray, column: str) -> float | None:
 
 
 def artifact_name(method: str, budget: str) -> str:
-    """A row's directory name: `irm-0.1`, `lossdiff-irm-rule`, `full`."""
-    return method if method == budget else f"{method}-{budget}".replace(" rule", "-rule").replace(" ", "-")
+    """A row's directory name: `irm-0.1`, `lossdiff-irm-rule`, `full`, `validation-only` (its budget is the validation
+    split's size, not a share)."""
+    return method if method == budget or budget == "validation" else f"{method}-{budget}".replace(" rule", "-rule").replace(" ", "-")
 
 
-def train_and_evaluate(config: RunConfig, plan: tuple, start_model: LoadedModel, base: LoadedModel, splits: Splits,
+class Plan(NamedTuple):
+    """One row's recipe: the method (a scorer's name, `full`, or a baseline arm of BASELINES), its scorer, its
+    budget's label and size (a fraction, or the rule's own count)."""
+
+    name: str
+    scorer: Scorer | None
+    budget: str
+    fraction: float
+    count: int | None = None
+
+
+@dataclass
+class ArmData:
+    """What a row trains on: pairs (DPO) or completions (KTO), their reference log-probs (None: KTO's own pass),
+    the training-split rows it draws on, the validation pairs it adds, and the score columns its subset file keeps."""
+
+    data: Any
+    ref_logps: np.ndarray | None
+    algo: str
+    rows: np.ndarray
+    n_validation_pairs: int = 0
+    n_completions: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def random_rows(scores: dict[str, np.ndarray], usable: np.ndarray, seed: int, fraction: float, count: int | None
+                ) -> np.ndarray:
+    """The random arm's own subset at a budget (its `random` column when it ran, else the same seeded draw), so
+    `random+validation` differs from `random` by the validation pairs only."""
+    pair_ids = np.asarray(scores["pair_id"], dtype=object)
+    values = scores.get("random")
+    if values is None:
+        values = np.where(usable, seeded_uniform(pair_ids, seed), np.nan)
+    return select_indices({"pair_id": pair_ids, "random": values}, "top", column="random",
+                          fraction=None if count is not None else fraction, count=count)
+
+
+def random_completions(scores: dict[str, np.ndarray], usable: np.ndarray, seed: int, fraction: float,
+                       count: int | None) -> np.ndarray:
+    """`random-kto`: as many completions as ISA's KTO keeps at the budget (twice the pairs), drawn uniformly from the
+    usable pairs' chosen and rejected completions (indices as `selected_completions`'s)."""
+    pair_ids = np.asarray(scores["pair_id"], dtype=object)
+    stacked = np.concatenate([pair_ids + ":chosen", pair_ids + ":rejected"])
+    values = np.where(np.concatenate([usable, usable]), seeded_uniform(stacked, seed), np.nan)
+    n_valid = int(usable.sum())
+    k = 2 * target_count(n_valid, None if count is not None else fraction, count)
+    return select_indices({"pair_id": stacked, "completion": values}, "top", column="completion",
+                          count=min(k, 2 * n_valid))
+
+
+def arm_data(config: RunConfig, plan: Plan, splits: Splits, scores: dict[str, np.ndarray], ref_train: np.ndarray,
+             ref_val: np.ndarray | None) -> ArmData:
+    """Step 5's subset of one row: the method's selection, all usable pairs (`full`), or a baseline arm's."""
+    name, scorer, _, fraction, count = plan
+    pairs = splits.train.pairs
+    usable = ~np.isnan(ref_train[:, 0])
+    kto_scorer = scorer is not None and scorer.completion_columns() is not None
+    if kto_scorer or name == "random-kto":  # completions, trained with KTO
+        if kto_scorer:
+            items = selected_completions(scorer, scores, fraction, count)
+            extra = {name: np.concatenate([scores[c] for c in scorer.completion_columns()])[items]}
+        else:
+            items = random_completions(scores, usable, config.seed, fraction, count)
+            extra = {}
+        return ArmData(completion_items(pairs, items), None, "kto", np.unique(items % len(pairs)),
+                       n_completions=len(items), extra=extra)
+    if name in ("validation-only", "random+validation"):
+        if ref_val is None:
+            raise ConfigError(f"the {name} baseline trains on the validation pairs: the validation split is empty")
+        kept = np.flatnonzero(~np.isnan(ref_val[:, 0]))  # a validation pair TRL would drop is never trained
+        validation = splits.validation.pairs.select(kept.tolist()).select_columns(list(SPLIT_COLUMNS))
+        if name == "validation-only":
+            return ArmData(validation, ref_val[kept], "dpo", np.zeros(0, dtype=int), n_validation_pairs=len(kept))
+        from datasets import concatenate_datasets
+
+        rows = random_rows(scores, usable, config.seed, fraction, count)
+        drawn = pairs.select(rows.tolist()).select_columns(list(SPLIT_COLUMNS)).cast(validation.features)
+        return ArmData(concatenate_datasets([drawn, validation]), np.concatenate([ref_train[rows], ref_val[kept]]),
+                       "dpo", rows, n_validation_pairs=len(kept))
+    rows = np.flatnonzero(usable) if scorer is None else selected_rows(scorer, scores, fraction, count)
+    extra = {c: scores[c] for c in scorer.columns if c in scores} if scorer is not None else {}  # by table row
+    return ArmData(pairs.select(rows.tolist()), ref_train[rows], "dpo", rows, extra=extra)
+
+
+def train_and_evaluate(config: RunConfig, plan: Plan, start_model: LoadedModel, base: LoadedModel, splits: Splits,
                        scores: dict[str, np.ndarray], ref_train: np.ndarray, ref_test: np.ndarray | None,
                        judge: Judge | None, baseline_answers: list[str] | None, log, *, start: str = "warmup",
-                       seed_dir: Path | None = None, quiet: bool = False) -> dict:
+                       seed_dir: Path | None = None, quiet: bool = False, ref_val: np.ndarray | None = None
+                       ) -> tuple[dict, ArmData]:
     """Steps 5 and 6 for one (method, budget): select, train from `start_model`, evaluate against the reference.
+    Returns the row's record (with what its training measured and saw) and what it trained on.
 
     Under `seed_dir` it keeps what a user takes away: the subset (selected/<method>-<budget>/selected.jsonl, with
     the method's score columns), what the evaluation saw (eval/<start>-<method>-<budget>/: eval_pairs.jsonl,
     answers.jsonl) and, with `save_subset_models`, the trained model (models/<start>-<method>-<budget>/)."""
-    name, scorer, budget, fraction, count = plan
+    name, scorer, budget, fraction, _ = plan
     train_data, has_test = splits.train, ref_test is not None
-    dropped = np.isnan(ref_train[:, 0])
+    n_usable = int((~np.isnan(ref_train[:, 0])).sum())
     slug = artifact_name(name, budget)
     save_dir = seed_dir / "models" / f"{start}-{slug}" if seed_dir is not None and config.save_subset_models else None
 
@@ -201,42 +294,35 @@ def train_and_evaluate(config: RunConfig, plan: tuple, start_model: LoadedModel,
                         config=config.eval, engine=config.engine, reference_logps=ref_test,
                         baseline_answers=baseline_answers, quiet=quiet)
 
+    arm = arm_data(config, plan, splits, scores, ref_train, ref_val)
+    if seed_dir is not None:  # the same subset under every start: written once per seed and row
+        if arm.algo == "kto" or arm.n_validation_pairs:
+            write_subset(seed_dir / "selected" / slug, arm.data, range(len(arm.data)), extra=arm.extra)
+        else:
+            write_subset(seed_dir / "selected" / slug, train_data.pairs.select_columns(list(SPLIT_COLUMNS)),
+                         arm.rows, extra=arm.extra)
     checkpoints: list[dict] = []
-    if scorer is not None and scorer.completion_columns() is not None:  # completions, trained with KTO
-        items = selected_completions(scorer, scores, fraction, count)
-        subset = completion_items(train_data.pairs, items)
-        rows = np.unique(items % len(train_data.pairs))  # the pairs a kept completion comes from
-        log(f"{name} @ {fraction:.0%}: KTO on {len(items)} completions ({int(subset['label'].count(True))} "
-            "desirable)")
-        if seed_dir is not None:
-            completion = np.concatenate([scores[c] for c in scorer.completion_columns()])[items]
-            write_subset(seed_dir / "selected" / slug, subset, range(len(subset)), extra={name: completion})
-        policy, seconds = trained_copy(start_model, f"{name}-{fraction}", subset, None,
-                                       replace(config.train, seed=config.seed, algo="kto"), config.engine, save_dir)
-        record = {"method": name, "budget": budget, "fraction": fraction, "n_pairs": len(items) // 2,
-                  "n_completions": len(items), "algo": "kto", "train_seconds": round(seconds, 3)}
-    else:
-        rows = np.flatnonzero(~dropped) if scorer is None else selected_rows(scorer, scores, fraction, count)
-        log(f"{name} @ {fraction:.0%}: training on {len(rows)} pairs")
-        if seed_dir is not None:  # the same subset under every start: written once per seed and row
-            extra = {c: scores[c] for c in scorer.columns if c in scores} if scorer is not None else {}
-            write_subset(seed_dir / "selected" / slug, train_data.pairs.select_columns(list(SPLIT_COLUMNS)), rows,
-                         extra=extra)
-        callbacks = []
-        if scorer is None and config.checkpoint_shares:  # the data-scaling points of the full run, on the way
+    callbacks = []
+    if name == "full" and config.checkpoint_shares:  # the data-scaling points of the full run, on the way
 
-            def evaluate_at(model, share: float, seconds: float) -> None:
-                checkpoints.append({"method": "full", "budget": f"checkpoint {share:g}", "fraction": share,
-                                    "n_pairs": round(share * len(rows)), "train_seconds": round(seconds, 3),
-                                    **_metrics(evaluate_model(model, quiet=True))})
-                log("  " + one_line(checkpoints[-1]))
+        def evaluate_at(model, share: float, seconds: float) -> None:
+            checkpoints.append({"method": "full", "budget": f"checkpoint {share:g}", "fraction": share,
+                                "n_pairs": round(share * len(arm.rows)), "train_seconds": round(seconds, 3),
+                                **_metrics(evaluate_model(model, quiet=True))})
+            log("  " + one_line(checkpoints[-1]))
 
-            callbacks = [CheckpointEvaluation(config.checkpoint_shares, evaluate_at)]
-        policy, seconds = trained_copy(start_model, f"{name}-{fraction}", train_data.pairs.select(rows.tolist()),
-                                       ref_train[rows], replace(config.train, seed=config.seed), config.engine,
-                                       save_dir, callbacks)
-        record = {"method": name, "budget": budget, "fraction": fraction, "n_pairs": len(rows),
-                  "train_seconds": round(seconds, 3)}
+        callbacks = [CheckpointEvaluation(config.checkpoint_shares, evaluate_at)]
+    policy, trained = trained_copy(start_model, f"{name}-{fraction}", arm.data, arm.ref_logps,
+                                   replace(config.train, seed=config.seed, algo=arm.algo), config.engine, save_dir,
+                                   callbacks)
+    n_pairs = arm.n_completions // 2 if arm.n_completions is not None else len(arm.data)
+    record = {"method": name, "budget": budget, "fraction": fraction, "n_pairs": n_pairs, "n_usable": n_usable,
+              **({"n_completions": arm.n_completions, "algo": "kto"} if arm.algo == "kto" else {}),
+              **({"n_validation_pairs": arm.n_validation_pairs} if arm.n_validation_pairs else {}),
+              "trained": {"rows": trained.rows, "rows_seen": trained.rows_seen, "steps": trained.steps,
+                          "epochs": round(trained.epochs_done, 3)},
+              "train_seconds": round(trained.seconds, 3)}
+    log(f"{name} @ {budget}: " + trained_line(record))
     evaluation = evaluate_model(policy.model)
     if seed_dir is not None:
         write_eval_outputs(evaluation, seed_dir / "eval" / f"{start}-{slug}",
@@ -244,13 +330,28 @@ def train_and_evaluate(config: RunConfig, plan: tuple, start_model: LoadedModel,
                            prompts=splits.eval_prompts if baseline_answers is not None else None)
     record.update(_metrics(evaluation))
     for column, label in (("is_flipped", "flipped_kept"), ("is_near_tie", "near_tie_kept")):
-        share = _hidden_share(train_data.raw, rows, column)
+        share = _hidden_share(train_data.raw, arm.rows, column)
         if share is not None:
             record[label] = round(share, 3)
     log("  " + one_line(record))
     if checkpoints:
         record["checkpoints"] = checkpoints
-    return record
+    return record, arm
+
+
+def trained_line(record: dict) -> str:
+    """What a row's training took in and reached: 'DPO on 24 of 48 usable pairs, 3 steps, 1 epoch', with the pairs
+    its steps never reached when they ended inside the first epoch."""
+    trained = record["trained"]
+    what = (f"KTO on {record['n_completions']} completions of {record['n_pairs']} pairs" if record.get("algo") == "kto"
+            else f"DPO on {record['n_pairs']} pairs")
+    source = (f" ({record['n_validation_pairs']} of them validation pairs)" if record.get("n_validation_pairs")
+              else "")
+    line = (f"{what}{source} of {record['n_usable']} usable training pairs, {trained['steps']} optimizer "
+            f"step{'s' if trained['steps'] != 1 else ''}, {trained['epochs']:g} epochs")
+    if trained["rows_seen"] < trained["rows"]:
+        line += f"; SHORT: its steps reached {trained['rows_seen']} of its {trained['rows']} rows"
+    return line
 
 
 def _metrics(evaluation: dict) -> dict:
@@ -263,7 +364,8 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
              baseline_answers: list[str] | None, log, quiet: bool = False, results_dir: Path | None = None
              ) -> list[dict]:
     """Steps 1-6 under one training seed: warm-up, validation model, scores, then every subset from every start;
-    the seed's files go under `results_dir` (default config.out)/seed-S."""
+    the seed's files go under `results_dir` (default config.out)/seed-S. Each record's `compute` is the seconds its
+    parts were measured to cost (pipeline.accounting), `pair_passes` their nominal count."""
     out = Path(results_dir or config.out) / f"seed-{config.seed}"
     scorers = parse_methods(config.methods)
     resources = template.for_seed(config.seed)
@@ -274,44 +376,76 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     ref_test = resources.logps("reference", pairs=splits.test, tag="test-reference") if has_test else None
     starts = ("warmup", "reference") if config.start_from == "both" else (config.start_from,)
     needs = {role for s in scorers for role in s.needs}
+    baselines = config.baseline_arms()
+    ref_val = None
+    if "validation" in needs or {"validation-only", "random+validation"} & set(baselines):
+        began = time.perf_counter()  # once for every seed (the pass is shared), charged at the first one's time
+        ref_val = resources.logps("reference", pairs=splits.validation, tag="validation-reference")
+        template.seconds.setdefault("validation_reference", time.perf_counter() - began)
     timings: dict[str, float] = {}
     warmup = None
     if needs & {"policy", "validation"} or "warmup" in starts:
         warmup, timings["warmup"] = train_warmup(config, base, train_data, ref_train, out, log)
         resources.add("policy", warmup, stages={"warmup": timings["warmup"]})
     if "validation" in needs:
-        ref_val = resources.logps("reference", pairs=splits.validation, tag="validation-reference")
         validation, timings["validation"] = train_validation_model(config, warmup, splits.validation, ref_val,
                                                                    out, log)
         resources.add("validation", validation, stages=dict(timings))
     # Step 3, the one score path: the same stage as `prefsift score`, every method over one provider.
     scored: ScoreResult = score_pairs(train_data, scorers, resources, out / "scores")
-    plans = [("full", None, "full", 1.0, None)] if config.full else []
-    plans += [(s.name, s, b, f, c) for b, f, c in budgets(config, scored.scores, n_train, log) for s in scorers]
+    measured = Measured(reference=template.seconds.get("reference", 0.0),
+                        validation_reference=template.seconds.get("validation_reference", 0.0),
+                        warmup=timings.get("warmup", 0.0), validation=timings.get("validation", 0.0),
+                        scoring=scoring_seconds(scored, resources, scorers))
+    plans = [Plan("full", None, "full", 1.0)] if config.full else []
+    levels = budgets(config, scored.scores, n_train, log)
+    plans += [Plan(s.name, s, b, f, c) for b, f, c in levels for s in scorers]
+    n_validation = len(splits.validation.pairs)
+    if "validation-only" in baselines:
+        plans.append(Plan("validation-only", None, "validation", round(n_validation / max(1, n_train), 3)))
+    plans += [Plan(arm, None, b, f, c) for b, f, c in levels for arm in baselines if arm != "validation-only"]
     n_warmup = max(1, round(config.warmup_fraction * n_train))
     records = []
     for start in starts:
         start_model = warmup if start == "warmup" else base
         for plan in plans:
-            record = train_and_evaluate(config, plan, start_model, base, splits, scored.scores, ref_train, ref_test,
-                                        judge, baseline_answers, log, start=start, seed_dir=out, quiet=quiet)
-            units = compute_units(config, plan[1], start, n_train, n_warmup, len(splits.validation.pairs),
-                                  record["n_pairs"])
-            # seconds, like units: the scores' passes and the trainings behind them, the warm-up when the row
-            # starts from it, and the row's own training
-            own = scored.seconds.get(plan[0], 0.0)
-            warm = timings.get("warmup", 0.0) if start == "warmup" and not (
-                plan[1] is not None and {"policy", "validation"} & set(plan[1].needs)) else 0.0
+            record, data = train_and_evaluate(config, plan, start_model, base, splits, scored.scores, ref_train,
+                                              ref_test, judge, baseline_answers, log, start=start, seed_dir=out,
+                                              quiet=quiet, ref_val=ref_val)
+            scorer = plan.scorer
+            arm = Arm(needs=tuple(scorer.needs) if scorer is not None else (), kto=data.algo == "kto", start=start,
+                      n_subset=len(data.rows) if data.algo == "dpo" else record["n_pairs"],
+                      n_validation_pairs=data.n_validation_pairs,
+                      extra_passes=scorer.compute_passes(n_train, n_validation) if scorer is not None else 0.0)
+            units = pair_passes(config, arm, n_train, n_warmup, n_validation)
+            parts = measured_compute(arm, measured, plan.name, record.pop("train_seconds"), n_train)
             checkpoints = record.pop("checkpoints", [])
-            seconds = round(own + warm + record.pop("train_seconds"), 3)
-            records.append({"seed": config.seed, "start_from": start, **record, "compute": sum(units.values()),
-                            "compute_parts": units, "seconds": seconds})
+            records.append(_charged({"seed": config.seed, "start_from": start, **record}, parts, units))
             for point in checkpoints:  # the full run at a share of its steps: that share of its training
-                parts = {**units, "train": units["train"] * point["fraction"]}
-                records.append({"seed": config.seed, "start_from": start, **point, "compute": sum(parts.values()),
-                                "compute_parts": parts, "seconds": round(own + warm + point.pop("train_seconds"),
-                                                                         3)})
+                records.append(_charged({"seed": config.seed, "start_from": start, **point},
+                                        {**parts, "train": point.pop("train_seconds")},
+                                        {**units, "train": units["train"] * point["fraction"]}))
     return records
+
+
+def scoring_seconds(scored: ScoreResult, resources: Resources, scorers: list[Scorer]) -> dict[str, float]:
+    """Each method's scoring in measured seconds: its own time and its policy / validation passes, without the
+    trainings and the reference pass its score stage also charged (the accounting charges those as their parts)."""
+    out = {}
+    for scorer in scorers:
+        trainings: dict[str, float] = {}
+        for role in scorer.needs:
+            trainings.update(resources.stages.get(role, {}))
+        reference = resources.seconds.get("reference", 0.0) if "reference" in scorer.needs else 0.0
+        out[scorer.name] = max(0.0, scored.seconds.get(scorer.name, 0.0) - sum(trainings.values()) - reference)
+    return out
+
+
+def _charged(record: dict, parts: dict[str, float], units: dict[str, float]) -> dict:
+    """A record with its compute: measured seconds in total and by part, and the nominal pair passes beside."""
+    total = round(sum(parts.values()), 3)
+    return {**record, "compute": total, "compute_parts": parts, "seconds": total,
+            "pair_passes": sum(units.values()), "pair_pass_parts": units}
 
 
 def load_run_config(values: dict[str, Any], where: str) -> RunConfig:
@@ -350,13 +484,19 @@ def name_final_paths(staging: Path, out: Path) -> None:
             manifest.write_text(text.replace(old, new), encoding="utf-8")
 
 
-def check_test_size(n_test: int, minimum: int) -> None:
-    """Refuse a test split too small to tell methods apart (RunConfig.min_test_pairs; 0 allows any size)."""
-    if n_test < minimum:
-        half = 1.96 * (0.25 / n_test) ** 0.5 if n_test else float("inf")
-        raise ConfigError(f"the test split holds {n_test} pairs (fewer than min_test_pairs={minimum}): an accuracy "
-                          f"near 0.5 over them has a 95% interval of ±{half:.2f}; raise test_fraction, give "
-                          "test_data, or set min_test_pairs: 0 to run anyway")
+def check_test_size(n_test: int, minimum: int, n_dropped: int = 0, max_length: int | None = None) -> None:
+    """Refuse a test split too small to tell methods apart (RunConfig.min_test_pairs; 0 allows any size): before
+    any model loads on the split's size, and again on the pairs left once max_length has dropped some
+    (`n_dropped` of `n_test`), which are all the accuracies are computed over."""
+    usable = n_test - n_dropped
+    if usable < minimum:
+        half = 1.96 * (0.25 / usable) ** 0.5 if usable else float("inf")
+        held = (f"the test split holds {n_test} pairs" if not n_dropped else
+                f"of the test split's {n_test} pairs, {n_dropped} have a prompt that fills max_length={max_length} "
+                f"and are dropped: {usable} remain")
+        fix = "raise max_length, test_fraction" if n_dropped else "raise test_fraction"
+        raise ConfigError(f"{held} (fewer than min_test_pairs={minimum}): an accuracy near 0.5 over them has a 95% "
+                          f"interval of ±{half:.2f}; {fix}, give test_data, or set min_test_pairs: 0 to run anyway")
 
 
 def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: LoadedModel | None = None,
@@ -403,7 +543,14 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     if dropped.all():
         raise ConfigError(f"every training pair's prompt fills max_length={engine.max_length}: raise max_length")
     if dropped.any():
-        log(f"{int(dropped.sum())} pairs have a prompt longer than max_length: TRL drops them, so does every subset")
+        log(f"{int(dropped.sum())} of {n_train} training pairs have a prompt longer than max_length: TRL drops them, "
+            f"so does every subset ({int((~dropped).sum())} usable)")
+    if has_test:  # the accuracies cover the test pairs that fit: the minimum is checked again on those
+        test_dropped = int(np.isnan(template.logps("reference", pairs=splits.test, tag="test-reference")[:, 0]).sum())
+        if test_dropped:
+            log(f"{test_dropped} of {len(splits.test.pairs)} test pairs have a prompt longer than max_length: "
+                f"every accuracy is over the {len(splits.test.pairs) - test_dropped} left")
+        check_test_size(len(splits.test.pairs), config.min_test_pairs, test_dropped, engine.max_length)
     baseline_answers = (greedy_answers(base.model, base.tokenizer, eval_prompts,
                                        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                                        desc="reference answers", quiet=quiet)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -105,21 +106,31 @@ def content_addressed(loaded) -> bool:
     return Path(str(loaded.source)).exists()
 
 
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its tensors' versions, signature)
+
+
 def weights_signature(model) -> str:
-    """A hash of the weights as they are in memory (each tensor's shape, float64 sum and 64 strided values): a model
-    trained or edited in place after loading keeps its files' fingerprint, and this tells it from the files."""
+    """A hash of the weights as they are in memory (each tensor's shape, sum and 64 strided values): a model trained
+    or edited in place after loading keeps its files' fingerprint, and this tells it from the files. Computed again
+    only when a tensor changed since (torch counts every in-place write in its `_version`)."""
     import torch
 
+    tensors = model.state_dict()
+    versions = tuple((t.data_ptr(), t._version) for t in tensors.values())
+    known = _SIGNATURES.get(model)
+    if known is not None and known[0] == versions:
+        return known[1]
     digest = hashlib.sha256()
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
+        for name, tensor in tensors.items():
             flat = tensor.detach().reshape(-1)
             step = max(1, flat.numel() // 64)
             sample = flat[::step][:64].double().cpu().numpy()
-            total = flat.double().sum().item() if flat.is_floating_point() else float(flat.sum().item())
+            total = flat.float().sum().item() if flat.dtype != torch.float32 else flat.sum().item()
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{total!r}".encode())
             digest.update(np.ascontiguousarray(sample).tobytes())
-    return digest.hexdigest()[:16]
+    _SIGNATURES[model] = (versions, digest.hexdigest()[:16])
+    return _SIGNATURES[model][1]
 
 
 def pairs_digest(pairs) -> str:

@@ -252,7 +252,7 @@ def test_compare_takes_the_model_options_and_lora_from_flags_and_yaml(tmp_path, 
 
     seen = {}
     monkeypatch.setattr(prefsift.compare, "compare", lambda config, log: seen.setdefault("config", config) and
-                        {"markdown": ""})
+                        {"markdown": "", "summary": [], "records": []})
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"data": "d.jsonl", "model": "m", "trust_remote_code": True,
                                       "train": {"lora": True, "lora_alpha": 8}, "engine": {"dtype": "bfloat16"}}))

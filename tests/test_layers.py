@@ -26,9 +26,13 @@ LAYERS = [
     {"pipeline"},
     {"compare", "demo"},
     {"stages"},
+    {"api"},  # the Python API: the functions the CLI's commands call
     {"cli"},
 ]
 LEVEL = {unit: k for k, layer in enumerate(LAYERS) for unit in layer}
+# The one import against the layers: the package's entry points (`prefsift.score(...)`) reach the API lazily, inside
+# a function run on a user's first call, never while any module of the package is imported.
+ENTRY_POINTS = {("prefsift", "prefsift.api")}
 
 
 def module_name(path: Path) -> str:
@@ -55,7 +59,7 @@ def imports(module: str) -> set[str]:
                 continue
             for alias in node.names:  # `from prefsift.engine import tokenize` names the submodule
                 out.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
-    return {m for m in out if m in MODULES and m != module}
+    return {m for m in out if m in MODULES and m != module and (module, m) not in ENTRY_POINTS}
 
 
 def unit(module: str) -> str:
@@ -105,3 +109,18 @@ def test_the_checks_see_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setitem(MODULES, "prefsift.engine.fake", fake)
     assert "prefsift.pipeline" in imports("prefsift.engine.fake")
     assert LEVEL[unit("prefsift.pipeline")] >= LEVEL[unit("prefsift.engine.fake")]
+
+
+def test_the_entry_points_reach_the_api_only_inside_a_function():
+    """The exception above is the lazy one it claims: the package's module-level code imports nothing of prefsift's
+    but the errors, and `import prefsift` loads no stage."""
+    import subprocess
+    import sys
+
+    tree = ast.parse(MODULES["prefsift"].read_text())
+    top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    assert {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module.startswith("prefsift")} == {
+        "prefsift.errors"}
+    loaded = subprocess.run([sys.executable, "-c", "import sys, prefsift; print(sorted(m for m in sys.modules "
+                             "if m.startswith('prefsift')))"], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['prefsift', 'prefsift.errors']"

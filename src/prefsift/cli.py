@@ -1,13 +1,15 @@
-"""The `prefsift` command: parses options, calls the library, prints a short summary. No logic lives here.
+"""The `prefsift` command: parses options into the config dataclasses, calls the Python API (`prefsift.api`, the
+same functions a notebook calls), prints what they say. No logic lives here.
 
 (Over 400 lines: thirteen commands, each a typed function whose options carry their help text, the CLI contract
-users and scripts depend on.)
+users and scripts depend on, and the help page that prints them at any terminal width.)
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -19,9 +21,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # its Arrow bars are not prefsift's progress
 
 import typer  # noqa: E402
-from rich.console import Console
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
 from rich.text import Text
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from prefsift.config import (
     DataConfig,
@@ -40,9 +44,99 @@ try:  # typer ≥ 0.22 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on plain click
     import click.exceptions as click_errors
 
+# --- the help page: options grouped in panels, plain text, readable at 80 columns ---------------------------------
+# The panels in the order a help page shows them; options of no panel go under "Options", last, with --help.
+PANELS = ("Arguments", "Data", "Model", "Scoring", "Selection", "Weights", "Training", "Evaluation", "Pipeline",
+          "Statistics", "Export", "Engine", "Output", "Options")
+_CONFIG_PANELS = {ScoreConfig: "Scoring", TrainConfig: "Training", EvalConfig: "Evaluation", RunConfig: "Pipeline",
+                  EngineConfig: "Engine", DataConfig: "Data", ModelConfig: "Model"}
+_MODEL_OPTIONS = {"model", "reference", "validation", "reward_model", "embedder", "judge_model", "trust_remote_code"}
+_DATA_OPTIONS = {"data", "validation_data", "test_data", "validation_fraction", "test_fraction", "prompt_key",
+                 "chosen_key", "rejected_key"}
+_STATISTICS_OPTIONS = {"seeds", "correction", "alpha", "noninferiority_margin", "min_test_pairs"}
+HELP_WIDTH = 100  # a wider terminal still gets lines a reader can follow
+NAME_WIDTH = 26  # option names longer than this get a line of their own, their help below
+
+
+def config_panel(cls: type, name: str) -> str:
+    """The help panel of a config field: the models, the data and the statistics wherever they are declared, else
+    the panel of the config that declares it ("Export" for ExportConfig's)."""
+    if name in _MODEL_OPTIONS:
+        return "Model"
+    if name in _DATA_OPTIONS:
+        return "Data"
+    if name == "out":
+        return "Output"
+    if cls is RunConfig and name in _STATISTICS_OPTIONS:
+        return "Statistics"
+    return _CONFIG_PANELS.get(cls, cls.__name__.removesuffix("Config"))
+
+
+def _help_rows(command: TyperCommand | TyperGroup, ctx: typer.Context) -> dict[str, list[tuple[str, str]]]:
+    """Each panel's (names, help) rows, panels in PANELS' order. Names and help are click's own help record (the
+    metavar, `--x / --no-x`, `[default: ...]`, `[required]`)."""
+    panels: dict[str, list[tuple[str, str]]] = {}
+    for param in command.get_params(ctx):
+        if getattr(param, "hidden", False):
+            continue
+        if isinstance(param, TyperArgument):
+            record = ((param.metavar or param.name or "").upper(), (getattr(param, "help", None) or "")
+                      + ("  [required]" if param.required else ""))
+            panel = "Arguments"
+        else:
+            record = param.get_help_record(ctx)
+            panel = getattr(param, "rich_help_panel", None) or "Options"
+        if record is not None:
+            panels.setdefault(panel, []).append((record[0], " ".join(record[1].split())))
+    order = {name: k for k, name in enumerate(PANELS)}
+    return dict(sorted(panels.items(), key=lambda item: order.get(item[0], len(PANELS) - 1)))
+
+
+def _panel(title: str, rows: list[tuple[str, str]]) -> Panel:
+    """One panel: names left, help wrapped beside them; a name too long for the column has a line of its own."""
+    width = min(NAME_WIDTH, max(len(names) for names, _ in rows))
+    items = []
+    for names, text in rows:
+        if len(names) > width:
+            items.append(Text(names, style="bold cyan"))
+            names = ""
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(width=width, no_wrap=True)
+        grid.add_column(ratio=1)
+        grid.add_row(Text(names, style="bold cyan"), Text(text))  # Text: help is never read as rich markup
+        items.append(grid)
+    return Panel(Group(*items), title=title, title_align="left", border_style="dim")
+
+
+def print_help(command: TyperCommand | TyperGroup, ctx: typer.Context) -> None:
+    """`--help`: usage, the command's description, then its options in panels (a group: its commands), every
+    line within the terminal's width (at most HELP_WIDTH)."""
+    out = Console(highlight=False, markup=False, emoji=False)
+    out = Console(highlight=False, markup=False, emoji=False, width=min(out.width, HELP_WIDTH))
+    out.print(Text(command.get_usage(ctx)))
+    for paragraph in inspect.cleandoc(command.help or "").split("\n\n"):
+        out.print()
+        out.print(Text(" ".join(paragraph.split())))
+    out.print()
+    for title, rows in _help_rows(command, ctx).items():
+        out.print(_panel(title, rows))
+    if isinstance(command, TyperGroup):
+        commands = [(name, command.get_command(ctx, name)) for name in command.list_commands(ctx)]
+        rows = [(name, sub.get_short_help_str(limit=300)) for name, sub in commands if not sub.hidden]
+        out.print(_panel("Commands", rows))
+
+
+class _Command(TyperCommand):
+    def format_help(self, ctx, formatter) -> None:
+        print_help(self, ctx)
+
+
 class _OneLineUsageErrors(TyperGroup):
     """Usage errors (a missing option, a value typer cannot parse) as one line and exit 2, like prefsift's own
     errors, instead of click's usage block or rich's box."""
+
+    def format_help(self, ctx, formatter) -> None:
+        print_help(self, ctx)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -65,6 +159,7 @@ class _OneLineUsageErrors(TyperGroup):
 app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Score preference pairs with the model you will align, keep the subset worth training on, "
                        "train with TRL, and measure what it bought.")
+command = functools.partial(app.command, cls=_Command)
 console = Console(stderr=True)
 
 
@@ -85,9 +180,13 @@ def _warn(message: object) -> None:
     _say(message, label="warning:", style="yellow", soft_wrap=True)
 
 DataOpt = Annotated[str, typer.Option("--data", help="JSONL/JSON/Parquet/CSV file, datasets directory, or hub "
-                                                     "name[:split].")]
+                                                     "name[:split].", rich_help_panel="Data")]
 ConfigOpt = Annotated[Path | None, typer.Option(help="YAML file of options (flat: any option of this command); "
                                                      "flags given on the command line win.")]
+
+
+def _out(help: str) -> typer.models.OptionInfo:
+    return typer.Option(help=help, rich_help_panel="Output")
 
 
 _ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -136,16 +235,9 @@ def _settings(config: Path | None, flags: dict, *classes: type, defaults: dict |
     return out
 
 
-def _apply_threads(engine) -> None:
-    from prefsift.engine import Engine
-
-    Engine(engine).apply_threads()
-
-
-def _load(data: str, options):
-    from prefsift.stages import load_data
-
-    return load_data(data, options, _say)
+def _options(*classes: type):
+    """The CLI fields of `classes` as flags, each in its help panel."""
+    return cli_options(*classes, panel=config_panel)
 
 
 @app.callback()
@@ -167,48 +259,30 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     _warn(message)
 
 
-@app.command()
+@command()
 @friendly
-@cli_options(ScoreConfig, EngineConfig, DataConfig)
+@_options(ScoreConfig, EngineConfig, DataConfig)
 def score(
     data: DataOpt,
-    out: Annotated[Path, typer.Option(help="Output directory (scores.parquet, pairs.parquet, manifest.json).")],
+    out: Annotated[Path, _out("Output directory (scores.parquet, pairs.parquet, manifest.json).")],
     param: Annotated[list[str] | None, typer.Option("--param", help="A method parameter, key=value, or "
                                                     "method.key=value with several methods (repeatable); "
-                                                    "`prefsift methods` lists each method's.")] = None,
+                                                    "`prefsift methods` lists each method's.",
+                                                    rich_help_panel="Scoring")] = None,
     config: ConfigOpt = None,
     *,
     flags: dict,
 ) -> None:
     """Score every pair with METHOD; write scores.parquet under TRL's column names."""
-    from prefsift.score import score as run_score
-    from prefsift.scorers import get_scorer
+    from prefsift import api
     from prefsift.settings import parse_params
 
     score_config, engine, data_options = _settings(config, flags, ScoreConfig, EngineConfig, DataConfig)
-    from prefsift.resources import require, sources_of
-    from prefsift.score import method_params
-
-    # An unknown method, a bad parameter or a missing model fails before anything is loaded.
-    params = method_params(score_config.methods(), parse_params(param))
-    for name in score_config.methods():
-        require(get_scorer(name, **params[name]).needs, sources_of(score_config), name)
-    from prefsift.output import check_output, locked
-
-    check_output(out, "score")  # a file, another stage's results, a foreign directory: before any work
-    _apply_threads(engine)
-    with locked(out):
-        loaded = _load(data, data_options)
-        result = run_score(loaded, score_config, engine, out, params)
-    columns = [c for c in result.scores if c != "pair_id"]
-    n_scored = len(result.scores["pair_id"]) - result.n_dropped
-    left_out = result.n_dropped + len(loaded.invalid)
-    dropped = f" ({left_out} left out → {out / 'dropped.jsonl'})" if left_out else ""
-    _say(f"scored {n_scored} pairs{dropped} with {score_config.method} in "
-         f"{sum(result.seconds.values()):.1f}s: {', '.join(columns)} → {out / 'scores.parquet'}")
+    api.score(data, out=out, params=parse_params(param), config=score_config, engine=engine,
+              data_options=data_options, log=_say)
 
 
-@app.command()
+@command()
 @friendly
 def methods() -> None:
     """Every scoring method: the models it needs, the columns it writes, its rule and its parameters."""
@@ -225,211 +299,192 @@ def methods() -> None:
             typer.echo(f"    --param {f.name}={getattr(scorer.params, f.name)!r}  {f.metadata.get('help', '')}")
 
 
-@app.command()
+def _selection(help: str) -> typer.models.OptionInfo:
+    return typer.Option(help=help, rich_help_panel="Selection")
+
+
+@command()
 @friendly
 def select(
-    scores: Annotated[Path, typer.Option(help="Directory written by `prefsift score` (or a run's scores/).")],
-    out: Annotated[Path, typer.Option(help="Output directory (selected.jsonl, selected.parquet).")],
-    method: Annotated[str | None, typer.Option(help="Whose rule to apply when the directory holds several "
-                                                     "methods' scores (a run's).")] = None,
-    rule: Annotated[str | None, typer.Option(help="top, bottom, band, intersection, all (default: the "
-                                                   "method's own rule).")] = None,
-    fraction: Annotated[float | None, typer.Option(help="Share of the pairs to keep, in (0, 1].")] = None,
-    count: Annotated[int | None, typer.Option(help="Number of pairs to keep.")] = None,
-    column: Annotated[str | None, typer.Option(help="Score column (default: the method's).")] = None,
-    columns: Annotated[str | None, typer.Option(help="Comma-separated columns for 'intersection'.")] = None,
-    low: Annotated[float | None, typer.Option(help="Lower percentile cut-off of a band, in [0, 1].")] = None,
-    high: Annotated[float | None, typer.Option(help="Upper percentile cut-off of a band, in [0, 1].")] = None,
+    scores: Annotated[Path, typer.Option(help="Directory written by `prefsift score` (or a run's scores/).",
+                                         rich_help_panel="Data")],
+    out: Annotated[Path, _out("Output directory (selected.jsonl, selected.parquet).")],
+    method: Annotated[str | None, _selection("Whose rule to apply when the directory holds several methods' scores "
+                                             "(a run's).")] = None,
+    rule: Annotated[str | None, _selection("top, bottom, band, intersection, all (default: the method's own "
+                                           "rule).")] = None,
+    fraction: Annotated[float | None, _selection("Share of the pairs to keep, in (0, 1].")] = None,
+    count: Annotated[int | None, _selection("Number of pairs to keep.")] = None,
+    column: Annotated[str | None, _selection("Score column (default: the method's).")] = None,
+    columns: Annotated[str | None, _selection("Comma-separated columns for 'intersection'.")] = None,
+    low: Annotated[float | None, _selection("Lower percentile cut-off of a band, in [0, 1].")] = None,
+    high: Annotated[float | None, _selection("Upper percentile cut-off of a band, in [0, 1].")] = None,
     output_columns: Annotated[str, typer.Option("--output-columns", help="split: prefsift's explicit prompt, "
                                                 "chosen, rejected (what TRL and the exports read); original: the "
-                                                "input's own columns. Both keep pair_id.")] = "split",
+                                                "input's own columns. Both keep pair_id.",
+                                                rich_help_panel="Output")] = "split",
     with_scores: Annotated[bool, typer.Option("--with-scores/--no-scores", help="Also write the score columns "
-                                              "beside each pair.")] = False,
+                                              "beside each pair.", rich_help_panel="Output")] = False,
 ) -> None:
     """Keep the pairs a rule picks; write them with explicit prompt / chosen / rejected columns plus pair_id, list
     the pairs it could not consider (NaN score) in dropped.jsonl, and warn about a degenerate score."""
-    from prefsift.output import check_output, locked
-    from prefsift.select import select_from_scores
+    from prefsift import api
 
-    check_output(out, "select")  # never into a score directory (its manifest would be overwritten) or a foreign one
-    with locked(out):  # a second writer is refused; the files are swapped in whole (select_from_scores)
-        result = select_from_scores(scores, out, rule=rule, fraction=fraction, count=count, column=column,
-                                    columns=columns.split(",") if columns else None, low=low, high=high,
-                                    method=method, output_columns=output_columns, with_scores=with_scores)
-    for warning in result["warnings"]:
-        _warn(warning)
-    dropped = (f"; {result['n_dropped']} not considered (NaN score) → {out / 'dropped.jsonl'}"
-               if result["n_dropped"] else "")
-    _say(f"kept {result['n_selected']} of {result['n_pairs']} pairs ({result['rule']}){dropped} → "
-         f"{out / 'selected.jsonl'}")
+    api.select(scores, out=out, rule=rule, fraction=fraction, count=count, column=column, columns=columns, low=low,
+               high=high, method=method, output_columns=output_columns, with_scores=with_scores, log=_say,
+               warn=_warn)
 
 
 def _export_options(fn):  # ExportConfig lives in config.py: export.py imports datasets (seconds) and is not needed here
     from prefsift.config import ExportConfig
 
-    return cli_options(ExportConfig)(fn)
+    return _options(ExportConfig)(fn)
 
 
-@app.command()
+@command()
 @friendly
 @_export_options
 def export(
-    selected: Annotated[Path, typer.Option(help="A `prefsift select` output directory, or a subset file.")],
-    out: Annotated[str, typer.Option(help="Where to: a directory (datasets, llamafactory), a .jsonl file (trl, "
-                                          "openrlhf, axolotl) or a hub repo id owner/name (hub).")],
+    selected: Annotated[Path, typer.Option(help="A `prefsift select` output directory, or a subset file.",
+                                           rich_help_panel="Data")],
+    out: Annotated[str, _out("Where to: a directory (datasets, llamafactory), a .jsonl file (trl, openrlhf, "
+                             "axolotl) or a hub repo id owner/name (hub).")],
     *,
     flags: dict,
 ) -> None:
     """Write a selected subset in the layout TRL, LLaMA-Factory, OpenRLHF or Axolotl reads, or as a datasets
     directory or hub dataset; prints the command that consumes it."""
-    from prefsift.export import ExportConfig
-    from prefsift.export import export as run_export
+    from prefsift import api
+    from prefsift.config import ExportConfig
 
     (config,) = _settings(None, flags, ExportConfig)
-    result = run_export(selected, out, config)
-    skipped = f" ({result.n_invalid} invalid rows skipped)" if result.n_invalid else ""
-    where = ", ".join(str(p) for p in result.paths) or f"hub:{out}"
-    _say(f"exported {result.n_pairs} pairs{skipped} as {config.format} → {where}")
-    _say(f"read it with: {result.usage}", soft_wrap=True)
+    # soft-wrapped: the command it prints is copied whole, never broken at the terminal's width
+    api.export(selected, out, config=config, log=functools.partial(_say, soft_wrap=True))
 
 
-@app.command()
+def _weights(help: str) -> typer.models.OptionInfo:
+    return typer.Option(help=help, rich_help_panel="Weights")
+
+
+@command()
 @friendly
 def weigh(
-    scores: Annotated[Path, typer.Option(help="Directory written by `prefsift score` (or a run's scores/).")],
-    out: Annotated[Path, typer.Option(help="Output directory (selected.jsonl, selected.parquet with a weight "
-                                           "column; dropped.jsonl).")],
-    column: Annotated[str, typer.Option(help="Score column turned into weights.")],
-    transform: Annotated[str, typer.Option(help="rank (percentile rank, 0-1), softmax (mean weight 1) or band "
-                                                "(1 inside [--low, --high], 0 outside).")],
-    temperature: Annotated[float | None, typer.Option(help="Softmax temperature (default 1; smaller: sharper).")
-                           ] = None,
-    low: Annotated[float | None, typer.Option(help="Band: lower percentile, in [0, 1].")] = None,
-    high: Annotated[float | None, typer.Option(help="Band: upper percentile, in [0, 1].")] = None,
-    reverse: Annotated[bool, typer.Option("--reverse", help="Weigh the negated score: lower scores weigh "
-                                                            "more.")] = False,
+    scores: Annotated[Path, typer.Option(help="Directory written by `prefsift score` (or a run's scores/).",
+                                         rich_help_panel="Data")],
+    out: Annotated[Path, _out("Output directory (selected.jsonl, selected.parquet with a weight column; "
+                              "dropped.jsonl).")],
+    column: Annotated[str, _weights("Score column turned into weights.")],
+    transform: Annotated[str, _weights("rank (percentile rank, 0-1), softmax (mean weight 1) or band (1 inside "
+                                       "[--low, --high], 0 outside).")],
+    temperature: Annotated[float | None, _weights("Softmax temperature (default 1; smaller: sharper).")] = None,
+    low: Annotated[float | None, _weights("Band: lower percentile, in [0, 1].")] = None,
+    high: Annotated[float | None, _weights("Band: upper percentile, in [0, 1].")] = None,
+    reverse: Annotated[bool, typer.Option("--reverse", help="Weigh the negated score: lower scores weigh more.",
+                                          rich_help_panel="Weights")] = False,
     output_columns: Annotated[str, typer.Option("--output-columns", help="split: prefsift's explicit prompt, "
-                                                "chosen, rejected; original: the input's own columns.")] = "split",
+                                                "chosen, rejected; original: the input's own columns.",
+                                                rich_help_panel="Output")] = "split",
 ) -> None:
     """Soft selection: turn a score into per-pair weights; `prefsift train` on the file trains weighted DPO."""
-    from prefsift.output import check_output, locked
-    from prefsift.weights import weigh_scores
+    from prefsift import api
 
-    check_output(out, "weigh")  # never into a score directory (its manifest would be overwritten) or a foreign one
-    with locked(out):  # a second writer is refused; the files are swapped in whole (weigh_scores)
-        result = weigh_scores(scores, out, column=column, transform=transform, temperature=temperature, low=low,
-                              high=high, reverse=reverse, output_columns=output_columns)
-    nan = f", {result['n_nan']} without a score" if result["n_nan"] else ""
-    _say(f"weighted {result['n_weighted']} of {result['n_pairs']} pairs ({result['n_zero']} at weight 0 "
-         f"left out{nan}; weights {result['weight_min']:.3g}-{result['weight_max']:.3g}, mean "
-         f"{result['weight_mean']:.3g}) → {out / 'selected.jsonl'}")
+    api.weigh(scores, out=out, column=column, transform=transform, temperature=temperature, low=low, high=high,
+              reverse=reverse, output_columns=output_columns, log=_say)
 
 
-@app.command()
+@command()
 @friendly
-@cli_options(TrainConfig, EngineConfig, DataConfig, ModelConfig)
+@_options(TrainConfig, EngineConfig, DataConfig, ModelConfig)
 def train(
     data: DataOpt,
     model: Annotated[str, typer.Option(help="Model to align, the policy training starts from: hub id, local "
-                                            "directory or .gguf file (e.g. a run's models/warmup).")],
-    out: Annotated[Path, typer.Option(help="Where the trained model (or LoRA adapter) is saved.")],
+                                            "directory or .gguf file (e.g. a run's models/warmup).",
+                                       rich_help_panel="Model")],
+    out: Annotated[Path, _out("Where the trained model (or LoRA adapter) is saved.")],
     reference: Annotated[str | None, typer.Option(help="Reference (SFT) model of the DPO or KTO loss; default: "
-                                                       "--model. DPO takes its log-probs from --scores when "
-                                                       "given.")] = None,
+                                                       "--model. DPO takes its log-probs from --scores when given.",
+                                                  rich_help_panel="Model")] = None,
     scores: Annotated[Path | None, typer.Option(help="A score directory whose reference log-probs are reused "
                                                       "(TRL then skips its reference pass); max_length and β "
-                                                      "default to its own; --order reads its column here.")] = None,
+                                                      "default to its own; --order reads its column here.",
+                                                rich_help_panel="Training")] = None,
     config: ConfigOpt = None,
     *,
     flags: dict,
 ) -> None:
     """Align MODEL on the pairs with DPO or KTO through TRL."""
-    from prefsift.stages import scored_defaults, train_stage
+    from prefsift import api
+    from prefsift.stages import scored_defaults
 
     train_config, engine, data_options, model_options = _settings(config, flags, TrainConfig, EngineConfig,
                                                                   DataConfig, ModelConfig,
                                                                   defaults=scored_defaults(scores))
-    result = train_stage(data, model, out, reference=reference, scores=scores, config=train_config, engine=engine,
-                         data_options=data_options, model_options=model_options, log=_say)
-    _say(result.summary(engine.max_length))
+    api.train(data, model, out=out, reference=reference, scores=scores, config=train_config, engine=engine,
+              data_options=data_options, model_options=model_options, log=_say)
 
 
-@app.command("eval")
+@command("eval")
 @friendly
-@cli_options(EvalConfig, EngineConfig, DataConfig, ModelConfig)
+@_options(EvalConfig, EngineConfig, DataConfig, ModelConfig)
 def eval_(
-    model: Annotated[str, typer.Option(help="The aligned policy.")],
+    model: Annotated[str, typer.Option(help="The aligned policy.", rich_help_panel="Model")],
     data: DataOpt,
-    out: Annotated[Path, typer.Option(help="Output directory (eval.json, eval_pairs.jsonl, answers.jsonl).")],
-    reference: Annotated[str | None, typer.Option(help="Reference (SFT) policy.")] = None,
-    judge_model: Annotated[str | None, typer.Option(help="Reward model judging the win rate.")] = None,
+    out: Annotated[Path, _out("Output directory (eval.json, eval_pairs.jsonl, answers.jsonl).")],
+    reference: Annotated[str | None, typer.Option(help="Reference (SFT) policy.", rich_help_panel="Model")] = None,
+    judge_model: Annotated[str | None, typer.Option(help="Reward model judging the win rate.",
+                                                    rich_help_panel="Model")] = None,
     config: ConfigOpt = None,
     *,
     flags: dict,
 ) -> None:
     """Held-out preference accuracy (implicit reward against --reference; without one, the share of pairs where
     the policy gives chosen the higher log-prob), and the win rate against the reference with a judge."""
-    from prefsift.report import one_line
-    from prefsift.stages import eval_stage
+    from prefsift import api
 
     eval_config, engine, data_options, model_options = _settings(config, flags, EvalConfig, EngineConfig, DataConfig,
                                                                  ModelConfig)
-    record = eval_stage(model, data, out, reference=reference, judge_model=judge_model, config=eval_config,
-                        engine=engine, data_options=data_options, model_options=model_options, log=_say)
-    _say(one_line(record))
+    api.evaluate(model, data, out=out, reference=reference, judge_model=judge_model, config=eval_config,
+                 engine=engine, data_options=data_options, model_options=model_options, log=_say)
 
 
-@app.command()
+@command()
 @friendly
 def run(
     config: Annotated[Path, typer.Option(help="YAML file of RunConfig options (see README).")],
-    out: Annotated[Path | None, typer.Option(help="Output directory (overrides the config's).")] = None,
+    out: Annotated[Path | None, _out("Output directory (overrides the config's).")] = None,
 ) -> None:
     """The whole flow from one config: warm-up, validation model, score, select, train, evaluate, report."""
-    from prefsift.pipeline import load_run_config, run_staged
-    from prefsift.settings import load_yaml
+    from prefsift import api
 
-    values = load_yaml(config)
-    if out is not None:
-        values["out"] = str(out)
-    run_config = load_run_config(values, str(config))
-    if not run_config.data or not run_config.model:
-        raise ConfigError(f"{config}: 'data' and 'model' are required")
-    _apply_threads(run_config.engine)
-    run_staged(run_config, log=_say)  # locked, swapped in whole
-    _say(f"results → {Path(run_config.out) / 'results.md'}")
+    api.run(config, log=_say, **({"out": str(out)} if out is not None else {}))
 
 
-@app.command()
+@command()
 @friendly
-@cli_options(RunConfig, EngineConfig, TrainConfig)
+@_options(RunConfig, EngineConfig, TrainConfig)
 def compare(
     methods: Annotated[str | None, typer.Option(help="Comma-separated methods, or `all`: every method this data and "
                                                      "these models can score (random is always added: the "
-                                                     "baseline). Default: the config's methods, else all.")] = None,
+                                                     "baseline). Default: the config's methods, else all.",
+                                                rich_help_panel="Pipeline")] = None,
     fractions: Annotated[str | None, typer.Option(help="Comma-separated budgets, shares of the training pairs "
-                                                       "(default 0.1).")] = None,
+                                                       "(default 0.1).", rich_help_panel="Pipeline")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file in `prefsift run`'s format; flags win.")] = None,
     *,
     flags: dict,
 ) -> None:
     """Every selection rule (or --methods) on your model and data at the same budgets: one table of quality with 95%
     intervals, paired differences from random and the measured cost of each method, and one plot."""
-    from prefsift.compare import compare as run_compare
-    from prefsift.stages import compare_config
+    from prefsift import api
 
-    run_config = compare_config(flags, methods=methods, fractions=fractions, config=config)
-    _apply_threads(run_config.engine)
-    result = run_compare(run_config, log=_say)
-    typer.echo(result["markdown"])
-    out = Path(run_config.out)
-    _say(f"table → {out / 'compare.md'}, plot → {out / 'quality_vs_compute.png'}")
+    result = api.compare(methods=methods, fractions=fractions, config=config, log=_say, **flags)
+    typer.echo(result.markdown)
 
 
-@app.command()
+@command()
 @friendly
 def demo(
-    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("prefsift-demo"),
+    out: Annotated[Path, _out("Output directory.")] = Path("prefsift-demo"),
     seed: Annotated[int, typer.Option(help="Seed of the task, the SFT model and the first training seed.",
                                       min=0)] = 0,
     seeds: Annotated[int, typer.Option(help="Training seeds each comparison repeats over (intervals need several).",
@@ -448,10 +503,10 @@ def demo(
     _say(f"results → {out / 'results.md'}, report → {out / 'report.html'}")
 
 
-@app.command()
+@command()
 @friendly
 def scale(
-    out: Annotated[Path, typer.Option(help="Output directory (scaling.json, scaling.md, scaling.png).")],
+    out: Annotated[Path, _out("Output directory (scaling.json, scaling.md, scaling.png).")],
     points: Annotated[Path | None, typer.Option(help="CSV of measured points: a `share` (0-1) or `percent` column "
                                                      "and a `score` column.")] = None,
     results: Annotated[Path | None, typer.Option(help="A run or demo directory: the full run's checkpoints "
@@ -499,11 +554,11 @@ def scale(
     typer.echo(summary_markdown(fit, plan))
 
 
-@app.command()
+@command()
 @friendly
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A directory written by `prefsift run`, `compare` or `demo`.")],
-    out: Annotated[Path | None, typer.Option(help="Output directory (default: RUN_DIR).")] = None,
+    out: Annotated[Path | None, _out("Output directory (default: RUN_DIR).")] = None,
     method: Annotated[str, typer.Option(help="Whose rows the scaling curve fits (with the full data's).")] = "random",
     metric: Annotated[str | None, typer.Option(help="win_rate or pref_accuracy (default: win_rate when judged).")
                       ] = None,
@@ -539,12 +594,12 @@ def report(
     _say(f"report → {paths['html']}, {paths['markdown']}")
 
 
-@app.command()
+@command()
 @friendly
 def analyze(
     scores: Annotated[Path, typer.Argument(help="A score directory holding influence (if/tif) and lossdiff-irm "
                                                 "scores, e.g. a run's seed-0/scores.")],
-    out: Annotated[Path | None, typer.Option(help="Output directory (default: SCORES).")] = None,
+    out: Annotated[Path | None, _out("Output directory (default: SCORES).")] = None,
     fraction: Annotated[float | None, typer.Option(help="Budget of the overlaps (default: the LossDiff-IRM "
                                                         "intersection's share).", min=0.0, max=1.0)] = None,
     band_low: Annotated[float, typer.Option(help="Lower percentile of the bands.", min=0.0, max=1.0)] = 0.1,

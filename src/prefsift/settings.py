@@ -20,6 +20,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -156,6 +157,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def check_option(name: str, value: Any, annotation: Any, **limits: Any) -> Any:
+    """`value` checked as a config field of type `annotation` is (with `option()`'s `low`, `high`, `choices`), for a
+    keyword argument no config dataclass declares: the same one-line `ConfigError`; returns it (an int as a float
+    where a float is asked)."""
+    return _check_value(name, value, annotation, limits)
+
+
 def cli_fields(cls: type) -> list[dataclasses.Field]:
     hints = typing.get_type_hints(cls)
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)  # type: ignore[arg-type]
@@ -167,10 +175,11 @@ def _cli_type(annotation: Any) -> Any:
     return kind if kind in (int, float, str, bool) else str
 
 
-def cli_options(*classes: type, exclude: tuple[str, ...] = ()):
+def cli_options(*classes: type, exclude: tuple[str, ...] = (), panel: Callable[[type, str], str] | None = None):
     """Decorate a typer command: every CLI field of `classes` becomes an option (`--max-length`, `--lora/--no-lora`)
-    whose help and default come from the field. The command receives `flags`: the options the user actually gave,
-    as {field name: value}, to merge over YAML and defaults with `from_dict`.
+    whose help and default come from the field, shown in the help panel `panel(cls, field name)` names (`--help`
+    groups options by panel). The command receives `flags`: the options the user actually gave, as {field name:
+    value}, to merge over YAML and defaults with `from_dict`.
 
     Options default to None here so that "not given" is visible; the dataclass's own default applies after."""
 
@@ -189,10 +198,12 @@ def cli_options(*classes: type, exclude: tuple[str, ...] = ()):
                 taken.add(f.name)
                 default = f.default if f.default is not _MISSING else None
                 kind = _cli_type(hints[f.name])
-                extra = f" \\[default: {default}]" if default is not None and kind is not bool else ""  # rich markup
+                # help is plain text, never rich markup: prefsift's --help prints it as it is (cli.py)
+                extra = f" [default: {default}]" if default not in (None, "") and kind is not bool else ""
                 decl = [_flag(f.name) + (f"/--no-{f.name.replace('_', '-')}" if kind is bool else "")]
                 annotation = Annotated[kind | None, typer.Option(*decl, help=f.metadata.get("help", "") + extra,
-                                                                 show_default=kind is bool and default)]
+                                                                 show_default=kind is bool and default,
+                                                                 rich_help_panel=panel(cls, f.name) if panel else None)]
                 added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                                annotation=annotation))
         names = [p.name for p in added]

@@ -272,3 +272,55 @@ def test_report_refuses_a_correction_it_does_not_know(tmp_path, flags, message):
     result = invoke("report", tmp_path, *flags)
     assert result.exit_code == 2 and f"error: {message}" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def _help(*args: str, columns: int):
+    from typer.testing import CliRunner
+
+    from prefsift.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_every_help_page_fits_80_columns_and_shows_every_option():
+    """Each command's --help at 80 columns: no line longer, no name cut ("…"), every flag (and its --no- form) and
+    argument there in full, options in their panels; help text printed as it is, never read as rich markup."""
+    import typer
+
+    from prefsift.cli import app
+
+    group = typer.main.get_command(app)
+    assert len(group.commands) == 13
+    for name, command in [("", group), *group.commands.items()]:
+        page = _help(*([name] if name else []), columns=80)
+        lines = page.splitlines()
+        assert max(len(line) for line in lines) <= 80, (name, max(lines, key=len))
+        assert "…" not in page, name
+        for param in command.params:
+            names = param.opts + param.secondary_opts if param.param_type_name == "option" else [param.name.upper()]
+            for flag in names:
+                assert any(flag in line.split() for line in lines), (name, flag)
+    for name in group.commands:  # a wide terminal gets lines a reader can follow: at most 100 columns
+        assert max(len(line) for line in _help(name, columns=200).splitlines()) <= 100
+    page = _help("train", columns=80)
+    titles = [line.split()[1] for line in page.splitlines() if line.startswith("╭─")]
+    assert titles == ["Data", "Model", "Training", "Engine", "Output", "Options"]
+    panel = {}  # each flag's panel
+    for line in page.splitlines():
+        if line.startswith("╭─"):
+            title = line.split()[1]
+        elif line.startswith("│ --"):
+            panel[line.split()[1]] = title
+    assert (panel["--data"], panel["--model"], panel["--learning-rate"], panel["--max-length"], panel["--out"]) == (
+        "Data", "Model", "Training", "Engine", "Output")
+    said = " ".join(page.split())
+    assert "[default: 1024]" in said and "hub name[:split]" in said  # brackets as written, not markup
+
+
+def test_help_of_a_compare_sorts_the_run_settings_into_panels():
+    page = " ".join(_help("compare", columns=80).split())
+    for title in ("Data", "Model", "Pipeline", "Statistics", "Training", "Engine", "Output"):
+        assert f"╭─ {title} ─" in page, title
+    assert "[default: ]" not in page  # an empty default (data, model: required) is not shown as one

@@ -26,8 +26,9 @@ def test_demo_end_to_end(tmp_path):
     # the demo's own task and first seed, continuing from the warm-up only
     results = run_demo(tmp_path, seed=0, config=DemoConfig(seeds=1, start_from="warmup"), log=lambda _: None)
     records, summary = results["records"], results["summary"]
-    assert {r["method"] for r in records} == {"full", "random", "irm", "lossdiff", "lossdiff-irm", "oracle"}
-    assert {r["budget"] for r in records} == {"full", "0.1", "lossdiff-irm rule"}
+    assert {r["method"] for r in records} == {"full", "random", "irm", "lossdiff", "lossdiff-irm", "oracle",
+                                              "validation-only", "random+validation"}  # the baselines beside them
+    assert {r["budget"] for r in records} == {"full", "0.1", "lossdiff-irm rule", "validation"}
     at_10 = {r["method"]: r for r in records if r["budget"] == "0.1"}
     for method in ("irm", "lossdiff", "lossdiff-irm"):  # the model sees the flipped labels as surprising
         assert at_10[method]["flipped_kept"] < at_10["random"]["flipped_kept"], method

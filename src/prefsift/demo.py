@@ -64,6 +64,18 @@ class DemoConfig:
     fractions: list[float] = field(default_factory=lambda: [0.1], metadata={"help": "Budgets besides the "
                                                                                      "LossDiff-IRM rule's own."})
     max_new_tokens: int = field(default=8, metadata={"help": "Generation budget of an answer."})
+    baselines: str | None = field(default=None, metadata={"help": "Baseline arms (RunConfig.baselines); None: "
+                                                                   "validation-only and random+validation, and "
+                                                                   "random-kto when a method trains with KTO (ISA)."})
+
+    def baseline_arms(self) -> str:
+        """The baselines the demo trains: its own, or those that answer its methods (random with KTO beside ISA)."""
+        if self.baselines is not None:
+            return self.baselines
+        from prefsift.scorers import parse_methods
+
+        kto = any(s.completion_columns() is not None for s in parse_methods(self.methods))
+        return "validation-only,random+validation" + (",random-kto" if kto else "")
 
 
 def run_demo(out: Path, *, seed: int = 0, config: DemoConfig | None = None, log=print) -> dict:
@@ -104,7 +116,7 @@ def _run(out: Path, seed: int, config: DemoConfig, log) -> dict:
     run_config = RunConfig(out=str(out), methods=list(config.methods), fractions=list(config.fractions),
                            train=config.train, engine=config.engine, seed=seed,
                            warmup_epochs=config.warmup_epochs, validation_epochs=config.validation_epochs,
-                           start_from=config.start_from, seeds=config.seeds,
+                           start_from=config.start_from, seeds=config.seeds, baselines=config.baseline_arms(),
                            eval=EvalConfig(max_new_tokens=config.max_new_tokens, batch_size=256,
                                            eval_prompts=max(1, len(task.eval_prompts))))
     results = run_pipeline(run_config, splits=splits, base=base, judge=OracleJudge(task), log=log, quiet=True)

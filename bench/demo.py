@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from prefsift.demo import ALL_METHODS, DemoConfig, run_demo
+from prefsift.demo import ALL_METHODS, TIF_AT_A_BUDGET, DemoConfig, run_demo
 from prefsift.errors import ConfigError
 from prefsift.settings import from_dict
 from prefsift.synthetic.task import TaskConfig
@@ -81,17 +81,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=DemoConfig.seeds)
     parser.add_argument("--all", action="store_true", help="every method, not the default set")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "demo.json")
+    parser.add_argument("--methods", default=None, help="comma-separated methods instead of the default set (`tif` "
+                                                           "as the demo labels it: tif-band-at-a-budget)")
     parser.add_argument("--task", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of the synthetic task (TaskConfig), e.g. validation_shift=family; repeatable")
     args = parser.parse_args()
     task = task_options(args.task)
-    config = DemoConfig(task=task, seeds=args.seeds,
-                        methods=list(ALL_METHODS) if args.all else DemoConfig().methods)
+    methods = list(ALL_METHODS) if args.all else DemoConfig().methods
+    if args.methods:
+        methods = [TIF_AT_A_BUDGET if m.strip() == "tif" else m.strip() for m in args.methods.split(",")]
+    config = DemoConfig(task=task, seeds=args.seeds, methods=methods)
     code, changed, start = commit(), uncommitted(), time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         results = run_demo(Path(out), seed=args.seed, config=config)
     command = (f"python bench/demo.py --seed {args.seed} --seeds {args.seeds}" + (" --all" if args.all else "")
-               + "".join(f" --task {t}" for t in args.task))
+               + (f" --methods {args.methods}" if args.methods else "") + "".join(f" --task {t}" for t in args.task))
     record = {"command": command, "commit": code, "uncommitted": changed, "config": asdict(config),
               "machine": machine(), "wall_seconds": round(time.perf_counter() - start, 1), **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

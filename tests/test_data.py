@@ -749,3 +749,79 @@ def test_a_json_array_is_streamed_and_reads_as_the_whole_file_does(tmp_path: Pat
     expected = load_pairs(datasets.Dataset.from_list(rows))
     assert loaded.pairs.to_list() == expected.pairs.to_list() and len(loaded.pairs) == 39
     assert [(r.row, r.reason) for r in loaded.invalid] == [(8, expected.invalid[0].reason)]
+
+
+# ---------------------------------------------------------------- --chat-template: plain text as chat messages
+
+
+def _chat_rows() -> list[dict[str, Any]]:
+    """Plain rows and an HH transcript (its prompt given, its answers with HH's leading space)."""
+    return [*STANDARD, {"prompt": HH_PROMPT, "chosen": HH_CHOSEN[len(HH_PROMPT):],
+                        "rejected": HH_REJECTED[len(HH_PROMPT):]}]
+
+
+def test_chat_template_wraps_plain_prompts_and_completions_as_messages(tmp_path: Path) -> None:
+    plain = load_pairs(write_jsonl(tmp_path / "a.jsonl", _chat_rows()))
+    chat = load_pairs(write_jsonl(tmp_path / "b.jsonl", _chat_rows()), chat_template=True)
+    assert chat.kind == "conversational" and chat.conversational and not plain.conversational
+    assert chat.pairs["pair_id"] == plain.pairs["pair_id"]  # the same pairs, formatted for the model
+    assert chat.pairs[0] == {"pair_id": plain.pairs[0]["pair_id"],
+                             "prompt": [{"role": "user", "content": "What is 2+2?"}],
+                             "chosen": [{"role": "assistant", "content": "4"}],
+                             "rejected": [{"role": "assistant", "content": "5"}]}
+    hh = chat.pairs[3]  # the transcript's own turns, the answers without their leading space
+    assert hh["prompt"] == [{"role": "user", "content": "Hi there"},
+                            {"role": "assistant", "content": "Hello! How can I help?"},
+                            {"role": "user", "content": "Tell me a joke about cats"}]
+    assert hh["chosen"] == [{"role": "assistant", "content": "Sure, here is one: why did the cat sit on the computer?"}]
+    assert hh["rejected"] == [{"role": "assistant", "content": "Sure, cats are terrible and so are you."}]
+    messages = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+                 "rejected": [{"role": "assistant", "content": "b"}]}]
+    already = load_pairs(datasets.Dataset.from_list(messages))
+    assert load_pairs(datasets.Dataset.from_list(messages), chat_template=True).pairs.to_list() == \
+        already.pairs.to_list()  # messages already: nothing to wrap
+    kto = load_pairs(datasets.Dataset.from_list([{"prompt": "q", "completion": " a", "label": True}]),
+                     chat_template=True)
+    assert kto.kind == "unpaired" and kto.pairs[0]["completion"] == [{"role": "assistant", "content": "a"}]
+
+
+def test_chat_template_tokenizes_as_the_tokenizers_own_template(tmp_path: Path, bpe_tokenizer) -> None:
+    """The ids a pass reads are those of TRL's `maybe_apply_chat_template` on the wrapped rows, tokenized by the
+    tokenizer itself, and of `tokenizer.apply_chat_template` on messages built by hand."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    from prefsift.engine.tokenize import tokenize_pairs
+
+    chat = load_pairs(write_jsonl(tmp_path / "b.jsonl", _chat_rows()), chat_template=True).pairs
+    tokenized = tokenize_pairs(bpe_tokenizer, chat["prompt"], chat["chosen"], chat["rejected"], max_length=None)
+    for row, pair, source in zip(chat, tokenized, _chat_rows(), strict=True):
+        texts = maybe_apply_chat_template({k: row[k] for k in ("prompt", "chosen", "rejected")}, bpe_tokenizer)
+        ids = bpe_tokenizer(texts["prompt"], add_special_tokens=False)["input_ids"]
+        assert pair.prompt_ids == ids
+        for side in ("chosen", "rejected"):
+            full = bpe_tokenizer(texts["prompt"] + texts[side], add_special_tokens=False)["input_ids"]
+            assert pair.prompt_ids + getattr(pair, f"{side}_ids") == full
+        prompt = source["prompt"]
+        if prompt != HH_PROMPT:  # the plain rows: one user turn, the answer the assistant's, built by hand
+            by_hand = [{"role": "user", "content": prompt}]
+            assert pair.prompt_ids == list(bpe_tokenizer.apply_chat_template(
+                by_hand, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
+            full = list(bpe_tokenizer.apply_chat_template(
+                by_hand + [{"role": "assistant", "content": source["chosen"]}], tokenize=True,
+                return_dict=True)["input_ids"])
+            assert pair.prompt_ids + pair.chosen_ids == full
+
+
+def test_chat_template_needs_a_tokenizer_that_has_one(tmp_path: Path, bpe_tokenizer) -> None:
+    import copy
+
+    from prefsift.data import check_chat_template
+
+    chat = load_pairs(write_jsonl(tmp_path / "b.jsonl", STANDARD), chat_template=True).pairs
+    plain = load_pairs(write_jsonl(tmp_path / "a.jsonl", STANDARD)).pairs
+    check_chat_template(bpe_tokenizer, chat, "the model m (--model)")
+    bare = copy.deepcopy(bpe_tokenizer)
+    bare.chat_template = None
+    check_chat_template(bare, plain, "the model m (--model)")  # plain text needs none
+    with pytest.raises(DataError, match=r"the model m \(--model\) has no chat template.*--chat-template"):
+        check_chat_template(bare, chat, "the model m (--model)")

@@ -188,3 +188,14 @@ def test_entries_record_what_they_were_made_from(ws, counted):
     identity = record["identity"]
     assert identity["max_length"] == 64 and identity["n_pairs"] == 24 and identity["dtype"] == "torch.float32"
     assert identity["model"] == load_model(str(model)).fingerprint
+
+
+def test_chat_messages_and_a_model_without_a_chat_template_is_one_line_before_any_pass(ws, counted):
+    from prefsift.errors import DataError
+
+    model, _, data = ws
+    sft = load_model(str(model))
+    sft.tokenizer.chat_template = None
+    with pytest.raises(DataError, match=f"the model {model} has no chat template"):
+        reference_logps(sft, load_pairs(str(data), chat_template=True).pairs, EngineConfig())
+    assert counted == []

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefsift.config import EngineConfig
+from prefsift.data import check_chat_template
 from prefsift.engine import Engine, LogpsRun
 from prefsift.engine.tokenize import non_finite_logps
 from prefsift.errors import PrefsiftError
@@ -227,6 +228,7 @@ def cached_logps(loaded, pairs, engine: EngineConfig, compute: Callable[[], np.n
     already computed, read from the cache. A read pass meets the same check as a computed one (`check_dropped`:
     too many pairs whose prompt fills max_length). A pass that holds a NaN or inf for a pair that fits (a broken
     model) is returned but never stored."""
+    check_chat_template(loaded.tokenizer, pairs, f"the model {loaded.source}")
     root = cache_dir()
     identity = pass_identity(loaded, pairs, engine) if root is not None else None
     if identity is None:

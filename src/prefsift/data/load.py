@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from prefsift.data.normalize import (
     Invalid,
+    as_chat,
     data_hash_of,
     normalize_conversation_pair,
     normalize_text_pair,
@@ -82,6 +83,7 @@ def load_pairs(
     label_key: str = "label",
     on_invalid: Literal["skip", "fail"] = "skip",
     assistant_marker: str = "\n\nAssistant:",
+    chat_template: bool = False,
 ) -> LoadedPairs:
     """Read a preference dataset from `source`, detect its kind, normalize and validate every row.
 
@@ -89,7 +91,15 @@ def load_pairs(
     `save_to_disk` (a `DatasetDict` picks `split`, default "train"), an in-memory `Dataset`, or a hub
     dataset name (`name` or `name:split`). The `*_key` arguments name the input's columns.
     Invalid rows are skipped and listed (`on_invalid="skip"`) or raise `DataError` (`"fail"`).
+    `chat_template`: plain-text prompts and completions become user / assistant messages (`with_chat_template`).
     """
+    loaded = _load_pairs(source, split, prompt_key, chosen_key, rejected_key, completion_key, label_key, on_invalid,
+                         assistant_marker)
+    return with_chat_template(loaded) if chat_template else loaded
+
+
+def _load_pairs(source, split, prompt_key, chosen_key, rejected_key, completion_key, label_key, on_invalid,
+                assistant_marker) -> LoadedPairs:
     if on_invalid not in ("skip", "fail"):
         raise DataError(f"on_invalid must be 'skip' or 'fail', not {on_invalid!r}")
     text_keys = (prompt_key, chosen_key, rejected_key, completion_key)
@@ -129,6 +139,43 @@ def load_pairs(
         note=raw.note,
         keys=names,
     )
+
+
+def with_chat_template(loaded: LoadedPairs) -> LoadedPairs:
+    """Plain-text pairs (or KTO rows) as chat messages, so TRL's tokenization, and prefsift's, applies the model's
+    chat template: the prompt is the user's turn (an HH transcript, its turns), each completion the assistant's
+    answer. Conversational data is already messages and stays as it is. The pair_ids are the input's: the same
+    pairs, formatted for the model (a pass's cache tells the two apart by their text)."""
+    if loaded.conversational:
+        return loaded
+    answers = ("completion",) if loaded.kind == "unpaired" else ("chosen", "rejected")
+
+    def wrap(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"prompt": [], **{name: [] for name in answers}}
+        for i, prompt in enumerate(batch["prompt"]):
+            turns, completions = as_chat(prompt, [batch[name][i] for name in answers])
+            out["prompt"].append(turns)
+            for name, messages in zip(answers, completions, strict=True):
+                out[name].append(messages)
+        return out
+
+    features = loaded.pairs.features.copy()
+    for name in ("prompt", *answers):
+        features[name] = _MESSAGES
+    pairs = loaded.pairs.map(wrap, batched=True, batch_size=1024, features=features, load_from_cache_file=False,
+                             desc="chat template")
+    kind = loaded.kind if loaded.kind == "unpaired" else "conversational"
+    return replace(loaded, pairs=pairs, kind=kind)
+
+
+def check_chat_template(tokenizer, pairs: datasets.Dataset, who: str) -> None:
+    """Messages are tokenized through the tokenizer's chat template: a tokenizer without one is one line naming
+    `who` (the model and its flag), before any pass, not transformers' traceback halfway through it."""
+    column = "completion" if "completion" in pairs.column_names else "chosen"
+    if not isinstance(pairs.features[column], datasets.Value) and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{who} has no chat template, and these pairs are chat messages (conversational data, or "
+                        f"--chat-template): give a model whose tokenizer has one (an instruct model), or plain-text "
+                        f"pairs without --chat-template")
 
 
 @dataclass

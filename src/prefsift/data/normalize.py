@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -196,3 +197,31 @@ def _label(value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise Invalid(f"invalid label {value!r} (expected true/false or 1/0)")
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def transcript_messages(prompt: str) -> list[Message] | None:
+    """An HH-style transcript prompt ("\\n\\nHuman: ... \\n\\nAssistant:") as chat messages, or None when the
+    prompt is not one."""
+    parts = _HH_TURN.split(prompt)
+    if len(parts) < 3 or parts[0].strip() or parts[-2] != "Assistant" or parts[-1].strip():
+        return None
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[who], "content": text.strip()} for who, text in zip(parts[1:-2:2], parts[2:-2:2],
+                                                                                strict=True)]
+
+
+def as_chat(prompt: str, completions: list[str]) -> tuple[list[Message], list[list[Message]]]:
+    """`--chat-template`: a plain-text prompt as the user's turn (an HH transcript as its turns, when they
+    alternate) and each completion as the assistant's answer, so the model's chat template formats them."""
+    answers = [[{"role": "assistant", "content": c.strip()}] for c in completions]
+    turns = transcript_messages(prompt)
+    if turns:
+        try:
+            _check_roles(turns, answers[0], "chosen")
+            return turns, answers
+        except Invalid:
+            pass  # a transcript whose turns do not alternate stays one user message, as it reads
+    return [{"role": "user", "content": prompt.strip()}], answers

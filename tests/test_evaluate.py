@@ -131,3 +131,59 @@ def test_the_reward_model_judge_shows_a_progress_bar_unless_quiet(bpe_tokenizer,
     quiet = RewardModelJudge(loaded, 64, batch_size=2, quiet=True).score(prompts, answers)
     assert "judge scores" not in capsys.readouterr().err
     assert quiet == loud and len(loud) == 5
+
+
+# --- a NaN is the model's failure, never a dropped pair ------------------------------------------------------------
+
+
+def _with_nan_row(bpe_tokenizer, rows) -> tuple[LoadedModel, int]:
+    """A tiny policy whose embedding row of a token that some (not all) test pairs hold is NaN, and how many hold it."""
+    model = make_tiny_llama(bpe_tokenizer, seed=5)
+    token = bpe_tokenizer(rows[0]["prompt"] + rows[0]["chosen"])["input_ids"][-1]
+    holding = sum(any(token in bpe_tokenizer(r["prompt"] + r[side])["input_ids"] for side in ("chosen", "rejected"))
+                  for r in rows)
+    assert 0 < holding < len(rows)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token] = float("nan")
+    return LoadedModel(model, bpe_tokenizer, "poisoned", "x"), holding
+
+
+def test_a_nan_log_prob_of_a_pair_that_fits_is_the_models_failure(models, bpe_tokenizer):
+    from prefsift.errors import ModelError
+
+    policy, reference = models
+    rows = make_pairs(12, seed=40)
+    poisoned, holding = _with_nan_row(bpe_tokenizer, rows)
+    with pytest.raises(ModelError, match=f"the evaluated model poisoned gave NaN or inf for {holding} of 12 pairs "
+                                         "that fit max_length 1024") as caught:
+        evaluate(poisoned, reference, test_pairs=Dataset.from_list(rows), engine=EngineConfig())
+    assert "prompt fills" not in str(caught.value)
+    reference_logps = naive(reference.model, bpe_tokenizer, rows)
+    reference_logps[4, 1] = np.nan  # e.g. a reference pass of a broken model handed in by `run`
+    with pytest.raises(ModelError, match="the reference model reference gave NaN or inf for 1 of 12 pairs"):
+        evaluate(policy, reference, test_pairs=Dataset.from_list(rows), engine=EngineConfig(),
+                 reference_logps=reference_logps)
+
+
+def test_a_pair_whose_prompt_fills_max_length_is_still_dropped(models, bpe_tokenizer):
+    policy, reference = models
+    rows = make_pairs(12, seed=40)
+    lengths = [len(bpe_tokenizer(r["prompt"])["input_ids"]) for r in rows]
+    cut = sorted(lengths)[-3]  # the prompts this long or longer fill max_length: TRL drops their pairs
+    record = evaluate(policy, reference, test_pairs=Dataset.from_list(rows), engine=EngineConfig(max_length=cut))
+    dropped = [i for i, o in enumerate(record["pref_outcomes"]) if o is None]
+    assert dropped == [i for i, n in enumerate(lengths) if n >= cut] and dropped
+
+
+class NaNJudge:
+    name = "broken"
+
+    def score(self, prompts, responses):
+        return [float("nan") if i == 1 else 1.0 for i in range(len(responses))]
+
+
+def test_a_judge_that_gives_nan_is_one_line_not_a_loss():
+    from prefsift.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"the judge \(broken\) gave NaN or inf for 1 of 3 answers \(e.g. row 2\)"):
+        win_rate(NaNJudge(), ["p"] * 3, ["a", "b", "c"], ["d", "e", "f"])

@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 from prefsift.config import EngineConfig, EvalConfig  # noqa: F401 (EvalConfig: re-exported)
 from prefsift.engine import Engine
 from prefsift.engine.reward import reward_scores
+from prefsift.engine.tokenize import non_finite_logps
 from prefsift.errors import ConfigError, ModelError
+from prefsift.manifest import model_failure
 from prefsift.maths import implicit_reward_margin
 from prefsift.models import LoadedModel
 from prefsift.reference import cached_logps
@@ -115,6 +117,10 @@ def win_rate(judge: Judge, prompts: list, policy_answers: list[str], baseline_an
     """The judge scores both answers to each prompt; a difference within `tie_tolerance` is a tie (counts ½)."""
     a = np.asarray(judge.score(prompts, policy_answers), dtype=float)
     b = np.asarray(judge.score(prompts, baseline_answers), dtype=float)
+    failed = ~(np.isfinite(a) & np.isfinite(b))
+    if failed.any():  # NaN > NaN is False: every such prompt would count as a loss
+        raise model_failure(f"the judge ({judge.name})", failed, None, "check the judge model's weights and --dtype",
+                            tokenized=False, unit="answers")
     outcomes = np.where(np.abs(a - b) <= tie_tolerance, 0.5, (a > b).astype(float))
     wins, ties = int((outcomes == 1).sum()), int((outcomes == 0.5).sum())
     return WinRate(float(outcomes.mean()) if len(a) else float("nan"), wins, ties, len(a) - wins - ties,
@@ -139,7 +145,8 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
     start = time.perf_counter()
     record: dict = {}
     if test_pairs is not None and len(test_pairs):
-        policy_logps = _logps(policy, test_pairs, engine, "policy")
+        policy_logps = _checked(_logps(policy, test_pairs, engine, "policy"), policy, test_pairs, engine,
+                                "evaluated model")
         if np.isnan(policy_logps[:, 0]).all():
             raise ConfigError(f"every test pair's prompt fills max_length={engine.max_length}: nothing to evaluate")
         if reference is None:
@@ -148,6 +155,7 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
         else:
             if reference_logps is None:
                 reference_logps = _logps(reference, test_pairs, engine, "reference")
+            reference_logps = _checked(reference_logps, reference, test_pairs, engine, "reference model")
             outcomes = preference_outcomes(policy_logps, reference_logps, engine.beta)
             margins = implicit_reward_margin(policy_logps, reference_logps, engine.beta)
             record["pref_accuracy"] = float(np.nanmean(outcomes))
@@ -171,6 +179,17 @@ def evaluate(policy: LoadedModel, reference: LoadedModel | None, *, test_pairs=N
                        "policy_scores": result.policy_scores, "baseline_scores": result.baseline_scores})
     record["eval_seconds"] = time.perf_counter() - start
     return record
+
+
+def _checked(logps: np.ndarray, loaded: LoadedModel, pairs, engine: EngineConfig, role: str) -> np.ndarray:
+    """`logps` when every NaN is a pair whose prompt fills max_length (TRL drops it: no outcome); a NaN or inf of a
+    pair that fits is the model's failure, one line naming it, never an evaluation over the pairs it left."""
+    _, failed = non_finite_logps(logps, loaded.tokenizer, pairs, engine.max_length)
+    if failed.any():
+        raise model_failure(f"the {role} {loaded.source}", failed, list(pairs["pair_id"]) if "pair_id" in
+                            pairs.column_names else None, "check its weights (NaN or inf) and --dtype",
+                            max_length=engine.max_length)
+    return logps
 
 
 def _logps(loaded: LoadedModel, pairs, engine: EngineConfig, desc: str) -> np.ndarray:

@@ -135,3 +135,27 @@ def test_missing_model_role_is_a_clear_error(bpe_tokenizer):
     context = provider(make_pairs(1))
     with pytest.raises(PrefsiftError, match=r"method 'lossdiff' needs --model \(the policy .*; --validation \(θ_val"):
         context.require(get_scorer("lossdiff").needs, "lossdiff")
+
+
+@pytest.mark.parametrize("method", ["isa", "density"])
+def test_a_nan_embedding_is_the_embedders_failure_not_a_score(method):
+    """One NaN (or inf) vector: one line naming the embedder and a pair, never NaN scores left out as non-finite."""
+    from datasets import Dataset
+    from helpers import TableEmbedder
+
+    from prefsift.data import load_pairs
+    from prefsift.engine.embeddings import item_texts
+    from prefsift.errors import ModelError
+    from prefsift.resources import Resources
+    from prefsift.score import score_pairs
+
+    data = load_pairs(Dataset.from_list(make_pairs(12, seed=3)))
+    texts = item_texts(data.pairs, "completion")
+    rng = np.random.default_rng(0)
+    table = {t: rng.normal(size=4) for t in texts["chosen"] + texts["rejected"]}
+    table[texts["rejected"][7]] = np.array([0.0, np.nan, 1.0, np.inf])
+    embedder = TableEmbedder(table)
+    resources = Resources(data, sources={"embedder": embedder}, seed=0)
+    with pytest.raises(ModelError, match=f"the embedder table \\(--embedder\\) gave NaN or inf for 1 of 12 pairs "
+                                         f"\\(e.g. pair {data.pairs[7]['pair_id']}\\)"):
+        score_pairs(data, [get_scorer(method)], resources)

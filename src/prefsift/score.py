@@ -41,6 +41,18 @@ def _check_pass(resources: Resources, role: str, pair_ids) -> np.ndarray:
     return too_long
 
 
+def _check_embeddings(resources: Resources, sides: dict[str, np.ndarray], pair_ids) -> None:
+    """An embedding with a NaN or inf (a broken embedder: NaN weights, an overflowing dtype) stops with one line
+    naming the embedder, before a scorer turns it into distances every pair would share."""
+    failed = np.zeros(len(pair_ids), dtype=bool)
+    for vectors in sides.values():
+        failed |= ~np.isfinite(np.asarray(vectors, dtype=float)).all(axis=1)
+    if failed.any():
+        embedder = resources.get("embedder")
+        raise model_failure(f"the embedder {getattr(embedder, 'source', '')} (--embedder)", failed, pair_ids,
+                            "check it, or pass another --embedder", tokenized=False)
+
+
 def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, out_dir: Path | None = None
                 ) -> ScoreResult:
     """Score every pair of `data` with each scorer; with `out_dir`, write the files other stages read.
@@ -65,8 +77,9 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
             from prefsift.engine.embeddings import embed_items
 
             start = time.perf_counter()  # the embedding pass, shared like a log-prob pass, charged to each user
-            embed_items(resources, scorer.params.item, batch_size=getattr(scorer.params, "batch_size", 32))
+            sides = embed_items(resources, scorer.params.item, batch_size=getattr(scorer.params, "batch_size", 32))
             resources.seconds["embedder"] = resources.seconds.get("embedder", 0.0) + time.perf_counter() - start
+            _check_embeddings(resources, sides, scores["pair_id"])
         start = time.perf_counter()
         columns = scorer.score(resources)
         if set(columns) != set(scorer.columns):

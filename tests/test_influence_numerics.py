@@ -111,9 +111,94 @@ def test_one_sided_and_central_share_the_plus_pass(bpe_tokenizer, tmp_path, monk
     monkeypatch.setattr(paths, "forward_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
     n_batches = len(paths.BatchPlan.of(inf._tokenize(bpe_tokenizer, train, None), 96).batches)
     one_sided = inf.influence_scores(model, bpe_tokenizer, train, val, method="one-sided", **kwargs)
-    assert len(calls) == n_batches  # the +ε pass: the unperturbed side is the policy's pass, given
+    # the +ε pass, and the policy's smallest batch once more (its rounding checked): the unperturbed side is given
+    assert len(calls) == n_batches + 1
     calls.clear()
     central = inf.influence_scores(model, bpe_tokenizer, train, val, method="finite-difference", **kwargs)
     assert len(calls) == n_batches  # the −ε pass only: the +ε shards were the one-sided run's
     scale = np.abs(central).max()
     assert np.abs(one_sided - central).max() <= 2e-2 * scale and np.isfinite(one_sided).all()
+
+
+def _influence_setup(tokenizer, seed: int = 7):
+    from helpers import make_tiny_llama
+
+    model = make_tiny_llama(tokenizer, seed=seed)
+    train = Dataset.from_list(make_pairs(12, seed=35))
+    val = Dataset.from_list(make_pairs(4, seed=36))
+    policy = compute_logps(model, tokenizer, train, max_length=None, batch_tokens=96)
+    kwargs = {"policy_logps": policy, "reference_logps": policy - 0.1,
+              "validation_reference_logps": compute_logps(model, tokenizer, val, max_length=None) - 0.1,
+              "beta": 0.1, "max_length": None, "batch_tokens": 96}
+    return model, train, val, kwargs
+
+
+def test_the_adaptive_step_is_the_best_one_tried_on_the_check_pairs(bpe_tokenizer):
+    """step=None: the difference's step is chosen on the 4 check pairs against their per-example gradients (a walk
+    over decades from the default, in the better direction, stopping where the error grows); the chosen step's
+    error is the least of those tried, and the influence then agrees with per-example gradients on every pair."""
+    model, train, val, kwargs = _influence_setup(bpe_tokenizer)
+    for method in ("one-sided", "finite-difference"):
+        info: dict = {}
+        scores = inf.influence_scores(model, bpe_tokenizer, train, val, method=method, step=None, info=info, **kwargs)
+        errors = info["step_errors"]
+        assert len(errors) >= 3 and info["step"] in inf.STEPS
+        assert errors[info["step"]] == min(errors.values())
+        tried = sorted(errors, reverse=True)  # a run of neighbouring decades, the default among them
+        assert inf.DEFAULT_STEP in tried and all(inf.STEPS.index(b) == inf.STEPS.index(a) + 1
+                                                 for a, b in zip(tried, tried[1:], strict=False))
+        # the independent reference: per-example gradients on every pair, weighted as the formula says
+        params = inf.scope_parameters(model, "all")
+        direction, _ = inf.validation_gradient(model, bpe_tokenizer, val, kwargs["validation_reference_logps"],
+                                               params, beta=0.1, max_length=None)
+        exact = inf.per_example(model, bpe_tokenizer, train, direction, params, max_length=None)
+        policy, reference = kwargs["policy_logps"], kwargs["reference_logps"]
+        margins = 0.1 * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
+        expected = inf.influence(margins, exact, 0.1)
+        assert np.abs(scores - expected).max() <= 0.02 * np.abs(expected).max()
+
+
+def test_a_policy_pass_rounded_elsewhere_is_recomputed_for_the_one_sided_difference(bpe_tokenizer):
+    """A one-sided difference needs the policy's pass rounded as its +ε pass (same batches, path, threads). One that
+    was not (here: moved by 1e-9 nats, as another thread count moves it) is found on one batch and recomputed with a
+    warning, giving the values the matching pass gives; a matching pass passes silently."""
+    import warnings
+
+    model, train, val, kwargs = _influence_setup(bpe_tokenizer)
+    kwargs = {**kwargs, "check_pairs": 0}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*round differently")
+        right = inf.influence_scores(model, bpe_tokenizer, train, val, method="one-sided", **kwargs)
+    with pytest.warns(UserWarning, match="round differently here"):
+        mended = inf.influence_scores(model, bpe_tokenizer, train, val, method="one-sided",
+                                      **{**kwargs, "policy_logps": kwargs["policy_logps"] + 1e-9})
+    # the weights β(1 − σ(Δ)) still read the log-probs given (1e-9 apart); the differences are the matching ones
+    np.testing.assert_allclose(mended, right, rtol=1e-7, atol=0)
+
+
+def test_the_validation_gradient_shows_a_bar(bpe_tokenizer, monkeypatch):
+    """The backward over the validation pairs (minutes on a CPU) advances a bar to every pair, as the exact check's
+    per-example gradients do."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, **kwargs):
+            self.total, self.desc, self.done = total, desc, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.done += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(inf, "tqdm", Bar)
+    model, train, val, kwargs = _influence_setup(bpe_tokenizer)
+    params = inf.scope_parameters(model, "last_k", 1)
+    direction, _ = inf.validation_gradient(model, bpe_tokenizer, val, kwargs["validation_reference_logps"], params,
+                                           beta=0.1, max_length=None, batch_tokens=64)
+    inf.per_example(model, bpe_tokenizer, train.select(range(3)), direction, params, max_length=None)
+    assert [(b.desc, b.total, b.done) for b in bars] == [("validation gradient", 4, 4), ("exact gradients", 3, 3)]

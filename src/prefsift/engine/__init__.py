@@ -89,7 +89,8 @@ class Engine:
         from prefsift.engine.influence import influence_scores
 
         return influence_scores(model, tokenizer, pairs, validation_pairs, max_length=self.config.max_length,
-                                batch_tokens=self.config.batch_tokens, executor=self.executor, **kwargs)
+                                batch_tokens=self.config.batch_tokens, executor=self.executor,
+                                layout=self.config.layout, **kwargs)
 
     def paths_of(self, model) -> dict[str, bool | None]:
         """The verdicts on `model`: whether its packed and cached-prefix paths passed their check (None: not yet

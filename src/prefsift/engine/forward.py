@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -364,8 +365,10 @@ def _flat_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     if layout.kernel == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
-        attend = _compiled_flex() if query.is_cuda else flex_attention
-        out = attend(query, key, value, block_mask=layout.block_mask, scale=scaling, enable_gqa=gqa)
+        attend = _compiled_flex() if _flex_compiled(query.device) else flex_attention
+        with warnings.catch_warnings():  # eager flex on a CPU is chosen knowingly (FLEX_COMPILE): no advice to compile
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+            out = attend(query, key, value, block_mask=layout.block_mask, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2), None
     q, k, v = (x[0, :, layout.documents] for x in (query, key, value))  # (heads, document slots, dim)
     if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
@@ -383,6 +386,11 @@ def _flat_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
 
 
 _COMPILED_FLEX = None
+FLEX_COMPILE: bool | None = None  # None: compiled on a GPU (eager flex is a dense reference there), eager on a CPU
+
+
+def _flex_compiled(device: torch.device) -> bool:
+    return FLEX_COMPILE if FLEX_COMPILE is not None else device.type == "cuda"
 
 
 def _compiled_flex():
@@ -430,7 +438,7 @@ def _forward_batch_flat(model, pairs: list[TokenizedPair], kernel: str, batch_to
     flex pads the flat length to `flat_bucket` of `batch_tokens`, so the pass compiles a bounded number of times."""
     device = _backbone_and_head(model)[2].weight.device
     pad_to = None
-    if kernel == "flex" and device.type == "cuda":
+    if kernel == "flex" and _flex_compiled(device):
         pad_to = flat_bucket(sum(len(p) for p in pairs), batch_tokens or 8192)
     sums = flat_logps(model, flat_batch(model, pairs, kernel, pad_to)).cpu()
     return sums[:, 0], sums[:, 1]

@@ -34,11 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from prefsift.engine.executors import RayExecutor
 from prefsift.engine.forward import PackedBatch, _unwrap, packed_batch, packed_logps
 from prefsift.engine.logps import compute_logps
-from prefsift.engine.paths import packed_path_ok
+from prefsift.engine.paths import logps_of_tokenized, packed_path_ok
 from prefsift.engine.shards import LogpsRun
 from prefsift.engine.tokenize import (
     LONG_PAIR_TOKENS,
@@ -184,7 +185,10 @@ def validation_gradient(model, tokenizer, pairs, reference_logps: np.ndarray, pa
     reference = torch.as_tensor(reference_logps, dtype=torch.float64)
     pad = pad_id(tokenizer)
     packed = _packed_ok(model, plan, tokenized, pad)
-    with _grads_on(model, params):
+    # a backward over every validation pair: minutes on a CPU (~9.5 silent ones on SmolLM2, issue 22), so a bar
+    with _grads_on(model, params), tqdm(total=len(tokenized), desc="validation gradient", unit="pair",
+                                        dynamic_ncols=True, disable=not tokenized) as progress:
+        progress.update(len(tokenized) - plan.n_kept)
         for batch in plan.batches:
             chunk = [tokenized[i] for i in batch]
             if _packs(packed, chunk):
@@ -201,6 +205,7 @@ def validation_gradient(model, tokenizer, pairs, reference_logps: np.ndarray, pa
                 if g is not None:
                     acc += g.float()
             margins[batch] = margin.detach().cpu().numpy()
+            progress.update(len(batch))
     return dict(zip(names, total, strict=True)), margins
 
 
@@ -231,14 +236,19 @@ def _norm(tensors) -> float:
 def finite_difference(model, tokenizer, pairs, direction: Direction, params: dict[str, nn.Parameter], *,
                       step: float = DEFAULT_STEP, max_length: int | None, batch_tokens: int = 8192,
                       run_dir: Path | None = None, identity: dict | None = None, flush_rows: int = 512,
-                      executor: RayExecutor | None = None, base_logps: np.ndarray | None = None) -> np.ndarray:
+                      executor: RayExecutor | None = None, base_logps: np.ndarray | None = None,
+                      layout: str = "padded", check_rounding: bool = True) -> np.ndarray:
     """Central difference of log π(y_w|x) − log π(y_l|x) along `direction`, weights perturbed in place by ±ε·v
     (ε = step·‖θ_scope‖/‖v‖), each side one `compute_logps` pass (resumable shards when `run_dir` is given). The
     weights are restored bit for bit from a copy, also when a pass is interrupted.
 
     With `base_logps` (the unperturbed policy's (n, 2) log-probs from the same engine settings, so the same batches
     and paths: their rounding cancels), a one-sided difference: the +ε pass only, one pass a pair instead of two.
-    Its +ε shards are the central difference's, so either method reuses the other's."""
+    Its +ε shards are the central difference's, so either method reuses the other's. `base_logps` is first checked
+    to round as this process does (`same_rounding`), unless `check_rounding` is off (the caller computed it here)."""
+    if base_logps is not None and check_rounding:
+        base_logps = same_rounding(model, tokenizer, pairs, base_logps, max_length=max_length,
+                                   batch_tokens=batch_tokens, layout=layout)
     v_norm, theta_norm = _norm(direction.values()), _norm(params.values())
     if v_norm == 0.0:
         warnings.warn("the validation gradient is zero: every influence is 0", stacklevel=2)
@@ -261,7 +271,8 @@ def finite_difference(model, tokenizer, pairs, direction: Direction, params: dic
                     p.copy_(saved[n] + (sign * epsilon) * direction[n].to(p.dtype))
             run = None if named is None else LogpsRun(Path(run_dir), tag, named)
             sides.append(compute_logps(model, tokenizer, pairs, max_length=max_length, batch_tokens=batch_tokens,
-                                       run=run, desc=f"{tag} log-probs", flush_rows=flush_rows, executor=executor))
+                                       run=run, desc=f"{tag} log-probs", flush_rows=flush_rows, executor=executor,
+                                       layout=layout))
     finally:
         with torch.no_grad():
             for n, p in params.items():
@@ -271,6 +282,30 @@ def finite_difference(model, tokenizer, pairs, direction: Direction, params: dic
         return ((plus[:, 0] - plus[:, 1]) - (base_logps[:, 0] - base_logps[:, 1])) / epsilon
     plus, minus = sides
     return ((plus[:, 0] - plus[:, 1]) - (minus[:, 0] - minus[:, 1])) / (2 * epsilon)
+
+
+def same_rounding(model, tokenizer, pairs, base_logps: np.ndarray, *, max_length: int | None, batch_tokens: int,
+                  layout: str = "padded") -> np.ndarray:
+    """`base_logps` (the policy's pass) when it rounds as this process's +ε pass will, else the policy's pass redone
+    here, with a warning. A one-sided difference divides the change of a log-prob by a step of ~1e-6 relative, so the
+    two sides' rounding must cancel: the same batches, path and thread count (a matmul's summation order follows the
+    threads). A pass from another process (a Ray pool, a cache written at another thread count) may differ; the
+    check recomputes the plan's smallest batch and compares it bit for bit."""
+    tokenized = _tokenize(tokenizer, pairs, max_length)
+    plan = BatchPlan.of(tokenized, batch_tokens)
+    if not plan.batches:
+        return base_logps
+    batch = min(plan.batches, key=lambda rows: sum(len(tokenized[i]) for i in rows))  # type: ignore[arg-type]
+    again = logps_of_tokenized(_unwrap(model), [tokenized[i] for i in batch], pad_id=pad_id(tokenizer),
+                               batch_tokens=batch_tokens, layout=layout)
+    if np.array_equal(again, base_logps[batch]):
+        return base_logps
+    gap = float(np.nanmax(np.abs(again - base_logps[batch])))
+    warnings.warn(f"the policy's log-probs round differently here (up to {gap:.1e} nats on one batch: another thread "
+                  f"count or process): a one-sided difference needs both sides rounded alike, so the policy's pass "
+                  f"is recomputed here (one more pass)", stacklevel=3)
+    return compute_logps(model, tokenizer, pairs, max_length=max_length, batch_tokens=batch_tokens,
+                         desc="policy log-probs (this process's rounding)", layout=layout)
 
 
 def _tokenized_mask(tokenizer, pairs, max_length: int | None) -> np.ndarray:
@@ -360,14 +395,16 @@ def per_example(model, tokenizer, pairs, direction: Direction, params: dict[str,
     tokenized = _tokenize(tokenizer, pairs, max_length)
     names = list(params)
     out = np.full(len(tokenized), np.nan)
-    with _grads_on(model, params):
+    with _grads_on(model, params), tqdm(total=len(tokenized), desc="exact gradients", unit="pair",
+                                        dynamic_ncols=True, disable=not tokenized) as progress:
         for i, pair in enumerate(tokenized):
-            if pair is None:
-                continue
-            chosen, rejected = pair_logps(model, [pair], pad_id(tokenizer))
-            grads = torch.autograd.grad((chosen - rejected).sum(), [params[n] for n in names], allow_unused=True)
-            out[i] = float(sum((g.double() * direction[n].double()).sum() for n, g in zip(names, grads, strict=True)
-                               if g is not None))
+            if pair is not None:
+                chosen, rejected = pair_logps(model, [pair], pad_id(tokenizer))
+                grads = torch.autograd.grad((chosen - rejected).sum(), [params[n] for n in names],
+                                            allow_unused=True)
+                out[i] = float(sum((g.double() * direction[n].double()).sum()
+                                   for n, g in zip(names, grads, strict=True) if g is not None))
+            progress.update(1)
     return out
 
 
@@ -375,7 +412,7 @@ def directional_derivatives(model, tokenizer, pairs, direction: Direction, param
                             method: str = "finite-difference", step: float = DEFAULT_STEP,
                             max_length: int | None, batch_tokens: int = 8192, run_dir: Path | None = None,
                             identity: dict | None = None, executor: RayExecutor | None = None,
-                            policy_logps: np.ndarray | None = None) -> np.ndarray:
+                            policy_logps: np.ndarray | None = None, layout: str = "padded") -> np.ndarray:
     """⟨direction, g_w − g_l⟩ for every pair of `pairs` (NaN where TRL drops the pair), by `method`; "one-sided"
     needs `policy_logps`, the unperturbed pass at the same engine settings."""
     if method in ("finite-difference", "one-sided"):
@@ -383,7 +420,8 @@ def directional_derivatives(model, tokenizer, pairs, direction: Direction, param
             raise ConfigError("a one-sided difference needs the policy's log-probs of the same pairs")
         return finite_difference(model, tokenizer, pairs, direction, params, step=step, max_length=max_length,
                                  batch_tokens=batch_tokens, run_dir=run_dir, identity=identity,
-                                 executor=executor, base_logps=policy_logps if method == "one-sided" else None)
+                                 executor=executor, base_logps=policy_logps if method == "one-sided" else None,
+                                 layout=layout)
     if method == "jvp":
         try:
             return forward_ad(model, tokenizer, pairs, direction, params, max_length=max_length,
@@ -401,20 +439,65 @@ def directional_derivatives(model, tokenizer, pairs, direction: Direction, param
 
 def check_against_exact(model, tokenizer, pairs, directional: np.ndarray, direction: Direction,
                         params: dict[str, nn.Parameter], *, max_length: int | None, n_pairs: int = 4,
-                        tolerance: float = 0.05) -> float:
+                        tolerance: float = 0.05, exact: np.ndarray | None = None) -> float:
     """Largest error of `directional` on the first `n_pairs` scored pairs against per-example gradients, as a share
     of their largest |value|; warns above `tolerance`. Cheap insurance: the best finite-difference step moved 100x
-    between the models measured (bench/results/influence.txt)."""
+    between the models measured (bench/results/influence.txt). `exact`: those pairs' per-example values, when
+    already computed (`choose_step`)."""
     rows = [i for i in range(len(directional)) if np.isfinite(directional[i])][:n_pairs]
     if not rows:
         return 0.0
-    exact = per_example(model, tokenizer, pairs.select(rows), direction, params, max_length=max_length)
+    if exact is None or len(exact) != len(rows):
+        exact = per_example(model, tokenizer, pairs.select(rows), direction, params, max_length=max_length)
     scale = np.abs(exact).max()
     error = float(np.abs(directional[rows] - exact).max() / scale) if scale > 0 else 0.0
     if error > tolerance:
         warnings.warn(f"finite differences are {error:.0%} off exact gradients on {len(rows)} pairs: change the "
                       "step (or use method 'jvp')", stacklevel=2)
     return error
+
+
+# Steps the adaptive choice may take, a decade apart. The truncation error of a difference falls with the step (the
+# one-sided's as the step, the central's as its square) until fp32 rounding, growing as 1/step, takes over: on
+# SmolLM2 the one-sided difference's ρ was 0.993 at 1e-5 and 1.000 at 1e-6 (bench/results/influence-onesided-*), on
+# random-weight GPU shapes 1e-5 gave ρ ≥ 0.9996: the best step depends on the model.
+STEPS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+
+
+def choose_step(model, tokenizer, pairs, direction: Direction, params: dict[str, nn.Parameter], *, method: str,
+                max_length: int | None, batch_tokens: int = 8192, n_pairs: int = 4, layout: str = "padded"
+                ) -> tuple[float, dict[float, float], np.ndarray | None]:
+    """(step, {step tried: error}, the check pairs' per-example values): the finite-difference step whose values on
+    the first `n_pairs` kept pairs agree best with their per-example gradients (the largest error over the largest
+    |value|, as `check_against_exact` measures it). From DEFAULT_STEP and the decade below it, the search walks the
+    decades of STEPS in the better direction until the error grows: three or four passes over `n_pairs` pairs, a
+    once-off cost like ḡ_val's, whatever the number of pairs scored. The one-sided difference's unperturbed side is
+    recomputed on the same pairs here, so both sides of every trial round alike."""
+    tokenized = _tokenize(tokenizer, pairs, max_length)
+    rows = [i for i, t in enumerate(tokenized) if t is not None][:n_pairs]
+    if not rows:
+        return DEFAULT_STEP, {}, None
+    subset = pairs.select(rows)
+    exact = per_example(model, tokenizer, subset, direction, params, max_length=max_length)
+    scale = float(np.abs(exact).max())
+    base = (compute_logps(model, tokenizer, subset, max_length=max_length, batch_tokens=batch_tokens, layout=layout,
+                          desc="step check") if method == "one-sided" else None)
+    errors: dict[float, float] = {}
+
+    def error(step: float) -> float:
+        if step not in errors:
+            found = finite_difference(model, tokenizer, subset, direction, params, step=step, max_length=max_length,
+                                      batch_tokens=batch_tokens, base_logps=base, layout=layout,
+                                      check_rounding=False)
+            errors[step] = float(np.abs(found - exact).max() / scale) if scale > 0 else 0.0
+        return errors[step]
+
+    at = STEPS.index(DEFAULT_STEP)
+    way = 1 if error(STEPS[at + 1]) < error(STEPS[at]) else -1  # smaller steps, or larger ones
+    at += 1 if way == 1 else 0
+    while 0 <= at + way < len(STEPS) and error(STEPS[at + way]) < error(STEPS[at]):
+        at += way
+    return STEPS[at], errors, exact
 
 
 INSTEAD = {"jvp": "finite-difference", "finite-difference": "jvp", "one-sided": "jvp",
@@ -472,12 +555,15 @@ def cached_validation_gradient(model, tokenizer, pairs, reference_logps: np.ndar
 def influence_scores(model, tokenizer, pairs, validation_pairs, *, policy_logps: np.ndarray,
                      reference_logps: np.ndarray, validation_reference_logps: np.ndarray, beta: float,
                      max_length: int | None, batch_tokens: int = 8192, method: str = "finite-difference",
-                     step: float = DEFAULT_STEP, scope: str = "all", last_k: int = 1, run_dir: Path | None = None,
-                     identity: dict | None = None, check_pairs: int = 4, executor: RayExecutor | None = None
+                     step: float | None = DEFAULT_STEP, scope: str = "all", last_k: int = 1,
+                     run_dir: Path | None = None, identity: dict | None = None, check_pairs: int = 4,
+                     executor: RayExecutor | None = None, layout: str = "padded", info: dict | None = None
                      ) -> np.ndarray:
     """IF of every pair of `pairs` (tables with prompt/chosen/rejected) under `model` (the policy θ): ḡ_val over
     `validation_pairs`, then ⟨ḡ_val, g_w − g_l⟩ by `method`, weighted by β(1 − σ(Δ_θ)) from the given log-probs.
-    A finite difference is checked against exact gradients on `check_pairs` pairs (a warning when off by > 5%)."""
+    A finite difference is checked against exact gradients on `check_pairs` pairs (a warning when off by > 5%);
+    `step=None` chooses its step on those pairs first (`choose_step`). `info`, when given, receives the step taken
+    and the errors of the steps tried."""
     params = scope_parameters(model, scope, last_k)
     identity = {**(identity or {}), "scope": scope, "last_k": last_k if scope == "last_k" else None}
     direction = cached_validation_gradient(model, tokenizer, validation_pairs, validation_reference_logps, params,
@@ -485,12 +571,23 @@ def influence_scores(model, tokenizer, pairs, validation_pairs, *, policy_logps:
     if not all(bool(torch.isfinite(t).all()) for t in direction.values()):
         raise PrefsiftError("the validation gradient ḡ_val is not finite (NaN or inf): every influence would be "
                             "NaN; load the policy in float32 (--dtype float32) or check the validation pairs")
-    directional = directional_derivatives(model, tokenizer, pairs, direction, params, method=method, step=step,
-                                          max_length=max_length, batch_tokens=batch_tokens, run_dir=run_dir,
-                                          identity=identity, executor=executor, policy_logps=policy_logps)
+    differencing = method in ("finite-difference", "one-sided")
+    exact = None
+    if differencing and step is None:
+        step, errors, exact = choose_step(model, tokenizer, pairs, direction, params, method=method,
+                                          max_length=max_length, batch_tokens=batch_tokens,
+                                          n_pairs=check_pairs or 4, layout=layout)
+        if info is not None:
+            info["step_errors"] = errors
+    if info is not None:
+        info["step"] = step
+    directional = directional_derivatives(model, tokenizer, pairs, direction, params, method=method,
+                                          step=DEFAULT_STEP if step is None else step, max_length=max_length,
+                                          batch_tokens=batch_tokens, run_dir=run_dir, identity=identity,
+                                          executor=executor, policy_logps=policy_logps, layout=layout)
     check_finite(directional, policy_logps, reference_logps, method)
-    if method in ("finite-difference", "one-sided") and check_pairs:
+    if differencing and check_pairs:
         check_against_exact(model, tokenizer, pairs, directional, direction, params, max_length=max_length,
-                            n_pairs=check_pairs)
+                            n_pairs=check_pairs, exact=exact)
     margins = beta * ((policy_logps[:, 0] - reference_logps[:, 0]) - (policy_logps[:, 1] - reference_logps[:, 1]))
     return influence(margins, directional, beta)

@@ -82,3 +82,51 @@ def test_compare_refuses_bad_methods(tmp_path):
     result = CliRunner().invoke(app, ["compare", "--data", str(data), "--model", "x", "--methods", "nope",
                                       "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "unknown method 'nope'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.e2e
+def test_compare_counts_what_max_length_leaves_and_what_each_budget_trained(tmp_path, bpe_tokenizer, one_thread):
+    """Issue 22: the 20-pair minimum holds for the test pairs left after max_length drops some, and compare says
+    what each budget trained out of the usable pairs, naming a training that took a single step."""
+    import random
+
+    from helpers import random_text
+
+    from prefsift.data import load_pairs
+    from prefsift.pipeline import split_pairs
+
+    rng = random.Random(7)
+    rows = []
+    for i in range(100):  # every third-ish prompt far past max_length 64: TRL drops those pairs
+        words = 200 if i % 10 < 3 else rng.randint(2, 6)
+        rows.append({"prompt": "\n\nHuman: " + random_text(rng, words) + "\n\nAssistant:",
+                     "chosen": " " + random_text(rng, 3), "rejected": " " + random_text(rng, 3)})
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    model_dir = saved_tiny_llama(tmp_path / "sft", bpe_tokenizer)
+    train_rows, _, test_rows = split_pairs(load_pairs(str(data)), 0.05, 0.25, seed=0)
+    long_rows = {i for i in range(100) if i % 10 < 3}
+    test_dropped = len(set(test_rows.tolist()) & long_rows)
+    usable = len(train_rows) - len(set(train_rows.tolist()) & long_rows)
+    assert len(test_rows) == 25 and len(test_rows) - test_dropped < 20 <= len(test_rows)  # the case under test
+    common = ["compare", "--data", str(data), "--model", str(model_dir), "--methods", "irm", "--fractions", "0.25",
+              "--seeds", "1", "--start-from", "reference", "--no-rule-share", "--test-fraction", "0.25",
+              "--validation-fraction", "0.05", "--max-length", "64", "--learning-rate", "1e-3",
+              "--no-gradient-checkpointing", "--threads", "1"]
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "refused"), "--batch-size", "8"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"of the test split's 25 pairs, {test_dropped} have a prompt that fills max_length=64 and are dropped: "
+            f"{25 - test_dropped} remain (fewer than min_test_pairs=20)") in " ".join(result.output.split())
+
+    out = tmp_path / "cmp"
+    # a batch as large as the data: every training takes one optimizer step, which the table must say
+    result = CliRunner().invoke(app, [*common, "--out", str(out), "--batch-size", "64", "--min-test-pairs", "0"])
+    assert result.exit_code == 0, result.output
+    text = (out / "compare.md").read_text()
+    at_quarter = round(0.25 * usable)
+    assert f"- budget 0.25 trained {at_quarter} of {usable} usable pairs (1 optimizer steps)" in text
+    assert f"- budget full trained {usable} of {usable} usable pairs (1 optimizer steps)" in text
+    assert "- SHORT: irm @ 0.25 (seed 0, from reference): 1 optimizer step reaching" in text
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert {r["n_usable"] for r in records} == {usable}
+    evaluated = (out / "seed-0" / "eval" / "reference-full" / "eval_pairs.jsonl").read_text().splitlines()
+    assert sum(json.loads(x)["correct"] is not None for x in evaluated) == 25 - test_dropped  # accuracy over these

@@ -78,12 +78,42 @@ def compare(config: RunConfig, *, log=print) -> dict:
         settings = settings_of(config)  # the table's tests, corrected together (Holm unless configured else)
         family = claims(rows, **settings)
         rows = annotate(rows, family)
+        trained = what_trained(results["records"])
         table.update(rows=rows, markdown=markdown_table(rows, **settings))
-        (out / "compare.md").write_text("# prefsift compare\n\n" + table["markdown"] + "\n" + _legend(rows, family))
+        (out / "compare.md").write_text("# prefsift compare\n\n" + table["markdown"] + "\n" + _legend(rows, family)
+                                        + "\n" + trained + "\n")
+        log(trained)
         (out / "compare.json").write_text(json.dumps(rows, indent=1, allow_nan=False) + "\n")
 
     results = run_staged(config, log=log, finish=write_table)
     return {**results, "summary": table["rows"], "markdown": table["markdown"]}
+
+
+def what_trained(records: list[dict]) -> str:
+    """What each budget actually trained, from the records (TRL's own count of rows and steps): 'budget 0.5 trained
+    24 of 29 usable pairs' (usable: the training split's pairs whose prompt fits max_length), and every training
+    that ended before its steps reached all its pairs, or took a single optimizer step, named rather than hidden."""
+    by_budget: dict[str, list[dict]] = {}
+    for r in records:
+        if "trained" in r:  # checkpoint rows are shares of the full run's steps, said by their label
+            by_budget.setdefault(r["budget"], []).append(r)
+    usable = sorted({r["n_usable"] for r in records if "n_usable" in r})
+    lines = ["What each budget trained (training split: "
+             + (f"{usable[0]} usable pairs" if len(usable) == 1 else f"{usable} usable pairs") + "):"]
+    for budget, group in by_budget.items():
+        pairs = sorted({r["n_pairs"] for r in group})
+        steps = sorted({r["trained"]["steps"] for r in group})
+        counted = f"{pairs[0]}" if len(pairs) == 1 else f"{pairs[0]}-{pairs[-1]}"
+        lines.append(f"- budget {budget} trained {counted} of {group[0]['n_usable']} usable pairs "
+                     f"({steps[0] if len(steps) == 1 else f'{steps[0]}-{steps[-1]}'} optimizer steps)")
+    short = [r for g in by_budget.values() for r in g
+             if r["trained"]["rows_seen"] < r["trained"]["rows"] or r["trained"]["steps"] <= 1]
+    for r in short:
+        t = r["trained"]
+        lines.append(f"- SHORT: {r['method']} @ {r['budget']} (seed {r['seed']}, from {r['start_from']}): "
+                     f"{t['steps']} optimizer step{'s' if t['steps'] != 1 else ''} reaching {t['rows_seen']} of its "
+                     f"{t['rows']} rows: its row says little about the method")
+    return "\n".join(lines)
 
 
 def _named(claims: list) -> str:
@@ -99,8 +129,9 @@ def _legend(rows: list[dict], family: Family | None = None) -> str:
     full, non-inferior to full; or that none survives the correction."""
     family = family or claims(rows)
     lines = ["Δ random: paired difference from random at the same budget (same seeds, same test items); Δ full: "
-             "from the full data. `seconds`: measured, mean over seeds (scoring passes, the trainings a score needs, "
-             "the subset's training); `compute × full`: pair passes against training on all pairs.", ""]
+             "from the full data. `seconds`: measured, mean over seeds: every part the row used (the reference pass, "
+             "the warm-up and validation model its score or start needs, its scoring passes, its own training); "
+             "`compute × full`: those seconds against training on all pairs.", ""]
     found = [f"Non-inferior to full (margin {family.margin:g}): {_named(picked)}." if verdict == "non-inferior"
              else f"{verdict.capitalize()} than {against}: {_named(picked)}." for verdict, against, picked
              in family.grouped()]

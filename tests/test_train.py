@@ -297,3 +297,180 @@ def test_kto_reference_model_other_than_the_policy(bpe_tokenizer, tiny_llama, tm
     with pytest.raises(ConfigError, match="KTO computes its reference log-probs itself"):
         train_module.make_trainer(LoadedModel(tiny_llama, bpe_tokenizer, "tiny", ""), unpaired, config,
                                   EngineConfig(max_length=64), str(tmp_path), ref_logps=np.zeros((6, 2)))
+
+
+# ------------------------------------------------------------------ LoRA chains, learning rates, no-op trainings
+
+
+def _lora_delta(adapter_dir, module: str, config: dict) -> torch.Tensor:
+    """scale · B @ A of one module of a saved adapter, read straight from its safetensors (peft's merge, by hand)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    a = next(v for k, v in weights.items() if module in k and "lora_A" in k)
+    b = next(v for k, v in weights.items() if module in k and "lora_B" in k)
+    return (config["lora_alpha"] / config["r"]) * (b.double() @ a.double())
+
+
+@pytest.mark.e2e
+def test_a_lora_chain_through_the_walkthrough_keeps_every_step(bpe_tokenizer, tmp_path, monkeypatch, one_thread):
+    """The README walkthrough's trainings with --lora: warm-up from ./sft, the validation and aligned models from
+    warmup/. Each later adapter sits on the warm-up, so the loaded model is SFT + warm-up + its own adapter (computed
+    here from the files by hand), not SFT + its own adapter."""
+    import json
+
+    from helpers import invoke, saved_tiny_llama, write_jsonl
+    from safetensors.torch import load_file
+
+    saved_tiny_llama(tmp_path / "sft", bpe_tokenizer)
+    write_jsonl(tmp_path / "train.jsonl", make_pairs(24, seed=61))
+    write_jsonl(tmp_path / "validation.jsonl", make_pairs(16, seed=62))
+    monkeypatch.chdir(tmp_path)
+    common = ("--lora", "--lora-r", 4, "--lora-alpha", 8, "--batch-size", 8, "--max-length", 64,
+              "--no-gradient-checkpointing")
+    for command in (("--data", "train.jsonl", "--model", "./sft", "--out", "warmup/"),
+                    ("--data", "validation.jsonl", "--model", "warmup/", "--reference", "./sft", "--out",
+                     "validation/"),
+                    ("--data", "train.jsonl", "--model", "warmup/", "--reference", "./sft", "--out", "aligned/")):
+        result = invoke("train", *command, *common)
+        assert result.exit_code == 0, result.output
+    recorded = {d: json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in
+                ("warmup", "validation", "aligned")}
+    assert [recorded[d]["base_model_name_or_path"] for d in recorded] == ["./sft", "warmup/", "warmup/"]
+    # the LoRA default learning rate, recorded with the run
+    assert json.loads((tmp_path / "aligned" / "manifest.json").read_text())["config"]["learning_rate"] == 5e-5
+    sft = load_file(str(tmp_path / "sft" / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    warmup = _lora_delta(tmp_path / "warmup", "layers.0.self_attn.q_proj", recorded["warmup"])
+    for directory in ("validation", "aligned"):
+        own = _lora_delta(tmp_path / directory, "layers.0.self_attn.q_proj", recorded[directory])
+        loaded = load_model(directory, device="cpu", dtype="float32").model.state_dict()[name].double()
+        chained, alone = sft[name].double() + warmup + own, sft[name].double() + own
+        assert float(warmup.abs().max()) > 2e-5 and float(own.abs().max()) > 2e-5  # both adapters learned
+        torch.testing.assert_close(loaded, chained, rtol=0, atol=1e-6)
+        assert float((loaded - alone).abs().max()) > 20 * 1e-6  # the warm-up is in it
+    # a chain's fingerprint follows its base's content: the same adapter on another warm-up is another model
+    assert load_model("aligned/", device="cpu").fingerprint != load_model("warmup/", device="cpu").fingerprint
+
+
+def test_lora_on_a_model_no_directory_holds_saves_the_whole_model(bpe_tokenizer, tmp_path, one_thread):
+    """A model trained in memory (or built from a config) has no directory an adapter could name as its base: a LoRA
+    training of it saves the merged model, which reloads as the model trained."""
+    pairs = Dataset.from_list(make_pairs(8, seed=63))
+    loaded = LoadedModel(make_tiny_llama(bpe_tokenizer, seed=3), bpe_tokenizer, "t", "x")
+    first = train(loaded, pairs, TrainConfig(batch_size=8, lora=True, lora_r=4, lora_alpha=8), ENGINE)
+    assert first.model.__dict__.get("name_or_path") == ""  # trained in memory: on no directory any more
+    second = train(loaded, pairs, TrainConfig(batch_size=8, lora=True, lora_r=4, lora_alpha=8, seed=1), ENGINE,
+                   tmp_path / "out")
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    reloaded = load_model(str(tmp_path / "out"), device="cpu", dtype="float32").model.state_dict()
+    for name, value in second.model.state_dict().items():
+        torch.testing.assert_close(reloaded[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_an_adapter_whose_base_is_gone_is_one_line(bpe_tokenizer, tmp_path, one_thread):
+    from helpers import saved_tiny_llama
+
+    from prefsift.errors import ModelError
+
+    saved_tiny_llama(tmp_path / "sft", bpe_tokenizer)
+    base = load_model(str(tmp_path / "sft"), device="cpu")
+    train(base, Dataset.from_list(make_pairs(8, seed=64)), TrainConfig(batch_size=8, lora=True, lora_r=4),
+          ENGINE, tmp_path / "adapter")
+    (tmp_path / "sft").rename(tmp_path / "moved")
+    with pytest.raises(ModelError, match=r"sits on .*sft .*which is not there"):
+        load_model(str(tmp_path / "adapter"), device="cpu")
+
+
+def test_learning_rate_defaults_depend_on_lora():
+    from prefsift.config import FULL_LEARNING_RATE, LORA_LEARNING_RATE
+
+    assert TrainConfig().learning_rate == FULL_LEARNING_RATE == 1e-6
+    assert TrainConfig(lora=True).learning_rate == LORA_LEARNING_RATE == 5e-5
+    assert TrainConfig(lora=True, learning_rate=1e-6).learning_rate == 1e-6  # given: kept
+
+
+def test_a_training_that_moves_nothing_is_an_error(bpe_tokenizer, tmp_path, one_thread):
+    """At a learning rate whose steps are below float rounding the weights do not change: an error, nothing saved.
+    The same training at an ordinary rate passes (the check is not always on)."""
+    pairs = Dataset.from_list(make_pairs(16, seed=65))
+
+    def run(rate: float, out=None):
+        model = make_tiny_llama(bpe_tokenizer, seed=5)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        train(LoadedModel(model, bpe_tokenizer, "t", "x"), pairs, TrainConfig(batch_size=8, learning_rate=rate),
+              ENGINE, out)
+        return max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters())
+
+    with pytest.raises(ConfigError, match=r"training moved nothing: after 2 steps at --learning-rate 1e-20 the "
+                                          r"trainable weights changed by 0\.0e\+00 of their size"):
+        run(1e-20, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.safetensors"))  # nothing saved
+    assert run(1e-6) > 1e-7
+
+
+def test_a_training_with_no_step_is_an_error(bpe_tokenizer, monkeypatch, one_thread):
+    from transformers import Trainer
+
+    monkeypatch.setattr(Trainer, "train", lambda self, *a, **k: None)  # as if the loop ended before its first step
+    with pytest.raises(ConfigError, match="training took no optimizer step"):
+        train(LoadedModel(make_tiny_llama(bpe_tokenizer), bpe_tokenizer, "t", "x"),
+              Dataset.from_list(make_pairs(8, seed=66)), TrainConfig(batch_size=8), ENGINE)
+
+
+# ------------------------------------------------------------------ what a training prints
+
+
+def test_trls_per_row_prefix_warning_is_one_line_with_a_count(bpe_tokenizer, caplog, one_thread):
+    """Prompts ending inside a word tokenize differently alone and joined to their completion: TRL logs a warning
+    for each (its text quotes the row); prefsift says it once, with the count, and TRL's lines stay off."""
+    import logging
+    import random
+
+    from helpers import random_text
+
+    rng = random.Random(67)
+    rows = []
+    for k in range(12):
+        words = random_text(rng, 6).split()
+        cut = k < 9  # nine prompts end inside their last word
+        rows.append({"prompt": " ".join(words)[:-2] if cut else " ".join(words),
+                     "chosen": " ".join(words)[-2:] + " yes" if cut else " yes",
+                     "rejected": " ".join(words)[-2:] + " no" if cut else " no"})
+    with caplog.at_level(logging.WARNING), warnings_recorded() as caught:
+        train(LoadedModel(make_tiny_llama(bpe_tokenizer), bpe_tokenizer, "t", "x"), Dataset.from_list(rows),
+              TrainConfig(batch_size=4, learning_rate=1e-3), ENGINE, quiet=True)
+    assert not [r for r in caplog.records if "not a prefix" in r.getMessage()]
+    said = [str(w.message) for w in caught if "not a prefix" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("9 of 12 training rows: the tokenized prompt is not a prefix")
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]  # the libraries' deprecations: off
+
+
+def warnings_recorded():
+    import warnings
+
+    class Recorder(warnings.catch_warnings):
+        def __enter__(self):
+            caught = super().__enter__()
+            warnings.simplefilter("always")
+            return caught
+
+    return Recorder(record=True)
+
+
+def test_the_training_bar_counts_pairs_with_their_rate_and_the_time_left(bpe_tokenizer, capsys, monkeypatch,
+                                                                         one_thread):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    train(LoadedModel(make_tiny_llama(bpe_tokenizer), bpe_tokenizer, "t", "x"),
+          Dataset.from_list(make_pairs(20, seed=68)),
+          TrainConfig(batch_size=8, epochs=2, learning_rate=1e-3, logging_steps=2), ENGINE)
+    captured = capsys.readouterr()
+    err = captured.err
+    final = err.replace("\r", "\n").strip().splitlines()
+    bar = [line for line in final if line.startswith("training:")]
+    # 2 epochs of 20 pairs in steps of 8 (8, 8, 4 an epoch): 40 pairs; elapsed<left and pairs/s
+    assert bar and "40/40" in bar[-1] and "pair/s" in bar[-1] and "<00:00" in bar[-1], bar[-1:]
+    assert not [line for line in final if "it/s" in line]  # transformers' step bar is gone
+    out = captured.out + err
+    assert "step 2/6: loss" in out and "reward margin" in out and "reward accuracy" in out
+    assert "Tokenizing train dataset" not in out  # TRL's preprocessing passes: no bar each

@@ -116,11 +116,19 @@ def _assert_same(a, b, rtol: float = RTOL, metrics: bool = True) -> None:
 
 
 @pytest.mark.parametrize("case", ["plain", "lora", "checkpointing", "lora+checkpointing", "truncated",
-                                  "conversational"])
-def test_packed_step_is_trls_step(bpe_tokenizer, tmp_path, one_thread, case):
+                                  "conversational", "chunked head", "chunked head+checkpointing"])
+def test_packed_step_is_trls_step(bpe_tokenizer, tmp_path, one_thread, monkeypatch, case):
     options = {"plain": {}, "lora": {"lora": True}, "checkpointing": {"checkpointing": True},
                "lora+checkpointing": {"lora": True, "checkpointing": True}, "truncated": {"max_length": 30},
-               "conversational": {}}[case]
+               "conversational": {}, "chunked head": {},
+               "chunked head+checkpointing": {"checkpointing": True}}[case]
+    head_chunks = []
+    if case.startswith("chunked head"):
+        # the LM head in chunks of 7 positions, each recomputed in the backward pass (its logits are not kept):
+        # the gradients and TRL's per-token metrics still come out exactly, in order
+        monkeypatch.setattr(training, "HEAD_ELEMENTS", 7 * len(bpe_tokenizer))
+        real = training._chunk_logps
+        monkeypatch.setattr(training, "_chunk_logps", lambda *a: head_chunks.append(a[4]) or real(*a))
     rows = _rows(conversational=case == "conversational", n=12 if case == "truncated" else 8)
     ours, theirs, batch = _trainers(bpe_tokenizer, tmp_path, rows, **options)
     assert ours.model.is_activation_checkpointing == case.endswith("checkpointing")
@@ -131,6 +139,9 @@ def test_packed_step_is_trls_step(bpe_tokenizer, tmp_path, one_thread, case):
     assert ours._prefsift_packed is True
     _assert_same(mine, trls)
     assert mine[0] > 0.01 and abs(mine[0] - 0.6931) > 1e-3  # a real loss, not log 2
+    if head_chunks:  # several chunks, each run twice: forward, then again in the backward pass
+        chunks = sorted(set(head_chunks))
+        assert len(chunks) > 3 and sorted(head_chunks) == sorted(chunks * 2)
 
 
 def test_weighted_packed_step_is_the_weighted_step_on_trls_forward(bpe_tokenizer, tmp_path, one_thread):
@@ -162,8 +173,8 @@ def test_bf16_autocast_step_is_close_to_trls(bpe_tokenizer, tmp_path, one_thread
 
 def test_the_packed_forward_is_what_runs(bpe_tokenizer, tmp_path, one_thread, monkeypatch):
     calls = []
-    real = training.packed_logps
-    monkeypatch.setattr(training, "packed_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = training._head_logps
+    monkeypatch.setattr(training, "_head_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
     ours, _, batch = _trainers(bpe_tokenizer, tmp_path, _rows())
     _step(ours, batch)
     assert len(calls) == 1
@@ -206,8 +217,8 @@ def test_a_model_the_packed_forward_does_not_hold_for_trains_on_trls_forward(bpe
     """A sliding-window config (the packed forward supplies its own mask): TRL's own forward, one warning, the
     same step."""
     calls = []
-    real = training.packed_logps
-    monkeypatch.setattr(training, "packed_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = training._head_logps
+    monkeypatch.setattr(training, "_head_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def windowed():
         model = make_tiny_llama(bpe_tokenizer, seed=1)
@@ -232,8 +243,8 @@ def test_rows_past_the_engines_long_pair_limit_train_on_trls_forward(bpe_tokeniz
     from prefsift.engine import tokenize
 
     calls = []
-    real = training.packed_logps
-    monkeypatch.setattr(training, "packed_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = training._head_logps
+    monkeypatch.setattr(training, "_head_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
     ours, theirs, batch = _trainers(bpe_tokenizer, tmp_path, _rows())
     monkeypatch.setattr(tokenize, "LONG_PAIR_TOKENS", 16)
     with warnings.catch_warnings(record=True) as caught:

@@ -90,6 +90,11 @@ class ScoreConfig(Checked):
 
 
 ALGOS = ("dpo", "kto")
+# Learning-rate defaults. All weights: TRL's DPO default. A LoRA adapter starts at zero (B = 0) and moves only through
+# its low-rank factors: TRL's PEFT guide puts LoRA at ~10x the full rate, and 1e-6 with LoRA left TRL's
+# rewards/margins at 0.0015 on 60 HH pairs (issue 22); 5e-5 sits in the 5e-6..1e-4 range of LoRA DPO recipes.
+FULL_LEARNING_RATE = 1e-6
+LORA_LEARNING_RATE = 5e-5
 CORRECTIONS = ("holm", "bh")  # prefsift.stats's corrections of a table's family of tests
 # transformers' SchedulerType values (a test keeps this list equal to them; importing transformers here would slow
 # every `prefsift --help`)
@@ -103,7 +108,9 @@ class TrainConfig(Checked):
     """DPO / KTO training through TRL. β, max_length and precision are the shared `EngineConfig`'s."""
 
     algo: str = option("dpo", "dpo or kto.", choices=ALGOS)
-    learning_rate: float = option(1e-6, "Peak learning rate (TRL's default 1e-6).", low=0, low_open=True)
+    learning_rate: float | None = option(None, f"Peak learning rate; default {FULL_LEARNING_RATE:g} for all weights "
+                                               f"(TRL's DPO default), {LORA_LEARNING_RATE:g} with --lora (an adapter "
+                                               f"needs ~10-50x more to move as far).", low=0, low_open=True)
     epochs: float = option(1.0, "Passes over the training pairs.", low=0, low_open=True)
     batch_size: int = option(8, "Pairs per device and step.", low=1)
     gradient_accumulation_steps: int = option(1, "Steps accumulated per update.", low=1)
@@ -122,6 +129,10 @@ class TrainConfig(Checked):
                                      "scores.parquet, else a column of the data), lowest first (Selective DPO: "
                                      "easiest first); shuffling is off only then. DPO only.")
     order_descending: bool = option(False, "With --order: highest score first.")
+
+    def check(self) -> None:
+        if self.learning_rate is None:  # the default depends on what trains: every weight, or a LoRA adapter
+            self.learning_rate = LORA_LEARNING_RATE if self.lora else FULL_LEARNING_RATE
 
 
 @dataclasses.dataclass

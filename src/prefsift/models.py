@@ -201,6 +201,53 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> PreTraine
     return tokenizer
 
 
+MAX_ADAPTER_CHAIN = 16  # adapters on adapters: a warm-up, a validation model, an aligned one... never a loop
+
+
+def _load_weights(source: str, common: dict, auto_class: type, chain: tuple[str, ...]
+                  ) -> tuple[PreTrainedModel, str]:
+    """The model at `source` and its fingerprint. A directory holding a LoRA adapter (`prefsift train --lora`) is its
+    base with the adapter merged in, the base loaded the same way: an adapter trained on a model that was itself an
+    adapter names that adapter's directory as its base, so the chain SFT → warm-up → aligned reloads with every
+    step. The merged model's `name_or_path` becomes the adapter's directory, which is what peft records as the base
+    of an adapter trained on it next. An adapter's fingerprint hashes its own files and its base's fingerprint."""
+    directory, gguf_file = split_gguf(source)
+    adapter = Path(directory) / "adapter_config.json"
+    if not adapter.is_file():
+        model = _from_pretrained(source, common, auto_class)
+        if not Path(directory).exists():  # a hub model: its revision is the fingerprint
+            return model, f"hub:{source}@{getattr(model.config, '_commit_hash', None)}"
+        return model, fingerprint_files(directory, gguf_file)
+    from peft import PeftModel
+
+    try:
+        base_source = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        raise ModelError(f"{adapter} is not a readable adapter config (JSON)") from None
+    if not base_source or not isinstance(base_source, str):
+        raise ModelError(f"{adapter} names no base model (base_model_name_or_path)")
+    if not (Path(directory) / "adapter_model.safetensors").is_file():
+        # peft would fall back to adapter_model.bin, a pickle: loading it can run code
+        raise ModelError(f"{directory} holds no adapter_model.safetensors: prefsift loads adapter weights "
+                         f"from safetensors only (convert a .bin with peft's save_pretrained)")
+    here = str(Path(directory).resolve())
+    if here in chain or len(chain) >= MAX_ADAPTER_CHAIN:
+        raise ModelError(f"{adapter}: its chain of base models loops back or runs past {MAX_ADAPTER_CHAIN} adapters "
+                         f"(base_model_name_or_path {base_source})")
+    base_path = Path(base_source)  # a directory, or a .gguf file
+    if looks_local(base_source) and not base_path.exists():
+        raise ModelError(f"the LoRA adapter {directory} sits on {base_source} (base_model_name_or_path in "
+                         f"{adapter}), which is not there: restore that model, or edit the path (relative paths "
+                         f"are read from the current directory)")
+    if not base_path.exists():  # a hub id: offline, at once
+        go_offline_unless_reachable()
+    base, base_fingerprint = _load_weights(base_source, common, auto_class, (*chain, here))
+    model = PeftModel.from_pretrained(base, directory).merge_and_unload()
+    model.name_or_path = directory  # peft's base of the next adapter: this one, so the chain keeps every step
+    own = fingerprint_files(directory, None)
+    return model, hashlib.sha256(f"{own}:{base_fingerprint}".encode()).hexdigest()[:16]
+
+
 def load_model(
     source: str,
     *,
@@ -229,22 +276,8 @@ def load_model(
     _quiet_transformers()
     common = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
               "attn_implementation": attn_implementation, **model_kwargs}
-    adapter = Path(directory) / "adapter_config.json"
     try:
-        if adapter.is_file():  # a LoRA adapter saved by `prefsift train --lora`: load its base, merge
-            from peft import PeftModel
-
-            base_source = json.loads(adapter.read_text()).get("base_model_name_or_path")
-            if not base_source:
-                raise ModelError(f"{adapter} names no base model (base_model_name_or_path)")
-            if not (Path(directory) / "adapter_model.safetensors").is_file():
-                # peft would fall back to adapter_model.bin, a pickle: loading it can run code
-                raise ModelError(f"{directory} holds no adapter_model.safetensors: prefsift loads adapter weights "
-                                 f"from safetensors only (convert a .bin with peft's save_pretrained)")
-            base = _from_pretrained(base_source, common, auto_class)
-            model = PeftModel.from_pretrained(base, directory).merge_and_unload()
-        else:
-            model = _from_pretrained(source, common, auto_class)
+        model, fingerprint = _load_weights(source, common, auto_class, ())
         model.to(torch_device).eval()
     except ModelError:
         raise
@@ -256,12 +289,6 @@ def load_model(
             reason = f"the hub is unreachable (offline) and it is not in the local cache ({reason[:120]})"
         raise ModelError(f"cannot load model from '{source}' onto {torch_device}: {reason}") from None
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    if not Path(directory).exists():  # a hub model: its revision is the fingerprint
-        fingerprint = f"hub:{source}@{getattr(model.config, '_commit_hash', None)}"
-    else:
-        fingerprint = fingerprint_files(directory, gguf_file)
-        if adapter.is_file():  # an adapter means nothing without the base it sits on
-            fingerprint = hashlib.sha256(f"{fingerprint}:{model.config._name_or_path}".encode()).hexdigest()[:16]
     return LoadedModel(model, tokenizer, source, fingerprint)
 
 

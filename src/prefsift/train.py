@@ -14,6 +14,7 @@ Two more things the subclass adds, each only when asked:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import time
@@ -26,10 +27,16 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
+from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.data_utils import unpair_preference_dataset
 
-from prefsift.config import EngineConfig, TrainConfig  # noqa: F401 (TrainConfig: re-exported)
+from prefsift.config import (  # noqa: F401 (TrainConfig: re-exported)
+    FULL_LEARNING_RATE,
+    LORA_LEARNING_RATE,
+    EngineConfig,
+    TrainConfig,
+)
 from prefsift.engine import Engine
 from prefsift.engine.tokenize import TokenizedPair, non_finite_logps, pad_id
 from prefsift.engine.training import policy_for
@@ -182,6 +189,145 @@ class TrainResult:
     @property
     def saw_every_row(self) -> bool:
         return self.rows_seen >= self.rows
+
+
+class _PrefixWarnings:
+    """Stands in for the `logger` of TRL's DPO and KTO trainer modules while they tokenize: TRL warns once a distinct
+    message that "the tokenized prompt is not a prefix of the tokenized prompt+completion", and the message quotes
+    the row's own text, so instruction data printed one warning a row. Those are counted here (each call, not only
+    the distinct ones) and said once; any other message goes to TRL's logger."""
+
+    MARK = "tokenized prompt is not a prefix"
+
+    def __init__(self, inner) -> None:
+        self.inner, self.count, self.example = inner, 0, ""
+
+    def _counted(self, message) -> bool:
+        if isinstance(message, str) and self.MARK in message:
+            self.count += 1
+            if not self.example:  # the cut tail TRL quotes: "...training sequence: '<tail>'. The model..."
+                self.example = message.partition("training sequence: ")[2].partition(". The model")[0][:40]
+            return True
+        return False
+
+    def warning_once(self, message, *args, **kwargs) -> None:
+        if not self._counted(message):
+            self.inner.warning_once(message, *args, **kwargs)
+
+    def warning(self, message, *args, **kwargs) -> None:
+        if not self._counted(message):
+            self.inner.warning(message, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def summary(self, rows: int) -> str:
+        example = f" (e.g. {self.example} cut)" if self.example else ""
+        return (f"{self.count} of {rows} training rows: the tokenized prompt is not a prefix of prompt + completion "
+                f"(a chat template rendering the prompt alone differently, or tokens merging across the "
+                f"boundary); TRL starts each completion where they diverge{example}, so the end of the prompt is "
+                f"trained as part of no sequence. End prompts on a token boundary, or check the chat template")
+
+
+@contextlib.contextmanager
+def _library_noise():
+    """While TRL builds or runs a trainer: its per-row prefix warning counted into one line (`_PrefixWarnings`), the
+    libraries' FutureWarnings (deprecations between TRL and transformers a user cannot act on) and the datasets bars
+    of TRL's preprocessing kept off the terminal."""
+    import datasets
+    from trl.trainer import dpo_trainer, kto_trainer
+
+    modules = (dpo_trainer, kto_trainer)
+    saved = [module.logger for module in modules]
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # TRL's map passes over the pairs (tokenizing, adding EOS): a bar each
+    counter = _PrefixWarnings(saved[0])
+    for module in modules:
+        module.logger = counter if module is dpo_trainer else _PrefixWarnings(module.logger)
+    kto_counter = kto_trainer.logger
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield counter
+    finally:
+        counter.count += kto_counter.count
+        counter.example = counter.example or kto_counter.example
+        for module, logger in zip(modules, saved, strict=True):
+            module.logger = logger
+        if bars:
+            datasets.enable_progress_bars()
+
+
+class PairsProgress(TrainerCallback):
+    """The training bar: pairs (KTO: rows) done of those the steps will reach, with pairs/s and the time left (tqdm's
+    rate and estimate, from the steps so far), and TRL's logged loss and reward margin as one short line each.
+    Replaces transformers' bar, which counts optimizer steps."""
+
+    def __init__(self, rows: int, unit: str = "pair") -> None:
+        self.rows, self.unit, self.bar, self.done = rows, unit, None, 0
+
+    def _per_step(self, args) -> int:
+        return args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        # the steps' pairs: whole epochs over every row, then the steps of a last, partial epoch
+        per_step, epochs = self._per_step(args), float(args.num_train_epochs)
+        steps_per_epoch = max(1, math.ceil(self.rows / per_step))
+        whole = min(int(epochs), state.max_steps // steps_per_epoch)
+        rest = state.max_steps - whole * steps_per_epoch
+        self.total = whole * self.rows + min(self.rows, rest * per_step)
+        self.bar = tqdm(total=self.total, desc="training", unit=self.unit, dynamic_ncols=True,
+                        disable=bool(os.environ.get("TQDM_DISABLE", "")))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            step = min(self._per_step(args), self.total - self.done)
+            self.done += step
+            self.bar.update(step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs or "loss" not in logs:
+            return
+        names = {"loss": "loss", "rewards/margins": "reward margin", "rewards/accuracies": "reward accuracy"}
+        shown = [f"{name} {logs[key]:.4g}" for key, name in names.items() if isinstance(logs.get(key), float)]
+        self.bar.write(f"step {state.global_step}/{state.max_steps}: {', '.join(shown)}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(self.total - self.done)
+            self.bar.close()
+            self.bar = None
+
+
+class WeightSample:
+    """A fixed sample of every trainable tensor's values (up to 256 evenly spaced entries a tensor), to tell after
+    training whether the steps moved the model at all without a copy of its weights."""
+
+    PER_TENSOR = 256
+
+    def __init__(self, model) -> None:
+        self.entries = []
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    flat = param.detach().reshape(-1)
+                    index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), self.PER_TENSOR),
+                                           device=flat.device).long()
+                    self.entries.append((param, index, flat[index].double().clone()))
+
+    def relative_change(self) -> float:
+        """‖sample after − sample before‖ / ‖sample before‖ (inf when the sample was all zeros and moved)."""
+        moved = size = 0.0
+        with torch.no_grad():
+            for param, index, before in self.entries:
+                after = param.detach().reshape(-1)[index].double()
+                moved += float(((after - before) ** 2).sum())
+                size += float((before ** 2).sum())
+        if size == 0:
+            return math.inf if moved > 0 else 0.0
+        return math.sqrt(moved / size)
 
 
 def autocast_dtype(engine: EngineConfig, device: torch.device) -> torch.dtype:
@@ -387,17 +533,28 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
            ref_logps: np.ndarray | None, output_dir: str, start: float, quiet: bool,
            order: np.ndarray | None, callbacks: list, reference: LoadedModel | None = None) -> TrainResult:
     forward_before = loaded.model.__dict__.get("forward")  # e.g. accelerate's device-map hook, or nothing
+    # the directory holding the weights training starts from (transformers' `name_or_path`, an adapter's own
+    # directory for a model loaded from one: models.py); None for a model built in memory or trained before
+    start_weights = loaded.model.__dict__.get("name_or_path") or None
     check_finite_weights(loaded, "--model", "before training")  # a broken model is not a diverged training
-    trainer, kept = make_trainer(loaded, pairs, config, engine, output_dir, ref_logps, quiet, order, reference)
+    with _library_noise() as prefix_rows:  # TRL's per-row tokenization warning, counted; FutureWarnings off
+        trainer, kept = make_trainer(loaded, pairs, config, engine, output_dir, ref_logps, quiet, order, reference)
+    if prefix_rows.count:
+        warnings.warn(prefix_rows.summary(len(trainer.train_dataset)), stacklevel=3)
     for callback in callbacks:
         trainer.add_callback(callback)
-    if quiet:  # with tqdm off, transformers swaps the bar for a callback that prints every log line
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-    trainer.train()
+    # transformers' bar counts steps (and with tqdm off, a callback prints every log line): prefsift's counts pairs
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if not quiet:
+        trainer.add_callback(PairsProgress(len(trainer.train_dataset), "pair" if config.algo == "dpo" else "row"))
+    before = WeightSample(trainer.model)
+    with _library_noise():
+        trainer.train()
     check_finite(trainer, config, engine)  # before anything is saved: NaN weights are no model
+    check_moved(trainer, before, config)  # nor is the model it started from
     rows, rows_seen, epochs_done = coverage(trainer)
     model = trainer.model
     # TRL's fused LM head replaces `forward` on the instance with a method bound to THIS object; a deepcopy of the
@@ -406,14 +563,23 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
         loaded.model.__dict__.pop("forward", None)
     else:
         loaded.model.forward = forward_before
-    if out_dir is not None:
-        trainer.save_model(str(out_dir))  # safetensors weights (or the LoRA adapter) + tokenizer
-        loaded.tokenizer.save_pretrained(str(out_dir))
-    if hasattr(model, "merge_and_unload"):
+    lora = hasattr(model, "merge_and_unload")
+    if out_dir is not None and (not lora or start_weights is not None):
+        # safetensors weights, or the LoRA adapter naming `start_weights` as its base (a chain of adapters reloads
+        # with every step: models.py)
+        trainer.save_model(str(out_dir))
+    if lora:
         # A LoRA policy continues as a plain model (the adapter merged in), so it can be scored, copied and
         # trained again with a fresh adapter, as the TIF pipeline's warm-up model is.
         model = model.merge_and_unload()
         loaded.model = model
+        if out_dir is not None and start_weights is None:
+            # no directory holds the weights the adapter sits on: an adapter naming any base would reload without
+            # them, so the whole model is saved
+            model.save_pretrained(str(out_dir))
+    if out_dir is not None:
+        loaded.tokenizer.save_pretrained(str(out_dir))
+    model.name_or_path = ""  # its weights are no longer those of any directory: a later adapter must not name one
     model.eval()
     too_long = sorted(set(range(len(pairs))) - set(kept.tolist()))
     return TrainResult(model, time.perf_counter() - start, len(kept), trainer.state.log_history, too_long, rows,
@@ -440,6 +606,29 @@ def check_finite(trainer, config: TrainConfig, engine: EngineConfig) -> None:
     if trainer.args.fp16:
         fix += ", or train in bfloat16 or float32 (--dtype): float16 overflows"
     raise ConfigError(f"training diverged after {trainer.state.global_step} steps: {' and '.join(what)}; {fix}")
+
+
+# Below this relative change of its trainable weights a training left the model where it was: about ten float32
+# roundings (2^-23 ≈ 1.2e-7 of a weight). One Adam step moves each weight by about the learning rate, so a full
+# training at 1e-6 moves weights of size ~0.02 by ~5e-5 of themselves, far above it.
+NO_MOVE = 1e-6
+
+
+def check_moved(trainer, before: WeightSample, config: TrainConfig) -> None:
+    """One line when a training moved nothing: no optimizer step, or steps that changed the trainable weights by no
+    more than float rounding (the implicit reward margin β·Δlog-ratio of every pair is then at noise level, and
+    a score or an evaluation of "the trained model" would read the model it started from)."""
+    steps = trainer.state.global_step
+    if steps == 0:
+        raise ConfigError("training took no optimizer step: nothing was trained; give more pairs, a larger "
+                          "--epochs or a smaller --batch-size")
+    change = before.relative_change()
+    if change < NO_MOVE:
+        raise ConfigError(f"training moved nothing: after {steps} step{'s' if steps != 1 else ''} at "
+                          f"--learning-rate {config.learning_rate:g} the trainable weights changed by {change:.1e} "
+                          f"of their size (float rounding is ~1e-7), so every implicit reward margin is at noise "
+                          f"level; raise --learning-rate (default {FULL_LEARNING_RATE:g} for all weights, "
+                          f"{LORA_LEARNING_RATE:g} with --lora) or train longer (--epochs)")
 
 
 def coverage(trainer) -> tuple[int, int, int | float]:

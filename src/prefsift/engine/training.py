@@ -13,8 +13,9 @@ each row holds its completion's summed log-prob at its first completion position
 `.sum(dim=1)` gives the sums exactly. The losses that need per-token log-probs (`sft`, WPO's `use_weighting`, LD-DPO's
 `ld_alpha`) keep TRL's own forward (`packed_unsupported`). The metrics' per-token fields (entropy, the mean logit,
 whether the label is the top token) are computed, without gradient, from the completion positions' logits as the
-chunked head produces them (a hook on the LM head), so TRL logs the same `entropy`, `logits/chosen`,
-`logits/rejected` and `mean_token_accuracy`.
+chunked head produces them, so TRL logs the same `entropy`, `logits/chosen`, `logits/rejected` and
+`mean_token_accuracy`. Each chunk of the head runs under activation checkpointing: a training step keeps one chunk's
+positions × vocabulary logits, not every completion position's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from trl.trainer.utils import FusedCausalLMOutput
 
 from prefsift.engine import tokenize
-from prefsift.engine.forward import _backbone_and_head, _scale_logits, packed_batch, packed_logps
+from prefsift.engine.forward import HEAD_ELEMENTS, _backbone_and_head, _scale_logits, packed_batch
 from prefsift.engine.tokenize import TokenizedPair
 
 _TRL_CALL = {"input_ids", "attention_mask", "labels", "use_cache"}  # the keywords of TRL's policy call
@@ -73,43 +74,70 @@ def _slots(pairs: list[TokenizedPair]) -> tuple[list[int], list[int]]:
 
 
 class _HeadStats:
-    """Per-token entropy, mean logit and top-1 of the LM head's output chunks during a packed pass, without
-    gradient: a forward hook on the head, which `packed_logps` calls once a chunk of completion positions, in
-    order."""
+    """Per-token entropy, mean logit and top-1 of the LM head's output on the scored positions, without gradient,
+    recorded chunk by chunk as `_head_logps` computes them (once a chunk: the backward's recomputation of a chunk
+    records nothing)."""
 
-    def __init__(self, config, targets: torch.Tensor) -> None:
-        self.config, self.targets, self.done = config, targets, 0
-        self.entropy, self.mean, self.top1 = [], [], []
+    def __init__(self) -> None:
+        self.chunks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, module, args, output) -> None:
+    def record(self, lo: int, logits: torch.Tensor, logps: torch.Tensor, targets: torch.Tensor) -> None:
+        if lo in self.chunks:
+            return
         with torch.no_grad():
-            logits = _scale_logits(self.config, output.detach().float())
-            logps = logits.log_softmax(-1)
-            targets = self.targets[self.done:self.done + len(logits)]
-            self.done += len(logits)
-            self.entropy.append(-(logps.exp() * logps).sum(-1))
-            self.mean.append(logits.mean(-1))
-            self.top1.append(logits.argmax(-1) == targets)  # argmax: the first maximum, as TRL's is_top1
+            logits, logps = logits.detach(), logps.detach()
+            # argmax: the first maximum, as TRL's is_top1
+            self.chunks[lo] = (-(logps.exp() * logps).sum(-1), logits.mean(-1), logits.argmax(-1) == targets)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.cat(self.entropy), torch.cat(self.mean), torch.cat(self.top1)
+        parts = [self.chunks[lo] for lo in sorted(self.chunks)]
+        if not parts:  # no scored token in the batch
+            return torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+        return tuple(torch.cat([part[k] for part in parts]) for k in range(3))  # type: ignore[return-value]
+
+
+def _chunk_logps(config, head, hidden: torch.Tensor, targets: torch.Tensor, lo: int,
+                 stats: _HeadStats | None) -> torch.Tensor:
+    logits = _scale_logits(config, head(hidden).float())
+    logps = logits.log_softmax(-1)
+    if stats is not None:
+        stats.record(lo, logits, logps, targets)
+    return logps.gather(-1, targets[:, None])[:, 0]
+
+
+def _head_logps(config, head, hidden: torch.Tensor, targets: torch.Tensor, stats: _HeadStats | None
+                ) -> torch.Tensor:
+    """log p(target) of each scored position, through the LM head a chunk of positions at a time (forward.py's
+    HEAD_ELEMENTS), each chunk under activation checkpointing: its logits and log-softmax, positions × vocabulary in
+    fp32 twice over, are not kept for the backward pass but recomputed there one chunk at a time, so a training
+    step holds one chunk's logits instead of every completion position's (TRL's fused head does the same). The cost
+    is one more LM-head matmul a completion position in the backward pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    step = max(1, HEAD_ELEMENTS // head.weight.shape[0])
+    out = []
+    for lo in range(0, hidden.shape[0], step):
+        args = (config, head, hidden[lo:lo + step], targets[lo:lo + step], lo, stats)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            out.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_logps(*args))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def packed_policy_logps(model, pairs: list[TokenizedPair], pad_id: int, stats: bool = False
                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """(n, 2) summed chosen / rejected log-probs of `pairs` on the packed layout, differentiable (float64), and, when
-    `stats`, the per-token (entropy, mean logit, top-1) of the scored tokens in `packed_batch`'s order."""
+    `stats`, the per-token (entropy, mean logit, top-1) of the scored tokens in `packed_batch`'s order. The same
+    computation as forward.packed_logps, its LM head checkpointed chunk by chunk (`_head_logps`)."""
     batch = packed_batch(model, pairs, pad_id)
-    if not stats:
-        return packed_logps(model, batch), None
-    base, _, head = _backbone_and_head(model)
-    recorder = _HeadStats(base.config, batch.targets)
-    handle = head.register_forward_hook(recorder)
-    try:
-        sums = packed_logps(model, batch)
-    finally:
-        handle.remove()
-    return sums, recorder.tensors()
+    base, backbone, head = _backbone_and_head(model)
+    recorder = _HeadStats() if stats else None
+    hidden = backbone(**batch.inputs).last_hidden_state
+    token_logps = _head_logps(base.config, head, hidden[batch.rows, batch.predictors], batch.targets, recorder)
+    sums = torch.zeros(batch.n_pairs * 2, dtype=torch.float64, device=hidden.device)
+    sums = sums.index_add(0, batch.index, token_logps.double()).view(batch.n_pairs, 2)
+    return sums, (recorder.tensors() if recorder is not None else None)
 
 
 def packed_output(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_id: int

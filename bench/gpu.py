@@ -1,4 +1,4 @@
-"""Benchmark on a GPU: the log-prob engine and exact influence on Llama shapes with random weights, in one table.
+"""Benchmark on a GPU: the log-prob engine, exact influence and DPO training on Llama shapes with random weights.
 
 Issues 8 and 10 ask for GPU figures that a CPU cannot give: tokens/s and model FLOPs utilisation (MFU) of the
 log-prob pass in bf16 with the fast attention kernels, its ratio to TRL's reference pass there, and the speed of
@@ -10,20 +10,33 @@ TRL and prefsift each tokenize text as they do on real data, and every token id 
 the two shapes of bench/logps.py: transcripts (long prompts, short answers) and instructions (short prompts, long
 answers), cut to fit max_length (no truncation on either side).
 
-Rows of the log-prob table (model in --dtype, default bf16, SDPA attention):
-  floor       one causal forward over each pair's unique tokens (prompt|chosen|rejected as one row, right-padded,
-              no mask: the flash kernel) and the LM head on the completion positions only: the speed of light
-  prefsift    `logps_of_tokenized`, the path rule's choice per batch; then each exact path forced
-  TRL         TRL's `DPOTrainer._precompute_ref_logps` on its own tokenized rows (prompt twice, padded)
+Rows of the log-prob table (model in --dtype, default bf16, SDPA attention), "x floor" over the unpadded floor:
+  floor (padded)    one causal forward over each pair's unique tokens (prompt|chosen|rejected as one row,
+                    right-padded, no mask: the flash kernel) and the LM head on the completion positions only
+  floor (unpadded)  the same tokens with no padding: a batch one flat sequence, each pair one causal document
+                    (FlashAttention's varlen kernel), the head on completions only: the speed of light
+  prefsift          `logps_of_tokenized`, the path rule's choice per batch; then each exact padded path forced
+  unpadded flex / jagged   the unpadded layout (EngineConfig.layout), compiled flex's length buckets warmed first
+  TRL               TRL's `DPOTrainer._precompute_ref_logps` on its own tokenized rows (prompt twice, padded)
 MFU counts the useful FLOPs (unique tokens through the backbone, the head on scored positions, the attention
 entries the pairs need) over seconds × the card's dense peak.
 
 Rows of the influence table (fp32, TF32 off: finite differences need it; per `bench/influence.py`): the log-prob
 pass (IRM's cost), finite difference, jvp, per-example gradients; seconds a pair, × the pass, per-example / it,
-Spearman and largest error against per-example.
+Spearman and largest error against per-example; the one-sided difference also at the step `choose_step` takes on
+4 check pairs (no hand-set step; the choice's once-off seconds apart).
 
-    python bench/gpu.py --shapes tiny --device cpu --dtype float32      # check the script anywhere (~15 s)
-    python bench/gpu.py --shapes 0.6b 1.8b --json bench/results/gpu.json   # on a GPU (see bench/README.md)
+The training table: one DPO epoch of --train-pairs pairs, prefsift's `train` against TRL's DPOTrainer on fresh
+copies of the same model (fp32 weights, autocast to --dtype), as bench/train.py compares them on a CPU.
+
+The JSON (--json) is written after every table, with the commit and whether the tree was dirty; --minutes starts no
+further table past that time.
+
+    # check the script anywhere (~2 minutes on a busy 2-core CPU):
+    python bench/gpu.py --shapes tiny --device cpu --dtype float32 --n-pairs 16 --max-length 128 \
+        --influence-pairs 8 --n-val 4 --train-pairs 8 --repeats 1 --json bench/results/gpu-tiny-cpu.json
+    # on one GPU, every table (docs/benchmarks.md):
+    python bench/gpu.py --shapes 0.6b 1.8b --max-length 1024 --minutes 7 --json bench/results/gpu.json
 """
 
 from __future__ import annotations
@@ -166,6 +179,35 @@ def floor_pass(model, tokenized: list[TokenizedPair], batch_tokens: int) -> None
         prefsift.engine.forward._token_logps(base.config, head, hidden[at], targets)
 
 
+@torch.inference_mode()
+def floor_unpadded_pass(model, tokenized: list[TokenizedPair], batch_tokens: int) -> None:
+    """The unpadded floor: each batch one flat sequence of its pairs' unique tokens, no padding at all, each pair one
+    causal document (variable-length attention: FlashAttention's varlen kernel on a GPU in bf16, else SDPA a pair at
+    a time), the head on completion positions only."""
+    forward = prefsift.engine.forward
+    base, backbone, head = forward._backbone_and_head(model)
+    device = head.weight.device
+    plan = prefsift.engine.paths.BatchPlan.of(tokenized, batch_tokens)
+    for batch in plan.batches:
+        pairs = [tokenized[i] for i in batch]
+        lengths = [len(p) for p in pairs]
+        ids = torch.tensor([t for p in pairs for t in p.prompt_ids + p.chosen_ids + p.rejected_ids], device=device)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+        flat = forward.FlatBatch("jagged", ids[None], positions[None], torch.zeros(0, dtype=torch.long),
+                                 torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), len(pairs))
+        flat.documents = flat.back = torch.arange(len(ids), device=device)
+        flat.bounds = torch.tensor(starts, dtype=torch.int32, device=device)
+        flat.longest = max(lengths)
+        with forward._flat_attention_on(model, flat):
+            hidden = backbone(input_ids=flat.input_ids, position_ids=flat.position_ids, use_cache=False
+                              ).last_hidden_state[0]
+        cols = [int(start) + c for start, p in zip(starts, pairs, strict=False)
+                for c in range(len(p.prompt_ids) - 1, len(p) - 1)]
+        at = torch.tensor(cols, device=device)
+        forward._token_logps(base.config, head, hidden[at], ids[at + 1])
+
+
 def useful_flops(model, tokenized: list[TokenizedPair]) -> float:
     """Forward FLOPs the pairs need: 2 × backbone weights a unique token, 2 × hidden × vocab a scored position, and
     4 × width × layers an attention entry of the prompt|chosen / prompt|rejected causal pattern."""
@@ -222,13 +264,24 @@ def logps_table(args, name: str, shape: Shape, device: str, keep) -> None:
             pad = pad_id(tokenizer)
             logps_of_tokenized(model, kept[:2], pad_id=pad, batch_tokens=args.batch_tokens)  # path checks, warm-up
             seconds: dict[str, float] = {}
-            _, seconds["floor"] = best_of(args.repeats, device, floor_pass, model, kept, args.batch_tokens)
+            floor_unpadded_pass(model, kept[:2], args.batch_tokens)  # warm-up
+            _, seconds["floor (padded)"] = best_of(args.repeats, device, floor_pass, model, kept, args.batch_tokens)
+            _, seconds["floor (unpadded)"] = best_of(args.repeats, device, floor_unpadded_pass, model, kept,
+                                                     args.batch_tokens)
             ours, seconds["prefsift"] = best_of(args.repeats, device, logps_of_tokenized, model, tokenized, pad_id=pad,
                                                 batch_tokens=args.batch_tokens)
             for path in ("packed", "cached"):
                 _, seconds[f"prefsift {path}"] = best_of(args.repeats, device, logps_of_tokenized, model, tokenized,
                                                          pad_id=pad, batch_tokens=args.batch_tokens, path=path)
-            difference = None
+            layouts = {}
+            for layout in ("flex", "jagged"):  # the unpadded layout; warm-up first: the check, compiled flex's buckets
+                logps_of_tokenized(model, tokenized, pad_id=pad, batch_tokens=args.batch_tokens, layout=layout)
+                if not prefsift.engine.paths.VERDICTS.flat.get(model, {}).get(layout):
+                    continue  # failed its check (warned): the row would time the padded layout
+                layouts[layout], seconds[f"unpadded {layout}"] = best_of(
+                    args.repeats, device, logps_of_tokenized, model, tokenized, pad_id=pad,
+                    batch_tokens=args.batch_tokens, layout=layout)
+            difference, layout_difference = None, {}
             if trainer is not None:
                 tokenized_by_trl = trl_rows(trainer, tokenizer, rows)
                 trl_out, seconds["TRL"] = best_of(args.repeats, device, trainer._precompute_ref_logps,
@@ -238,9 +291,12 @@ def logps_table(args, name: str, shape: Shape, device: str, keep) -> None:
                                                               trl_out["ref_rejected_logps"]], 1)
                 both = ~np.isnan(theirs[:, 0]) & ~np.isnan(ours[:, 0])
                 difference = float(np.max(np.abs(theirs[both] - ours[both]) / np.abs(theirs[both])))
+                layout_difference = {layout: float(np.max(np.abs(theirs[both] - values[both]) / np.abs(theirs[both])))
+                                     for layout, values in layouts.items()}
             record = {"shape": name, "parameters": n_params, "dtype": args.dtype, "data": data_shape,
                       "max_length": max_length, "pairs": len(kept), "unique_tokens": unique, "useful_flops": flops,
-                      "seconds": seconds, "peak_flops": peak, "max_relative_difference_to_trl": difference}
+                      "seconds": seconds, "peak_flops": peak, "max_relative_difference_to_trl": difference,
+                      "unpadded_max_relative_difference_to_trl": layout_difference}
             print_logps(record)
             keep(record)
 
@@ -250,12 +306,13 @@ def print_logps(r: dict) -> None:
           f"{r['pairs']} pairs, {r['unique_tokens']:,} unique tokens"
           + (f"; prefsift vs TRL: largest relative difference {r['max_relative_difference_to_trl']:.1e}"
              if r["max_relative_difference_to_trl"] is not None else ""))
-    print(f"{'':<18}{'seconds':>9}{'x floor':>9}{'tokens/s':>12}{'MFU':>7}{'TRL / it':>10}")
+    print(f"{'':<18}{'seconds':>9}{'x floor':>9}{'tokens/s':>12}{'MFU':>7}{'TRL / it':>10}   (x the unpadded floor)")
     s = r["seconds"]
     for label, t in s.items():
         mfu = f"{r['useful_flops'] / t / r['peak_flops']:.0%}" if r["peak_flops"] else "-"
         vs_trl = f"{s['TRL'] / t:.2f}" if "TRL" in s else "-"
-        print(f"{label:<18}{t:>9.3f}{t / s['floor']:>9.2f}{r['unique_tokens'] / t:>12,.0f}{mfu:>7}{vs_trl:>10}")
+        print(f"{label:<18}{t:>9.3f}{t / s['floor (unpadded)']:>9.2f}{r['unique_tokens'] / t:>12,.0f}{mfu:>7}"
+              f"{vs_trl:>10}")
 
 
 def per_example_flop_ratio(model, tokenized: list[TokenizedPair | None]) -> float:
@@ -304,6 +361,14 @@ def influence_table(args, name: str, shape: Shape, device: str) -> dict:
                "jvp": (inf.forward_ad, (model, tokenizer, train, direction, params), kw),
                "per-example gradients": (inf.per_example, (model, tokenizer, train, direction, params), kw)}
     seconds, values = {}, {}
+    # the one-sided difference with its step chosen on 4 check pairs (`choose_step`: a once-off cost, timed apart)
+    inf.choose_step(model, tokenizer, train.select(range(4)), direction, params, method="one-sided",
+                    batch_tokens=args.batch_tokens, n_pairs=2, **kw)  # warm-up
+    (step, step_errors, _), t_step = best_of(1, device, inf.choose_step, model, tokenizer, train, direction, params,
+                                             method="one-sided", batch_tokens=args.batch_tokens, **kw)
+    methods["one-sided (chosen step)"] = (inf.finite_difference, (model, tokenizer, train, direction, params),
+                                          {"batch_tokens": args.batch_tokens, "base_logps": policy, "step": step,
+                                           **kw})
     for label, (fn, fn_args, fn_kwargs) in methods.items():
         warm = (fn_args[0], fn_args[1][:2]) if label.startswith("log-prob") else \
             (*fn_args[:2], train.select(range(2)), *fn_args[3:])
@@ -322,8 +387,12 @@ def influence_table(args, name: str, shape: Shape, device: str) -> dict:
     t_pass, t_pe = seconds["log-prob pass (IRM)"], seconds["per-example gradients"]
     record = {"shape": name, "data": args.data_shapes[0], "max_length": max_length, "pairs": n, "n_val": len(val),
               "seconds": seconds, "validation_gradient_seconds": t_val, "per_example_over_fd_flop_ratio": bound,
-              "accuracy": {label: accuracy(values[label]) for label in ("finite difference", "one-sided", "jvp")},
-              "one_sided_with_policy_pass_x": (t_pass + seconds["one-sided"]) / t_pass}
+              "accuracy": {label: accuracy(values[label]) for label in ("finite difference", "one-sided", "jvp",
+                                                                        "one-sided (chosen step)")},
+              "one_sided_with_policy_pass_x": (t_pass + seconds["one-sided"]) / t_pass,
+              "chosen_step": step, "chosen_step_errors": {repr(k): v for k, v in step_errors.items()},
+              "choose_step_seconds": t_step,
+              "one_sided_chosen_step_with_policy_pass_x": (t_pass + seconds["one-sided (chosen step)"]) / t_pass}
     print(f"\ninfluence, {name} fp32 (TF32 off), {record['data']} at max_length {max_length}: {n} training pairs, "
           f"{len(val)} validation pairs; ḡ_val {t_val / len(val):.4f} s a validation pair")
     print(f"{'':<24}{'s/pair':>9}{'x pass':>8}{'pe / it':>9}{'spearman':>10}{'max rel err':>13}")
@@ -332,7 +401,73 @@ def influence_table(args, name: str, shape: Shape, device: str) -> dict:
         print(f"{label:<24}{t / n:>9.4f}{t / t_pass:>8.2f}{t_pe / t:>9.1f}{rho:>10.5f}{err:>13.2e}")
     print(f"per-example / finite difference in FLOPs alone: {bound:.2f}x (the rest of 'pe / it' is utilisation)")
     print(f"one-sided influence with the policy's own pass: {record['one_sided_with_policy_pass_x']:.2f}x a log-prob "
-          f"pass (ḡ_val's once-off cost aside)")
+          f"pass (ḡ_val's once-off cost aside); at the step chosen on 4 check pairs ({step:g}, chosen in "
+          f"{t_step:.1f} s once): {record['one_sided_chosen_step_with_policy_pass_x']:.2f}x")
+    return record
+
+
+def training_table(args, name: str, shape: Shape, device: str) -> dict:
+    """One DPO epoch on the same pairs, as bench/train.py compares them: prefsift's `train` (its engine's reference
+    pass, its packed policy forward) against TRL's DPOTrainer (precompute_ref_log_probs, its own forward), each on a
+    fresh copy of the same random-weight model, with the very arguments prefsift gives TRL (`train._common_args`):
+    fp32 weights, autocast to --dtype on a GPU. Timed: building the trainer (the reference pass) and training, and
+    the training loop alone (transformers' train_runtime); the logged losses must agree."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from prefsift.config import EngineConfig, TrainConfig
+    from prefsift.models import LoadedModel
+    from prefsift.train import _common_args, train
+
+    max_length = args.max_length[0]
+    tokenizer = word_tokenizer(shape.vocab)
+    pairs = Dataset.from_list(synthetic_rows(args.data_shapes[0], args.train_pairs, max_length, shape.vocab, seed=2))
+    on_gpu = device.startswith("cuda")
+    compute = getattr(torch, args.dtype) if on_gpu else torch.float32
+    config = TrainConfig(epochs=1, batch_size=args.train_batch_size, learning_rate=1e-6, logging_steps=1, seed=0)
+    engine = EngineConfig(max_length=max_length, dtype=str(compute).removeprefix("torch."), device=device,
+                          batch_tokens=args.batch_tokens)
+    sides: dict[str, dict] = {}
+    for side in ("prefsift", "TRL"):
+        model = make_model(shape, torch.float32, device)
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        start = time.perf_counter()
+        if side == "prefsift":
+            result = train(LoadedModel(model, tokenizer, f"random {name}", f"random-{name}-seed0"), pairs, config,
+                           engine, quiet=True)
+            history = result.log_history
+        else:
+            with tempfile.TemporaryDirectory() as scratch:
+                common = _common_args(config, engine, scratch, compute, on_gpu) | {"disable_tqdm": True}
+                trainer = DPOTrainer(model=model, args=DPOConfig(**common, precompute_ref_log_probs=True),
+                                     train_dataset=pairs, processing_class=tokenizer)
+                trainer.train()
+                history = trainer.state.log_history
+        sync(device)
+        sides[side] = {"seconds": time.perf_counter() - start,
+                       "train_loop_seconds": next(h["train_runtime"] for h in history if "train_runtime" in h),
+                       "losses": [h["loss"] for h in history if "loss" in h],
+                       "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None}
+        del model
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+    ours, theirs = sides["prefsift"]["losses"], sides["TRL"]["losses"]
+    record = {"shape": name, "data": args.data_shapes[0], "max_length": max_length, "pairs": len(pairs),
+              "batch_size": config.batch_size, "compute_dtype": str(compute), "sides": sides,
+              "max_loss_difference": float(np.max(np.abs(np.subtract(ours, theirs)))) if len(ours) == len(theirs)
+              else None}
+    print(f"\ntraining, {name} (fp32 weights, {compute} compute), one DPO epoch of {len(pairs)} {record['data']} pairs"
+          f" at max_length {max_length}, batch {config.batch_size}")
+    print(f"{'':<10}{'seconds':>9}{'loop s':>9}{'peak GB':>9}")
+    for side, r in sides.items():
+        memory = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
+        print(f"{side:<10}{r['seconds']:>9.2f}{r['train_loop_seconds']:>9.2f}{memory:>9}")
+    print(f"TRL / prefsift: {sides['TRL']['seconds'] / sides['prefsift']['seconds']:.2f}x whole, "
+          f"{sides['TRL']['train_loop_seconds'] / sides['prefsift']['train_loop_seconds']:.2f}x loop; logged losses "
+          f"differ by at most {record['max_loss_difference']}")
     return record
 
 
@@ -360,33 +495,58 @@ def main() -> None:
     parser.add_argument("--influence-pairs", type=int, default=64, help="training pairs of the influence table")
     parser.add_argument("--n-val", type=int, default=32, help="validation pairs of the influence table")
     parser.add_argument("--no-influence", dest="influence", action="store_false")
+    parser.add_argument("--train-pairs", type=int, default=64, help="pairs of the training table's epoch")
+    parser.add_argument("--train-batch-size", type=int, default=8, help="the training table's batch (pairs)")
+    parser.add_argument("--no-training", dest="training", action="store_false")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="start no further table after this many minutes (each table's JSON is already written)")
     parser.add_argument("--json", type=Path, help="also write the records here")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu (and --dtype float32) to check the script")
     quiet = prefsift.engine.logps.tqdm
     prefsift.engine.logps.tqdm = lambda *a, **k: quiet(*a, **{**k, "disable": True})  # bars would swamp the table
+    inf.tqdm = prefsift.engine.logps.tqdm
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
              else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
     print(f"device: {where}; torch {torch.__version__}")
+    import transformers
+    import trl
+
+    from prefsift.report import provenance
+
     results = {"command": " ".join(["python", "bench/gpu.py", *sys.argv[1:]]), "when": time.strftime("%Y-%m-%d"),
-               "device": where, "torch": torch.__version__, "logps": [], "influence": []}
+               "device": where, "torch": torch.__version__, "transformers": transformers.__version__,
+               "trl": trl.__version__, **provenance(), "logps": [], "influence": [], "training": [], "skipped": []}
+    started = time.perf_counter()
 
     def keep(part: str, record: dict) -> None:  # saved after each table: a call cut off at its limit keeps the rest
         results[part].append(record)
+        results["minutes"] = (time.perf_counter() - started) / 60
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1))
 
+    def in_time(table: str) -> bool:
+        if args.minutes is None or (time.perf_counter() - started) / 60 < args.minutes:
+            return True
+        keep("skipped", {"table": table, "after_minutes": (time.perf_counter() - started) / 60})
+        print(f"\n{table}: skipped (past --minutes {args.minutes:g})")
+        return False
+
     for name in args.shapes:
-        logps_table(args, name, SHAPES[name], args.device, lambda record: keep("logps", record))
-        if args.influence:
+        if in_time(f"log-probs {name}"):
+            logps_table(args, name, SHAPES[name], args.device, lambda record: keep("logps", record))
+        if args.influence and in_time(f"influence {name}"):
             keep("influence", influence_table(args, name, SHAPES[name], args.device))
+        if args.training and in_time(f"training {name}"):
+            keep("training", training_table(args, name, SHAPES[name], args.device))
         gc.collect()  # the trainer and the model hold references to each other
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
+    print(f"\nall tables in {(time.perf_counter() - started) / 60:.1f} minutes")
 
 
 if __name__ == "__main__":

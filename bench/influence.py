@@ -48,6 +48,7 @@ from prefsift.report import provenance  # noqa: E402
 
 _tqdm = prefsift.engine.logps.tqdm
 prefsift.engine.logps.tqdm = lambda *a, **k: _tqdm(*a, **{**k, "disable": True})  # progress bars would swamp the table
+inf.tqdm = prefsift.engine.logps.tqdm
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -126,6 +127,11 @@ def main() -> None:
                       batch_tokens=args.batch_tokens, **kw)
     one, *t_one = timed(inf.finite_difference, model, tokenizer, train, direction, params, step=args.step,
                         batch_tokens=args.batch_tokens, base_logps=policy, **kw)
+    # no hand-set step: chosen on the 4 check pairs against their per-example gradients (once-off, timed apart)
+    (chosen, step_errors, _), *t_choose = timed(inf.choose_step, model, tokenizer, train, direction, params,
+                                                method="one-sided", batch_tokens=args.batch_tokens, **kw)
+    adaptive, *t_adaptive = timed(inf.finite_difference, model, tokenizer, train, direction, params, step=chosen,
+                                  batch_tokens=args.batch_tokens, base_logps=policy, **kw)
     jvp, *t_jvp = timed(inf.forward_ad, model, tokenizer, train, direction, params, **kw)
     ref, *t_pe = timed(inf.per_example, model, tokenizer, train, direction, params, **kw)
 
@@ -138,6 +144,7 @@ def main() -> None:
     n = int(ok.sum())
     rows = [("log-prob pass (IRM)", t_pass, None), (f"finite difference (step {args.step:g})", t_fd, accuracy(fd)),
             (f"one-sided (step {args.step:g})", t_one, accuracy(one)),
+            (f"one-sided (chosen: {chosen:g})", t_adaptive, accuracy(adaptive)),
             ("jvp (forward-mode AD)", t_jvp, accuracy(jvp)), ("per-example gradients", t_pe, (1.0, 0.0))]
     print(f"model: {name}, fp32 CPU, {args.threads} threads; {n} training pairs, {len(val)} validation pairs, "
           f"max_length {args.max_length}; scope {args.scope} ({n_scope:,} parameters)")
@@ -152,6 +159,11 @@ def main() -> None:
     with_policy = (t_pass[0] + t_one[0]) / t_pass[0]
     print(f"one-sided influence with the policy's own pass: {with_policy:.2f}x a log-prob pass a pair (central: "
           f"{(t_pass[0] + t_fd[0]) / t_pass[0]:.2f}x), ḡ_val's once-off cost aside")
+    adaptive_x = (t_pass[0] + t_adaptive[0]) / t_pass[0]
+    print(f"one-sided at the step chosen on 4 check pairs ({chosen:g}; errors there "
+          f"{', '.join(f'{k:g}: {v:.1e}' for k, v in sorted(step_errors.items()))}): {adaptive_x:.2f}x a log-prob "
+          f"pass with the policy's own; choosing it cost {t_choose[0]:.1f} cpu s once "
+          f"({t_choose[0] / t_pass[0]:.2f} passes of these {n} pairs)")
     print(f"ḡ_val (one backward pass over V): {t_val[0] / len(val):.4f} cpu s a validation pair "
           f"({t_val[0] / len(val) / (t_pass[0] / n):.2f}x a log-prob pass a pair)")
     theta, v = inf._norm(params.values()), inf._norm(direction.values())
@@ -177,7 +189,10 @@ def main() -> None:
                   "max_length": args.max_length, "cpu_wall_seconds": {label: s for label, s, _ in rows},
                   "validation_gradient_cpu_wall_s": t_val, "accuracy": {label: a for label, _, a in rows if a},
                   "step_sweep": sweep, "step_sweep_one_sided": sweep_one, "per_example_over_fd_flop_ratio": flop_ratio,
-                  "one_sided_with_policy_pass_x": with_policy, "provenance": provenance()}
+                  "one_sided_with_policy_pass_x": with_policy, "chosen_step": chosen,
+                  "chosen_step_errors_on_check_pairs": {repr(k): v for k, v in step_errors.items()},
+                  "choose_step_cpu_wall_s": t_choose, "one_sided_chosen_step_with_policy_pass_x": adaptive_x,
+                  "provenance": provenance()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1))
 

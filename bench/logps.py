@@ -56,9 +56,11 @@ from torch.utils.data import DataLoader  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from prefsift.data import load_pairs  # noqa: E402
+from prefsift.engine import forward  # noqa: E402
 from prefsift.engine.paths import _costs, logps_of_tokenized  # noqa: E402
 from prefsift.engine.tokenize import TokenizedPair, _batches, tokenize_pairs  # noqa: E402
 from prefsift.models import load_model  # noqa: E402
+from prefsift.report import provenance  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, not ours to act on
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,12 +190,24 @@ def engine_only(args, model, tokenizer, rows: list[dict]) -> dict:
     torch.set_num_threads(args.threads)  # in case the trainer's accelerator touched it
     trl_tokenized, trl_tok_s = timed(trainer._prepare_dataset, data, tokenizer, config, "train")
 
-    times: dict[str, list[float]] = {"trl": [], "prefsift": [], "packed": [], "cached": []}
+    times: dict[str, list[float]] = {"trl": [], "prefsift": [], "packed": [], "cached": [],
+                                     **{layout: [] for layout in args.layouts}}
+    layout_values: dict[str, np.ndarray] = {}
+    for layout in args.layouts:  # warm-up: the layout's check, and every flat length compiled flex will meet
+        forward.FLEX_COMPILE = layout == "flex compiled"
+        logps_of_tokenized(model, ours_tokenized, pad_id=pad_id, batch_tokens=args.batch_tokens,
+                           layout=layout.split()[0])
     for _ in range(args.repeats):  # alternating sides, so a change of machine load hits all of them
         trl_out, s = timed(trainer._precompute_ref_logps, trl_tokenized, "train", args.trl_batch_size)
         times["trl"].append(s)
         ours, s = timed(logps_of_tokenized, model, ours_tokenized, pad_id=pad_id, batch_tokens=args.batch_tokens)
         times["prefsift"].append(s)
+        for layout in args.layouts:  # the unpadded layout beside the padded rule, same repeat
+            forward.FLEX_COMPILE = layout == "flex compiled"
+            layout_values[layout], s = timed(logps_of_tokenized, model, ours_tokenized, pad_id=pad_id,
+                                             batch_tokens=args.batch_tokens, layout=layout.split()[0])
+            times[layout].append(s)
+        forward.FLEX_COMPILE = None
         if args.paths and not times["packed"]:  # once: they show the rule's choice, not the headline ratio
             for path in ("packed", "cached"):
                 _, s = timed(logps_of_tokenized, model, ours_tokenized, pad_id=pad_id, batch_tokens=args.batch_tokens,
@@ -209,6 +223,9 @@ def engine_only(args, model, tokenizer, rows: list[dict]) -> dict:
             "trl_tokens": trl_token_counts(trainer, trl_tokenized, args.trl_batch_size),
             "prefsift_tokens": tokens["rule"], "packed_tokens": tokens["packed"], "cached_tokens": tokens["cached"],
             "seconds": {k: v for k, v in times.items() if v}, "max_relative_difference": float(rel.max()),
+            "layouts_max_relative_difference_to_trl": {
+                layout: float(np.max(np.abs(theirs[both] - values[both]) / np.abs(theirs[both])))
+                for layout, values in layout_values.items()},
             "tokenize_seconds": {"trl": trl_tok_s, "prefsift": our_tok_s}}
 
 
@@ -251,7 +268,8 @@ def print_record(record: dict) -> None:
     print(f"{'':22s} {'tokens':>8s} {'x floor':>8s} {'seconds':>8s} {'spread':>14s}")
     rows = [("TRL precompute", e["trl_tokens"], "trl"), ("prefsift (rule)", e["prefsift_tokens"], "prefsift"),
             ("prefsift packed only", e["packed_tokens"], "packed"),
-            ("prefsift cached only", e["cached_tokens"], "cached")]
+            ("prefsift cached only", e["cached_tokens"], "cached"),
+            *((f"unpadded {layout}", floor, layout) for layout in e.get("layouts_max_relative_difference_to_trl", {}))]
     for name, tokens, key in rows:
         if key in best:
             spread = f"{min(e['seconds'][key]):.1f}-{max(e['seconds'][key]):.1f}"
@@ -280,6 +298,9 @@ def main() -> None:
     parser.add_argument("--no-paths", dest="paths", action="store_false",
                         help="skip timing prefsift's packed and cached paths forced one at a time")
     parser.add_argument("--no-whole", dest="whole", action="store_false", help="skip the whole-process comparison")
+    parser.add_argument("--layouts", nargs="*", default=[], choices=("flex", "flex compiled", "jagged"),
+                        help="also time these unpadded layouts (EngineConfig.layout) beside the padded rule, each "
+                             "repeat; 'flex compiled': flex attention through torch.compile (a GPU's default)")
     parser.add_argument("--data", default=DEFAULT_DATA, help="preference file read by prefsift.data.load_pairs")
     parser.add_argument("--text-file", default=None, help="instructions: response passages, one a line")
     parser.add_argument("--model", default=default_model(), help="model: .gguf file, local directory or hub id")
@@ -309,8 +330,7 @@ def main() -> None:
                   "machine": {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                               "torch": torch.__version__, "load_average_1min_start": os.getloadavg()[0]},
                   "command": "python bench/logps.py " + " ".join(sys.argv[1:]),
-                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                           text=True).stdout.strip(),
+                  **provenance(),
                   "engine": engine_only(args, loaded.model, loaded.tokenizer, rows)}
         if args.whole:
             with tempfile.TemporaryDirectory() as work:

@@ -10,7 +10,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from prefsift.config import EngineConfig, EvalConfig  # noqa: F401 (EvalConfig: re-exported)
 from prefsift.engine import Engine
@@ -20,6 +19,7 @@ from prefsift.errors import ConfigError, ModelError
 from prefsift.manifest import model_failure
 from prefsift.maths import implicit_reward_margin
 from prefsift.models import LoadedModel
+from prefsift.output import progress as bar
 from prefsift.reference import cached_logps
 
 
@@ -61,7 +61,11 @@ def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int = 128
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     device = next(model.parameters()).device
     answers: list[str] = []
-    progress = tqdm(total=len(texts), desc=desc, unit="prompt", dynamic_ncols=True, disable=quiet or not texts)
+    progress = bar(total=len(texts), desc=desc, unit="prompt", disable=quiet or not texts,
+                   cheaper=f"fewer --eval-prompts (now {len(texts)}), a lower --max-new-tokens (now "
+                           f"{max_new_tokens}) or a GPU (--device cuda)" if device.type == "cpu" else
+                           f"fewer --eval-prompts (now {len(texts)}) or a lower --max-new-tokens (now "
+                           f"{max_new_tokens})")
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True).to(device)

@@ -20,8 +20,12 @@ import os
 import secrets
 import shutil
 import socket
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from prefsift.errors import PrefsiftError
 
@@ -250,3 +254,60 @@ def staged(out: Path, stage: str, *, flag: str = "--out", carry: set[str] | None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# --- what a long pass will cost, said before it is spent --------------------------------------------------------
+ESTIMATE_AFTER = 5.0  # seconds of a pass measured before its rate is trusted (the first batches: compilation, caches)
+ESTIMATE_ABOVE = 60.0  # a pass expected to take longer than this in all gets one line of its cost
+
+
+def cheaper(max_length: int | None, device: str | None, *, sample: str = "a sample of the pairs") -> str:
+    """How to make a model pass cheaper, for the cost line of `progress`: fewer items, shorter sequences, a GPU."""
+    ways = [sample, f"a lower --max-length (now {max_length})" if max_length else "a --max-length"]
+    if not device or device == "cpu":
+        ways.append("a GPU (--device cuda)")
+    return ", ".join(ways[:-1]) + " or " + ways[-1]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class progress(tqdm):  # noqa: N801 - used as tqdm is, a bar in a `with`
+    """A pass's progress bar (tqdm, same arguments) that says what the whole pass will cost, once, when its rate
+    measured over the first ESTIMATE_AFTER seconds puts it past ESTIMATE_ABOVE: the time left, the rate it rests
+    on, and `cheaper` (how to cut it: `cheaper(...)`). A hidden bar (`disable`) says nothing."""
+
+    clock = staticmethod(time.monotonic)  # a test's fake clock replaces it
+
+    def __init__(self, *args, cheaper: str = "", **kwargs) -> None:
+        kwargs.setdefault("dynamic_ncols", True)
+        super().__init__(*args, **kwargs)
+        self.cheaper, self.said = cheaper, False
+        self.began = self.clock()
+        self.out = kwargs.get("file") or sys.stderr
+
+    def update(self, n: float | None = 1) -> bool | None:
+        shown = super().update(n)
+        if not self.said and not self.disable and self.total:
+            self._estimate()
+        return shown
+
+    def _estimate(self) -> None:
+        elapsed = self.clock() - self.began
+        if elapsed < ESTIMATE_AFTER or self.n <= 0:
+            return
+        rate = self.n / elapsed
+        left = (self.total - self.n) / rate
+        self.said = True
+        if elapsed + left <= ESTIMATE_ABOVE:
+            return
+        unit = self.unit if self.unit != "it" else "item"
+        line = (f"{self.desc or 'this pass'}: about {_duration(left)} more for {self.total - self.n:,.0f} of "
+                f"{self.total:,.0f} {unit}s ({_duration(elapsed + left)} in all, at {rate:.3g} {unit}/s measured "
+                f"over the first {self.n:,.0f})")
+        self.write(line + (f"; cheaper: {self.cheaper}" if self.cheaper else ""), file=self.out)

@@ -27,6 +27,17 @@ class ScoreResult:
     seconds: dict[str, float]  # method -> its cost: own time, its passes, the trainings its models needed
     n_dropped: int  # pairs left out here (prompt fills max_length, a non-finite score): NaN in every score column
     dropped: list[dict] = dataclasses.field(default_factory=list)  # dropped.jsonl's records, input rows included
+    wall_seconds: float = 0.0  # the stage's own clock, start to end: what the user waited
+    pass_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # each pass run here, once: role -> s
+    own_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # method -> its work beyond the passes
+
+    def timing(self) -> str:
+        """Times that add up: the wall clock, then each shared pass once and each method's own work. (`seconds`
+        charges a shared pass to every method that reads it, the cost of each method alone: their sum counts a
+        pass as often as methods share it.)"""
+        passes = ", ".join(f"{role} {s:.1f}s" for role, s in self.pass_seconds.items())
+        own = ", ".join(f"{method} {s:.1f}s" for method, s in self.own_seconds.items())
+        return f"in {self.wall_seconds:.1f}s ({f'passes, once each: {passes}; ' if passes else ''}methods: {own})"
 
 
 def _check_pass(resources: Resources, role: str, pair_ids) -> np.ndarray:
@@ -64,8 +75,10 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
         raise ConfigError("scoring needs preference pairs (prompt, chosen, rejected); this data is unpaired (KTO)")
     for scorer in scorers:  # every missing model is named before any model is loaded
         resources.require(scorer.needs, scorer.name)
+    began, passes_before = time.perf_counter(), dict(resources.seconds)
     scores: dict[str, np.ndarray] = {"pair_id": np.asarray(data.pairs["pair_id"], dtype=object)}
     seconds: dict[str, float] = {}
+    own: dict[str, float] = {}
     checked: dict[str, np.ndarray] = {}  # role -> its pass's too-long mask, checked once
     for scorer in scorers:
         for role in scorer.needs:
@@ -80,11 +93,13 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
             sides = embed_items(resources, scorer.params.item, batch_size=getattr(scorer.params, "batch_size", 32))
             resources.seconds["embedder"] = resources.seconds.get("embedder", 0.0) + time.perf_counter() - start
             _check_embeddings(resources, sides, scores["pair_id"])
-        start = time.perf_counter()
+        start, in_passes = time.perf_counter(), sum(resources.seconds.values())
         columns = scorer.score(resources)
         if set(columns) != set(scorer.columns):
             raise RuntimeError(f"scorer {scorer.name} wrote {sorted(columns)}, declared {list(scorer.columns)}")
         seconds[scorer.name] = time.perf_counter() - start + resources.cost(scorer.needs)
+        # a pass the scorer ran itself (a reward model's) is a pass, timed once with the others, not its own work
+        own[scorer.name] = time.perf_counter() - start - (sum(resources.seconds.values()) - in_passes)
         for name, values in columns.items():
             values = np.asarray(values, dtype=float)
             if len(values) != len(data.pairs):
@@ -112,7 +127,8 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
         scores[name] = np.where(dropped, np.nan, scores[name])
     check_dropped(int(dropped.sum()), len(data.pairs), resources.allow_dropped, records)
     scores.update(logps)
-    result = ScoreResult(scores, seconds, int(dropped.sum()), records)
+    ran = {role: t for role, t in resources.seconds.items() if passes_before.get(role) != t}
+    result = ScoreResult(scores, seconds, int(dropped.sum()), records, time.perf_counter() - began, ran, own)
     if out_dir is not None:
         record = {
             "methods": {s.name: {**s.describe(), "seconds": seconds[s.name]} for s in scorers},
@@ -122,8 +138,11 @@ def score_pairs(data: LoadedPairs, scorers: list[Scorer], resources: Resources, 
                      "n_invalid": len(data.invalid), "keys": data.keys},  # `select` re-splits with these
             "models": resources.describe(), "n_dropped_too_long": int(too_long.sum()),
             "n_dropped": result.n_dropped,
+            # what the user waited, each shared pass once and each method's own work: these add up, `seconds` not
+            "timing": {"wall_seconds": result.wall_seconds, "passes": ran, "methods_own": own},
         }
         write_scores(Path(out_dir), scores, data, record, records)
+        result.wall_seconds = time.perf_counter() - began  # the files written too
     return result
 
 

@@ -51,6 +51,7 @@ class AlignmentPotentialParams(MarginParams):
 class AlignmentPotentialScorer(Scorer):
     name = "alignment-potential"
     needs = ("policy", "reference")  # and a reward model or the data's rating columns (missing_input)
+    inputs = "--reward-model, or the data's columns score_chosen and score_rejected"
     columns = ("alignment_potential",)
     Params = AlignmentPotentialParams
 

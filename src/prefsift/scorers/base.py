@@ -48,6 +48,8 @@ class Scorer:
     columns: ClassVar[tuple[str, ...]]  # the score columns it writes
     Params: ClassVar[type[ScorerParams]] = ScorerParams
     ceiling: ClassVar[bool] = False  # selects by hidden labels (a benchmark's oracle): a ceiling, not a method
+    # inputs beyond the roles, in the words `prefsift methods` prints (a reward model or rating columns, ...)
+    inputs: ClassVar[str] = ""
 
     def __init__(self, params: ScorerParams | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -59,6 +61,18 @@ class Scorer:
         """The score columns of each pair's chosen and rejected completion when the method selects completions and
         its subsets train with KTO (ISA, as its paper); None: it selects pairs and they train with DPO."""
         return None
+
+    def requirements(self) -> str:
+        """What the method needs, as the flags and columns a user gives: its roles (the reference defaults to
+        the policy) and its other `inputs`; "nothing" only when it reads nothing but the pairs."""
+        from prefsift.resources import flag_of
+
+        flags = [flag_of(role) for role in self.needs]
+        if "policy" in self.needs and "reference" in self.needs:
+            flags[self.needs.index("reference")] = "--reference (default: --model)"
+        parts = [", ".join(flags)] if flags else []
+        parts += [self.inputs] if self.inputs else []
+        return "; and ".join(parts) or "nothing"
 
     def missing_input(self, has_reward_model: bool, columns: list[str]) -> str | None:
         """Why this scorer cannot score data with these input `columns` (and a reward model or not), beyond the

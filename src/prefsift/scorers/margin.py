@@ -23,6 +23,7 @@ class MarginParams(ScorerParams):
 class MarginScorer(Scorer):
     name = "margin"
     needs = ()  # a reward model is optional: without one, the dataset's rating columns are used
+    inputs = "--reward-model, or the data's columns score_chosen and score_rejected"
     columns = ("margin",)
     Params = MarginParams
 

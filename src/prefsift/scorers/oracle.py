@@ -25,6 +25,10 @@ class OracleScorer(Scorer):
     Params = OracleParams
     ceiling = True
 
+    def requirements(self) -> str:
+        return f"the data's hidden label column {self.params.column} (--param column=...; a benchmark's, real data " \
+               "has none)"
+
     def score(self, resources) -> dict[str, np.ndarray]:
         raw = resources.pairs.raw
         if raw is None or self.params.column not in raw.column_names:

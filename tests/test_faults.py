@@ -1176,3 +1176,32 @@ def test_a_symlinked_out_is_refused_and_recovery_never_follows_a_link(ws, tmp_pa
     shutil.rmtree(out)
     one_line_error(invoke(*score, out), f"--out {out} is a symbolic link (to {mine})")
     assert out.is_symlink() and not stale.exists() and snapshot(mine) == {"notes.txt": b"my notes"}
+
+
+# ---------------------------------------------------------- a training that moved nothing; an adapter's lost base
+
+
+@pytest.mark.e2e
+def test_a_training_that_moved_nothing_is_an_error_and_keeps_the_earlier_model(ws, tmp_path):
+    _, model, _, data = ws
+    out = tmp_path / "trained"
+    args = ("train", "--data", data, "--model", model, "--out", out, "--batch-size", 8, "--no-gradient-checkpointing")
+    assert invoke(*args).exit_code == 0  # the default learning rate moves the model
+    before = snapshot(out)
+    one_line_error(invoke(*args, "--learning-rate", 1e-20), "training moved nothing: after 4 steps",
+                   "at noise level", "raise --learning-rate (default 1e-06 for all weights, 5e-05 with --lora)")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trained"]  # no staging directory, no lock
+
+
+@pytest.mark.e2e
+def test_an_adapter_whose_base_model_is_gone_is_one_line(ws, tmp_path):
+    _, model, _, data = ws
+    base = tmp_path / "sft"
+    shutil.copytree(model, base)
+    adapter = tmp_path / "adapter"
+    assert invoke("train", "--data", data, "--model", base, "--out", adapter, "--lora", "--lora-r", 4,
+                  "--batch-size", 8, "--no-gradient-checkpointing").exit_code == 0
+    shutil.rmtree(base)
+    one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", adapter, "--out", tmp_path / "o"),
+                   f"the LoRA adapter {adapter} sits on {base}", "which is not there")

@@ -54,6 +54,9 @@ class DataConfig(Checked):
     chosen_key: str = option("chosen", "Input column holding the chosen response.")
     rejected_key: str = option("rejected", "Input column holding the rejected response.")
     on_invalid: str = option("skip", "Invalid rows: 'skip' (report and go on) or 'fail'.", choices=("skip", "fail"))
+    chat_template: bool = option(False, "Plain-text prompts and completions as user / assistant messages, so the "
+                                        "model's chat template formats them (an HH transcript as its turns); the "
+                                        "tokenizer must have one.")
 
 
 @dataclasses.dataclass

@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "demo.json")
     parser.add_argument("--methods", default=None, help="comma-separated methods instead of the default set (`tif` "
                                                            "as the demo labels it: tif-band-at-a-budget)")
+    parser.add_argument("--start-from", choices=("both", "warmup", "reference"), default=DemoConfig.start_from,
+                        help="the subsets' starting model(s) (DemoConfig.start_from)")
     parser.add_argument("--task", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of the synthetic task (TaskConfig), e.g. validation_shift=family; repeatable")
     args = parser.parse_args()
@@ -90,12 +92,14 @@ def main() -> None:
     methods = list(ALL_METHODS) if args.all else DemoConfig().methods
     if args.methods:
         methods = [TIF_AT_A_BUDGET if m.strip() == "tif" else m.strip() for m in args.methods.split(",")]
-    config = DemoConfig(task=task, seeds=args.seeds, methods=methods)
+    config = DemoConfig(task=task, seeds=args.seeds, methods=methods, start_from=args.start_from)
     code, changed, start = commit(), uncommitted(), time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         results = run_demo(Path(out), seed=args.seed, config=config)
     command = (f"python bench/demo.py --seed {args.seed} --seeds {args.seeds}" + (" --all" if args.all else "")
-               + (f" --methods {args.methods}" if args.methods else "") + "".join(f" --task {t}" for t in args.task))
+               + (f" --methods {args.methods}" if args.methods else "")
+               + (f" --start-from {args.start_from}" if args.start_from != DemoConfig.start_from else "")
+               + "".join(f" --task {t}" for t in args.task))
     record = {"command": command, "commit": code, "uncommitted": changed, "config": asdict(config),
               "machine": machine(), "wall_seconds": round(time.perf_counter() - start, 1), **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1205,3 +1205,28 @@ def test_an_adapter_whose_base_model_is_gone_is_one_line(ws, tmp_path):
     shutil.rmtree(base)
     one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", adapter, "--out", tmp_path / "o"),
                    f"the LoRA adapter {adapter} sits on {base}", "which is not there")
+
+
+# ------------------------------------------------------------------ the log-prob cache: never trusted when damaged
+
+
+def test_a_damaged_or_unwritable_log_prob_cache_is_one_warning_and_the_same_scores(ws, tmp_path, monkeypatch):
+    _, model, _, data = ws
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PREFSIFT_CACHE", str(cache))
+    args = ("score", "--data", data, "--method", "irm", "--model", model)
+    assert invoke(*args, "--out", tmp_path / "a").exit_code == 0
+    (entry,) = cache.rglob("*.parquet")
+    entry.write_bytes(entry.read_bytes()[:100])  # a kill on a filesystem without atomic rename, a bad disk
+    result = invoke(*args, "--out", tmp_path / "b")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    warned = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "ignoring the unreadable log-prob cache entry" in warned[0], result.output
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("mine\n")
+    monkeypatch.setenv("PREFSIFT_CACHE", str(blocked))
+    result = invoke(*args, "--out", tmp_path / "c")
+    assert result.exit_code == 0 and "could not write the log-prob cache" in result.output, result.output
+    assert blocked.read_text() == "mine\n"
+    scores = [pq.read_table(tmp_path / d / "scores.parquet").to_pydict() for d in "abc"]
+    assert scores[0] == scores[1] == scores[2]

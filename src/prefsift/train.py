@@ -222,11 +222,11 @@ class _PrefixWarnings:
         return getattr(self.inner, name)
 
     def summary(self, rows: int) -> str:
-        example = f" (e.g. {self.example} cut)" if self.example else ""
+        example = f" (e.g. {self.example})" if self.example else ""
         return (f"{self.count} of {rows} training rows: the tokenized prompt is not a prefix of prompt + completion "
-                f"(a chat template rendering the prompt alone differently, or tokens merging across the "
-                f"boundary); TRL starts each completion where they diverge{example}, so the end of the prompt is "
-                f"trained as part of no sequence. End prompts on a token boundary, or check the chat template")
+                f"(the prompt ends inside a token, or a chat template renders it alone differently); TRL starts "
+                f"each completion where the two diverge and leaves that end of the prompt{example} out of training. "
+                f"End prompts on a token boundary, or check the chat template")
 
 
 @contextlib.contextmanager

@@ -1,15 +1,18 @@
 """What a run bought: results.json (one record per method, budget and seed, a summary per method and budget with
 intervals and paired differences, the table's tests corrected together, and the commit it ran on), timings.json
-(the seconds, which no two machines share), a Markdown table and a plot of quality against the compute each row
-used."""
+(the seconds, which no two machines share), results.md (the verdict, then the table) and a plot of quality against
+the compute each row used. `verdict`: the subset a corrected table supports, read from it and nothing else."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from prefsift.stats import claims
+from prefsift.stats import CONFIDENCE, Family, claims
 
 TIMING_FIELDS = ("seconds",)
 
@@ -20,6 +23,19 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.0f}" if value.is_integer() and abs(value) >= 10 else f"{value:.3f}"
     return str(value)
+
+
+# A stage writes into a staging sibling of its output, `.NAME.staging-PID-HEX` (`prefsift.output.staged`), and swaps
+# it in as NAME when done: a report written inside (the demo's) is named for where it will live.
+STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.staging-\d+-[0-9a-f]+$")
+
+
+def run_name(run_dir: str | Path) -> str:
+    """A run's own name: its directory's final name (of the absolute path, so `.` names the directory it is),
+    or, for a staging directory a stage is still writing, the name the stage will swap it in as."""
+    name = Path(os.path.abspath(run_dir)).name
+    match = STAGING_NAME.match(name)
+    return match["name"] if match else name
 
 
 def one_line(record: dict) -> str:
@@ -71,6 +87,202 @@ def markdown_table(summary: list[dict], *, correction: str | None = None, alpha:
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     return table + ("\n" + family.legend() + "\n" if legend else "")
+
+
+METRIC_WORDS = {"win_rate": ("win rate", "eval prompts"), "pref_accuracy": ("preference accuracy", "test pairs")}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a table lets a user do, in a headline and the lines behind it. `kind`: "subset" (train on `row`: better
+    than random and non-inferior to full at less compute), "non-inferior" (`row` is non-inferior to full at less
+    compute, not shown better than random), "beats-random" (`row` is better than random, nothing cheaper than full
+    is shown non-inferior to it), "none" (no subset is supported) or "insufficient" (one seed, or no tests)."""
+
+    kind: str
+    headline: str
+    details: tuple[str, ...]
+    row: dict | None = None
+
+    def markdown(self) -> str:
+        return f"{self.headline}\n\n" + "".join(f"- {line}\n" for line in self.details)
+
+
+def _signed(row: dict, name: str) -> str:
+    if name + "_low" not in row:
+        return f"{row[name]:+.3f}" if name in row else "–"
+    return f"{row[name]:+.3f} [{row[name + '_low']:+.3f}, {row[name + '_high']:+.3f}]"
+
+
+def _ratio(row: dict) -> float:
+    """The row's compute against full's (`compute_ratio`); infinite when the run has no full row to divide by."""
+    ratio = row.get("compute_ratio")
+    return float("inf") if ratio is None else float(ratio)
+
+
+def _share(row: dict) -> str:
+    return "an unknown share of" if row.get("compute_ratio") is None else f"{row['compute_ratio']:.2f}×"
+
+
+def verdict(summary: list[dict], family: Family, metric: str | None = None) -> Verdict:
+    """The subset a corrected table supports, and why: a plain reading of `family` (`prefsift.stats.claims` over
+    `summary`), never more. On `metric` (default: the win rate when the table has one, else preference accuracy):
+
+    1. a row better than random at its budget and non-inferior to (or better than) full, at less compute than full
+       (`compute_ratio` < 1), the cheapest such: "subset";
+    2. else the cheapest row non-inferior to full at less compute (random's own rows included: then a random subset
+       of that size suffices): "non-inferior";
+    3. else the row furthest above random among those better than it: "beats-random";
+    4. else "none". A row worse than random on any metric is never chosen, nor, in 1 and 2, one worse than full
+       (beyond the margin) on any metric.
+
+    With one training seed, or no tests at all, the evidence is "insufficient" whatever survives: the intervals
+    cover the test items only, not training noise. Every line quotes the intervals and verdicts of the table."""
+    if metric is None:
+        metric = "win_rate" if any("win_rate" in r for r in summary) else "pref_accuracy"
+    words, items = METRIC_WORDS[metric]
+    rule = f"{family.rule()} over the table's {len(family.claims)} tests"
+    starts = {r["start_from"] for r in summary}
+
+    def label(row: dict) -> str:
+        start = f", from the {'warm-up' if row['start_from'] == 'warmup' else row['start_from']} model"
+        return f"{row['method']} @ {row['budget']} ({row['n_pairs']:.0f} pairs{start if len(starts) > 1 else ''})"
+
+    tested = [i for i, r in enumerate(summary) if not r.get("ceiling")
+              and (family.tested(i, metric, "random") or family.tested(i, metric, "full"))]
+    if not tested:
+        return Verdict("insufficient", "The evidence is insufficient to choose a subset: the table has no tests "
+                       f"on {words} (no random or full row beside the methods, or records without per-item "
+                       "outcomes).", ())
+    seeds = min(int(summary[i].get("n_seeds", 1)) for i in tested)
+    if seeds < 2:
+        found = (f" Items alone, {len(family.survivors())} of the {len(family.claims)} tests survive {family.rule()}."
+                 if family.claims else "")
+        return Verdict("insufficient", "The evidence is insufficient to choose a subset: one training seed, so the "
+                       "intervals and tests cover the test items only, not training noise; rerun with seeds: 3 or "
+                       "more.", (f"Held-out {words} over {_items(summary, tested[0], metric)} {items}.{found}",))
+
+    def worse(i: int, against: str, metric: str) -> bool:  # worse, and (against full) not even within the margin
+        return family.verdict(i, metric, against) == "worse" and not (
+            against == "full" and family.verdict(i, metric, "full", "noninferior") == "non-inferior")
+
+    # a row worse than random on any metric is never chosen; one worse than full may still beat random at its budget
+    candidates = [i for i in tested if summary[i]["method"] != "full" and not any(worse(i, "random", m)
+                                                                                  for m in METRIC_WORDS)]
+    better = [i for i in candidates if family.verdict(i, metric, "random") == "better"]
+    def reaches_full(i: int) -> bool:  # on the verdict's metric: non-inferior to full, or better than it
+        return (family.verdict(i, metric, "full", "noninferior") == "non-inferior"
+                or family.verdict(i, metric, "full") == "better")
+
+    matches_full = [i for i in candidates if reaches_full(i) and not any(worse(i, "full", m) for m in METRIC_WORDS)]
+    cheaper = [i for i in matches_full if _ratio(summary[i]) < 1.0]
+
+    def cheapest(rows: list[int]) -> int:
+        return min(rows, key=lambda i: (_ratio(summary[i]), -summary[i][metric]))
+
+    # what the table says against full when no row qualifies, of every row (not only the candidates)
+    near_full = [i for i in tested if summary[i]["method"] != "full" and reaches_full(i)]
+    if not any(family.verdict(i, metric, "random") == "better" for i in tested):
+        none_random = f"none beats random on {words}"
+    else:  # only rows that lose to random on another metric
+        none_random = f"the rows that beat random on {words} are worse than it on another metric"
+    if not any(family.tested(i, metric, "full") for i in tested):
+        none_full = "the run trained no full-data row, so nothing is tested against it"
+    elif not near_full:
+        none_full = f"nothing is non-inferior to the full data (within {family.margin:g})"
+    elif not any(_ratio(summary[i]) < 1.0 for i in near_full):
+        none_full = f"nothing cheaper than the full data is non-inferior to it (within {family.margin:g})"
+    else:
+        none_full = (f"the rows non-inferior to the full data (within {family.margin:g}) at less compute are worse "
+                     "than random, or than full beyond the margin, on another metric")
+    if set(cheaper) & set(better):
+        pick = cheapest(sorted(set(cheaper) & set(better)))
+        kind = "subset"
+        versus = "better than" if family.verdict(pick, metric, "full") == "better" else "non-inferior to"
+        headline = (f"Train on {label(summary[pick])}: better than random at the same budget and {versus} the full "
+                    f"data on {words}, at {_share(summary[pick])} full training's compute.")
+    elif cheaper:
+        pick = cheapest(cheaper)
+        kind = "non-inferior"
+        lead = "" if better else f"{none_random[0].upper()}{none_random[1:]}. "
+        what = ("a random subset of that size suffices" if summary[pick]["method"] == "random"
+                else "it is not shown better than random at that budget")
+        versus = ("better than the full data" if family.verdict(pick, metric, "full") == "better"
+                  else f"non-inferior to the full data (within {family.margin:g})")
+        headline = (f"{lead}Train on {label(summary[pick])}: {versus} on {words}, at {_share(summary[pick])} its "
+                    f"compute; {what}.")
+    elif better:
+        pick = max(better, key=lambda i: summary[i][f"{metric}_vs_random"])
+        kind = "beats-random"
+        below = (" and is worse than the full data" if family.verdict(pick, metric, "full") == "worse" else "")
+        headline = (f"Train on {label(summary[pick])} rather than random at that budget: it beats random on "
+                    f"{words}{below}, at {_share(summary[pick])} full training's compute; {none_full}.")
+    else:
+        pick = None
+        kind = "none"
+        headline = (f"The evidence supports no subset: {none_random}, and {none_full}. Keep the "
+                    "full data, or add seeds and test pairs to narrow the intervals.")
+    details = _evidence(summary, family, pick, metric) if pick is not None else [_resolution(summary, tested, metric)]
+    details.append(f"Corrected together: {rule}; {len(family.survivors())} survive.")
+    for verdict_name, against, picked in family.grouped():
+        names = ", ".join(f"{c.method} @ {c.budget}" + (f" from {c.start_from}" if len(starts) > 1 else "")
+                          + (f" ({METRIC_WORDS[c.metric][0]})" if c.metric != metric else "") for c in picked)
+        title = ("Non-inferior to full" if verdict_name == "non-inferior"
+                 else f"{verdict_name.capitalize()} than {against}")
+        details.append(f"{title}: {names}.")
+    return Verdict(kind, headline, tuple(details), None if pick is None else summary[pick])
+
+
+def _items(summary: list[dict], i: int, metric: str) -> str:
+    """How many items every seed evaluated, from the row's paired test (its item degrees of freedom + 1)."""
+    for against in ("random", "full"):
+        df = summary[i].get(f"{metric}_vs_{against}_df_items")
+        if df is not None:
+            return f"{int(df) + 1}"
+    return "?"
+
+
+def _resolution(summary: list[dict], tested: list[int], metric: str) -> str:
+    """How fine the table can see when it supports nothing: seeds, items, and the half-widths of its differences."""
+    widths = [(summary[i][f"{metric}_vs_{against}_high"] - summary[i][f"{metric}_vs_{against}_low"]) / 2
+              for i in tested for against in ("random", "full") if f"{metric}_vs_{against}_low" in summary[i]]
+    seeds = min(int(summary[i].get("n_seeds", 1)) for i in tested)
+    span = f"; the differences' {CONFIDENCE:.0%} half-widths run from ±{min(widths):.3f} to ±{max(widths):.3f}"
+    return (f"How sure: {seeds} training seeds × {_items(summary, tested[0], metric)} {METRIC_WORDS[metric][1]}"
+            + (span if widths else "") + ".")
+
+
+def _evidence(summary: list[dict], family: Family, i: int, metric: str) -> list[str]:
+    """The chosen row's case, one line a comparison: each metric against random and full, its compute, how sure."""
+    row = summary[i]
+    lines = []
+    for m, (words, _) in METRIC_WORDS.items():
+        if m not in row:
+            continue
+        parts = []
+        for against in ("random", "full"):
+            if f"{m}_vs_{against}" not in row:
+                continue
+            shown = family.verdict(i, m, against)
+            mark = {"better": " ▲ better", "worse": " ▼ worse"}.get(shown or "", " (no difference shown)")
+            where = " at the same budget" if against == "random" else ""
+            text = f"vs {against}{where} {_signed(row, f'{m}_vs_{against}')}{mark}"
+            if against == "full" and family.tested(i, m, "full", "noninferior"):
+                inferior = family.verdict(i, m, "full", "noninferior")
+                text += (f", non-inferior within {family.margin:g}" if inferior
+                         else f", non-inferiority within {family.margin:g} not shown")
+            parts.append(text)
+        mean = _interval(row, m)
+        lines.append(f"{words.capitalize()}: {mean}" + (f"; {'; '.join(parts)}" if parts else "") + ".")
+    full = next((r for r in summary if r["method"] == "full" and r["start_from"] == row["start_from"]), None)
+    lines.append(f"Compute: {_share(row)} full training's, by the run's own accounting (every part the row used, "
+                 "shared ones in full)"
+                 + (f": {_cell(row['compute'])} against {_cell(full['compute'])}" if full and "compute" in row else "")
+                 + ".")
+    lines.append(f"How sure: {int(row.get('n_seeds', 1))} training seeds × {_items(summary, i, metric)} "
+                 f"{METRIC_WORDS[metric][1]}; each interval is the comparison's own {CONFIDENCE:.0%} interval over "
+                 "seeds and items, the ▲/▼ and non-inferiority verdicts those of the corrected family.")
+    return lines
 
 
 def plot_quality_against_compute(summary: list[dict], path: Path, metric: str | None = None) -> Path | None:
@@ -129,7 +341,19 @@ def provenance() -> dict:
     return {**record, "commit": head or None, "dirty": bool(changes)}
 
 
-def write_results(records: list[dict], summary: list[dict], out_dir: Path, title: str = "prefsift results", *,
+def records_table(records: list[dict]) -> str:
+    """One line a record (seed, start, method, budget): what each seed's training gave, before any averaging."""
+    metrics = [m for m in METRIC_WORDS if any(r.get(m) is not None for r in records)]
+    header = ["seed", "start", "method", "budget", "pairs", *metrics, "compute"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in sorted(records, key=lambda r: (r["start_from"], r.get("fraction", 1.0), r["method"], r["seed"])):
+        cells = [r["seed"], r["start_from"], r["method"], r["budget"], r.get("n_pairs"),
+                 *(r.get(m) for m in metrics), r.get("compute")]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(records: list[dict], summary: list[dict], out_dir: Path, title: str | None = None, *,
                   correction: str | None = None, alpha: float | None = None, margin: float | None = None
                   ) -> dict[str, Path]:
     """results.json holds only what the same seed reproduces exactly, with the code it ran on (`provenance`) and
@@ -145,7 +369,10 @@ def write_results(records: list[dict], summary: list[dict], out_dir: Path, title
     paths["json"].write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     keys = ("seed", "start_from", "method", "budget", *TIMING_FIELDS)
     paths["timings"].write_text(json.dumps([{k: r.get(k) for k in keys} for r in records], indent=1) + "\n")
-    paths["markdown"].write_text(f"# {title}\n\n" + markdown_table(summary, **settings))
+    title = title or f"prefsift results: {run_name(out_dir)}"
+    opening = verdict(summary, claims(summary, **settings)).markdown()  # the verdict first, then the table
+    paths["markdown"].write_text(f"# {title}\n\n## Verdict\n\n{opening}\n## Methods\n\n"
+                                 + markdown_table(summary, **settings))
     plot = plot_quality_against_compute(summary, out_dir / "quality_vs_compute.png")
     if plot is not None:
         paths["plot"] = plot

@@ -1,7 +1,9 @@
 """`prefsift report RUN_DIR`: one self-contained HTML page (plots inline) and a Markdown version over a run, demo or
-compare directory: the methods table with intervals and its tests corrected together, quality against compute, the
-data-scaling curve when the run measured enough budgets, and each method's score distribution with the pairs its
-rule keeps marked."""
+compare directory, titled with the run's own name. First the verdict (`prefsift.report.verdict`: which subset to
+train on, what it bought against random and full, at what compute, how sure); then the evidence: the methods table
+with intervals and its tests corrected together, quality against compute, the data-scaling curve when the run
+measured enough budgets, each method's score distribution with the pairs its subset trained on shaded, and each
+seed's records."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import base64
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +19,9 @@ import numpy as np
 from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.manifest import write_manifest
 from prefsift.output import check_output, locked, stage_of, staged, temp_sibling
-from prefsift.report import markdown_table
+from prefsift.report import markdown_table, records_table, run_name, verdict
 from prefsift.scaling import fit_plateau, plan_share, plot_fit, scaling_points, summary_markdown
-from prefsift.stats import METRICS, summarize
+from prefsift.stats import METRICS, claims, summarize
 
 
 def _score_dir(run_dir: Path) -> Path | None:
@@ -29,48 +32,90 @@ def _score_dir(run_dir: Path) -> Path | None:
     return None
 
 
-def plot_score_distributions(scores_dir: Path, path: Path, fraction: float | None) -> Path | None:
-    """A histogram per method's score column with what its rule keeps shaded: its band (its own cut-offs) or, for
-    a top/bottom rule, the share `fraction` of the pairs."""
+def subset_dir_name(method: str, budget: str) -> str:
+    """Where a run keeps a row's subset, seed-S/selected/<this>/: `prefsift.pipeline.run.artifact_name`'s rule (the
+    pipeline sits above this module; tests/test_report.py keeps the two in step)."""
+    return method if method == budget else f"{method}-{budget}".replace(" rule", "-rule").replace(" ", "-")
+
+
+@dataclass(frozen=True)
+class ScorePanel:
+    """One histogram of the report: a method's score column over every scored pair (`values`, finite ones) and the
+    scores of the pairs its subset at `budget` actually trained on (`kept`; for a method that keeps completions, the
+    pairs a kept completion comes from). `budget` is None and `kept` empty when the run kept no subset of it."""
+
+    method: str
+    column: str
+    budget: str | None
+    values: np.ndarray
+    kept: np.ndarray
+
+
+def _budget_of(summary: list[dict], method: str, budget: str | None) -> str | None:
+    """`budget` when `method` has a row there, else its smallest budget (full and checkpoints aside)."""
+    rows = [r for r in summary if r["method"] == method and r["budget"] != "full"
+            and not str(r["budget"]).startswith("checkpoint")]
+    if any(r["budget"] == budget for r in rows):
+        return budget
+    return min(rows, key=lambda r: r.get("fraction", 1.0))["budget"] if rows else None
+
+
+def score_panels(run_dir: Path, summary: list[dict], budget: str | None = None
+                 ) -> tuple[Path, list[ScorePanel]] | None:
+    """The data of the score-distribution plot: for each method of the first seed's scores and each column its rule
+    reads, every pair's score and those of the pairs its subset trained on at `budget` (default, or where the
+    method has none there: its smallest), read from seed-S/selected/<method>-<budget>/selected.parquet: what was
+    trained, not the rule's nominal band (a band rule at a budget keeps a band of that width, not its own cut-offs).
+    None when the run kept no scores."""
+    import pyarrow.parquet as pq
+
+    scores_dir = _score_dir(run_dir)
+    if scores_dir is None:
+        return None
+    manifest = json.loads((scores_dir / "manifest.json").read_text())
+    table = pq.read_table(scores_dir / "scores.parquet").to_pydict()
+    position = {pair_id: k for k, pair_id in enumerate(table["pair_id"])}
+    panels = []
+    for name, method in (manifest.get("methods") or {}).items():
+        rule = method.get("rule", {})
+        shown = _budget_of(summary, name, budget)
+        subset = scores_dir.parent / "selected" / subset_dir_name(name, shown or "") / "selected.parquet"
+        rows = np.zeros(0, dtype=int)
+        if shown is not None and subset.is_file():
+            # a completion's id is `<pair_id>:chosen` or `:rejected`: the pair it comes from, once
+            ids = {str(i).removesuffix(":chosen").removesuffix(":rejected")
+                   for i in pq.read_table(subset, columns=["pair_id"]).column("pair_id").to_pylist()}
+            rows = np.array(sorted(position[i] for i in ids if i in position), dtype=int)
+        for column in rule.get("columns") or [rule.get("column")]:
+            if column not in table:
+                continue
+            values = np.asarray(table[column], dtype=float)
+            kept = values[rows]
+            values, kept = values[np.isfinite(values)], kept[np.isfinite(kept)]
+            if len(values) and np.ptp(values) > 0:
+                panels.append(ScorePanel(name, column, shown if subset.is_file() else None, values, kept))
+    return scores_dir, panels
+
+
+def plot_score_distributions(panels: list[ScorePanel], path: Path) -> Path | None:
+    """A histogram per panel: every scored pair in grey, the pairs its subset trained on in blue, on the same bins."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pyarrow.parquet as pq
 
-    manifest = json.loads((scores_dir / "manifest.json").read_text())
-    table = pq.read_table(scores_dir / "scores.parquet").to_pydict()
-    panels = []
-    for name, method in (manifest.get("methods") or {}).items():
-        rule = method.get("rule", {})
-        for column in rule.get("columns") or [rule.get("column")]:
-            if column in table:
-                values = np.asarray(table[column], dtype=float)
-                values = values[np.isfinite(values)]
-                if len(values) and np.ptp(values) > 0:
-                    panels.append((name, column, rule, values))
     if not panels:
         return None
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
-    for ax, (name, column, rule, values) in zip(axes.flat, panels, strict=False):
-        ax.hist(values, bins=40, color="0.6")
-        kind = rule.get("rule")
-        if kind in ("band", "intersection") and rule.get("low") is not None:
-            lo, hi = np.quantile(values, [rule["low"], rule["high"]])
-            label = f"band {rule['low']:.0%}-{rule['high']:.0%}"
-        elif kind in ("top", "bottom") and fraction:
-            cut = np.quantile(values, 1 - fraction if kind == "top" else fraction)
-            lo, hi = (cut, values.max()) if kind == "top" else (values.min(), cut)
-            label = f"{kind} {fraction:.0%}"
-        else:
-            lo = hi = None
-            label = kind or ""
-        if lo is not None:
-            ax.axvspan(lo, hi, color="tab:blue", alpha=0.2, label=f"kept: {label}")
-            ax.legend(fontsize=7)
-        ax.set_title(f"{name}: {column}", fontsize=9)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        bins = np.histogram_bin_edges(panel.values, bins=40)
+        ax.hist(panel.values, bins=bins, color="0.75", label=f"all {len(panel.values)} scored")
+        if panel.budget is not None:
+            ax.hist(panel.kept, bins=bins, color="tab:blue", label=f"trained @ {panel.budget}: {len(panel.kept)}")
+        ax.legend(fontsize=7)
+        ax.set_title(f"{panel.method}: {panel.column}", fontsize=9)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
@@ -108,10 +153,12 @@ def resummarize(records: list[dict], summary: list[dict]) -> list[dict]:
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, method: str = "random",
                  metric: str | None = None, start_from: str | None = None, correction: str | None = None,
                  alpha: float | None = None, margin: float | None = None) -> dict[str, Path]:
-    """report.html (self-contained) and report.md (+ its PNGs) under `out_dir` (default: `run_dir`). The methods
-    table corrects its tests together: `correction` ("holm" or "bh"), `alpha` and the non-inferiority `margin`
-    default to those the run itself used (its results.json's `significance`), else `prefsift.stats`'s CORRECTION,
-    ALPHA and MARGIN: a report says what the run's results.md says unless told otherwise."""
+    """report.html (self-contained) and report.md (+ its PNGs) under `out_dir` (default: `run_dir`), titled with the
+    run's name (`prefsift.report.run_name`: a staging directory's final name) and opening with the verdict on
+    `metric`. The verdict and the methods table read one family of tests, corrected together: `correction` ("holm"
+    or "bh"), `alpha` and the non-inferiority `margin` default to those the run itself used (its results.json's
+    `significance`), else `prefsift.stats`'s CORRECTION, ALPHA and MARGIN: a report says what the run's results.md
+    says unless told otherwise."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     path = run_dir / "results.json"
@@ -133,7 +180,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, meth
     correction = correction if correction is not None else used.get("correction")
     alpha = alpha if alpha is not None else used.get("alpha")
     margin = margin if margin is not None else used.get("margin")
-    table = markdown_table(summary, correction=correction, alpha=alpha, margin=margin)
+    settings = {"correction": correction, "alpha": alpha, "margin": margin}
+    # the verdict first: a plain reading of the same corrected family the methods table marks
+    decision = verdict(summary, claims(summary, **settings), metric)
+    table = markdown_table(summary, **settings)
     sections.append(("Methods", "Δ: paired difference from random at the same budget and from the full data (same "
                      "seeds, same test items).\n\n" + table, None))
     plot = run_dir / "quality_vs_compute.png"
@@ -150,19 +200,26 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, meth
         sections.append(("Data scaling", f"No fit: {error}. Evaluate the full run at shares of its epoch "
                          "(`checkpoint_shares: [0.1, 0.25, 0.5, 0.75]`), compare at more budgets, or fit measured "
                          "points with `prefsift scale --points`.", None))
-    scores_dir = _score_dir(run_dir)
-    fractions = [r["fraction"] for r in summary if r["method"] not in ("full",)]
-    if scores_dir is not None:
-        image = plot_score_distributions(scores_dir, out / "report-scores.png", min(fractions) if fractions else None)
+    found = score_panels(run_dir, summary, decision.row["budget"] if decision.row else None)
+    if found is not None:
+        scores_dir, panels = found
+        image = plot_score_distributions(panels, out / "report-scores.png")
         if image is not None:
-            sections.append(("Score distributions", f"Scores of {scores_dir.relative_to(run_dir.parent)}; shaded: "
-                             "what each method's rule keeps (its band, or its smallest budget).", image))
-    title = f"prefsift report: {run_dir.name}"
-    md = [f"# {title}", ""]
+            where = scores_dir.relative_to(run_dir)
+            sections.append(("Score distributions", f"Scores of {where} (grey: every scored pair); blue: the pairs "
+                             f"each method's subset trained on at the budget its panel names ({where.parent}/"
+                             "selected/), not its rule's nominal band.", image))
+    sections.append(("Per seed", "Each seed's training, before averaging.\n\n" + records_table(records), None))
+    title = f"prefsift report: {run_name(run_dir)}"
+    md = [f"# {title}", "", "## Verdict", "", decision.markdown()]
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-            "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style></head><body>",
-            f"<h1>{html.escape(title)}</h1>"]
+            "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
+            ".verdict{border:2px solid #468;background:#f3f6fa;padding:0.2em 1em;font-size:15px}</style></head>"
+            "<body>", f"<h1>{html.escape(title)}</h1>",
+            "<section class='verdict'><h2>Verdict</h2>"
+            f"<p><strong>{html.escape(decision.headline)}</strong></p><ul>"
+            + "".join(f"<li>{html.escape(line)}</li>" for line in decision.details) + "</ul></section>"]
     for name, text, image in sections:
         md += [f"## {name}", "", text, ""] + ([f"![{name}]({image.name})", ""] if image else [])
         page.append(f"<h2>{html.escape(name)}</h2>")

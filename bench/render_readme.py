@@ -59,7 +59,68 @@ def demo_table(path: Path) -> str:
     load = f", load average {m['load_average_1min']} when it ended" if "load_average_1min" in m else ""
     head = (f"`{record['command']}` ({code(record)}): {record['wall_seconds'] / 60:.1f} minutes on {m['cores']} "
             f"cores ({m['cpu']}, torch {m['torch']}{load}); from `bench/results/{path.name}`.\n\n")
-    return head + markdown_table(record["summary"])
+    task = (record.get("config") or {}).get("task")
+    if task:  # the task regime the table ran under (prefsift.synthetic.task.TaskConfig)
+        head += (f"Task: {task['label_noise']} label noise at flip_rate {task['flip_rate']:g}, {task['ratings']} "
+                 f"ratings, validation shift `{task['validation_shift']}`"
+                 + (f" (every validation prompt of family `{task['shift_family']}`)"
+                    if task["validation_shift"] == "family" else "") + ".\n\n")
+    return head + markdown_table(record["summary"]) + selection_rules(record)
+
+
+def selection_rules(record: dict) -> str:
+    """Which rule produced each method's rows, from the methods the file records: a band rule at a budget keeps the
+    centred band of the budget's width (band-at-a-budget), which no paper proposes; said beside the table."""
+    from prefsift.scorers import parse_methods
+
+    specs = (record.get("config") or {}).get("methods")
+    if not specs:
+        return ""
+    by_rule: dict[str, list[str]] = {}
+    for scorer in parse_methods(specs):
+        if not scorer.ceiling and scorer.name != "random":  # random's "top" is of a uniform draw: said below
+            by_rule.setdefault(scorer.selection_rule()["rule"], []).append(f"`{scorer.name}`")
+    parts = ["`random` a uniform draw"]
+    if by_rule.get("band"):
+        parts.append(f"{', '.join(by_rule['band'])} keep the centred band of their score as wide as the budget "
+                     "(band-at-a-budget: the 45th-55th percentiles at 10%, 50 ± 50·share in general; the papers "
+                     "keep a band between fixed cut-offs, never one sized to a budget)")
+    if by_rule.get("intersection"):
+        parts.append(f"{', '.join(by_rule['intersection'])} the centred intersection of its bands sized to the "
+                     "budget the same way (band-at-a-budget), and its own 10-90% cut-offs only at its rule's share")
+    for rule, kept in (("top", "the highest"), ("bottom", "the lowest")):
+        if by_rule.get(rule):
+            parts.append(f"{', '.join(by_rule[rule])} {kept} scores")
+    arms = {"validation-only": "`validation-only` the trusted validation pairs alone (its budget: their count)",
+            "random+validation": "`random+validation` random's subset plus the validation pairs",
+            "random-kto": "`random-kto` random completions trained with KTO (ISA's training, beside it)"}
+    present = {r["method"] for r in record["summary"]}
+    parts += [text for arm, text in arms.items() if arm in present]
+    return "\nSelection rules of the rows, at every budget: " + "; ".join(parts) + ".\n"
+
+
+def task_regimes(path: Path) -> str:
+    """The synthetic task's noise regimes side by side, generated here from `path` (the task's module) at the demo's
+    sizes and seed 0: where the flips fall (oracle margins of flipped and clean pairs) and whether the visible ratings
+    can see them (the share of flipped pairs rated the wrong way round)."""
+    from statistics import mean
+
+    from prefsift.synthetic.task import TaskConfig, make_task
+
+    lines = ["| label_noise | ratings | flipped | τ | oracle margin, flipped | oracle margin, clean | flipped pairs "
+             "rated the wrong way round |", "|---|---|---|---|---|---|---|"]
+    for noise, ratings in (("bradley-terry", "label-derived"), ("bradley-terry", "independent"),
+                           ("lazy-biased", "independent")):
+        task = make_task(TaskConfig(label_noise=noise, ratings=ratings))
+        flipped = [r for r in task.train if r["is_flipped"]]
+        clean = [r for r in task.train if not r["is_flipped"] and r["oracle_margin"] > 0]
+        tau = task.flip_temperatures.get("train")
+        wrong = mean(r["score_chosen"] < r["score_rejected"] for r in flipped)
+        lines.append(f"| {noise} | {ratings} | {len(flipped) / len(task.train):.1%} | "
+                     f"{'–' if tau is None else f'{tau:.3f}'} | {mean(-r['oracle_margin'] for r in flipped):.3f} | "
+                     f"{mean(r['oracle_margin'] for r in clean):.3f} | {wrong:.1%} |")
+    return (f"Generated from `{path.relative_to(ROOT)}` at the demo's sizes, seed 0 (2,000 training pairs; clean: the "
+            "unflipped pairs with a margin):\n\n" + "\n".join(lines) + "\n")
 
 
 def real_table(path: Path) -> str:
@@ -348,6 +409,9 @@ TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "demo-table": (RESULTS / "demo.json", demo_table), "real-table": (RESULTS / "real.json", real_table),
           "memory-table": (RESULTS / "memory.json", memory_table),
           "demo-all-table": (RESULTS / "demo-all.json", demo_table),
+          "demo-shift-table": (RESULTS / "demo-shift.json", demo_table),
+          "demo-shift-findings": (RESULTS / "demo-shift.json", findings),
+          "task-regimes": (ROOT / "src" / "prefsift" / "synthetic" / "task.py", task_regimes),
           "real-peers-table": (RESULTS / "real-peers.json", real_table),
           "demo-scaling": (RESULTS / "demo.json", demo_scaling),
           "demo-findings": (RESULTS / "demo.json", findings),

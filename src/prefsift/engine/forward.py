@@ -6,8 +6,11 @@ DPOTrainer computes, each path a different layout of the same computation.
   TRL gives them while the prompt is computed once (TRL runs it twice);
 - cached: the batch's prompts once, then both completions from the prompts' cached keys and values;
 - unpacked: the model's own forward on TRL's two rows a pair (the slow, general path every other is checked on);
-- long: one very long pair, each side unpadded with no mask.
+- long: one very long pair, each side unpadded with no mask;
+- flat (the unpadded layout, `EngineConfig.layout` flex or jagged): the whole batch one sequence, no padding, the
+  prompt-once pattern a document mask applied by flex attention or by variable-length attention over documents.
 Only completion positions go through the LM head, a chunk at a time. Which path a batch takes is `paths.py`'s.
+(Over 400 lines: the layouts share the head, the unwrapping and the pad rule; apart, each would copy them.)
 """
 
 from __future__ import annotations
@@ -374,9 +377,14 @@ def _flat_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
         from torch.nn.attention.varlen import varlen_attn
 
+        accepts = inspect.signature(varlen_attn).parameters  # torch 2.11 said is_causal, 2.13 window_size
+        options = {"window_size": (-1, 0)} if "window_size" in accepts else {"is_causal": True}
+        if gqa and "enable_gqa" not in accepts:
+            k, v = (x.repeat_interleave(q.shape[0] // x.shape[0], dim=0) for x in (k, v))
+        elif gqa:
+            options["enable_gqa"] = True
         out = varlen_attn(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), layout.bounds, layout.bounds,
-                          layout.longest, layout.longest, scale=scaling, window_size=(-1, 0),
-                          enable_gqa=gqa).transpose(0, 1)
+                          layout.longest, layout.longest, scale=scaling, **options).transpose(0, 1)
     else:
         bounds = layout.bounds.tolist()
         out = torch.cat([torch.nn.functional.scaled_dot_product_attention(

@@ -44,10 +44,6 @@ Log = Callable[[str], None]
 PathLike = str | os.PathLike
 
 
-def _print_log(message: str) -> None:
-    print(message)
-
-
 def _warn_with(log: Log) -> Log:
     return lambda message: log(f"warning: {message}")
 
@@ -130,7 +126,7 @@ def _method_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def score(data: Any, *, out: PathLike, methods: str | Sequence[str] | None = None, policy: PathLike | None = None,
           params: Mapping[str, Any] | None = None, config: ScoreConfig | None = None,
-          engine: EngineConfig | None = None, data_options: DataConfig | None = None, log: Log = _print_log,
+          engine: EngineConfig | None = None, data_options: DataConfig | None = None, log: Log = print,
           **options: Any) -> datasets.Dataset:
     """`prefsift score`: score every pair of `data` with each of `methods` (`prefsift methods` lists them) and write
     scores.parquet, pairs.parquet, dropped.jsonl and manifest.json into `out`. `policy` is the model θ the scores
@@ -172,15 +168,15 @@ def score(data: Any, *, out: PathLike, methods: str | Sequence[str] | None = Non
     n_scored = len(result.scores["pair_id"]) - result.n_dropped
     left_out = result.n_dropped + len(loaded.invalid)
     dropped = f" ({left_out} left out → {out / 'dropped.jsonl'})" if left_out else ""
-    log(f"scored {n_scored} pairs{dropped} with {score_config.method} in {sum(result.seconds.values()):.1f}s: "
-        f"{', '.join(columns)} → {out / 'scores.parquet'}")
+    log(f"scored {n_scored} pairs{dropped} with {score_config.method} {result.timing()}: {', '.join(columns)} → "
+        f"{out / 'scores.parquet'}")  # times that add up: the wall clock, each shared pass once
     return _dataset(out / "scores.parquet")
 
 
 def select(scores: PathLike, *, out: PathLike, rule: str | None = None, fraction: float | None = None,
            count: int | None = None, column: str | None = None, columns: str | Sequence[str] | None = None,
            low: float | None = None, high: float | None = None, method: str | None = None,
-           output_columns: str = "split", with_scores: bool = False, log: Log = _print_log,
+           output_columns: str = "split", with_scores: bool = False, log: Log = print,
            warn: Log | None = None) -> datasets.Dataset:
     """`prefsift select`: keep the pairs a rule picks from the score directory `scores` (written by `score`, or a
     run's scores/) and write selected.jsonl, selected.parquet, dropped.jsonl and manifest.json into `out`. Without
@@ -213,7 +209,7 @@ def select(scores: PathLike, *, out: PathLike, rule: str | None = None, fraction
 
 def weigh(scores: PathLike, *, out: PathLike, column: str, transform: str, temperature: float | None = None,
           low: float | None = None, high: float | None = None, reverse: bool = False, output_columns: str = "split",
-          log: Log = _print_log) -> datasets.Dataset:
+          log: Log = print) -> datasets.Dataset:
     """`prefsift weigh`: turn the score `column` of the directory `scores` into per-pair training weights (`rank`,
     `softmax` with `temperature`, or `band` between the percentiles `low` and `high`; `reverse`: lower scores weigh
     more) and write the pairs of weight > 0 with their `weight` column into `out` (selected.jsonl, .parquet), as
@@ -238,7 +234,7 @@ def weigh(scores: PathLike, *, out: PathLike, column: str, transform: str, tempe
 
 def train(data: Any, model: PathLike, *, out: PathLike, reference: PathLike | None = None,
           scores: PathLike | None = None, config: TrainConfig | None = None, engine: EngineConfig | None = None,
-          data_options: DataConfig | None = None, model_options: ModelConfig | None = None, log: Log = _print_log,
+          data_options: DataConfig | None = None, model_options: ModelConfig | None = None, log: Log = print,
           **options: Any) -> TrainStage:
     """`prefsift train`: align `model` (hub id, directory or .gguf) on the pairs of `data` with DPO or KTO through
     TRL, into `out` (the model or LoRA adapter, dropped.jsonl, manifest.json). `reference`: the loss's reference
@@ -264,7 +260,7 @@ def train(data: Any, model: PathLike, *, out: PathLike, reference: PathLike | No
 def evaluate(model: PathLike, data: Any, *, out: PathLike, reference: PathLike | None = None,
              judge_model: PathLike | None = None, config: EvalConfig | None = None,
              engine: EngineConfig | None = None, data_options: DataConfig | None = None,
-             model_options: ModelConfig | None = None, log: Log = _print_log, **options: Any) -> dict:
+             model_options: ModelConfig | None = None, log: Log = print, **options: Any) -> dict:
     """`prefsift eval`: held-out preference accuracy of `model` on the pairs of `data` (implicit reward against
     `reference`; without one, the share of pairs whose chosen answer the policy gives the higher log-prob), and with
     `judge_model` (a reward model) the win rate against the reference. Writes eval.json, eval_pairs.jsonl and
@@ -296,7 +292,7 @@ class Comparison:
 
 def compare(data: PathLike | None = None, model: PathLike | None = None, *, out: PathLike | None = None,
             methods: str | Sequence[str | dict] | None = None, fractions: str | Sequence[float] | None = None,
-            config: PathLike | None = None, log: Log = _print_log, **options: Any) -> Comparison:
+            config: PathLike | None = None, log: Log = print, **options: Any) -> Comparison:
     """`prefsift compare`: every selection rule (or `methods`; `"all"`: every method this data and these models can
     score; random is always added) on `model` and the pairs at `data` (a path: the run splits it), at the same
     budgets (`fractions`), over seeds: quality with 95% intervals, paired differences from random and full, and
@@ -330,7 +326,7 @@ def compare(data: PathLike | None = None, model: PathLike | None = None, *, out:
     return Comparison(where, result["summary"], result["markdown"], result["records"])
 
 
-def export(selected: PathLike, out: PathLike, *, config: ExportConfig | None = None, log: Log = _print_log,
+def export(selected: PathLike, out: PathLike, *, config: ExportConfig | None = None, log: Log = print,
            **options: Any) -> Exported:
     """`prefsift export`: write the subset at `selected` (a `select` or `weigh` directory, or a pairs file) to `out`
     in the layout of `format=` (trl, llamafactory, openrlhf, axolotl: files; datasets: a directory; hub: a repo id).
@@ -349,7 +345,7 @@ def export(selected: PathLike, out: PathLike, *, config: ExportConfig | None = N
     return result
 
 
-def run(config: PathLike | RunConfig | Mapping[str, Any] | None = None, *, log: Log = _print_log,
+def run(config: PathLike | RunConfig | Mapping[str, Any] | None = None, *, log: Log = print,
         **options: Any) -> dict:
     """`prefsift run`: the whole flow from one config (a YAML path, a `RunConfig` or a mapping in the YAML's
     format): warm-up, validation model, scores, subsets, trainings, evaluations, results.md. Keywords are

@@ -111,8 +111,7 @@ def _panel(title: str, rows: list[tuple[str, str]]) -> Panel:
 def print_help(command: TyperCommand | TyperGroup, ctx: typer.Context) -> None:
     """`--help`: usage, the command's description, then its options in panels (a group: its commands), every
     line within the terminal's width (at most HELP_WIDTH)."""
-    out = Console(highlight=False, markup=False, emoji=False)
-    out = Console(highlight=False, markup=False, emoji=False, width=min(out.width, HELP_WIDTH))
+    out = Console(highlight=False, markup=False, emoji=False, width=min(Console().width, HELP_WIDTH))
     out.print(Text(command.get_usage(ctx)))
     for paragraph in inspect.cleandoc(command.help or "").split("\n\n"):
         out.print()

@@ -126,6 +126,8 @@ def test_select_weigh_and_export_through_the_api_write_what_the_cli_writes(ws, t
     (lambda d, o: prefsift.score(d, methods="random", out=o, learning_rate=1e-3), "unknown option 'learning_rate'"),
     (lambda d, o: prefsift.score(d, methods="random", out=o, max_length=1), "max_length must be >= 2"),
     (lambda d, o: prefsift.score(d, methods="random", out=o, beta="0.1"), "beta must be a number"),
+    (lambda d, o: prefsift.score(d, methods="irm", out=o, reference=Dataset.from_list(make_pairs(2))),
+     "reference must be a string"),
     (lambda d, o: prefsift.score(d, methods="nope", out=o), "unknown method 'nope'"),
     (lambda d, o: prefsift.score(d, methods="irm", policy="a", model="b", out=o), "give the policy once"),
     (lambda d, o: prefsift.score(42, methods="random", out=o), "data must be a path, a datasets.Dataset or a list"),

@@ -64,7 +64,10 @@ def configs(options: Mapping[str, Any], *given: tuple[type, Any]) -> list:
         if instance is not None and not isinstance(instance, cls):
             raise ConfigError(f"expected a {cls.__name__} (got {type(instance).__name__})")
         base = dataclasses.asdict(instance) if instance is not None else {}
-        built.append(from_dict(cls, {**base, **part}, ""))
+        try:
+            built.append(from_dict(cls, {**base, **part}, ""))
+        except ConfigError as error:  # a value's repr can span lines (a Dataset given for a path): one line
+            raise ConfigError(" ".join(str(error).split())) from None
     return built
 
 

@@ -409,6 +409,15 @@ def test_a_training_that_moves_nothing_is_an_error(bpe_tokenizer, tmp_path, one_
     assert run(1e-6) > 1e-7
 
 
+def test_the_weight_sample_stays_inside_large_tensors():
+    from prefsift.train import sample_index
+
+    for numel in (1, 2, 255, 256, 257, 28311552, 2**31 + 7):  # 28311552: SmolLM2-135M's embedding matrix
+        index = sample_index(numel, 256)
+        assert len(index) == min(numel, 256) and int(index[0]) == 0 and int(index[-1]) == numel - 1
+        assert bool((index[1:] > index[:-1]).all())
+
+
 def test_a_training_with_no_step_is_an_error(bpe_tokenizer, monkeypatch, one_thread):
     from transformers import Trainer
 

@@ -301,6 +301,13 @@ class PairsProgress(TrainerCallback):
             self.bar = None
 
 
+def sample_index(numel: int, k: int) -> torch.Tensor:
+    """min(k, numel) evenly spaced indices of a tensor of `numel` entries, first and last included, in integers (a
+    float linspace rounds its last index past the end of a tensor of 28M entries)."""
+    k = min(k, numel)
+    return torch.arange(k, dtype=torch.long) * (numel - 1) // max(k - 1, 1)
+
+
 class WeightSample:
     """A fixed sample of every trainable tensor's values (up to 256 evenly spaced entries a tensor), to tell after
     training whether the steps moved the model at all without a copy of its weights."""
@@ -313,8 +320,7 @@ class WeightSample:
             for param in model.parameters():
                 if param.requires_grad:
                     flat = param.detach().reshape(-1)
-                    index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), self.PER_TENSOR),
-                                           device=flat.device).long()
+                    index = sample_index(flat.numel(), self.PER_TENSOR).to(flat.device)
                     self.entries.append((param, index, flat[index].double().clone()))
 
     def relative_change(self) -> float:

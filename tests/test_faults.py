@@ -1230,3 +1230,28 @@ def test_a_damaged_or_unwritable_log_prob_cache_is_one_warning_and_the_same_scor
     assert blocked.read_text() == "mine\n"
     scores = [pq.read_table(tmp_path / d / "scores.parquet").to_pydict() for d in "abc"]
     assert scores[0] == scores[1] == scores[2]
+
+
+# ------------------------------------------------------------------ user text in the lines of a run that succeeds
+
+
+def test_paths_with_brackets_are_printed_as_they_are_in_every_summary_line(ws, tmp_path):
+    """Not only errors: the summary lines of score, select and export name the user's paths, printed as written
+    (`[/]` is no markup error, `[ray]` no vanishing tag), and the files go where those paths say."""
+    _, _, _, data = ws
+    where = tmp_path / "runs[ray]"
+    named = where / "d[/]pairs.jsonl"  # `[/]` across a directory and its file
+    scores, subset, exported = where / "s[/]", where / "sel[bold]", where / "out[/].jsonl"
+    for directory in (named.parent, scores.parent, exported.parent):
+        directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data, named)
+    said = []
+    for args in (("score", "--data", named, "--method", "random", "--out", scores),
+                 ("select", "--scores", scores, "--out", subset, "--fraction", 0.5),
+                 ("export", "--selected", subset, "--out", exported, "--format", "trl")):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        said.append("".join(result.output.split()))  # lines wrapped at the terminal's width, joined back
+    assert f"→{scores / 'scores.parquet'}" in said[0]
+    assert f"→{subset / 'selected.jsonl'}" in said[1] and f"→{exported}" in said[2]
+    assert len(exported.read_text().splitlines()) == 15

@@ -13,7 +13,9 @@ of log π(y_w|x) − log π(y_l|x) along ḡ_val, so every training pair then co
   §3's 1e-2): see DEFAULT_STEP. Each side is a `compute_logps` pass: the packed, bucketed engine, with resumable
   shards named by the direction and the step.
 - "one-sided": the +ε pass only, against the policy's own unperturbed pass (which every influence score computes
-  anyway, for its weight β(1 − σ(Δ_θ))): one perturbed pass a pair instead of two.
+  anyway, for its weight β(1 − σ(Δ_θ))): one perturbed pass a pair instead of two. Both sides must round alike
+  (`same_rounding`).
+Either difference's step is set by hand or, with `step=None`, chosen on the check pairs (`choose_step`).
 - "jvp": forward-mode AD (`torch.func.jvp`) on the engine's packed rows (`logps.packed_logps`: the prompt once, the
   LM head on the completions only), with eager attention (SDPA kernels have no forward-AD rule).
 ḡ_val's backward pass runs on the packed rows too. Either falls back to TRL's two rows a pair (`pair_logps`) where

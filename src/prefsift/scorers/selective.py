@@ -69,6 +69,7 @@ class SelectiveScorer(Scorer):
     def score(self, resources) -> dict[str, np.ndarray]:
         from prefsift.engine import Engine
         from prefsift.models import LoadedModel
+        from prefsift.output import cheaper, progress
         from prefsift.train import train
 
         p, engine = self.params, resources.engine
@@ -81,21 +82,26 @@ class SelectiveScorer(Scorer):
             raise PrefsiftError(f"method 'selective' splits the pairs into folds={p.folds} parts: it needs at least "
                                 f"that many pairs (got {len(rows)} that fit max_length)")
         losses = np.full((p.seeds, len(pairs)), np.nan)
-        for s in range(p.seeds):
-            seed = resources.seed + s
-            fold = fold_of(pair_ids, rows, p.folds, seed)
-            config = TrainConfig(learning_rate=p.learning_rate, epochs=p.epochs, batch_size=p.batch_size, seed=seed,
-                                 lora=p.lora, gradient_checkpointing=False)
-            for k in range(p.folds):
-                fit, held = rows[fold != k], rows[fold == k]
-                copy_ = LoadedModel(copy.deepcopy(reference.model), reference.tokenizer, reference.source,
-                                    f"{reference.fingerprint}:selective-{seed}-{k}")
-                trained = train(copy_, pairs.select(fit.tolist()), config, engine, ref_logps=ref[fit],
-                                quiet=True).model
-                held_logps = Engine(engine).logps(trained, reference.tokenizer, pairs.select(held.tolist()),
-                                                  desc=f"selective seed {s} fold {k}")
-                losses[s, held] = dpo_loss(implicit_reward_margin(held_logps, ref[held], engine.beta))
-                del trained, copy_
+        # the trainings are quiet (TRL's bars would be 2 a seed); one bar over them, with its cost once it is known
+        with progress(total=p.seeds * p.folds, desc="selective cross-fitting", unit="training",
+                       cheaper=f"fewer --param selective.seeds (now {p.seeds}) or folds (now {p.folds}), "
+                               + cheaper(engine.max_length, engine.device)) as bar:
+            for s in range(p.seeds):
+                seed = resources.seed + s
+                fold = fold_of(pair_ids, rows, p.folds, seed)
+                config = TrainConfig(learning_rate=p.learning_rate, epochs=p.epochs, batch_size=p.batch_size, seed=seed,
+                                     lora=p.lora, gradient_checkpointing=False)
+                for k in range(p.folds):
+                    fit, held = rows[fold != k], rows[fold == k]
+                    copy_ = LoadedModel(copy.deepcopy(reference.model), reference.tokenizer, reference.source,
+                                        f"{reference.fingerprint}:selective-{seed}-{k}")
+                    trained = train(copy_, pairs.select(fit.tolist()), config, engine, ref_logps=ref[fit],
+                                    quiet=True).model
+                    held_logps = Engine(engine).logps(trained, reference.tokenizer, pairs.select(held.tolist()),
+                                                      desc=f"selective seed {s} fold {k}")
+                    losses[s, held] = dpo_loss(implicit_reward_margin(held_logps, ref[held], engine.beta))
+                    del trained, copy_
+                    bar.update(1)
         scored = ~np.isnan(losses)  # every seed scores every kept pair; a dropped pair stays NaN
         mean = np.where(scored, losses, 0.0).sum(axis=0) / np.maximum(scored.sum(axis=0), 1)
         return {"selective": np.where(scored.any(axis=0), mean, np.nan)}

@@ -14,7 +14,9 @@ script). The pairs, in the two data shapes of `bench/logps.py` (`--shape`): `tra
 HH-RLHF harmless-base test file (multi-turn transcripts: long prompts, short answers), or `instructions` (one short
 human turn, long responses of 25-100% of max_length built from the file's assistant turns), written once to a
 JSONL file both sides read. Peak RSS is also recorded inside each side after loading the model and after the
-reference pass (the kernel's high-water mark so far), to show where the memory goes. prefsift's reference-pass
+reference pass (the kernel's high-water mark so far), to show where the memory goes. This process loads nothing
+itself (a child prepares the checkpoint and the pairs): on Linux a child's peak RSS starts at its parent's RSS when
+forked, which lifted both sides' peaks by the parent's model before (train-smollm2.json). prefsift's reference-pass
 cache is off (PREFSIFT_CACHE=off): every repeat computes its reference log-probs, as TRL's does.
 
     python bench/train.py --shape transcripts --n-pairs 8 --max-length 256 --batch-size 4
@@ -121,6 +123,21 @@ def _measured(cmd: list[str]) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
+def prepare(args) -> None:
+    """In a child process: the safetensors checkpoint, the pairs of the shape, and the code's provenance, under
+    --prepare's directory."""
+    from logps import shape_rows
+
+    from prefsift.report import provenance
+
+    work = Path(args.prepare)
+    _checkpoint(args, str(work / "model"))
+    rows = shape_rows(args.shape, args.data, None, args.n_pairs, args.max_length)
+    (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / "provenance.json").write_text(json.dumps({k: v for k, v in provenance().items()
+                                                      if k in ("commit", "dirty")}))
+
+
 def _checkpoint(args, directory: str) -> str:
     """A safetensors checkpoint of the model: SmolLM2's GGUF converted once, or --tiny's random Llama."""
     from logps import default_model
@@ -165,15 +182,16 @@ def main() -> None:
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
     parser.add_argument("--pairs-file", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         side(args)
         return
+    if args.prepare:
+        prepare(args)
+        return
 
-    import torch
-    from logps import shape_rows
-
-    from prefsift.report import provenance
+    from importlib.metadata import version
 
     name = "tiny" if args.tiny else "smollm2"
     out = Path(args.out or ROOT / "bench" / "results" / f"train-{name}-{args.shape}.json")
@@ -185,9 +203,8 @@ def main() -> None:
               "gradient_checkpointing": args.gradient_checkpointing, "repeats": args.repeats,
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                          "torch": torch.__version__, "load_average_1min_start": os.getloadavg()[0]},
+                          "torch": version("torch"), "load_average_1min_start": os.getloadavg()[0]},
               "command": "python bench/train.py " + " ".join(passed),
-              **{key: value for key, value in provenance().items() if key in ("commit", "dirty")},
               # files of src/ or this script that differ from the commit when the run starts (others' work in progress)
               "uncommitted": subprocess.run(["git", "status", "--porcelain", "--", "src", "bench/train.py"], cwd=ROOT,
                                             capture_output=True, text=True).stdout.split("\n")[:-1],
@@ -197,10 +214,15 @@ def main() -> None:
                                              "losses": [], "after_load_mb": [], "after_reference_mb": []}
                                          for s in ("trl", "prefsift")}
     with tempfile.TemporaryDirectory() as work:
-        checkpoint = _checkpoint(args, str(Path(work) / "model"))
-        pairs_file = Path(work) / "pairs.jsonl"
-        rows = shape_rows(args.shape, args.data, None, args.n_pairs, args.max_length)
-        pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # the model, the pairs and the provenance come from a child process: the kernel's peak RSS of a process
+        # starts at its parent's RSS when it was forked (Linux keeps the high-water mark across exec), so this
+        # process stays small and loads nothing
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--prepare", work, "--data", args.data,
+                        "--shape", args.shape, "--n-pairs", str(args.n_pairs), "--max-length", str(args.max_length)]
+                       + (["--tiny"] if args.tiny else []), check=True)
+        checkpoint, pairs_file = str(Path(work) / "model"), Path(work) / "pairs.jsonl"
+        record.update(json.loads((Path(work) / "provenance.json").read_text()))
+        record["parent_peak_rss_mb"] = _peak_mb()
         base = [sys.executable, str(Path(__file__).resolve()), "--checkpoint", checkpoint, "--pairs-file",
                 str(pairs_file), "--data", args.data,
                 "--n-pairs", str(args.n_pairs), "--max-length", str(args.max_length), "--batch-size",

@@ -75,6 +75,9 @@ def test_run_from_yaml(tmp_path, bpe_tokenizer, monkeypatch, one_thread):
         parts = record["compute_parts"]
         assert parts["train"] == round(seconds, 3) and parts["warmup"] == round(warmup_s, 3)  # every row starts there
         assert record["compute"] == pytest.approx(sum(parts.values()), abs=1e-3)
+        cpu = record["compute_cpu_parts"]  # the same parts in this process's CPU seconds
+        assert set(cpu) == set(parts) and cpu["train"] > 0
+        assert record["compute_cpu"] == pytest.approx(sum(cpu.values()), abs=1e-3)
         assert ("validation" in parts) == (record["method"] in ("lossdiff", "lossdiff-irm"))
         if "validation" in parts:
             assert parts["validation"] >= round(validation_s, 3)  # + the validation pairs' reference pass
@@ -305,3 +308,6 @@ def test_baseline_arms_on_the_synthetic_task(tmp_path, one_thread):
     assert rows["validation-only"]["compute_parts"]["reference"] > 0  # measured: the validation pairs' pass
     for record in records:  # what each training saw, said
         assert record["trained"]["rows_seen"] == record["trained"]["rows"] > 0 and record["trained"]["steps"] >= 1
+    import gc
+
+    assert gc.get_freeze_count() == 0  # the objects frozen during each training are back with the collector

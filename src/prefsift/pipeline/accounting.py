@@ -3,7 +3,9 @@
 Two measures of the same parts. `measured_compute` is the column: seconds the run itself measured for each part
 (a training's own wall time, a pass's own wall time), so a training counts at what it actually cost on this
 machine, not at a fixed multiple of a forward pass (one epoch of DPO training cost 7.7 scoring passes of the same
-pairs on an H200, not 3). `pair_passes` is the nominal count beside it (one forward pass over one pair's tokens; a
+pairs on an H200, not 3). The same parts in the CPU seconds the process spent on them (`compute_cpu`) sit beside it:
+on a machine others share, wall seconds swing with their load and CPU seconds much less. `pair_passes` is the
+nominal count beside them (one forward pass over one pair's tokens; a
 DPO step on a pair taken as three), for reading a table across machines.
 
 Shared work (the reference pass, the warm-up, the validation model, a scoring pass) is charged in full to every row

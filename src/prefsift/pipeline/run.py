@@ -11,7 +11,9 @@ compute accounting are their own modules.)
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import hashlib
 import json
 import time
@@ -76,14 +78,31 @@ class CheckpointEvaluation(TrainerCallback):
             self.paused += time.perf_counter() - began
 
 
+@contextlib.contextmanager
+def objects_frozen():
+    """The objects alive before a training kept out of the garbage collector's scans while it trains: accelerate
+    ends every Trainer.train with gc.collect(), which in a pipeline process (~440k objects: models, tables, scores)
+    took 0.8-0.9 s a training on 2 CPU cores, about half of a 200-pair training's cost (bench/warmup_share.py).
+    Objects the training creates are collected as usual; the frozen ones return to the collector after it."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def trained_copy(parent: LoadedModel, tag: str, pairs, ref_logps: np.ndarray, config: TrainConfig,
                  engine: EngineConfig, save_dir: Path | None = None, callbacks: list | None = None
-                 ) -> tuple[LoadedModel, TrainResult]:
-    """Train a copy of `parent`; returns it and what the training measured and saw (seconds, rows, steps). Saved,
+                 ) -> tuple[LoadedModel, TrainResult, float]:
+    """Train a copy of `parent`; returns it, what the training measured and saw (seconds, rows, steps) and the CPU
+    seconds this process spent on it (the share of the wall time it computed, on a machine others share). Saved,
     it is fingerprinted by content like any model on disk; in memory, by parent, recipe and data, so resumable
     shards of a run with another recipe are never taken for its own."""
     child = LoadedModel(copy.deepcopy(parent.model), parent.tokenizer, str(save_dir or f"{parent.source}#{tag}"), "")
-    result = train(child, pairs, config, engine, ref_logps=ref_logps, quiet=True, callbacks=callbacks)
+    cpu = time.process_time()
+    with objects_frozen():
+        result = train(child, pairs, config, engine, ref_logps=ref_logps, quiet=True, callbacks=callbacks)
+    cpu = time.process_time() - cpu
     if save_dir is not None:
         # the whole model (a LoRA adapter merged in): an adapter saved on a merged parent would name the SFT model
         # as its base and reload without the parent's own training
@@ -94,32 +113,32 @@ def trained_copy(parent: LoadedModel, tag: str, pairs, ref_logps: np.ndarray, co
         recipe = json.dumps([parent.fingerprint, asdict(config), asdict(engine), data_hash_of(pairs["pair_id"]),
                              __version__], sort_keys=True, default=str)
         child.fingerprint = hashlib.sha256(recipe.encode()).hexdigest()[:16]
-    return child, result
+    return child, result, cpu
 
 
 def train_warmup(config: RunConfig, base: LoadedModel, train_data: LoadedPairs, ref_train: np.ndarray, out: Path,
-                 log) -> tuple[LoadedModel, float]:
+                 log) -> tuple[LoadedModel, float, float]:
     """Step 1 of the paper: DPO on (a share of) the training pairs → θ."""
     n = len(train_data.pairs)
     rows = np.sort(hash_order(list(train_data.pairs["pair_id"]), config.seed + 1)[
         : max(1, round(config.warmup_fraction * n))])
     log(f"warm-up DPO on {len(rows)} pairs")
     tc = replace(config.train, seed=config.seed, epochs=config.warmup_epochs)
-    model, result = trained_copy(base, "warmup", train_data.pairs.select(rows.tolist()), ref_train[rows], tc,
-                                 config.engine, out / "models" / "warmup" if config.save_models else None)
-    return model, result.seconds
+    model, result, cpu = trained_copy(base, "warmup", train_data.pairs.select(rows.tolist()), ref_train[rows], tc,
+                                      config.engine, out / "models" / "warmup" if config.save_models else None)
+    return model, result.seconds, cpu
 
 
 def train_validation_model(config: RunConfig, warmup: LoadedModel, validation: LoadedPairs, ref_val: np.ndarray,
-                           out: Path, log) -> tuple[LoadedModel, float]:
+                           out: Path, log) -> tuple[LoadedModel, float, float]:
     """Step 2: DPO on the validation pairs from θ → θ_val (a LoRA adapter on θ, merged, with validation_lora)."""
     log(f"validation DPO on {len(validation.pairs)} pairs from the warm-up model"
         + (" (LoRA)" if config.validation_lora else ""))
     tc = replace(config.train, seed=config.seed, epochs=config.validation_epochs,
                  lora=config.train.lora or config.validation_lora)
-    model, result = trained_copy(warmup, "validation", validation.pairs, ref_val, tc, config.engine,
-                                 out / "models" / "validation" if config.save_models else None)
-    return model, result.seconds
+    model, result, cpu = trained_copy(warmup, "validation", validation.pairs, ref_val, tc, config.engine,
+                                      out / "models" / "validation" if config.save_models else None)
+    return model, result.seconds, cpu
 
 
 def budgets(config: RunConfig, scores: dict[str, np.ndarray], n_train: int, log) -> list[tuple[str, float, int | None]]:
@@ -321,7 +340,7 @@ def train_and_evaluate(config: RunConfig, plan: Plan, start_model: LoadedModel, 
             log("  " + one_line(checkpoints[-1]))
 
         callbacks = [CheckpointEvaluation(config.checkpoint_shares, evaluate_at)]
-    policy, trained = trained_copy(start_model, f"{name}-{fraction}", arm.data, arm.ref_logps,
+    policy, trained, cpu = trained_copy(start_model, f"{name}-{fraction}", arm.data, arm.ref_logps,
                                    replace(config.train, seed=config.seed, algo=arm.algo), config.engine, save_dir,
                                    callbacks)
     n_pairs = arm.n_completions // 2 if arm.n_completions is not None else len(arm.data)
@@ -330,7 +349,7 @@ def train_and_evaluate(config: RunConfig, plan: Plan, start_model: LoadedModel, 
               **({"n_validation_pairs": arm.n_validation_pairs} if arm.n_validation_pairs else {}),
               "trained": {"rows": trained.rows, "rows_seen": trained.rows_seen, "steps": trained.steps,
                           "epochs": round(trained.epochs_done, 3)},
-              "train_seconds": round(trained.seconds, 3)}
+              "train_seconds": round(trained.seconds, 3), "train_cpu_seconds": round(cpu, 3)}
     log(f"{name} @ {budget}: " + trained_line(record))
     evaluation = evaluate_model(policy.model)
     if seed_dir is not None:
@@ -388,24 +407,35 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     baselines = config.baseline_arms()
     ref_val = None
     if "validation" in needs or {"validation-only", "random+validation"} & set(baselines):
-        began = time.perf_counter()  # once for every seed (the pass is shared), charged at the first one's time
-        ref_val = resources.logps("reference", pairs=splits.validation, tag="validation-reference")
+        began, cpu = time.perf_counter(), time.process_time()  # once for every seed (the pass is shared), charged
+        ref_val = resources.logps("reference", pairs=splits.validation, tag="validation-reference")  # at its time
         template.seconds.setdefault("validation_reference", time.perf_counter() - began)
+        template.seconds.setdefault("validation_reference_cpu", time.process_time() - cpu)
     timings: dict[str, float] = {}
+    cpu_timings: dict[str, float] = {}
     warmup = None
     if needs & {"policy", "validation"} or "warmup" in starts:
-        warmup, timings["warmup"] = train_warmup(config, base, train_data, ref_train, out, log)
+        warmup, timings["warmup"], cpu_timings["warmup"] = train_warmup(config, base, train_data, ref_train, out,
+                                                                        log)
         resources.add("policy", warmup, stages={"warmup": timings["warmup"]})
     if "validation" in needs:
-        validation, timings["validation"] = train_validation_model(config, warmup, splits.validation, ref_val,
-                                                                   out, log)
+        validation, timings["validation"], cpu_timings["validation"] = train_validation_model(
+            config, warmup, splits.validation, ref_val, out, log)
         resources.add("validation", validation, stages=dict(timings))
     # Step 3, the one score path: the same stage as `prefsift score`, every method over one provider.
+    began, cpu = time.perf_counter(), time.process_time()
     scored: ScoreResult = score_pairs(train_data, scorers, resources, out / "scores")
+    # the score stage times each method's share in wall seconds; its CPU seconds are split in the same proportion
+    cpu_share = (time.process_time() - cpu) / max(time.perf_counter() - began, 1e-9)
+    scoring = scoring_seconds(scored, resources, scorers)
     measured = Measured(reference=template.seconds.get("reference", 0.0),
                         validation_reference=template.seconds.get("validation_reference", 0.0),
                         warmup=timings.get("warmup", 0.0), validation=timings.get("validation", 0.0),
-                        scoring=scoring_seconds(scored, resources, scorers))
+                        scoring=scoring)
+    measured_cpu = Measured(reference=template.seconds.get("reference_cpu", 0.0),
+                            validation_reference=template.seconds.get("validation_reference_cpu", 0.0),
+                            warmup=cpu_timings.get("warmup", 0.0), validation=cpu_timings.get("validation", 0.0),
+                            scoring={m: v * cpu_share for m, v in scoring.items()})
     plans = [Plan("full", None, "full", 1.0)] if config.full else []
     levels = budgets(config, scored.scores, n_train, log)
     plans += [Plan(s.name, s, b, f, c) for b, f, c in levels for s in scorers]
@@ -427,12 +457,16 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
                       n_validation_pairs=data.n_validation_pairs,
                       extra_passes=scorer.compute_passes(n_train, n_validation) if scorer is not None else 0.0)
             units = pair_passes(config, arm, n_train, n_warmup, n_validation)
-            parts = measured_compute(arm, measured, plan.name, record.pop("train_seconds"), n_train)
+            wall, cpu = record.pop("train_seconds"), record.pop("train_cpu_seconds")
+            parts = measured_compute(arm, measured, plan.name, wall, n_train)
+            cpu_parts = measured_compute(arm, measured_cpu, plan.name, cpu, n_train)
             checkpoints = record.pop("checkpoints", [])
-            records.append(_charged({"seed": config.seed, "start_from": start, **record}, parts, units))
-            for point in checkpoints:  # the full run at a share of its steps: that share of its training
+            records.append(_charged({"seed": config.seed, "start_from": start, **record}, parts, cpu_parts, units))
+            for point in checkpoints:  # the full run at a share of its steps: its training's time to that point
+                seconds = point.pop("train_seconds")
                 records.append(_charged({"seed": config.seed, "start_from": start, **point},
-                                        {**parts, "train": point.pop("train_seconds")},
+                                        {**parts, "train": seconds},
+                                        {**cpu_parts, "train": round(seconds * cpu / max(wall, 1e-9), 3)},
                                         {**units, "train": units["train"] * point["fraction"]}))
     return records
 
@@ -450,10 +484,12 @@ def scoring_seconds(scored: ScoreResult, resources: Resources, scorers: list[Sco
     return out
 
 
-def _charged(record: dict, parts: dict[str, float], units: dict[str, float]) -> dict:
-    """A record with its compute: measured seconds in total and by part, and the nominal pair passes beside."""
+def _charged(record: dict, parts: dict[str, float], cpu_parts: dict[str, float], units: dict[str, float]) -> dict:
+    """A record with its compute: measured seconds in total and by part, the CPU seconds this process spent on the
+    same parts (what it computed, whatever else the machine ran), and the nominal pair passes beside."""
     total = round(sum(parts.values()), 3)
     return {**record, "compute": total, "compute_parts": parts, "seconds": total,
+            "compute_cpu": round(sum(cpu_parts.values()), 3), "compute_cpu_parts": cpu_parts,
             "pair_passes": sum(units.values()), "pair_pass_parts": units}
 
 
@@ -548,7 +584,9 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
         sources["embedder"] = CausalEmbedder.of(base)
     template = Resources(splits.train, engine, sources, out_dir=out, seed=config.seed,
                          trust_remote_code=config.trust_remote_code, allow_dropped=config.allow_dropped)
+    cpu = time.process_time()
     dropped = np.isnan(template.logps("reference")[:, 0])
+    template.seconds["reference_cpu"] = time.process_time() - cpu
     if dropped.all():
         raise ConfigError(f"every training pair's prompt fills max_length={engine.max_length}: raise max_length")
     if dropped.any():

@@ -324,3 +324,10 @@ def test_help_of_a_compare_sorts_the_run_settings_into_panels():
     for title in ("Data", "Model", "Pipeline", "Statistics", "Training", "Engine", "Output"):
         assert f"╭─ {title} ─" in page, title
     assert "[default: ]" not in page  # an empty default (data, model: required) is not shown as one
+
+
+def test_a_narrow_terminal_puts_each_help_below_its_name():
+    lines = _help("train", columns=40).splitlines()
+    assert max(len(line) for line in lines) <= 40
+    names = [k for k, line in enumerate(lines) if line.startswith("│ --max-length")]
+    assert len(names) == 1 and lines[names[0] + 1].split()[1:3] == ["Token", "cut-off"]  # its help on the next line

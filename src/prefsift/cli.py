@@ -56,6 +56,7 @@ _DATA_OPTIONS = {"data", "validation_data", "test_data", "validation_fraction", 
 _STATISTICS_OPTIONS = {"seeds", "correction", "alpha", "noninferiority_margin", "min_test_pairs"}
 HELP_WIDTH = 100  # a wider terminal still gets lines a reader can follow
 NAME_WIDTH = 26  # option names longer than this get a line of their own, their help below
+NARROW = 60  # a terminal narrower than this gets every name on a line of its own, its help below
 
 
 def config_panel(cls: type, name: str) -> str:
@@ -92,12 +93,13 @@ def _help_rows(command: TyperCommand | TyperGroup, ctx: typer.Context) -> dict[s
     return dict(sorted(panels.items(), key=lambda item: order.get(item[0], len(PANELS) - 1)))
 
 
-def _panel(title: str, rows: list[tuple[str, str]]) -> Panel:
-    """One panel: names left, help wrapped beside them; a name too long for the column has a line of its own."""
-    width = min(NAME_WIDTH, max(len(names) for names, _ in rows))
+def _panel(title: str, rows: list[tuple[str, str]], stacked: bool = False) -> Panel:
+    """One panel: names left, help wrapped beside them; a name too long for the column has a line of its own, and on
+    a narrow terminal (`stacked`) every name does, its help indented below."""
+    width = 2 if stacked else min(NAME_WIDTH, max(len(names) for names, _ in rows))
     items = []
     for names, text in rows:
-        if len(names) > width:
+        if len(names) > width or stacked:
             items.append(Text(names, style="bold cyan"))
             names = ""
         grid = Table.grid(padding=(0, 1))
@@ -117,12 +119,13 @@ def print_help(command: TyperCommand | TyperGroup, ctx: typer.Context) -> None:
         out.print()
         out.print(Text(" ".join(paragraph.split())))
     out.print()
+    stacked = out.width < NARROW  # too narrow for a name and its help side by side
     for title, rows in _help_rows(command, ctx).items():
-        out.print(_panel(title, rows))
+        out.print(_panel(title, rows, stacked))
     if isinstance(command, TyperGroup):
         commands = [(name, command.get_command(ctx, name)) for name in command.list_commands(ctx)]
         rows = [(name, sub.get_short_help_str(limit=300)) for name, sub in commands if not sub.hidden]
-        out.print(_panel("Commands", rows))
+        out.print(_panel("Commands", rows, stacked))
 
 
 class _Command(TyperCommand):

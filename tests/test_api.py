@@ -88,7 +88,9 @@ def test_a_dataset_or_rows_score_as_their_file_does(ws, tmp_path, one_thread):
     from_dataset = prefsift.score(Dataset.from_list(rows), methods="random", seed=5, out=tmp_path / "ds",
                                   log=lambda line: None)
     from_rows = prefsift.score(rows, methods="random", seed=5, out=tmp_path / "rows", log=lambda line: None)
-    assert from_dataset.to_dict() == from_file.to_dict() == from_rows.to_dict()
+    in_memory = prefsift.score(rows, methods="random", seed=5, log=lambda line: None)  # no out: nothing written
+    assert from_dataset.to_dict() == from_file.to_dict() == from_rows.to_dict() == in_memory.to_dict()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "file", "rows"]
     assert len(from_file) == 24 and len(set(from_file["random"])) == 24
 
 

@@ -14,6 +14,7 @@ passed whole instead (`engine=EngineConfig(...)`), keywords win over it. An unkn
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -127,7 +128,8 @@ def _method_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     return flat
 
 
-def score(data: Any, *, out: PathLike, methods: str | Sequence[str] | None = None, policy: PathLike | None = None,
+def score(data: Any, *, out: PathLike | None = None, methods: str | Sequence[str] | None = None,
+          policy: PathLike | None = None,
           params: Mapping[str, Any] | None = None, config: ScoreConfig | None = None,
           engine: EngineConfig | None = None, data_options: DataConfig | None = None, log: Log = print,
           **options: Any) -> datasets.Dataset:
@@ -137,7 +139,8 @@ def score(data: Any, *, out: PathLike, methods: str | Sequence[str] | None = Non
     and every other `ScoreConfig`, `EngineConfig` or `DataConfig` option are keywords. `params`: the methods'
     parameters (`{"band_low": 0.25}` with one method, `{"irm": {"band_low": 0.25}}` or `"irm.band_low"` with
     several). Returns scores.parquet as a `Dataset`: `pair_id`, the score columns and TRL-named log-probs; a pair
-    left out (prompt fills max_length, a non-finite score) is NaN and listed in dropped.jsonl."""
+    left out (prompt fills max_length, a non-finite score) is NaN and listed in dropped.jsonl. Without `out` nothing
+    is written (no files for `select`, no resumable passes): the scores come back as the same `Dataset` only."""
     from prefsift.engine import Engine
     from prefsift.output import check_output, locked
     from prefsift.resources import require, sources_of
@@ -156,24 +159,33 @@ def score(data: Any, *, out: PathLike, methods: str | Sequence[str] | None = Non
         options["model"] = policy
     score_config, engine, data_options = configs(options, (ScoreConfig, config), (EngineConfig, engine),
                                                  (DataConfig, data_options))
-    out = _path(out, "out")
+    out = _path(out, "out") if out is not None else None
     # an unknown method, a bad parameter or a missing model fails before anything is loaded
     per_method = method_params(score_config.methods(), _method_params(params))
     for name in score_config.methods():
         require(get_scorer(name, **per_method[name]).needs, sources_of(score_config), name)
-    check_output(out, "score")  # a file, another stage's results, a foreign directory: before any work
+    if out is not None:
+        check_output(out, "score")  # a file, another stage's results, a foreign directory: before any work
     source = _source(data)
     Engine(engine).apply_threads()
-    with locked(out):
+    with locked(out) if out is not None else contextlib.nullcontext():
         loaded = load_data(source, data_options, log)
         result = run_score(loaded, score_config, engine, out, per_method)
     columns = [c for c in result.scores if c != "pair_id"]
     n_scored = len(result.scores["pair_id"]) - result.n_dropped
     left_out = result.n_dropped + len(loaded.invalid)
-    dropped = f" ({left_out} left out → {out / 'dropped.jsonl'})" if left_out else ""
-    log(f"scored {n_scored} pairs{dropped} with {score_config.method} {result.timing()}: {', '.join(columns)} → "
-        f"{out / 'scores.parquet'}")  # times that add up: the wall clock, each shared pass once
-    return _dataset(out / "scores.parquet")
+    dropped = f" ({left_out} left out" + (f" → {out / 'dropped.jsonl'})" if out is not None else ")")
+    where = f" → {out / 'scores.parquet'}" if out is not None else ""
+    # times that add up: the wall clock, each shared pass once
+    log(f"scored {n_scored} pairs{dropped if left_out else ''} with {score_config.method} {result.timing()}: "
+        f"{', '.join(columns)}{where}")
+    if out is not None:
+        return _dataset(out / "scores.parquet")
+    import datasets
+    import pyarrow as pa
+
+    # the table write_scores writes
+    return datasets.Dataset(pa.table({k: list(v) if k == "pair_id" else v for k, v in result.scores.items()}))
 
 
 def select(scores: PathLike, *, out: PathLike, rule: str | None = None, fraction: float | None = None,

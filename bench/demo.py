@@ -46,7 +46,7 @@ def uncommitted() -> list[str]:
     import subprocess
 
     try:
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "bench"],
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/src", ":/bench"],
                                 capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout
     except (OSError, subprocess.CalledProcessError):
         return []

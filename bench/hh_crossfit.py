@@ -179,7 +179,8 @@ def _gate(full_outcomes: np.ndarray, sft_outcomes: np.ndarray) -> dict:
 
 # --- one (fold, seed) cell -----------------------------------------------------------------------------------------
 def run_cell(data, fold: int, seed: int, protocol: Protocol, base, embedder, out: Path, work: Path, *,
-             device: str | None = None, threads: int | None = None, gate: str = "stop", log=print) -> dict:
+             device: str | None = None, threads: int | None = None, gate: str = "stop", command: str = "",
+             log=print) -> dict:
     """Train and evaluate every arm of one (fold, seed) from `base` (the SFT model), resuming from the arms already
     in OUT/<protocol>/partial/; writes and returns the cell's record. `data`: LoadedPairs of every valid pair."""
     from prefsift.evaluate import preference_outcomes
@@ -199,7 +200,7 @@ def run_cell(data, fold: int, seed: int, protocol: Protocol, base, embedder, out
     from prefsift.score import score_pairs
     from prefsift.scorers import parse_methods
 
-    started = time.perf_counter()
+    started, code = time.perf_counter(), provenance()  # the code the cell starts on (HEAD may move meanwhile)
     tag = f"fold{fold}-seed{seed}"
     partial = out / protocol.name / "partial" / tag
     cell_work = work / protocol.name / tag
@@ -231,6 +232,8 @@ def run_cell(data, fold: int, seed: int, protocol: Protocol, base, embedder, out
     ref_test = timed("reference_test", lambda: resources.logps("reference", pairs=splits.test, tag="test-reference"))
     ref_val = timed("validation_reference",
                     lambda: resources.logps("reference", pairs=splits.validation, tag="validation-reference"))
+    first = {**seconds, **first}
+    _write_json(stages_file, first)
     sft_outcomes = preference_outcomes(ref_test, ref_test, config.engine.beta)  # margin 0: ½ (NaN where dropped)
     sft = {"pref_outcomes": _listed(sft_outcomes),
            "dpo_losses": _listed(dpo_loss(np.where(np.isnan(sft_outcomes), np.nan, 0.0)))}
@@ -253,11 +256,12 @@ def run_cell(data, fold: int, seed: int, protocol: Protocol, base, embedder, out
             needs = {role for s in wanted for role in s.needs}
             warmup = None
             if needs & {"policy", "validation"}:
-                warmup, seconds["warmup"] = train_warmup(config, base, splits.train, ref_train, cell_work, log)
+                warmup, seconds["warmup"], *_ = train_warmup(config, base, splits.train, ref_train, cell_work,
+                                                             log)
                 resources.add("policy", warmup, stages={"warmup": seconds["warmup"]})
             if "validation" in needs:
-                validation, seconds["validation"] = train_validation_model(config, warmup, splits.validation,
-                                                                           ref_val, cell_work, log)
+                validation, seconds["validation"], *_ = train_validation_model(
+                    config, warmup, splits.validation, ref_val, cell_work, log)
                 resources.add("validation", validation,
                               stages={"warmup": seconds["warmup"], "validation": seconds["validation"]})
             scored = score_pairs(splits.train, wanted, resources, cell_work / "scores")
@@ -296,6 +300,7 @@ def run_cell(data, fold: int, seed: int, protocol: Protocol, base, embedder, out
                       "seconds": round(sum(parts.values()), 3), "seconds_parts": parts,
                       "pair_passes": sum(units.values()), "pair_pass_parts": units,
                       "train_seconds": record["train_seconds"], "eval_seconds": round(eval_seconds, 3),
+                      "train_cpu_seconds": record.get("train_cpu_seconds"),
                       "load_average_1min": round(os.getloadavg()[0], 2)}
         _write_json(partial / f"{name}.json", done[name])
         log(f"{tag}: {name} done: accuracy {record['pref_accuracy']:.3f}, DPO loss {done[name]['dpo_loss']:.4f}, "
@@ -306,7 +311,8 @@ def run_cell(data, fold: int, seed: int, protocol: Protocol, base, embedder, out
                 f"{cell_gate['high']:+.3f}], one-sided p {cell_gate['p']:.3g}: "
                 + ("full beats SFT" if cell_gate["passed"] else "full does NOT beat SFT"))
     first = {**seconds, **first}
-    cell = {"fold": fold, "seed": seed, "protocol": asdict(protocol), **provenance(), "machine": machine(),
+    cell = {"fold": fold, "seed": seed, "command": command, "protocol": asdict(protocol), **code,
+            "machine": machine(),
             "n_pool": n_pool, "n_validation": n_val, "n_test": n_test, "n_warmup": n_warmup,
             "test_pair_ids": list(splits.test.pairs["pair_id"]),
             "validation_pair_ids": list(splits.validation.pairs["pair_id"]),
@@ -439,9 +445,24 @@ def table(directory: Path, cost: Path | None = None) -> str:
     """The Markdown block the README and docs/real-data.md show: the pooled table over the finished cells of
     `directory` with its n, or, with no cell finished, that n = 0, with the measured cost of one cell and the
     command."""
-    summary = aggregate(load_cells(directory)) if directory.is_dir() else aggregate([])
-    command = f"`python bench/hh_crossfit.py --folds 0,1,2 --seeds 0,1` (protocol `{directory.name}`)"
-    return table_of(summary, command, cost)
+    cells = load_cells(directory) if directory.is_dir() else []
+    commands = sorted({c.get("command") or command_of(c["protocol"], c["fold"], c["seed"]) for c in cells}) or [
+        "python bench/hh_crossfit.py --folds 0,1,2 --seeds 0,1"]
+    command = ", ".join(f"`{c}`" for c in commands) + f" (protocol `{directory.name}`)"
+    return table_of(aggregate(cells), command, cost)
+
+
+def command_of(protocol: dict, fold: int, seed: int) -> str:
+    """The options that give a cell's protocol (for a cell written before cells recorded their command)."""
+    default = Protocol()
+    options = ["python bench/hh_crossfit.py"] + (["--full-finetune"] if protocol["full_finetune"] else [])
+    if tuple(protocol["budgets"]) != default.budgets:
+        options.append("--budgets " + ",".join(f"{b:g}" for b in protocol["budgets"]))
+    for flag, key in (("--validation-pairs", "n_validation"), ("--warmup-fraction", "warmup_fraction"),
+                      ("--limit", "limit")):
+        if protocol[key] != getattr(default, key):
+            options.append(f"{flag} {protocol[key]:g}")
+    return " ".join(options + [f"--folds {fold} --seeds {seed}"])
 
 
 def table_of(summary: dict, command: str, cost: Path | None = None) -> str:
@@ -481,7 +502,7 @@ def table_of(summary: dict, command: str, cost: Path | None = None) -> str:
     for r in summary["rows"]:
         ni = verdicts.get((r["arm"], "pref_accuracy", "noninferior"), "–")
         out.append(
-            f"| {r['arm']} | {r.get('n_pairs', 0):g} | {_ci(r['pref_accuracy'])} | "
+            f"| {r['arm']} | {format(r['n_pairs'], 'g') if 'n_pairs' in r else '–'} | {_ci(r['pref_accuracy'])} | "
             f"{_ci(r.get('pref_accuracy_vs_random'), True)}"
             f"{mark[verdicts.get((r['arm'], 'pref_accuracy', 'difference'))]} | "
             f"{_ci(r.get('pref_accuracy_vs_full'), True)} | "
@@ -493,11 +514,11 @@ def table_of(summary: dict, command: str, cost: Path | None = None) -> str:
     lines.append(f"▲ better, ▼ worse (a lower loss is better): the difference survives Holm's correction "
                  f"(family-wise error ≤ {summary['alpha']:.0%}) over the {len(summary['tests'])} tests of this table "
                  f"(each arm's accuracy and DPO loss against random at its budget, two-sided; each arm's accuracy "
-                 f"non-inferior to full within {summary['margin']:g}). {len(survivors)} survive. Intervals: each "
-                 "row's own 95% interval over the seeds and test pairs (`prefsift.stats`), not corrected. SFT is "
-                 "the DPO reference: accuracy ½ and loss log 2 by definition. Compute over full's, selection "
-                 "included: the seconds each part measured, and the nominal pair passes (a DPO step on a pair "
-                 "counts three).")
+                 f"non-inferior to full within {summary['margin']:g}); {len(survivors)} of them survive. "
+                 "Intervals: each row's own 95% interval over the seeds and test pairs (`prefsift.stats`), not "
+                 "corrected. SFT is the DPO reference: accuracy ½ and loss log 2 by definition. Compute over "
+                 "full's, selection included: the seconds each part measured, and the nominal pair passes (a DPO "
+                 "step on a pair counts three).")
     return "\n\n".join(lines) + "\n"
 
 
@@ -601,13 +622,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="write OUT/cost.json: a whole cell's cost extrapolated from this smoke cell's rates")
     args = parser.parse_args(argv)
     try:
-        run(args)
+        run(args, argv)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     from prefsift.errors import PrefsiftError
 
     folds, seeds, budgets = _ints(args.folds, "--folds"), _ints(args.seeds, "--seeds"), _budgets(args.budgets)
@@ -625,11 +646,14 @@ def run(args: argparse.Namespace) -> None:
 
         sys.path.insert(0, str(HERE))
         record = {"label": "EXTRAPOLATED from rates measured on the smoke cell below, not a measured whole cell",
-                  "measured_on": {"file": str(args.cost.relative_to(ROOT) if args.cost.resolve().is_relative_to(
-                      ROOT) else args.cost), "n_pool": cell["n_pool"], "n_validation": cell["n_validation"],
+                  "measured_on": {"file": str(args.cost.resolve().relative_to(ROOT) if args.cost.resolve()
+                                              .is_relative_to(ROOT) else args.cost),
+                                  "protocol_dir": args.cost.resolve().parent.name,
+                                  "n_pool": cell["n_pool"], "n_validation": cell["n_validation"],
                                   "n_test": cell["n_test"], "wall_seconds": cell["wall_seconds"],
                                   "commit": cell.get("commit"), "dirty": cell.get("dirty")},
                   "machine": cell["machine"], "protocol": cell["protocol"], **provenance(),
+                  "load_average_1min_after_each_arm": [a.get("load_average_1min") for a in cell["arms"]],
                   **extrapolate_cost(cell, *whole_cell_sizes(args.data, args.validation_pairs))}
         _write_json(args.out / "cost.json", record)
         print(json.dumps(record["extrapolated"], indent=1))
@@ -672,6 +696,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    command = " ".join(["python bench/hh_crossfit.py", *(argv if argv is not None else sys.argv[1:])])
     try:
         data = load_pairs(str(args.data))
         if args.limit:
@@ -680,7 +705,7 @@ def run(args: argparse.Namespace) -> None:
         embedder = load_embedder(args.embedder, dtype="float32", device=args.device)
         for fold, seed in todo:
             cell = run_cell(data, fold, seed, protocol, base, embedder, args.out, args.work, device=args.device,
-                            threads=args.threads, gate=args.gate)
+                            threads=args.threads, gate=args.gate, command=command)
             print(f"fold{fold}-seed{seed}: wrote {args.out / protocol.name / f'fold{fold}-seed{seed}.json'} "
                   f"({cell['wall_seconds'] / 60:.1f} min)")
             if cell["gate"] is not None and not cell["gate"]["passed"] and args.gate == "stop":

@@ -77,6 +77,8 @@ def test_the_score_summary_counts_each_shared_pass_once(bpe_tokenizer, one_threa
     assert sum(result.seconds.values()) > 1.5 * result.wall_seconds  # the old summary's sum: each pass twice
     line = result.timing()
     assert line.startswith(f"in {result.wall_seconds:.1f}s (passes, once each: policy ") and "methods: irm " in line
+    rest = float(line.rsplit("files: ", 1)[1].rstrip("s)"))
+    assert rest == pytest.approx(result.wall_seconds - parts, abs=0.06)  # the parts add up to the wall clock
 
 
 def test_methods_say_what_they_truly_need(bpe_tokenizer):

@@ -37,7 +37,9 @@ class ScoreResult:
         pass as often as methods share it.)"""
         passes = ", ".join(f"{role} {s:.1f}s" for role, s in self.pass_seconds.items())
         own = ", ".join(f"{method} {s:.1f}s" for method, s in self.own_seconds.items())
-        return f"in {self.wall_seconds:.1f}s ({f'passes, once each: {passes}; ' if passes else ''}methods: {own})"
+        rest = self.wall_seconds - sum(self.pass_seconds.values()) - sum(self.own_seconds.values())
+        return (f"in {self.wall_seconds:.1f}s ({f'passes, once each: {passes}; ' if passes else ''}methods: {own}; "
+                f"loading models, checks and files: {max(rest, 0.0):.1f}s)")
 
 
 def _check_pass(resources: Resources, role: str, pair_ids) -> np.ndarray:

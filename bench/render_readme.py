@@ -403,6 +403,23 @@ def walkthrough_block(path: Path) -> str:
     return match.group(1)
 
 
+def hh_crossfit_block(cost: Path, protocol: str = "lora") -> str:
+    """The cross-fitted HH-RLHF table over the (fold, seed) cells of bench/results/hh-crossfit/PROTOCOL that have
+    finished, with its n (n = 0 rendered as such), beside the measured cost of one cell (`cost`: cost.json)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from hh_crossfit import table
+
+    return table(cost.parent / protocol, cost)
+
+
+def hh_crossfit_smoke_block(cost: Path) -> str:
+    """The smoke cell the cost was measured on: the protocol end to end on a few pairs (not a result)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from hh_crossfit import table
+
+    return table(cost.parent / json.loads(cost.read_text())["measured_on"]["protocol_dir"])
+
+
 TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "logps-transcripts": (RESULTS / "logps-transcripts.json", logps_table),
           "logps-instructions": (RESULTS / "logps-instructions.json", logps_table),
@@ -422,7 +439,9 @@ TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "analysis-demo": (RESULTS / "analysis-demo.json", analysis_table),
           "analysis-hh": (RESULTS / "analysis-hh.json", analysis_table),
           "influence-table": (RESULTS / "influence-smollm2.json", influence_table),
-          "walkthrough": (ROOT / "README.md", walkthrough_block)}
+          "walkthrough": (ROOT / "README.md", walkthrough_block),
+          "hh-crossfit": (RESULTS / "hh-crossfit" / "cost.json", hh_crossfit_block),
+          "hh-crossfit-smoke": (RESULTS / "hh-crossfit" / "cost.json", hh_crossfit_smoke_block)}
 BLOCK = re.compile(r"<!-- ([A-Za-z0-9_-]+) -->\n(.*?)<!-- /\1 -->", re.S)
 
 

@@ -147,6 +147,10 @@ class EvalConfig(Checked):
     eval_prompts: int = option(200, "Held-out prompts for the win rate (needs a judge).", low=1)
 
 
+# the baseline arms `run` trains beside the methods (pipeline.run.arm_data builds each one's subset)
+BASELINES = ("validation-only", "random+validation", "random-kto")
+
+
 @dataclasses.dataclass
 class RunConfig(Checked):
     data: str = option("", "Training pairs: file, datasets directory or hub name.")
@@ -158,10 +162,6 @@ class RunConfig(Checked):
     test_fraction: float = option(0.1, "Share of data split off for testing.", low=0, high=1, high_open=True)
     prompt_key: str = option("prompt", "Input column holding the prompt.")
     chosen_key: str = option("chosen", "Input column holding the chosen response.")
-# the baseline arms `run` trains beside the methods (pipeline.run.arm_data builds each one's subset)
-BASELINES = ("validation-only", "random+validation", "random-kto")
-
-
     rejected_key: str = option("rejected", "Input column holding the rejected response.")
     methods: list[str | dict] = option(default_factory=lambda: ["random", "irm", "lossdiff", "lossdiff-irm"],
                                        help="Methods to compare: names, or {name: ..., <param>: ...} mappings.",
@@ -175,10 +175,16 @@ BASELINES = ("validation-only", "random+validation", "random-kto")
                                             "scale --results` and `prefsift report`. Needs train.epochs 1.",
                                             low=0, low_open=True, high=1, high_open=True, cli=False)
     full: bool = option(True, "Also train on all the training pairs.")
-    warmup_fraction: float = option(1.0, "Share of the training pairs the warm-up DPO sees (cuts its cost).",
+    warmup_fraction: float = option(0.1, "Share of the training pairs the warm-up DPO sees: its largest lever on "
+                                         "cost (bench/warmup_share.py; 1.0: the TIF paper's warm-up on all).",
                                     low=0, low_open=True, high=1)
     warmup_epochs: float = option(1.0, "Epochs of the warm-up DPO.", low=0, low_open=True)
     validation_epochs: float = option(1.0, "Epochs of DPO on validation from θ.", low=0, low_open=True)
+    validation_lora: bool = option(False, "Train θ_val as a LoRA adapter on the warm-up model (merged after): "
+                                          "cheaper than all weights on a large model.")
+    baselines: str = option("", "Baseline arms beside the methods, comma-separated: validation-only (DPO on the "
+                                "trusted validation pairs alone), random+validation (the random subset plus them), "
+                                "random-kto (random completions trained with KTO, beside ISA's).")
     start_from: str = option("warmup", "Subsets continue from the 'warmup' model (the TIF paper), train from the "
                                        "'reference' model (cheaper), or 'both' (a row for each).",
                              choices=("warmup", "reference", "both"))
@@ -190,11 +196,6 @@ BASELINES = ("validation-only", "random+validation", "random-kto")
                                               "OUT/seed-S/models/<start>-<method>-<budget> (one model a row: large).")
     min_test_pairs: int = option(20, "Refuse a test split of fewer pairs (an accuracy near 0.5 over 20 pairs already "
                                      "has a 95% interval of ±0.22). 0 allows any size: the summary's intervals then "
-    validation_lora: bool = option(False, "Train θ_val as a LoRA adapter on the warm-up model (merged after): "
-                                          "cheaper than all weights on a large model.")
-    baselines: str = option("", "Baseline arms beside the methods, comma-separated: validation-only (DPO on the "
-                                "trusted validation pairs alone), random+validation (the random subset plus them), "
-                                "random-kto (random completions trained with KTO, beside ISA's).")
                                      "show how little it says.", low=0)
     judge_model: str | None = option(None, "Reward model judging win rates.")
     reward_model: str | None = option(None, "Sequence-classification reward model of the methods that score with one "
@@ -235,6 +236,16 @@ BASELINES = ("validation-only", "random+validation", "random-kto")
             raise ConfigError(f"checkpoint_shares: each once (got {self.checkpoint_shares})")
         if not self.fractions and not self.rule_share:
             raise ConfigError("fractions is empty and rule_share is off: no budget to compare methods at")
+        self.baseline_arms()
+
+    def baseline_arms(self) -> list[str]:
+        """The `baselines` option as a list, each name checked."""
+        names = [b.strip() for b in self.baselines.split(",") if b.strip()]
+        unknown = [b for b in names if b not in BASELINES]
+        if unknown or len(set(names)) != len(names):
+            raise ConfigError(f"baselines: distinct names among {', '.join(BASELINES)}, comma-separated "
+                              f"(got {self.baselines!r})")
+        return names
 
 
 EXPORT_FORMATS = ("datasets", "hub", "trl", "llamafactory", "openrlhf", "axolotl")
@@ -246,16 +257,6 @@ class ExportConfig(Checked):
 
     format: str = option("trl", "Layout: datasets, hub, trl, llamafactory, openrlhf, axolotl.", choices=EXPORT_FORMATS)
     name: str = option("prefsift_subset", "Dataset name: LLaMA-Factory's dataset_info.json key and data file stem.")
-        self.baseline_arms()
-
-    def baseline_arms(self) -> list[str]:
-        """The `baselines` option as a list, each name checked."""
-        names = [b.strip() for b in self.baselines.split(",") if b.strip()]
-        unknown = [b for b in names if b not in BASELINES]
-        if unknown or len(set(names)) != len(names):
-            raise ConfigError(f"baselines: distinct names among {', '.join(BASELINES)}, comma-separated "
-                              f"(got {self.baselines!r})")
-        return names
     split: str = option("train", "Split name of a hub push.")
     private: bool = option(True, "Hub push: a private dataset repository.")
 

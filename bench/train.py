@@ -52,7 +52,7 @@ def _config(args):
     from prefsift.config import EngineConfig, TrainConfig
 
     config = TrainConfig(epochs=1, batch_size=args.batch_size, learning_rate=args.learning_rate, logging_steps=1,
-                         gradient_checkpointing=args.gradient_checkpointing, seed=0)
+                         gradient_checkpointing=args.gradient_checkpointing, seed=0, lora=args.lora)
     return config, EngineConfig(max_length=args.max_length, dtype="float32")
 
 
@@ -100,8 +100,10 @@ def side(args) -> None:
         phases["after_load_mb"] = _peak_mb()
         with tempfile.TemporaryDirectory() as scratch:  # the very arguments prefsift gives TRL
             common = _common_args(config, engine, scratch, torch.float32, False) | {"disable_tqdm": True}
+            from prefsift.train import _peft_config
+
             trainer = DPOTrainer(model=model, args=DPOConfig(**common, precompute_ref_log_probs=True),
-                                 train_dataset=pairs, processing_class=tokenizer)
+                                 train_dataset=pairs, processing_class=tokenizer, peft_config=_peft_config(config))
             phases["after_reference_mb"] = _peak_mb()  # the constructor ran TRL's reference pass
             trainer.train()
         history, packed = trainer.state.log_history, False
@@ -134,8 +136,11 @@ def prepare(args) -> None:
     _checkpoint(args, str(work / "model"))
     rows = shape_rows(args.shape, args.data, None, args.n_pairs, args.max_length)
     (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (work / "provenance.json").write_text(json.dumps({k: v for k, v in provenance().items()
-                                                      if k in ("commit", "dirty")}))
+    from prefsift.config import TrainConfig
+
+    rate = TrainConfig(lora=args.lora, learning_rate=args.learning_rate).learning_rate  # as both sides resolve it
+    (work / "provenance.json").write_text(json.dumps({**{k: v for k, v in provenance().items()
+                                                         if k in ("commit", "dirty")}, "learning_rate": rate}))
 
 
 def _checkpoint(args, directory: str) -> str:
@@ -172,7 +177,9 @@ def main() -> None:
     parser.add_argument("--n-pairs", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=1e-6)
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: prefsift's (1e-6, LoRA 5e-5)")
+    parser.add_argument("--lora", action="store_true", help="both sides train prefsift's LoRA adapter (r 16, alpha 32, "
+                                                            "all linear layers)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="both sides (off by default)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
@@ -193,14 +200,14 @@ def main() -> None:
 
     from importlib.metadata import version
 
-    name = "tiny" if args.tiny else "smollm2"
+    name = ("tiny" if args.tiny else "smollm2") + ("-lora" if args.lora else "")
     out = Path(args.out or ROOT / "bench" / "results" / f"train-{name}-{args.shape}.json")
     passed = [a for a in sys.argv[1:] if a != "--out"]
     record = {"model": "random 2-layer Llama, SmolLM2 tokenizer" if args.tiny else "SmolLM2-135M-Instruct (GGUF "
               "Q4_1 dequantized to fp32, as a safetensors checkpoint)", "data": Path(args.data).name,
               "shape": args.shape, "n_pairs": args.n_pairs, "max_length": args.max_length,
               "batch_size": args.batch_size, "epochs": 1, "precision": "float32", "threads": args.threads,
-              "gradient_checkpointing": args.gradient_checkpointing, "repeats": args.repeats,
+              "gradient_checkpointing": args.gradient_checkpointing, "lora": args.lora, "repeats": args.repeats,
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                           "torch": version("torch"), "load_average_1min_start": os.getloadavg()[0]},
@@ -219,15 +226,19 @@ def main() -> None:
         # process stays small and loads nothing
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--prepare", work, "--data", args.data,
                         "--shape", args.shape, "--n-pairs", str(args.n_pairs), "--max-length", str(args.max_length)]
-                       + (["--tiny"] if args.tiny else []), check=True)
+                       + (["--tiny"] if args.tiny else []) + (["--lora"] if args.lora else [])
+                       + (["--learning-rate", str(args.learning_rate)] if args.learning_rate is not None else []),
+                       check=True)
         checkpoint, pairs_file = str(Path(work) / "model"), Path(work) / "pairs.jsonl"
         record.update(json.loads((Path(work) / "provenance.json").read_text()))
         record["parent_peak_rss_mb"] = _peak_mb()
         base = [sys.executable, str(Path(__file__).resolve()), "--checkpoint", checkpoint, "--pairs-file",
                 str(pairs_file), "--data", args.data,
                 "--n-pairs", str(args.n_pairs), "--max-length", str(args.max_length), "--batch-size",
-                str(args.batch_size), "--learning-rate", str(args.learning_rate), "--threads", str(args.threads)]
+                str(args.batch_size), "--threads", str(args.threads)]
+        base += ["--learning-rate", str(args.learning_rate)] if args.learning_rate is not None else []
         base += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+        base += ["--lora"] if args.lora else []
         for k in range(args.repeats):
             for name_ in ("trl", "prefsift"):
                 rec = Path(work) / f"{name_}-{k}.json"

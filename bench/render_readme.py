@@ -361,6 +361,44 @@ def kto_ref_line(path: Path) -> str:
             f"from `bench/results/{path.name}`.\n")
 
 
+def train_block(path: Path) -> str:
+    """bench/train.py's record: one epoch of DPO as a whole process, TRL's DPOTrainer against `prefsift train`, with
+    the run's commit and the machine's load (the cores are shared)."""
+    r = json.loads(path.read_text())
+    sides = r["sides"]
+    best = {s: {k: min(v) for k, v in sides[s].items() if k != "losses" and v} for s in sides}
+    ratio = r["ratio_trl_over_prefsift"]
+    dirty = " with uncommitted changes" if r.get("dirty") else ""
+    machine = r["machine"]
+    shape = {"transcripts": "HH-RLHF transcripts (long prompts, short answers)",
+             "instructions": "instruction pairs (one short human turn, long answers)"}.get(r.get("shape"), "pairs")
+    load = (machine["load_average_1min_start"], machine["load_average_1min_end"])
+    checkpointing = "on" if r["gradient_checkpointing"] else "off"
+    head = (f"`{r['command']}` ({r['when']}, commit {r.get('commit')}{dirty}; {r['threads']} torch thread on "
+            f"{machine['cores']} cores shared with other jobs, 1-minute load average {load[0]:.1f} at the start and "
+            f"{load[1]:.1f} at the end): {r['model']}, {r['n_pairs']} {shape}, max_length {r['max_length']}, batch "
+            f"{r['batch_size']}, {r['precision']}, gradient checkpointing {checkpointing}"
+            f"{', LoRA (r 16, alpha 32, all linear layers)' if r.get('lora') else ''}"
+            f"{', learning rate ' + format(r['learning_rate'], 'g') if r.get('learning_rate') else ''}; one epoch, "
+            f"each side a whole process, "
+            f"{'one run each' if r['repeats'] == 1 else 'best of ' + str(r['repeats']) + ' alternated runs'}; from "
+            f"`bench/results/{path.name}`.\n\n")
+    lines = ["| | TRL DPOTrainer | prefsift train | prefsift against TRL |", "|---|---|---|---|",
+             f"| whole process (s) | {best['trl']['seconds']:.1f} | {best['prefsift']['seconds']:.1f} | "
+             f"**{ratio['seconds']:.2f}×** TRL's speed |",
+             f"| training loop (s) | {best['trl']['train_loop_seconds']:.1f} | "
+             f"{best['prefsift']['train_loop_seconds']:.1f} | {ratio['train_loop_seconds']:.2f}× TRL's speed |",
+             f"| peak RSS (MB) | {best['trl']['peak_rss_mb']:.0f} | {best['prefsift']['peak_rss_mb']:.0f} | "
+             f"**{1 / ratio['peak_rss_mb']:.2f}×** TRL's memory |"]
+    if "after_load_mb" in best["trl"]:
+        lines.append(f"| peak RSS after loading / after the reference pass (MB) | {best['trl']['after_load_mb']:.0f} / "
+                     f"{best['trl']['after_reference_mb']:.0f} | {best['prefsift']['after_load_mb']:.0f} / "
+                     f"{best['prefsift']['after_reference_mb']:.0f} | |")
+    agree = r.get("largest_loss_difference")
+    tail = f"\nThe two sides' logged losses agree to {agree:.1e}.\n" if agree is not None else "\n"
+    return head + "\n".join(lines) + "\n" + tail
+
+
 def analysis_table(path: Path) -> str:
     from prefsift.analyze import render_markdown
 
@@ -436,6 +474,8 @@ TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "real-findings": (RESULTS / "real.json", findings),
           "real-peers-findings": (RESULTS / "real-peers.json", findings),
           "kto-ref": (RESULTS / "kto-ref.json", kto_ref_line),
+          "train-transcripts": (RESULTS / "train-smollm2-transcripts.json", train_block),
+          "train-instructions": (RESULTS / "train-smollm2-instructions.json", train_block),
           "analysis-demo": (RESULTS / "analysis-demo.json", analysis_table),
           "analysis-hh": (RESULTS / "analysis-hh.json", analysis_table),
           "influence-table": (RESULTS / "influence-smollm2.json", influence_table),

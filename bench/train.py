@@ -16,7 +16,8 @@ human turn, long responses of 25-100% of max_length built from the file's assist
 JSONL file both sides read. Peak RSS is also recorded inside each side after loading the model and after the
 reference pass (the kernel's high-water mark so far), to show where the memory goes. This process loads nothing
 itself (a child prepares the checkpoint and the pairs): on Linux a child's peak RSS starts at its parent's RSS when
-forked, which lifted both sides' peaks by the parent's model before (train-smollm2.json). prefsift's reference-pass
+forked, so a parent holding the model puts a floor under every reading (each phase read 1.27 GB, the parent's, in a
+tiny check before; the training peaks were above it). prefsift's reference-pass
 cache is off (PREFSIFT_CACHE=off): every repeat computes its reference log-probs, as TRL's does.
 
     python bench/train.py --shape transcripts --n-pairs 8 --max-length 256 --batch-size 4

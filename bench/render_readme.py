@@ -338,6 +338,35 @@ def logps_table(path: Path) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def layouts_table(path: Path) -> str:
+    """bench/logps.py --layouts: the unpadded layouts beside the padded rule (the default, i.e. before), both timed in
+    each repeat on the same model and pairs; a ratio above 1 is the layout slower."""
+    records = [r for _, r in sorted(json.loads(path.read_text()).items(), key=lambda kv: int(kv[0]))]
+    if not records:
+        return ""
+    first = records[0]
+    loads = [r["machine"][k] for r in records for k in ("load_average_1min_start", "load_average_1min_end")]
+    dirty = {r.get("dirty") for r in records}
+    head = (f"`{first['command']}` (commit {first.get('commit')}{', uncommitted changes' if True in dirty else ''}):"
+            f" {first['model']}, fp32, {first['threads']} torch thread, {first['batch_tokens']} tokens a batch, on "
+            f"{first['machine']['cores']} cores (1-minute load average {min(loads):.1f}-{max(loads):.1f}); wall "
+            f"seconds, best of {len(first['engine']['seconds']['prefsift'])}; from `bench/results/{path.name}` "
+            f"({first['when']}).\n\n")
+    lines = ["| data | max_length | pairs | layout | seconds | ÷ padded rule (each repeat) | max rel. diff to TRL |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        e = r["engine"]
+        padded = e["seconds"]["prefsift"]
+        lines.append(f"| {r['shape']} | {r['max_length']} | {e['kept']} | padded (rule; default) | {min(padded):.1f} "
+                     f"| 1 | {e['max_relative_difference']:.1e} |")
+        for layout, difference in e.get("layouts_max_relative_difference_to_trl", {}).items():
+            ratios = sorted(t / p for t, p in zip(e["seconds"][layout], padded, strict=True))
+            spread = f"{ratios[0]:.2f}" if len(ratios) == 1 else f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+            lines.append(f"| {r['shape']} | {r['max_length']} | {e['kept']} | {layout} | "
+                         f"{min(e['seconds'][layout]):.1f} | {spread} | {difference:.1e} |")
+    return head + "\n".join(lines) + "\n"
+
+
 def floor_table(path: Path) -> str:
     record = json.loads(path.read_text())
     head = (f"`{record['command']}` ({record['when']}): tokens fed to the backbone over the floor, counted on "
@@ -426,6 +455,15 @@ def influence_table(path: Path) -> str:
                  f"{r['per_example_over_fd_flop_ratio']:.2f}× (a forward and a backward of TRL's two rows a pair "
                  "with the LM head at every position, against two forwards of the unique tokens with the head on the "
                  "completions only; attention left out).")
+    if r.get("chosen_step") is not None:  # bench/influence.py's step chosen on the check pairs (choose_step)
+        tried = ", ".join(f"{float(k):g}: {v:.1e}" for k, v in sorted(r["chosen_step_errors_on_check_pairs"].items(),
+                                                                      key=lambda kv: -float(kv[0])))
+        lines.append(f"\nNo hand-set step: `choose_step` took {r['chosen_step']:g} on the 4 check pairs (their largest "
+                     f"error against per-example gradients at each step tried: {tried}). With the policy's own pass "
+                     f"the one-sided difference at that step costs "
+                     f"**{r['one_sided_chosen_step_with_policy_pass_x']:.2f}×** a log-prob pass; choosing the step "
+                     f"cost {r['choose_step_cpu_wall_s'][0] / passes:.2f} passes of these pairs, once, whatever their "
+                     f"number (the check pairs' per-example gradients included, which the check computes anyway).")
     threads = f"{r['threads']} thread" + ("s" if r["threads"] > 1 else "")
     head = (f"`{r['command']}` ({r['when']}, 1-minute load average {r['load_average_1min']} at the end): "
             f"{r['model']}, fp32, {threads}, {r['n_pairs']} training pairs, {r['n_val']} validation pairs, max_length "
@@ -479,6 +517,9 @@ TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "analysis-demo": (RESULTS / "analysis-demo.json", analysis_table),
           "analysis-hh": (RESULTS / "analysis-hh.json", analysis_table),
           "influence-table": (RESULTS / "influence-smollm2.json", influence_table),
+          "logps-layouts-transcripts": (RESULTS / "logps-layouts-transcripts.json", layouts_table),
+          "logps-layouts-instructions": (RESULTS / "logps-layouts-instructions.json", layouts_table),
+          "influence-adaptive": (RESULTS / "influence-smollm2-adaptive.json", influence_table),
           "walkthrough": (ROOT / "README.md", walkthrough_block),
           "hh-crossfit": (RESULTS / "hh-crossfit" / "cost.json", hh_crossfit_block),
           "hh-crossfit-smoke": (RESULTS / "hh-crossfit" / "cost.json", hh_crossfit_smoke_block)}

@@ -524,3 +524,33 @@ def test_the_unpadded_layout_is_refused_on_a_ray_pool():
 
     with pytest.raises(ConfigError, match="layout jagged runs in this process only"):
         Engine(EngineConfig(backend="ray", layout="jagged"))
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_every_table_on_a_cpu(tmp_path):
+    """bench/gpu.py, the one command of issue 21, end to end at a tiny shape on a CPU (~2 minutes on a busy box): the
+    log-prob table with both floors and the unpadded layouts (their values against TRL's), the influence table with
+    the chosen step, the training table (logged losses equal to TRL's), the JSON written with its provenance."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, str(root / "bench" / "gpu.py"), "--shapes", "tiny", "--device", "cpu", "--dtype",
+                    "float32", "--n-pairs", "12", "--max-length", "128", "--influence-pairs", "8", "--n-val", "4",
+                    "--train-pairs", "8", "--repeats", "1", "--json", str(out)], check=True, cwd=root,
+                   capture_output=True)
+    record = json.loads(out.read_text())
+    assert record["commit"] and [r["data"] for r in record["logps"]] == ["transcripts", "instructions"]
+    for row in record["logps"]:
+        assert {"floor (padded)", "floor (unpadded)", "prefsift", "unpadded flex", "unpadded jagged",
+                "TRL"} <= set(row["seconds"])
+        assert set(row["unpadded_max_relative_difference_to_trl"]) == {"flex", "jagged"}
+        assert max(row["unpadded_max_relative_difference_to_trl"].values()) < 1e-4
+    (influence,) = record["influence"]
+    assert influence["chosen_step"] in [float(k) for k in influence["chosen_step_errors"]]
+    assert influence["accuracy"]["one-sided (chosen step)"][0] >= 0.95
+    (training,) = record["training"]
+    assert training["max_loss_difference"] is not None and training["max_loss_difference"] < 1e-4

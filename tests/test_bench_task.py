@@ -275,3 +275,18 @@ def test_greedy_answers_stop_at_eos(tokenizer):
     assert answers == ["ba", "dcba"]
     one_by_one = greedy_answers(model, tokenizer, ["rev:abcd="], max_new_tokens=10, batch_size=1)
     assert one_by_one == ["dcba"]
+
+
+def test_committed_demo_meets_check_task_requirement():
+    """The committed demo (bench/results/demo.json) ran today's default task, and its full rows meet check_task's
+    requirement (full DPO's win-rate interval above 0.5): the CI line `check_task --against` adds that a fresh
+    full-data run reproduces its win rate. A change of the task's defaults without a rerun of the demo fails here."""
+    from pathlib import Path
+
+    from prefsift.synthetic.check_task import committed_demo, full_beats_sft
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "results" / "demo.json"
+    checks, win = committed_demo(path, TaskConfig(), seed=0)
+    assert all(ok for _, ok in checks), checks
+    assert win is not None
+    assert full_beats_sft(0.51) and not full_beats_sft(0.5)  # the bar is the interval's lower end, strictly above ½

@@ -165,6 +165,8 @@ def test_train_and_eval_run_their_log_prob_passes_on_the_pool(local_ray, bpe_tok
     the Ray pool (they accepted the flag and ignored it once), and give the single process's numbers."""
     import json
 
+    monkeypatch.setenv("PREFSIFT_CACHE", "off")  # a cached pass would be read, not sent: the pool's use is under test
+
     sent = []
     real_map = RayExecutor.map
 

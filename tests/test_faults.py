@@ -346,7 +346,8 @@ def test_a_kill_after_a_runs_renames_carries_only_its_caches(tmp_path):
 # ------------------------------------------------------------------ corrupt shard, content fingerprint
 
 
-def test_a_zero_byte_shard_is_recomputed_and_resume_gives_the_same_values(ws, tmp_path):
+def test_a_zero_byte_shard_is_recomputed_and_resume_gives_the_same_values(ws, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFSIFT_CACHE", "off")  # the shards' own resume, not the cross-command cache, is under test
     _, model, _, data = ws
     out = tmp_path / "s"
     args = ("score", "--data", data, "--method", "irm", "--model", model, "--out", out)

@@ -290,12 +290,11 @@ def methods() -> None:
     """Every scoring method: the models it needs, the columns it writes, its rule and its parameters."""
     import dataclasses
 
-    from prefsift.resources import flag_of
     from prefsift.scorers import SCORERS
 
     for name in sorted(SCORERS):
         scorer = SCORERS[name]()
-        needs = ", ".join(flag_of(r) for r in scorer.needs) or "–"
+        needs = scorer.requirements()
         typer.echo(f"{name}: needs {needs}; writes {', '.join(scorer.columns)}; rule {scorer.selection_rule()}")
         for f in dataclasses.fields(scorer.params):
             typer.echo(f"    --param {f.name}={getattr(scorer.params, f.name)!r}  {f.metadata.get('help', '')}")

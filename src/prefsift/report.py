@@ -287,7 +287,7 @@ def _evidence(summary: list[dict], family: Family, i: int, metric: str) -> list[
 
 def plot_quality_against_compute(summary: list[dict], path: Path, metric: str | None = None) -> Path | None:
     """Each (start, method, budget): its metric's mean with the 95% interval as a bar, against the compute it used
-    (pair passes, all of it: warm-up, validation model, scoring, training)."""
+    (measured seconds, all of it: reference passes, warm-up, validation model, scoring, training)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -310,7 +310,7 @@ def plot_quality_against_compute(summary: list[dict], path: Path, metric: str | 
     if metric == "win_rate":
         ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xscale("log")
-    ax.set_xlabel("compute used (pair passes: warm-up + validation model + scoring + training)")
+    ax.set_xlabel("compute used (measured s: warm-up + validation model + scoring + training)")
     ax.set_ylabel(f"{metric.replace('_', ' ')} (95% interval)")
     ax.set_title("o: continues from the warm-up model   □: trains from the reference", fontsize=9)
     ax.legend(fontsize=8)

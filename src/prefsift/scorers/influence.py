@@ -25,9 +25,11 @@ class InfluenceParams(ScorerParams):
                          "±ε·ḡ_val; one-sided: the +ε pass only, against the policy's own pass; jvp: forward-mode AD "
                          "(exact; eager attention); per-example: one backward pass a pair (slow, the reference).",
                          choices=METHODS)
-    step: float = option(DEFAULT_STEP, "Finite-difference step relative to the weights: ε·‖ḡ_val‖ = step·‖θ_scope‖. "
-                         "one-sided wants a smaller one: its error grows with the step (SmolLM2: 9% at 1e-5, 0.9% at "
-                         "1e-6; bench/results/influence-onesided-smollm2.txt).", low=0.0, high=1.0, low_open=True)
+    step: float | None = option(None, "Finite-difference step relative to the weights: ε·‖ḡ_val‖ = step·‖θ_scope‖. "
+                                "Unset: chosen once on the 4 check pairs against their per-example gradients, a decade "
+                                f"at a time from {DEFAULT_STEP:g} (one-sided wants a smaller one: on SmolLM2 9% error "
+                                "at 1e-5, 0.9% at the chosen 1e-6; bench/results/influence-smollm2-adaptive.json).",
+                                low=0.0, high=1.0, low_open=True)
     scope: str = option("all", "Parameters the gradients are taken over: all, lora (names with 'lora_'), last_k "
                         "(the last k transformer layers).", choices=SCOPES)
     last_k: int = option(2, "Transformer layers in scope when scope is last_k.", low=1)

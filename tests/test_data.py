@@ -825,3 +825,33 @@ def test_chat_template_needs_a_tokenizer_that_has_one(tmp_path: Path, bpe_tokeni
     check_chat_template(bare, plain, "the model m (--model)")  # plain text needs none
     with pytest.raises(DataError, match=r"the model m \(--model\) has no chat template.*--chat-template"):
         check_chat_template(bare, chat, "the model m (--model)")
+
+
+def test_chat_template_flag_reaches_the_commands(tmp_path, bpe_tokenizer):
+    """`prefsift score --chat-template` on plain pairs scores what the same pairs written by hand as user / assistant
+    messages score, and not what the plain text scores (the option was once accepted and never passed on)."""
+    import pyarrow.parquet as pq
+
+    from tests.helpers import invoke, make_pairs, make_tiny_llama, write_jsonl
+
+    model = tmp_path / "sft"
+    make_tiny_llama(bpe_tokenizer).save_pretrained(model)
+    bpe_tokenizer.save_pretrained(model)
+    # plain text, not HH transcripts (a transcript becomes its own turns)
+    rows = [{"prompt": r["prompt"].replace("\n\nHuman: ", "").replace("\n\nAssistant:", ""),
+             "chosen": r["chosen"].strip(), "rejected": r["rejected"].strip()} for r in make_pairs(6, seed=3)]
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows)
+    wrapped = write_jsonl(tmp_path / "messages.jsonl", [
+        {"prompt": [{"role": "user", "content": r["prompt"]}],
+         "chosen": [{"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+
+    def logps(data, *flags):
+        out = tmp_path / f"s-{data.stem}-{len(flags)}"
+        result = invoke("score", "--data", data, "--method", "irm", "--model", model, "--out", out, *flags)
+        assert result.exit_code == 0, result.output
+        return pq.read_table(out / "scores.parquet")["chosen_logps"].to_pylist()
+
+    templated = logps(plain, "--chat-template")
+    assert templated == pytest.approx(logps(wrapped), rel=1e-6)
+    assert templated != pytest.approx(logps(plain), rel=1e-3)

@@ -163,6 +163,8 @@ class RunConfig(Checked):
     prompt_key: str = option("prompt", "Input column holding the prompt.")
     chosen_key: str = option("chosen", "Input column holding the chosen response.")
     rejected_key: str = option("rejected", "Input column holding the rejected response.")
+    chat_template: bool = option(False, "Plain-text prompts and completions as user / assistant messages, so the "
+                                        "model's chat template formats them (as DataConfig.chat_template).")
     methods: list[str | dict] = option(default_factory=lambda: ["random", "irm", "lossdiff", "lossdiff-irm"],
                                        help="Methods to compare: names, or {name: ..., <param>: ...} mappings.",
                                        cli=False)

@@ -27,7 +27,8 @@ Log = Callable[[str], None]
 def load_data(source: str, options: DataConfig, log: Log = print) -> LoadedPairs:
     """The pairs of `source` under the data options, with a summary line and the first invalid rows logged."""
     loaded = load_pairs(source, split=options.split, prompt_key=options.prompt_key, chosen_key=options.chosen_key,
-                        rejected_key=options.rejected_key, on_invalid=options.on_invalid)
+                        rejected_key=options.rejected_key, on_invalid=options.on_invalid,
+                        chat_template=options.chat_template)
     log(loaded.summary())
     for row in loaded.invalid[:5]:
         log(f"  skipped row {row.row}: {row.reason}")

@@ -62,7 +62,8 @@ def subset(data: LoadedPairs, rows: np.ndarray) -> LoadedPairs:
 
 
 def make_splits(config: RunConfig) -> Splits:
-    keys = {"prompt_key": config.prompt_key, "chosen_key": config.chosen_key, "rejected_key": config.rejected_key}
+    keys = {"prompt_key": config.prompt_key, "chosen_key": config.chosen_key, "rejected_key": config.rejected_key,
+            "chat_template": config.chat_template}
     data = load_pairs(config.data, **keys)
     train_rows, val_rows, test_rows = split_pairs(
         data, 0.0 if config.validation_data else config.validation_fraction,

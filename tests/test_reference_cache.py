@@ -199,3 +199,29 @@ def test_chat_messages_and_a_model_without_a_chat_template_is_one_line_before_an
     with pytest.raises(DataError, match=f"the model {model} has no chat template"):
         reference_logps(sft, load_pairs(str(data), chat_template=True).pairs, EngineConfig())
     assert counted == []
+
+
+def test_a_cached_pass_is_charged_what_it_cost_when_computed(ws):
+    """A compute column charges a pass what it costs, not how warm the cache was: a hit reports the seconds the
+    pass took when it was computed, and says it was read."""
+    import time
+
+    from prefsift.reference import cached_logps
+
+    model, _, data = ws
+    sft, pairs = load_model(str(model)), load_pairs(str(data)).pairs
+    values = np.arange(2.0 * len(pairs)).reshape(-1, 2) * -1.0
+
+    def slow():
+        time.sleep(0.4)
+        return values
+
+    def never():
+        raise AssertionError("a cached pass was recomputed")
+
+    first: dict = {}
+    np.testing.assert_array_equal(cached_logps(sft, pairs, EngineConfig(), slow, cost=first), values)
+    hit: dict = {}
+    np.testing.assert_array_equal(cached_logps(sft, pairs, EngineConfig(), never, cost=hit), values)
+    assert first["cached"] is False and first["seconds"] >= 0.4
+    assert hit["cached"] is True and hit["seconds"] == pytest.approx(first["seconds"])

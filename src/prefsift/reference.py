@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -177,9 +178,17 @@ def _values_digest(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float64).tobytes()).hexdigest()
 
 
-def read_cached(path: Path, identity: dict) -> np.ndarray | None:
+def read_cached(path: Path, identity: dict, with_seconds: bool = False):
     """The (n, 2) pass stored at `path` when it is whole and made under `identity`; a missing entry is None, and an
-    unreadable, truncated, altered or foreign one is None with a warning: it is recomputed, never trusted."""
+    unreadable, truncated, altered or foreign one is None with a warning: it is recomputed, never trusted.
+    `with_seconds`: (values, the seconds the pass took when it was computed, or None)."""
+    if with_seconds:
+        values = read_cached(path, identity)
+        if values is None:
+            return None, None
+        record = json.loads((pq.read_schema(path).metadata or {})[_METADATA_KEY])
+        seconds = record.get("seconds")
+        return values, float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else None
     if not path.is_file():
         return None
     try:
@@ -202,10 +211,11 @@ def read_cached(path: Path, identity: dict) -> np.ndarray | None:
     return values
 
 
-def write_cached(path: Path, identity: dict, values: np.ndarray) -> None:
-    """Store a pass atomically (a temporary file renamed over the entry: a reader never sees half of one). A cache
-    that cannot be written (read-only, full) costs the reuse, never the command: one warning."""
-    record = {"identity": identity, "sha256": _values_digest(values)}
+def write_cached(path: Path, identity: dict, values: np.ndarray, seconds: float | None = None) -> None:
+    """Store a pass atomically (a temporary file renamed over the entry: a reader never sees half of one), with the
+    seconds it took to compute. A cache that cannot be written (read-only, full) costs the reuse, never the
+    command: one warning."""
+    record = {"identity": identity, "sha256": _values_digest(values), "seconds": seconds}
     table = pa.table({"chosen_logps": values[:, 0], "rejected_logps": values[:, 1]})
     table = table.replace_schema_metadata({_METADATA_KEY: json.dumps(record, sort_keys=True).encode()})
     tmp = temp_sibling(path)
@@ -223,25 +233,33 @@ def write_cached(path: Path, identity: dict, values: np.ndarray) -> None:
 
 
 def cached_logps(loaded, pairs, engine: EngineConfig, compute: Callable[[], np.ndarray], *,
-                 check_dropped: Callable[[int, int], None] | None = None) -> np.ndarray:
+                 check_dropped: Callable[[int, int], None] | None = None, cost: dict | None = None) -> np.ndarray:
     """`compute()` (a log-prob pass of `loaded` over `pairs` at `engine`'s settings), or the same pass a command
     already computed, read from the cache. A read pass meets the same check as a computed one (`check_dropped`:
     too many pairs whose prompt fills max_length). A pass that holds a NaN or inf for a pair that fits (a broken
-    model) is returned but never stored."""
+    model) is returned but never stored. `cost`, when given, is filled with the pass's `seconds` (measured, or as
+    measured when it was cached: a compute column charges what the pass costs, not how warm the cache was) and
+    whether it was `cached`."""
     check_chat_template(loaded.tokenizer, pairs, f"the model {loaded.source}")
     root = cache_dir()
     identity = pass_identity(loaded, pairs, engine) if root is not None else None
+    cost = {} if cost is None else cost
+    start = time.perf_counter()
     if identity is None:
-        return compute()
+        values = compute()
+        cost.update(seconds=time.perf_counter() - start, cached=False)
+        return values
     path = _entry_path(root, identity)
-    values = read_cached(path, identity)
+    values, seconds = read_cached(path, identity, with_seconds=True)
     if values is not None:
         if check_dropped is not None:
             too_long, _ = non_finite_logps(values, loaded.tokenizer, pairs, engine.max_length)
             check_dropped(int(too_long.sum()), len(values))
+        cost.update(seconds=seconds if seconds is not None else time.perf_counter() - start, cached=True)
         return values
     values = np.asarray(compute(), dtype=np.float64)
+    cost.update(seconds=time.perf_counter() - start, cached=False)
     _, failed = non_finite_logps(values, loaded.tokenizer, pairs, engine.max_length)
     if not failed.any():
-        write_cached(path, identity, values)
+        write_cached(path, identity, values, seconds=cost["seconds"])
     return values

@@ -164,12 +164,13 @@ class Resources:
                 reason = [{"stage": "score", "reason": f"prompt fills max_length {self.engine.max_length}"}] * n_dropped
                 check_dropped(n_dropped, n, self.allow_dropped or pairs is not None, reason)
 
+            cost: dict = {}
             self._logps[key] = cached_logps(
-                loaded, data.pairs, self.engine, check_dropped=check,
+                loaded, data.pairs, self.engine, check_dropped=check, cost=cost,
                 compute=lambda: Engine(self.engine).logps(loaded.model, loaded.tokenizer, data.pairs, run=run,
                                                           desc=f"{tag or role} log-probs", check_dropped=check))
-            if pairs is None:
-                self.seconds[role] = time.perf_counter() - start
+            if pairs is None:  # a cached pass is charged what it cost when computed
+                self.seconds[role] = cost.get("seconds", time.perf_counter() - start)
         return self._logps[key]
 
     def rewards(self, role: str = "reward_model", *, batch_size: int = 16) -> np.ndarray:

@@ -195,7 +195,7 @@ def test_the_validation_gradient_shows_a_bar(bpe_tokenizer, monkeypatch):
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(inf, "tqdm", Bar)
+    monkeypatch.setattr(inf, "progress_bar", Bar)
     model, train, val, kwargs = _influence_setup(bpe_tokenizer)
     params = inf.scope_parameters(model, "last_k", 1)
     direction, _ = inf.validation_gradient(model, bpe_tokenizer, val, kwargs["validation_reference_logps"], params,

@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from prefsift.errors import ModelError
+from prefsift.output import progress as progress_bar
 from prefsift.output import temp_sibling
 
 if TYPE_CHECKING:
@@ -270,7 +270,8 @@ def embed_texts(embedder: Embedder, texts: list[str], *, cache_dir: Path | None 
     pending = ([unique[k] for k in part] for number, part in enumerate(chunks) if number in todo)
     results = (executor.map(_embed_chunk, (embedder, batch_size), pending) if executor is not None
                else (embedder.embed(part, batch_size=batch_size) for part in pending))
-    with tqdm(total=len(order), desc=desc, unit="item", dynamic_ncols=True, disable=not order) as progress:
+    with progress_bar(total=len(order), desc=desc, unit="item", disable=not order,
+             cheaper="a sample of the pairs, a smaller embedder or a GPU") as progress:
         for number, part in enumerate(chunks):
             if number in todo:
                 vectors = next(results)

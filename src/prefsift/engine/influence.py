@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prefsift.engine.executors import RayExecutor
 from prefsift.engine.forward import PackedBatch, _unwrap, packed_batch, packed_logps
@@ -52,7 +51,8 @@ from prefsift.engine.tokenize import (
     tokenize_pairs,
 )
 from prefsift.errors import ConfigError, PrefsiftError
-from prefsift.output import temp_sibling
+from prefsift.output import cheaper, temp_sibling
+from prefsift.output import progress as progress_bar
 
 SCOPES = ("all", "lora", "last_k")
 METHODS = ("finite-difference", "one-sided", "jvp", "per-example")
@@ -150,6 +150,10 @@ def pair_logps(model, pairs: list[TokenizedPair], pad_id: int, weights: dict[str
     return sums[0::2], sums[1::2]
 
 
+def _device(model) -> str:
+    return next(model.parameters()).device.type
+
+
 def _tokenize(tokenizer, pairs, max_length: int | None) -> list[TokenizedPair | None]:
     out: list[TokenizedPair | None] = []
     for lo in range(0, len(pairs), 1024):
@@ -188,8 +192,9 @@ def validation_gradient(model, tokenizer, pairs, reference_logps: np.ndarray, pa
     pad = pad_id(tokenizer)
     packed = _packed_ok(model, plan, tokenized, pad)
     # a backward over every validation pair: minutes on a CPU (~9.5 silent ones on SmolLM2, issue 22), so a bar
-    with _grads_on(model, params), tqdm(total=len(tokenized), desc="validation gradient", unit="pair",
-                                        dynamic_ncols=True, disable=not tokenized) as progress:
+    with _grads_on(model, params), progress_bar(total=len(tokenized), desc="validation gradient", unit="pair",
+                                       disable=not tokenized, cheaper=cheaper(max_length, _device(model),
+                                       sample="fewer validation pairs")) as progress:
         progress.update(len(tokenized) - plan.n_kept)
         for batch in plan.batches:
             chunk = [tokenized[i] for i in batch]
@@ -397,8 +402,9 @@ def per_example(model, tokenizer, pairs, direction: Direction, params: dict[str,
     tokenized = _tokenize(tokenizer, pairs, max_length)
     names = list(params)
     out = np.full(len(tokenized), np.nan)
-    with _grads_on(model, params), tqdm(total=len(tokenized), desc="exact gradients", unit="pair",
-                                        dynamic_ncols=True, disable=not tokenized) as progress:
+    with _grads_on(model, params), progress_bar(total=len(tokenized), desc="exact gradients", unit="pair",
+                                       disable=not tokenized, cheaper=cheaper(max_length, _device(model),
+                                       sample="the finite difference instead")) as progress:
         for i, pair in enumerate(tokenized):
             if pair is not None:
                 chosen, rejected = pair_logps(model, [pair], pad_id(tokenizer))

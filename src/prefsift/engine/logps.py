@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from prefsift.config import EngineConfig
 from prefsift.engine.executors import in_process
@@ -15,6 +14,8 @@ from prefsift.engine.paths import chosen_layout, forward_batch, packed_path_ok
 from prefsift.engine.shards import LogpsRun, ShardBuffer
 from prefsift.engine.tokenize import BatchPlan, CompactPairs, pad_id, path_check_pair, tokenize_pairs
 from prefsift.errors import PrefsiftError
+from prefsift.output import cheaper
+from prefsift.output import progress as progress_bar
 
 
 def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_tokens: int = EngineConfig.batch_tokens,
@@ -66,7 +67,9 @@ def compute_logps(model, tokenizer, pairs, *, max_length: int | None, batch_toke
     else:
         results = (forward_batch(model, pairs, pad, packed, batch_tokens=batch_tokens, layout=layout)
                    for pairs in todo)
-    with tqdm(total=n, desc=desc, unit="pair", dynamic_ncols=True, disable=n == 0) as progress:
+    # the cost line (output.progress) before a pass of minutes: what it will take and how to cut it
+    with progress_bar(total=n, desc=desc, unit="pair", disable=n == 0,
+             cheaper=cheaper(max_length, next(model.parameters()).device.type)) as progress:
         progress.update(n - plan.n_kept)
         for number, batch in enumerate(plan.batches):
             if on_disk(number, batch):

@@ -20,6 +20,8 @@ from transformers import AutoModelForSequenceClassification
 from prefsift.engine.shards import ShardBuffer
 from prefsift.errors import PrefsiftError
 from prefsift.models import LoadedModel, load_model
+from prefsift.output import cheaper
+from prefsift.output import progress as progress_bar
 
 if TYPE_CHECKING:
     from prefsift.engine.executors import RayExecutor
@@ -125,7 +127,8 @@ def pair_rewards(model, tokenizer, pairs, *, batch_size: int, max_length: int | 
     results = (executor.map(_score_batch, replica, texts) if executor is not None
                else (_score_batch(replica, batch) for batch in texts))
     shards = ShardBuffer(run, flush_rows, flush_seconds)
-    with tqdm(total=n, desc=desc, unit="pair", dynamic_ncols=True, disable=n == 0) as progress:
+    with progress_bar(total=n, desc=desc, unit="pair", disable=n == 0,
+             cheaper=cheaper(max_length, next(model.parameters()).device.type)) as progress:
         for number, rows in enumerate(batches):
             if number in todo:
                 values = next(results).reshape(2, len(rows)).T

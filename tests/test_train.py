@@ -483,3 +483,34 @@ def test_the_training_bar_counts_pairs_with_their_rate_and_the_time_left(bpe_tok
     out = captured.out + err
     assert "step 2/6: loss" in out and "reward margin" in out and "reward accuracy" in out
     assert "Tokenizing train dataset" not in out  # TRL's preprocessing passes: no bar each
+
+
+def test_a_training_that_barely_moved_the_preferences_warns(bpe_tokenizer, one_thread):
+    """The mean implicit reward margin TRL logs at the end says whether a training moved the model's preferences:
+    one warning under BARELY_MOVED (a learning rate far too small for the run), none for a training that learned.
+    The margin it reads is checked against one computed from the trained model's own log-probs."""
+    import copy
+    import warnings
+
+    pairs = Dataset.from_list(make_pairs(16, seed=4))
+    base = make_tiny_llama(bpe_tokenizer, seed=2)
+    ref = compute_logps(base, bpe_tokenizer, pairs, max_length=64)
+
+    def run(learning_rate: float) -> tuple[list[str], object]:
+        config = TrainConfig(learning_rate=learning_rate, epochs=2, batch_size=16, logging_steps=1,
+                             gradient_checkpointing=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = train(LoadedModel(copy.deepcopy(base), bpe_tokenizer, "tiny", "x"), pairs, config, ENGINE,
+                           ref_logps=ref, quiet=True)
+        return [str(w.message) for w in caught if "barely moved" in str(w.message)], result
+
+    said, result = run(3e-7)
+    assert len(said) == 1 and "raise" not in said[0] and "--learning-rate 3e-07" in said[0]
+    logged = [h["rewards/margins"] for h in result.log_history if "rewards/margins" in h]
+    assert abs(logged[-1]) < train_module.BARELY_MOVED
+    said, result = run(5e-3)
+    assert said == []
+    after = compute_logps(result.model, bpe_tokenizer, pairs, max_length=64)
+    margin = ENGINE.beta * np.mean((after[:, 0] - ref[:, 0]) - (after[:, 1] - ref[:, 1]))
+    assert margin > train_module.BARELY_MOVED  # the model's own margins agree that it learned

@@ -561,6 +561,7 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
         trainer.train()
     check_finite(trainer, config, engine)  # before anything is saved: NaN weights are no model
     check_moved(trainer, before, config)  # nor is the model it started from
+    warn_barely_moved(trainer, config)
     rows, rows_seen, epochs_done = coverage(trainer)
     model = trainer.model
     # TRL's fused LM head replaces `forward` on the instance with a method bound to THIS object; a deepcopy of the
@@ -635,6 +636,23 @@ def check_moved(trainer, before: WeightSample, config: TrainConfig) -> None:
                           f"of their size (float rounding is ~1e-7), so every implicit reward margin is at noise "
                           f"level; raise --learning-rate (default {FULL_LEARNING_RATE:g} for all weights, "
                           f"{LORA_LEARNING_RATE:g} with --lora) or train longer (--epochs)")
+
+
+BARELY_MOVED = 1e-2  # TRL's logged mean implicit reward margin below this at the end: the model barely learned
+
+
+def warn_barely_moved(trainer, config: TrainConfig) -> None:
+    """One warning when a DPO training moved its weights but barely its preferences: the mean implicit reward margin
+    TRL logged over the last logging window (`rewards/margins`) is under BARELY_MOVED (LoRA at a full fine-tune's
+    learning rate logged 0.0015 on 60 real pairs, issue 22). A warning, not an error: noisy pairs can hold a
+    trained model's margins near zero."""
+    margins = [entry["rewards/margins"] for entry in trainer.state.log_history if "rewards/margins" in entry]
+    if config.algo != "dpo" or not margins or not np.isfinite(margins[-1]) or abs(margins[-1]) >= BARELY_MOVED:
+        return
+    warnings.warn(f"the training barely moved the model's preferences: its last logged mean implicit reward margin "
+                  f"is {margins[-1]:.2g} (under {BARELY_MOVED:g}); at --learning-rate {config.learning_rate:g} a "
+                  f"larger one (default {FULL_LEARNING_RATE:g} for all weights, {LORA_LEARNING_RATE:g} with --lora) "
+                  f"or more --epochs would move it", stacklevel=3)
 
 
 def coverage(trainer) -> tuple[int, int, int | float]:

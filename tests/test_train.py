@@ -385,9 +385,15 @@ def test_an_adapter_whose_base_is_gone_is_one_line(bpe_tokenizer, tmp_path, one_
 def test_learning_rate_defaults_depend_on_lora():
     from prefsift.config import FULL_LEARNING_RATE, LORA_LEARNING_RATE
 
-    assert TrainConfig().learning_rate == FULL_LEARNING_RATE == 1e-6
-    assert TrainConfig(lora=True).learning_rate == LORA_LEARNING_RATE == 5e-5
-    assert TrainConfig(lora=True, learning_rate=1e-6).learning_rate == 1e-6  # given: kept
+    import dataclasses
+
+    assert TrainConfig().effective_learning_rate == FULL_LEARNING_RATE == 1e-6
+    assert TrainConfig(lora=True).effective_learning_rate == LORA_LEARNING_RATE == 5e-5
+    assert TrainConfig(lora=True, learning_rate=1e-6).effective_learning_rate == 1e-6  # given: kept
+    # a copy that switches LoRA on (the pipeline's LoRA validation model, the API's lora=True over a config) takes
+    # the adapter's default: a default resolved at construction kept the full one (1e-6) and the adapter barely moved
+    assert dataclasses.replace(TrainConfig(), lora=True).effective_learning_rate == LORA_LEARNING_RATE
+    assert dataclasses.replace(TrainConfig(lora=True), lora=False).effective_learning_rate == FULL_LEARNING_RATE
 
 
 def test_a_training_that_moves_nothing_is_an_error(bpe_tokenizer, tmp_path, one_thread):

@@ -133,9 +133,14 @@ class TrainConfig(Checked):
                                      "easiest first); shuffling is off only then. DPO only.")
     order_descending: bool = option(False, "With --order: highest score first.")
 
-    def check(self) -> None:
-        if self.learning_rate is None:  # the default depends on what trains: every weight, or a LoRA adapter
-            self.learning_rate = LORA_LEARNING_RATE if self.lora else FULL_LEARNING_RATE
+    @property
+    def effective_learning_rate(self) -> float:
+        """The learning rate a training uses: the one given, else the default for what trains (every weight, or a
+        LoRA adapter). Resolved when read, not at construction, so a copy that switches `lora` on
+        (`replace(config, lora=True)`) takes the adapter's default instead of keeping the full one."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return LORA_LEARNING_RATE if self.lora else FULL_LEARNING_RATE
 
 
 @dataclasses.dataclass

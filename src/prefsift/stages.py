@@ -131,7 +131,9 @@ def train_stage(data: str, model: str, out: Path, *, reference: str | None = Non
                                                "n_pairs": result.n_pairs, "rows": result.rows,
                                                "rows_seen": result.rows_seen, "epochs_done": result.epochs_done,
                                                "steps": result.steps},
-                                      "config": dataclasses.asdict(config), "engine": dataclasses.asdict(engine),
+                                      "config": {**dataclasses.asdict(config),
+                                                 "learning_rate": config.effective_learning_rate},
+                                      "engine": dataclasses.asdict(engine),
                                       "scores": str(scores) if scores else None, "seconds": result.seconds})
     return TrainStage(out, config.algo, result.n_pairs, len(result.too_long), len(loaded_data.invalid),
                       result.seconds, scores is not None, config.epochs, result.rows, result.rows_seen,

@@ -349,7 +349,7 @@ def autocast_dtype(engine: EngineConfig, device: torch.device) -> torch.dtype:
 def _common_args(config: TrainConfig, engine: EngineConfig, output_dir: str, compute: torch.dtype,
                  on_gpu: bool) -> dict:
     return {
-        "output_dir": output_dir, "learning_rate": config.learning_rate, "num_train_epochs": config.epochs,
+        "output_dir": output_dir, "learning_rate": config.effective_learning_rate, "num_train_epochs": config.epochs,
         "per_device_train_batch_size": config.batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps, "max_length": engine.max_length,
         "lr_scheduler_type": config.lr_scheduler_type, "warmup_steps": config.warmup_steps, "seed": config.seed,
@@ -609,7 +609,7 @@ def check_finite(trainer, config: TrainConfig, engine: EngineConfig) -> None:
         return
     what = [f"{bad} of {total} trainable weights are NaN or inf"] if bad else []
     what += [f"the loss logged at step {losses[0][0]} is {losses[0][1]}"] if losses else []
-    fix = f"lower --learning-rate (it is {config.learning_rate:g})"
+    fix = f"lower --learning-rate (it is {config.effective_learning_rate:g})"
     if trainer.args.fp16:
         fix += ", or train in bfloat16 or float32 (--dtype): float16 overflows"
     raise ConfigError(f"training diverged after {trainer.state.global_step} steps: {' and '.join(what)}; {fix}")
@@ -632,7 +632,7 @@ def check_moved(trainer, before: WeightSample, config: TrainConfig) -> None:
     change = before.relative_change()
     if change < NO_MOVE:
         raise ConfigError(f"training moved nothing: after {steps} step{'s' if steps != 1 else ''} at "
-                          f"--learning-rate {config.learning_rate:g} the trainable weights changed by {change:.1e} "
+                          f"--learning-rate {config.effective_learning_rate:g} the trainable weights changed by {change:.1e} "
                           f"of their size (float rounding is ~1e-7), so every implicit reward margin is at noise "
                           f"level; raise --learning-rate (default {FULL_LEARNING_RATE:g} for all weights, "
                           f"{LORA_LEARNING_RATE:g} with --lora) or train longer (--epochs)")
@@ -650,7 +650,7 @@ def warn_barely_moved(trainer, config: TrainConfig) -> None:
     if config.algo != "dpo" or not margins or not np.isfinite(margins[-1]) or abs(margins[-1]) >= BARELY_MOVED:
         return
     warnings.warn(f"the training barely moved the model's preferences: its last logged mean implicit reward margin "
-                  f"is {margins[-1]:.2g} (under {BARELY_MOVED:g}); at --learning-rate {config.learning_rate:g} a "
+                  f"is {margins[-1]:.2g} (under {BARELY_MOVED:g}); at --learning-rate {config.effective_learning_rate:g} a "
                   f"larger one (default {FULL_LEARNING_RATE:g} for all weights, {LORA_LEARNING_RATE:g} with --lora) "
                   f"or more --epochs would move it", stacklevel=3)
 

@@ -225,3 +225,16 @@ def test_a_cached_pass_is_charged_what_it_cost_when_computed(ws):
     np.testing.assert_array_equal(cached_logps(sft, pairs, EngineConfig(), never, cost=hit), values)
     assert first["cached"] is False and first["seconds"] >= 0.4
     assert hit["cached"] is True and hit["seconds"] == pytest.approx(first["seconds"])
+
+
+def test_the_layout_and_the_engines_code_are_part_of_a_pass_identity(ws, monkeypatch):
+    """Another layout computes the pass another way (its own rounding): it misses; so does another engine's code
+    under the same version number (a fix between two commits must not be served the old numbers)."""
+    import prefsift.reference as reference
+
+    model, _, data = ws
+    sft, pairs = load_model(str(model)), load_pairs(str(data)).pairs
+    padded = reference.pass_identity(sft, pairs, EngineConfig())
+    assert padded != reference.pass_identity(sft, pairs, EngineConfig(layout="jagged"))
+    monkeypatch.setattr(reference, "engine_code_digest", lambda: "another engine")
+    assert padded != reference.pass_identity(sft, pairs, EngineConfig())

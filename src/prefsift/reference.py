@@ -13,6 +13,7 @@ commands, found again by content fingerprint in the cache directory ($PREFSIFT_C
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -146,6 +147,21 @@ def pairs_digest(pairs) -> str:
     return digest.hexdigest()
 
 
+@functools.cache
+def engine_code_digest() -> str:
+    """A digest of the code that computes a pass (prefsift.engine's and the data normalisation's sources): a fix to
+    the engine between two commits of the same version misses every entry the old code made, instead of serving its
+    numbers from the cache."""
+    import prefsift.data
+    import prefsift.engine
+
+    digest = hashlib.sha256()
+    for package in (prefsift.engine, prefsift.data):
+        for path in sorted(Path(package.__file__).parent.glob("*.py")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def pass_identity(loaded, pairs, engine: EngineConfig) -> dict | None:
     """Everything that changes a log-prob pass's numbers, or None when the model has no content fingerprint."""
     if not content_addressed(loaded):
@@ -163,8 +179,8 @@ def pass_identity(loaded, pairs, engine: EngineConfig) -> dict | None:
             "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
             "add_bos": str(getattr(tokenizer, "add_bos_token", None)),
             "dtype": str(parameter.dtype), "device": parameter.device.type,
-            "max_length": engine.max_length, "batch_tokens": engine.batch_tokens,
-            "data": pairs_digest(pairs), "n_pairs": len(pairs),
+            "max_length": engine.max_length, "batch_tokens": engine.batch_tokens, "layout": engine.layout,
+            "data": pairs_digest(pairs), "n_pairs": len(pairs), "engine_code": engine_code_digest(),
             "versions": {"prefsift": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "trl": trl.__version__}}
 

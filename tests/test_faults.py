@@ -1256,3 +1256,116 @@ def test_paths_with_brackets_are_printed_as_they_are_in_every_summary_line(ws, t
     assert f"→{scores / 'scores.parquet'}" in said[0]
     assert f"→{subset / 'selected.jsonl'}" in said[1] and f"→{exported}" in said[2]
     assert len(exported.read_text().splitlines()) == 15
+
+
+# ------------------------------------------------------------------ inputs built to exhaust memory or time (issue 22)
+
+
+def _good_rows(n: int) -> list[str]:
+    return [json.dumps(r) + "\n" for r in make_pairs(n, seed=7)]
+
+
+def test_a_line_over_the_limit_is_refused_by_its_number_without_being_held_whole(tmp_path, monkeypatch):
+    """A gzip of a few KB can hold one enormous line: it is refused by its line number once it passes the limit,
+    read in blocks, never as one string (the limit lowered here; 64 MiB by default)."""
+    import gzip
+    import tracemalloc
+
+    from prefsift.data import read
+
+    monkeypatch.setattr(read, "MAX_LINE_BYTES", 4096)
+    monkeypatch.setattr(read, "_BLOCK", 1024)
+    data = tmp_path / "long.jsonl.gz"
+    with gzip.open(data, "wb", compresslevel=1) as f:
+        f.write("".join(_good_rows(3)).encode())
+        f.write(b'{"prompt": "' + b"a" * (24 << 20) + b'", "chosen": "b", "rejected": "c"}\n')
+    tracemalloc.start()
+    try:
+        result = invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "o")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    one_line_error(result, f"{data} line 4: longer than 4096 bytes (the limit of a line)")
+    assert peak < 12 << 20, peak  # the 24 MiB line was never held whole
+    array = tmp_path / "long.json"  # a JSON array's record, the same limit
+    array.write_text('[{"prompt": "a", "chosen": "b", "rejected": "c"},\n {"prompt": "' + "a" * 10_000 + '"}]')
+    one_line_error(invoke("score", "--data", array, "--method", "random", "--out", tmp_path / "o"),
+                   "record 2 (line 2): longer than 4096 bytes")
+    normal = tmp_path / "ok.jsonl"  # rows under the limit read as before
+    normal.write_text("".join(_good_rows(5)))
+    assert invoke("score", "--data", normal, "--method", "random", "--out", tmp_path / "ok").exit_code == 0
+
+
+def test_a_gzip_of_blank_lines_is_skipped_in_seconds_and_line_numbers_stay_right(tmp_path):
+    import gzip
+    import time
+
+    blanks = 100 << 20  # 100 Mi blank lines: a Python step per line took minutes at this scale
+    data = tmp_path / "blank.jsonl.gz"
+    with gzip.open(data, "wb", compresslevel=1) as f:
+        f.write("".join(_good_rows(2)).encode())
+        for _ in range(blanks >> 20):
+            f.write(b"\n" * (1 << 19) + b" \t\r\n" * (1 << 17))
+        f.write(b'{"prompt": "p", "chosen": "same", "rejected": "same"}\n  \n')
+        f.write("".join(_good_rows(4)[2:]).encode())
+    start = time.perf_counter()
+    result = invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert time.perf_counter() - start < 20
+    assert "scored 4 pairs (1 left out" in " ".join(result.output.split())
+    dropped = [json.loads(line) for line in (tmp_path / "o" / "dropped.jsonl").read_text().splitlines()]
+    assert [d["row"] for d in dropped] == [2 + (blanks >> 20) * ((1 << 19) + (1 << 17)) + 1]
+
+
+def test_a_yaml_alias_bomb_is_refused_and_error_lines_stay_short(ws, tmp_path):
+    _, _, _, data = ws
+    bomb = tmp_path / "bomb.yaml"
+    nested = "".join(f"{x}: &{x} [{','.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefgh", "bcdefghi", strict=True))
+    bomb.write_text('a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + nested)
+    line = one_line_error(invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "o", "--config",
+                                 bomb), f"{bomb}: invalid YAML", "alias (*a) at line 2", "not allowed")
+    assert len(line) < 300
+    huge = tmp_path / "list.yaml"  # a value a million characters long, shown cut
+    huge.write_text("model: [" + ",".join(['"lol"'] * 200_000) + "]\n")
+    line = one_line_error(invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "o", "--config",
+                                 huge), "model must be a string (got ['lol', 'lol'", "...)")
+    assert len(line) < 300
+    digits = tmp_path / "digits.yaml"
+    digits.write_text("seed: " + "9" * 100_000 + "\n")
+    one_line_error(invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "o", "--config", digits),
+                   f"{digits}: a number too large to read")
+    line = one_line_error(invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "o", "--seed",
+                                 "9" * 100_000))
+    assert len(line) < 300
+    beyond = tmp_path / "beyond.yaml"  # an integer no float holds, where a float is asked
+    beyond.write_text(f"beta: {10 ** 400}\n")
+    assert len(one_line_error(invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "o",
+                                     "--config", beyond), "beta must be a finite number")) < 300
+
+
+@pytest.mark.parametrize(("param", "fragment"), [
+    ("rows=100000000000", "rows must be <= 4096 (got 100000000000)"),
+    ("hashes_per_row=1000", "hashes_per_row must be <= 64"),
+    ("rows=4096", "rows x hashes_per_row must be <= 16384 (got 4096 x 8)"),
+])
+def test_densitys_sketch_size_is_bounded(ws, tmp_path, param, fragment):
+    _, _, _, data = ws
+    extra = ("--param", "hashes_per_row=8") if param == "rows=4096" else ()
+    one_line_error(invoke("score", "--data", data, "--method", "density", "--out", tmp_path / "o", "--param", param,
+                          *extra), "method 'density'", fragment)
+
+
+@pytest.mark.parametrize(("row", "fragment"), [
+    ('"x": ' + "9" * 100_000, "line 3: an integer of more than"),
+    ('"x": 1180591620717411303424', "line 3: column 'x' holds a value no table can store (an integer beyond 64"),
+    ('"x": "\\ud800"', "line 3: column 'x' holds a value no table can store (a lone surrogate"),
+    ('"x": [1, "\\udfff"]', "line 3: column 'x' holds a value no table can store (a lone surrogate"),
+])
+def test_a_value_no_table_can_hold_names_its_line_even_in_an_unused_column(tmp_path, row, fragment):
+    rows = _good_rows(4)
+    rows.insert(2, '{"prompt": "a", "chosen": "b", "rejected": "c", ' + row + "}\n")
+    for name in ("d.jsonl", "d.json"):
+        data = tmp_path / name
+        data.write_text("".join(rows) if name == "d.jsonl" else "[" + ",".join(rows) + "]")
+        expect = fragment if name == "d.jsonl" else fragment.replace("line 3", "")
+        one_line_error(invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "o"), expect)

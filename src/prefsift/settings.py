@@ -18,6 +18,7 @@ import functools
 import inspect
 import math
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -57,6 +58,20 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """`value` as an error line shows it: its repr, cut to `limit` characters (a config's list of a million items is
+    not an 8 MB line); an integer too long for repr (sys.get_int_max_str_digits) by its size."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    return _cut(text, limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _check_value(name: str, value: Any, annotation: Any, meta: dict) -> Any:
     kind, nullable = _base_type(annotation)
     where = name
@@ -66,31 +81,34 @@ def _check_value(name: str, value: Any, annotation: Any, meta: dict) -> Any:
         raise ConfigError(f"{where} must be set (got None)")
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where} must be a number (got {value!r})")
-        value = float(value)
+            raise ConfigError(f"{where} must be a number (got {shown(value)})")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(f"{where} must be a finite number (got {shown(value)})") from None
         if not math.isfinite(value):
             raise ConfigError(f"{where} must be a finite number (got {value})")
     elif kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer (got {value!r})")
+            raise ConfigError(f"{where} must be an integer (got {shown(value)})")
     elif kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false (got {value!r})")
+            raise ConfigError(f"{where} must be true or false (got {shown(value)})")
     elif kind is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string (got {value!r})")
+            raise ConfigError(f"{where} must be a string (got {shown(value)})")
     elif typing.get_origin(kind) in (list, tuple):
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where} must be a list (got {value!r})")
+            raise ConfigError(f"{where} must be a list (got {shown(value)})")
         (item,) = typing.get_args(kind) or (Any,)
         return [_check_value(f"{name}[{i}]", v, item, meta) for i, v in enumerate(value)]
     if meta.get("choices") is not None and value not in meta["choices"]:
-        raise ConfigError(f"{where} must be one of {', '.join(map(str, meta['choices']))} (got {value!r})")
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, meta['choices']))} (got {shown(value)})")
     low, high = meta.get("low"), meta.get("high")
     if low is not None and (value < low or (meta.get("low_open") and value == low)):
-        raise ConfigError(f"{where} must be {'>' if meta.get('low_open') else '>='} {low} (got {value})")
+        raise ConfigError(f"{where} must be {'>' if meta.get('low_open') else '>='} {low} (got {shown(value)})")
     if high is not None and (value > high or (meta.get("high_open") and value == high)):
-        raise ConfigError(f"{where} must be {'<' if meta.get('high_open') else '<='} {high} (got {value})")
+        raise ConfigError(f"{where} must be {'<' if meta.get('high_open') else '<='} {high} (got {shown(value)})")
     return value
 
 
@@ -132,7 +150,16 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "config"
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 floats: `5e-7` is a number (PyYAML's YAML 1.1 rules read it as a string)."""
+    """YAML 1.2 floats: `5e-7` is a number (PyYAML's YAML 1.1 rules read it as a string). Aliases (`*name`) are
+    refused: a few hundred bytes of nested aliases expand to gigabytes (a "billion laughs"), and no option needs one."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"an alias (*{_cut(str(event.anchor), 30)}) at line {event.start_mark.line + 1}: "
+                f"aliases are not allowed in a config; write the value out", None)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -151,7 +178,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML ({str(error).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: invalid YAML ({_cut(str(error).splitlines()[0], 200)})") from None
+    except ValueError:  # PyYAML's int() of a scalar of more digits than Python converts
+        raise ConfigError(f"{path}: a number too large to read (more than {sys.get_int_max_str_digits()} "
+                          f"digits)") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of options at the top level")
     return values
@@ -233,7 +263,7 @@ def split_flags(flags: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
                 break
         else:
             known = sorted({f.name for cls in classes for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
-            raise ConfigError(f"unknown option {key!r} (known: {', '.join(known)})")
+            raise ConfigError(f"unknown option {shown(key, 40)} (known: {', '.join(known)})")
     return parts
 
 
@@ -248,6 +278,6 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
         key = method + dot + name.replace("-", "_")
         try:
             params[key] = yaml.load(raw, Loader=_Loader) if raw.strip() else raw  # noqa: S506 - a SafeLoader
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # not YAML, an alias, an integer of too many digits: the text itself
             params[key] = raw
     return params

@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,13 @@ SUPPORTED = ".jsonl, .json, .parquet, .csv (each optionally .gz), or a directory
 # Data-file suffixes we do not read: a missing file with one of these is "file not found", not a hub name.
 _OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".arrow", ".feather", ".xlsx", ".xls", ".zip", ".bz2", ".xz", ".zst"}
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
+# The longest line (a JSON-lines row) or JSON-array record read, in bytes: a longer one is refused by its line number
+# before it is held whole (a 2 MB gzip can hold a 2 GiB line). docs/data.md says it.
+MAX_LINE_BYTES = 64 << 20
+# json.loads refuses an integer of more digits than this (sys.get_int_max_str_digits(), 4300 by default)
+_TOO_MANY_DIGITS = f"an integer of more than {sys.get_int_max_str_digits()} digits, too large to read"
+_BLOCK = 1 << 20  # bytes read at a time from a line-oriented file
+_BLANKS = re.compile(rb"[ \t\r\n]*")  # a run of blank lines is skipped in one step
 
 
 @dataclass
@@ -101,7 +109,7 @@ def iter_jsonl_chunks(path: Path, where: str, size: int, block: int = 1 << 20) -
             if fmt == "json" and _starts_array(f):
                 records, word = _json_array_records(f, where, block), "row"
             else:
-                records, word = _jsonl_records(_decoded_lines(f, where), where), "line"
+                records, word = _jsonl_records(_numbered_lines(f, where), where), "line"
             while True:
                 chunk = list(itertools.islice(records, size))
                 if not chunk:
@@ -149,7 +157,7 @@ def _read_file(path: Path, where: str, text_columns: tuple[str, ...]) -> RawTabl
     try:
         if fmt == "jsonl":
             with _open_binary(path, compressed) as f:
-                raw = _from_records(_jsonl_records(_decoded_lines(f, where), where), where, "line")
+                raw = _from_records(_jsonl_records(_numbered_lines(f, where), where), where, "line")
         elif fmt == "json":
             with _open_binary(path, compressed) as f:
                 raw = _read_json(io.StringIO("".join(_decoded_lines(f, where))), where)
@@ -173,19 +181,54 @@ def _open_binary(path: Path, compressed: bool) -> IO[bytes]:
 
 
 def _decoded_lines(f: IO[bytes], where: str) -> Iterator[str]:
-    """The file's lines as text, decoded one by one so that invalid UTF-8 is reported with its line."""
-    for number, line in enumerate(f, start=1):
-        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]  # a UTF-8 byte-order mark
+    """Every line of the file as text (blank ones too: a JSON document's positions count them)."""
+    for _, line in _numbered_lines(f, where, skip_blank=False):
+        yield line
+
+
+def _numbered_lines(f: IO[bytes], where: str, skip_blank: bool = True) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the file's lines, decoded one by one so that invalid UTF-8 is reported with its line.
+    Read in blocks: a line over MAX_LINE_BYTES is refused by its number before it is held whole, and a run of blank
+    lines (`skip_blank`) is skipped in one regular-expression step, however many lines it spans."""
+    buffer, pos, number, first = b"", 0, 0, True  # `number`: the lines before `pos`
+    eof = False
+    while True:
+        if skip_blank:  # the blank lines from `pos` on: up to the last newline of the run of whitespace there
+            cut = buffer.rfind(b"\n", pos, _BLANKS.match(buffer, pos).end()) + 1  # type: ignore[union-attr]
+            if cut:
+                number += buffer.count(b"\n", pos, cut)
+                pos = cut
+        end = buffer.find(b"\n", pos)
+        if end < 0 and not eof:
+            if len(buffer) - pos > MAX_LINE_BYTES:
+                raise DataError(f"{where} line {number + 1}: longer than {_limit()} (the limit of a "
+                                f"line); split the record or shorten its text")
+            data = f.read(_BLOCK)
+            if first:
+                data, first = data.removeprefix(b"\xef\xbb\xbf"), False  # a UTF-8 byte-order mark
+            eof = not data
+            buffer, pos = buffer[pos:] + data, 0
+            continue
+        if end < 0:  # the last line, without a newline
+            if pos >= len(buffer):
+                return
+            end = len(buffer) - 1
+        line = buffer[pos:end + 1]
+        if len(line) > MAX_LINE_BYTES + 1:
+            raise DataError(f"{where} line {number + 1}: longer than {_limit()} (the limit of a "
+                            f"line); split the record or shorten its text")
+        pos = end + 1
+        number += 1
         try:
-            yield line.decode("utf-8")
+            text = line.decode("utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"{where} line {number}: not UTF-8 text (byte 0x{line[e.start]:02x} at column "
                             f"{e.start + 1})") from None
+        yield number, text
 
 
-def _jsonl_records(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for number, line in enumerate(lines, start=1):
+def _jsonl_records(lines: Iterable[tuple[int, str]], where: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, line in lines:
         if not line.strip():
             continue
         try:
@@ -194,6 +237,8 @@ def _jsonl_records(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict
             raise DataError(f"{where} line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
         except RecursionError:
             raise DataError(f"{where} line {number}: JSON nested too deeply") from None
+        except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+            raise DataError(f"{where} line {number}: {_TOO_MANY_DIGITS}") from None
         if not isinstance(record, dict):
             raise DataError(f"{where} line {number}: expected a JSON object, got {_json_type(record)}")
         yield number, record
@@ -282,6 +327,8 @@ def _json_array_records(f: IO[bytes], where: str, block: int) -> Iterator[tuple[
                 record, end = decoder.raw_decode(text.text, text.pos)
             except json.JSONDecodeError:
                 # the value may run past the buffer: read as much again (doubling keeps a long record linear)
+                if len(text.text) - text.pos > MAX_LINE_BYTES:
+                    raise _record_too_long(text, number + 1) from None
                 if text.more(at_least=len(text.text) - text.pos):
                     continue
                 try:  # at the end of the file: the error again, at the buffer's final position
@@ -290,6 +337,11 @@ def _json_array_records(f: IO[bytes], where: str, block: int) -> Iterator[tuple[
                     raise text.fail(e.msg, e.lineno, e.colno) from None
             except RecursionError:
                 raise DataError(f"{where}: JSON nested too deeply") from None
+            except ValueError:  # an integer of more digits than Python converts
+                line = text.line + text.text.count("\n", 0, text.pos) + 1
+                raise DataError(f"{where} record {number + 1} (line {line}): {_TOO_MANY_DIGITS}") from None
+            if end - text.pos > MAX_LINE_BYTES:
+                raise _record_too_long(text, number + 1)
             if end == len(text.text) and not text.eof and not isinstance(record, (dict, list, str)):
                 text.more()  # a number or literal cut at the buffer's end may go on: decode it whole
                 continue
@@ -310,17 +362,25 @@ def _json_array_records(f: IO[bytes], where: str, block: int) -> Iterator[tuple[
         raise text.fail("Extra data")
 
 
+def _record_too_long(text: _ArrayText, number: int) -> DataError:
+    line = text.line + text.text.count("\n", 0, text.pos) + 1
+    return DataError(f"{text.where} record {number} (line {line}): longer than {_limit()} (the limit of a record); "
+                     f"split it or shorten its text")
+
+
 def _read_json(f: IO[str], where: str) -> RawTable:
     """A JSON array of records, or (anything else) one record per line."""
     text = f.read()
     if not text.lstrip().startswith("["):
-        return _from_records(_jsonl_records(io.StringIO(text), where), where, "line")
+        return _from_records(_jsonl_records(enumerate(io.StringIO(text), start=1), where), where, "line")
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{where} line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise DataError(f"{where}: {_TOO_MANY_DIGITS}") from None
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             raise DataError(f"{where} record {number}: expected a JSON object, got {_json_type(record)}")
@@ -345,8 +405,53 @@ def _from_records(numbered: Iterable[tuple[int, dict[str, Any]]], where: str, ro
         try:  # a column mixes value types (1 and "1", strings and lists): datasets stores it as Json
             table = datasets.Dataset.from_dict(columns, on_mixed_types="use_json")
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
-            raise DataError(f"{where}: cannot build a table from the records ({_short(e)})") from e
+            raise _bad_value(columns, rows, where, row_word) or \
+                DataError(f"{where}: cannot build a table from the records ({_short(e)})") from e
     return RawTable(table, rows, where, row_word, columns)
+
+
+def _bad_value(columns: dict[str, list[Any]], rows: list[int], where: str, row_word: str) -> DataError | None:
+    """The error naming the first row (and its column) holding a value no table can store, whether or not the
+    column is used: a lone surrogate in a string, an integer beyond 64 bits; None when there is none (the values
+    conflict only together). Run on the error path only."""
+    first: tuple[int, str, str] | None = None
+    for name, values in columns.items():
+        for k, value in enumerate(values[:first[0]] if first is not None else values):
+            try:
+                why = _unstorable(value)
+            except RecursionError:
+                why = None
+            if why is not None:
+                first = (k, name, why)
+                break
+    if first is None:
+        return None
+    k, name, why = first
+    return DataError(f"{where} {row_word} {rows[k]}: column '{_short(name, 40)}' holds a value no table can store "
+                     f"({why})")
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why Arrow (and datasets' Json) cannot store `value`, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "a lone surrogate, not valid Unicode"
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not -(1 << 63) <= value < 1 << 64:
+            return "an integer beyond 64 bits"
+    elif isinstance(value, list):
+        return next((why for v in value if (why := _unstorable(v)) is not None), None)
+    elif isinstance(value, dict):
+        return next((why for kv in value.items() for v in kv if (why := _unstorable(v)) is not None), None)
+    return None
+
+
+def _limit() -> str:
+    """MAX_LINE_BYTES as people read it."""
+    return f"{MAX_LINE_BYTES >> 20} MiB" if MAX_LINE_BYTES >= 1 << 20 and not MAX_LINE_BYTES % (1 << 20) \
+        else f"{MAX_LINE_BYTES} bytes"
 
 
 def arrow_dataset(

@@ -25,25 +25,36 @@ import numpy as np
 from scipy.special import ndtr
 
 from prefsift.engine.embeddings import ITEMS, embed_items
+from prefsift.errors import ConfigError
 from prefsift.scorers.base import Scorer, ScorerParams, register
 from prefsift.scorers.random import seeded_uniform
 from prefsift.settings import option
 
 ESTIMATORS = ("sketch", "exact")
+# The sketch holds R x K Gaussian projections of each embedding (8 bytes an item and hash): bounded, so a typo'd
+# `--param rows=` is one line, not an allocation of terabytes. The defaults (256 x 4) are far inside.
+MAX_ROWS, MAX_HASHES, MAX_HASHES_TOTAL = 4096, 64, 16384
 
 
 @dataclass
 class DensityParams(ScorerParams):
     item: str = option("completion", "What one embedding is: completion (prompt + one response; a pair's density "
                                       "is its two sides' mean) or pair.", choices=ITEMS)
-    rows: int = option(256, "Hash rows R of the sketch (more: less sketch noise).", low=1)
-    hashes_per_row: int = option(4, "p-stable hashes concatenated per row K (more: a narrower kernel).", low=1)
+    rows: int = option(256, "Hash rows R of the sketch (more: less sketch noise).", low=1, high=MAX_ROWS)
+    hashes_per_row: int = option(4, "p-stable hashes concatenated per row K (more: a narrower kernel).", low=1,
+                                 high=MAX_HASHES)
     bandwidth: float = option(1.0, "Bucket width w as a multiple of the median distance between items.", low=0,
                               low_open=True)
     estimator: str = option("sketch", "sketch (LSH bucket counts, the paper) or exact (the kernel sums, O(n²)).",
                             choices=ESTIMATORS)
     pca_dim: int | None = option(None, "Reduce the embeddings to this many PCA components first (None: no).", low=1)
     batch_size: int = option(32, "Items per embedding batch.", low=1)
+
+    def check(self) -> None:
+        super().check()
+        if self.rows * self.hashes_per_row > MAX_HASHES_TOTAL:
+            raise ConfigError(f"rows x hashes_per_row must be <= {MAX_HASHES_TOTAL} (got {self.rows} x "
+                              f"{self.hashes_per_row}): the sketch holds that many numbers an item")
 
 
 def median_distance(vectors: np.ndarray, seed: int = 0, sample: int = 2000) -> float:

@@ -1258,6 +1258,193 @@ def test_paths_with_brackets_are_printed_as_they_are_in_every_summary_line(ws, t
     assert len(exported.read_text().splitlines()) == 15
 
 
+# ------------------------------------------------------------------ a tokenizer or model that does not fit itself
+
+
+def _model_copy(model, directory, *, config=None, tokenizer_config=None):
+    """A copy of the tiny model with keys of its config.json / tokenizer_config.json replaced."""
+    shutil.copytree(model, directory)
+    for name, changes in (("config.json", config), ("tokenizer_config.json", tokenizer_config)):
+        if changes:
+            values = json.loads((directory / name).read_text())
+            (directory / name).write_text(json.dumps({**values, **changes}))
+    return directory
+
+
+@pytest.mark.parametrize(("how", "fragments"), [
+    ("pad id past the vocabulary", ("config.json's pad_token_id 5000 is outside its vocabulary",)),
+    ("eos id past the vocabulary", ("config.json's eos_token_id 4000 is outside its vocabulary",)),
+    ("tokens added, embedding not resized", ("its tokenizer has", "the vocabulary does not match")),
+    ("another model's smaller embedding", ("but the model embeds 100", "the vocabulary does not match")),
+    ("no eos token", ("its tokenizer has no eos token",)),
+])
+def test_a_tokenizer_or_config_that_does_not_fit_its_model_is_one_line(ws, tmp_path, bpe_tokenizer, how, fragments):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    _, model, _, data = ws
+    broken = tmp_path / "broken"
+    if how == "pad id past the vocabulary":
+        _model_copy(model, broken, config={"pad_token_id": 5000})
+    elif how == "eos id past the vocabulary":
+        _model_copy(model, broken, config={"eos_token_id": 4000})
+    elif how == "tokens added, embedding not resized":
+        _model_copy(model, broken)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer.add_special_tokens({"pad_token": "<|new-pad|>"})  # its id is past the model's embedding
+        tokenizer.save_pretrained(broken)
+    elif how == "another model's smaller embedding":
+        config = make_tiny_llama(bpe_tokenizer).config
+        config.vocab_size, config.pad_token_id, config.eos_token_id = 100, 1, 0
+        LlamaForCausalLM(config).save_pretrained(broken)
+        bpe_tokenizer.save_pretrained(broken)
+    else:
+        _model_copy(model, broken, tokenizer_config={"eos_token": None, "pad_token": None})
+    for command in (("score", "--method", "irm"), ("train",)):
+        out = tmp_path / command[0]
+        one_line_error(invoke(*command, "--data", data, "--model", broken, "--out", out), f"'{broken}'", *fragments)
+        assert not out.exists()
+
+
+def test_a_two_label_reward_model_says_it_must_have_one_score_output(ws, tmp_path, bpe_tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    _, _, _, data = ws
+    config = LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=2,
+                         pad_token_id=bpe_tokenizer.pad_token_id)
+    two = tmp_path / "rm2"
+    LlamaForSequenceClassification(config).save_pretrained(two)
+    bpe_tokenizer.save_pretrained(two)
+    line = one_line_error(invoke("score", "--data", data, "--method", "margin", "--reward-model", two, "--out",
+                                 tmp_path / "o"), f"'{two}' has 2 score outputs", "must have one score output")
+    assert "report" not in line and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ a path that is not a regular file
+
+
+def test_a_path_that_is_not_a_regular_file_is_one_line_and_never_blocks(ws, scored, tmp_path):
+    """A directory, a FIFO (opening it would wait for a writer forever) or a device where a file is read."""
+    _, model, _, data = ws
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    score = ("score", "--method", "random", "--out", tmp_path / "o")
+    one_line_error(invoke(*score, "--data", fifo), f"--data {fifo} is a FIFO (named pipe), not a regular file")
+    one_line_error(invoke(*score, "--data", "/dev/zero"), "--data /dev/zero is a device, not a regular file")
+    for config in (folder, fifo):
+        one_line_error(invoke(*score, "--data", data, "--config", config), f"--config {config} is a", "not a regular")
+    for name, kind in (("model.safetensors", "a directory"), ("model.safetensors", "a FIFO"),
+                       ("config.json", "a directory"), ("tokenizer.json", "a FIFO")):
+        broken = tmp_path / f"m-{name}-{kind[2:5]}"
+        shutil.copytree(model, broken)
+        (broken / name).unlink()
+        (broken / name).mkdir() if kind == "a directory" else os.mkfifo(broken / name)
+        one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", broken, "--out", tmp_path / "o"),
+                       f"{broken / name} is {kind}", "not a regular file")
+    (tmp_path / "w.gguf").symlink_to(fifo)  # a link to a FIFO is a FIFO
+    one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", tmp_path / "w.gguf", "--out",
+                          tmp_path / "o"), "w.gguf is a FIFO (named pipe), not a regular file")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(scored, damaged)
+    (damaged / "scores.parquet").unlink()
+    (damaged / "scores.parquet").mkdir()
+    one_line_error(invoke("select", "--scores", damaged, "--out", tmp_path / "s", "--rule", "all"),
+                   f"{damaged / 'scores.parquet'} is a directory, not a regular file")
+    one_line_error(invoke("select", "--scores", scored / "scores.parquet", "--out", tmp_path / "s", "--rule", "all"),
+                   "scores.parquet is a file, not a prefsift output directory")
+    os.mkfifo(damaged / "manifest.json.fifo")
+    (damaged / "manifest.json").unlink()
+    (damaged / "manifest.json").symlink_to(damaged / "manifest.json.fifo")
+    one_line_error(invoke("select", "--scores", damaged, "--out", tmp_path / "s", "--rule", "all"),
+                   "manifest.json is a FIFO (named pipe), not a regular file")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------ a Ray cluster that is not there
+
+
+def test_an_unreachable_ray_cluster_is_one_line_at_once(ws, tmp_path):
+    import socket
+    import time
+
+    _, model, _, data = ws
+    with socket.socket() as s:  # a port nothing listens on: connections to it are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    for address, fragment in ((f"127.0.0.1:{port}", "no Ray cluster answers there"),
+                              (f"ray://127.0.0.1:{port}", "no Ray cluster answers there"),
+                              ("head-without-port", "expected host:port")):
+        one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", model, "--out", tmp_path / "o",
+                              "--backend", "ray", "--ray-address", address), f"--ray-address {address}", fragment)
+    assert time.monotonic() - start < 15 and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ a full disk names the path being written
+
+
+def test_a_full_disk_on_select_export_or_train_names_the_path_and_no_shards(ws, scored, tmp_path, monkeypatch):
+    import pathlib
+
+    import prefsift.manifest
+
+    _, model, _, data = ws
+    selected = tmp_path / "sel"
+    assert invoke("select", "--scores", scored, "--out", selected, "--rule", "all").exit_code == 0
+    opened = pathlib.Path.open
+
+    def no_space_to_write(self, mode="r", *args, **kwargs):  # every file opened for writing: the disk is full
+        if any(c in mode for c in "wax"):
+            _full()
+        return opened(self, mode, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pathlib.Path, "open", no_space_to_write)
+        for fmt, out in (("trl", tmp_path / "t.jsonl"), ("openrlhf", tmp_path / "o.jsonl"),
+                         ("axolotl", tmp_path / "a.jsonl"), ("llamafactory", tmp_path / "lf")):
+            line = one_line_error(invoke("export", "--selected", selected, "--out", out, "--format", fmt),
+                                  f"cannot write {out}: the disk is full")
+            assert "shard" not in line and not out.exists()
+        line = one_line_error(invoke("select", "--scores", scored, "--out", tmp_path / "s", "--rule", "all"),
+                              f"cannot write {tmp_path / 's'}: the disk is full")
+        assert "shard" not in line
+    with monkeypatch.context() as patch:
+        patch.setattr(prefsift.manifest, "_write_text", _full)
+        line = one_line_error(invoke("export", "--selected", selected, "--out", tmp_path / "ds", "--format",
+                                     "datasets"), f"cannot write {tmp_path / 'ds'}: the disk is full")
+        assert "shard" not in line
+        line = one_line_error(invoke("train", "--data", data, "--model", model, "--out", tmp_path / "t"),
+                              f"cannot write {tmp_path / 't'}: the disk is full")
+        assert "shard" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scored", "sel"]  # nothing half-written, no lock
+
+
+# ------------------------------------------------------------------ numbers too large to parse
+
+
+@pytest.mark.parametrize(("where", "value", "fragment"), [
+    ("flag", "1e400", "Invalid value for '--max-length'"),
+    ("flag", "9" * 5000, "Invalid value for '--max-length'"),
+    ("beta", "9" * 5000, "--beta must be a finite number"),
+    ("yaml", "9" * 5000, "4300 digits"),
+    ("yaml", "1e400", "max_length must be an integer"),
+])
+def test_a_number_too_large_to_parse_is_one_line(ws, tmp_path, where, value, fragment):
+    _, _, _, data = ws
+    args = ["score", "--data", data, "--method", "random", "--out", tmp_path / "o"]
+    if where == "yaml":
+        (tmp_path / "c.yaml").write_text(f"max_length: {value}\n")
+        args += ["--config", tmp_path / "c.yaml"]
+    else:
+        args += ["--max-length" if where == "flag" else "--beta", value]
+    line = one_line_error(invoke(*args), fragment)
+    assert len(line) < 300 and not (tmp_path / "o").exists()
+    if where == "yaml":
+        assert str(tmp_path / "c.yaml") in line
+
+
 # ------------------------------------------------------------------ inputs built to exhaust memory or time (issue 22)
 
 
@@ -1369,3 +1556,31 @@ def test_a_value_no_table_can_hold_names_its_line_even_in_an_unused_column(tmp_p
         data.write_text("".join(rows) if name == "d.jsonl" else "[" + ",".join(rows) + "]")
         expect = fragment if name == "d.jsonl" else fragment.replace("line 3", "")
         one_line_error(invoke("score", "--data", data, "--method", "random", "--out", tmp_path / "o"), expect)
+
+
+def test_a_sentence_transformer_with_truncated_weights_or_another_vocabulary_is_one_line(ws, tmp_path):
+    from helpers import WORDS
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    _, _, _, data = ws
+    st = tmp_path / "st"  # a tiny sentence-transformer directory: BERT, its vocabulary, modules.json
+    st.mkdir()
+    (st / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(st / "vocab.txt"))
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(st)
+    tokenizer.save_pretrained(st)
+    (st / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    score = ("score", "--data", data, "--method", "isa", "--embedder", st)
+    assert invoke(*score, "--out", tmp_path / "ok").exit_code == 0
+    bigger = BertTokenizerFast(vocab_file=str(st / "vocab.txt"))
+    bigger.add_tokens([f"extra{i}" for i in range(50)])  # a vocabulary past the model's embedding
+    bigger.save_pretrained(st)
+    one_line_error(invoke(*score, "--out", tmp_path / "o"), f"'{st}'", "the vocabulary does not match")
+    tokenizer.save_pretrained(st)
+    weights = st / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    one_line_error(invoke(*score, "--out", tmp_path / "o"), f"cannot load sentence-transformer from '{st}'")
+    assert not (tmp_path / "o").exists()

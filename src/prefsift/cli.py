@@ -200,6 +200,7 @@ def friendly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _check_input_paths(kwargs)
             return fn(*args, **kwargs)
         except PrefsiftError as error:
             _error(error)
@@ -211,12 +212,66 @@ def friendly(fn):
         except OSError as error:
             if error.errno not in _ENVIRONMENT_ERRORS:
                 raise
-            # a full disk or a read-only place mid-run: the finished shards are kept, earlier results untouched
-            where = f" ({error.filename})" if error.filename else ""
-            _error(f"cannot write{where}: {error.strerror}; finished shards are kept, rerun to resume")
+            # a full disk or a read-only place mid-run, outside a stage's own staging (which says so itself): the
+            # path being written (the file the OS names, else the command's --out), and shards only where a pass
+            # keeps them
+            where = error.filename or kwargs.get("out") or (kwargs.get("flags") or {}).get("out")
+            reason = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror
+            resume = ("; finished log-prob shards are kept, rerun to resume" if fn.__name__ in _SHARD_COMMANDS
+                      else "; rerun once it can be written")
+            verb = "access" if error.errno in (errno.EACCES, errno.EPERM) else "write"
+            _error(f"cannot {verb}{f' {where}' if where else ''}: {reason}{resume}")
+            raise typer.Exit(2) from None
+        except ValueError as error:
+            # a number too long for Python to parse (an integer of thousands of digits in a config or an option):
+            # int() refuses it past sys.get_int_max_str_digits(), wherever it is read
+            if "integer string conversion" not in str(error):
+                raise
+            _error(f"a number in {_read_path(error) or _inputs(kwargs)} has more than "
+                   f"{sys.get_int_max_str_digits()} digits: too large to parse; give a smaller value")
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+# The options naming a file the command reads: a config is a file; the others may also be a directory (a datasets
+# save_to_disk directory, a stage's output directory), never a FIFO, a device or a socket, which reads block on
+_FILE_OPTIONS = {"config"}
+_INPUT_OPTIONS = {"config", "data", "validation_data", "test_data", "scores", "selected", "run_dir", "points",
+                  "results"}
+
+
+def _check_input_paths(kwargs: dict) -> None:
+    """One line, before any work, for an input path that is not a regular file where one is read."""
+    from prefsift.output import not_regular
+
+    for name, value in {**(kwargs.get("flags") or {}), **kwargs}.items():
+        if name not in _INPUT_OPTIONS or not isinstance(value, str | os.PathLike) or not value:
+            continue
+        kind = not_regular(value)
+        if kind is not None and (name in _FILE_OPTIONS or kind != "a directory"):
+            raise ConfigError(f"--{name.replace('_', '-')} {value} is {kind}, not a regular file")
+
+
+_SHARD_COMMANDS = {"score", "run", "compare", "demo", "analyze"}  # the commands whose passes keep resumable shards
+
+
+def _read_path(error: BaseException) -> str | None:
+    """The file being read where `error` was raised: the innermost frame of its traceback holding a `path`."""
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        value = tb.tb_frame.f_locals.get("path")
+        if isinstance(value, str | os.PathLike):
+            found = value
+        tb = tb.tb_next
+    return None if found is None else str(found)
+
+
+def _inputs(kwargs: dict) -> str:
+    """The files a command reads, as its options name them (for a line that cannot tell which one it was)."""
+    names = [f"--{name.replace('_', '-')} {kwargs[name]}" for name in ("config", "data", "scores", "selected")
+             if kwargs.get(name)]
+    return " or ".join(names) or "the options"
 
 
 def _settings(config: Path | None, flags: dict, *classes: type, defaults: dict | None = None) -> list:

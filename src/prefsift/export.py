@@ -17,6 +17,7 @@ consumer has to guess where a prompt ends: TRL's `extract_prompt` cuts HH-RLHF t
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from prefsift.config import ExportConfig
 from prefsift.data import LoadedPairs, load_pairs
 from prefsift.errors import ConfigError, DataError, PrefsiftError
 from prefsift.manifest import write_manifest
-from prefsift.output import check_output, check_output_file, locked, stage_of, staged, temp_sibling
+from prefsift.output import check_output, check_output_file, locked, require_file, stage_of, staged, temp_sibling
 from prefsift.select import write_jsonl
 
 # LLaMA-Factory's sharegpt reader with OpenAI-style messages: these tags map our role/content keys to its roles
@@ -51,10 +52,12 @@ def selected_file(selected: str | Path) -> Path:
     path = Path(selected)
     if path.is_dir():
         for name in ("selected.parquet", "selected.jsonl"):
+            require_file(path / name, "the subset file")
             if (path / name).is_file():
                 return path / name
         raise PrefsiftError(f"{selected} holds no selected.parquet or selected.jsonl: run `prefsift select` "
                             "into it, or pass the subset file")
+    require_file(path, "--selected")
     if not path.is_file():
         raise PrefsiftError(f"--selected {selected}: no such file or directory")
     return path
@@ -332,19 +335,38 @@ def export(selected: str | Path, out: str, config: ExportConfig | None = None) -
             check_output(target, "export")  # a file, another stage's results, a foreign directory: one line
         elif fmt != "llamafactory":
             _jsonl_path(target, fmt)
-        # local writes under a lock beside the target: a second export into it is refused while this one writes;
-        # each format's files are replaced whole (staged directory, atomic file, or files replaced together)
-        with locked(target):
-            if fmt == "datasets":
-                paths = export_datasets(columns, target, {"selected": str(selected), "format": fmt,
-                                                          "n_pairs": len(data.pairs)})
-            elif fmt in ("trl", "openrlhf"):  # both read prompt / chosen / rejected, text or messages, as they are
-                paths = [write_jsonl(_jsonl_path(target, fmt), _rows(columns))]
-            elif fmt == "llamafactory":
-                paths = export_llamafactory(columns, conversational, target, config.name)
-            elif fmt == "axolotl":
-                paths = export_axolotl(columns, conversational, target)
-            else:  # the config's choices check makes this unreachable
-                raise ConfigError(f"unknown format {fmt!r}")
+        existed = target.exists()
+        try:
+            paths = _write_local(fmt, columns, conversational, target, config, selected, len(data.pairs))
+        except OSError as error:  # a full disk, a read-only place: the path being written, the earlier files kept
+            if error.errno not in _WRITE_ERRORS:
+                raise
+            if not existed and target.is_dir() and not any(target.iterdir()):
+                target.rmdir()  # the dataset_dir this export made, left empty: as it was before
+            reason = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror
+            raise PrefsiftError(f"cannot write {target}: {reason}; what an earlier export wrote there is "
+                                f"unchanged") from None
     return Exported(paths, len(data.pairs), conversational, usage(fmt, out, conversational, config),
                     len(data.invalid))
+
+
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _write_local(fmt: str, columns: dict, conversational: bool, target: Path, config: ExportConfig,
+                 selected, n_pairs: int) -> list[Path]:
+    """A local export's files, under a lock beside the target: a second export into it is refused while this one
+    writes; each format's files are replaced whole (staged directory, atomic file, or files replaced together)."""
+    with locked(target):
+        if fmt == "datasets":
+            paths = export_datasets(columns, target, {"selected": str(selected), "format": fmt,
+                                                      "n_pairs": n_pairs})
+        elif fmt in ("trl", "openrlhf"):  # both read prompt / chosen / rejected, text or messages, as they are
+            paths = [write_jsonl(_jsonl_path(target, fmt), _rows(columns))]
+        elif fmt == "llamafactory":
+            paths = export_llamafactory(columns, conversational, target, config.name)
+        elif fmt == "axolotl":
+            paths = export_axolotl(columns, conversational, target)
+        else:  # the config's choices check makes this unreachable
+            raise ConfigError(f"unknown format {fmt!r}")
+    return paths

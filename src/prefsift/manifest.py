@@ -87,7 +87,10 @@ def write_input_drops(out_dir: Path, invalid: list, stage: str = "data") -> Path
 
 
 def read_dropped(directory: Path) -> list[dict[str, Any]]:
+    from prefsift.output import require_file
+
     path = Path(directory) / DROPPED
+    require_file(path, "the dropped-pairs record")
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -95,8 +98,13 @@ def read_dropped(directory: Path) -> list[dict[str, Any]]:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     from prefsift.errors import PrefsiftError
+    from prefsift.output import not_regular, require_file
 
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise PrefsiftError(f"{directory} is {not_regular(directory) or 'a file'}, not a prefsift output directory "
+                            f"(give the directory a stage wrote, not a file in it)")
     path = Path(directory) / "manifest.json"
+    require_file(path, "the manifest")
     if not path.is_file():
         raise PrefsiftError(f"no manifest.json in {directory}: is it a prefsift output directory?")
     try:

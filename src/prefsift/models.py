@@ -54,10 +54,35 @@ class LoadedModel:
 def split_gguf(source: str) -> tuple[str, str | None]:
     path = Path(source)
     if path.suffix == ".gguf":
+        _require_regular(path)
         if not path.is_file():
             raise ModelError(f"model file not found: {source}")
         return str(path.parent), path.name
     return source, None
+
+
+def _require_regular(path: Path) -> None:
+    """One line when a model's file (weights, config, tokenizer) exists but is not a regular file: transformers
+    would report it missing, or block opening a FIFO."""
+    from prefsift.output import not_regular
+
+    kind = not_regular(path)
+    if kind is not None:
+        raise ModelError(f"{path} is {kind}, not a regular file: a model's weights, config and tokenizer files must "
+                         f"be plain files")
+
+
+_MODEL_FILE_SUFFIXES = (".safetensors", ".gguf", ".json", ".model", ".txt", ".bin", ".jinja")
+
+
+def check_model_files(directory: Path) -> None:
+    """Every file a local model directory holds for transformers (weights, configs, tokenizer, adapter) is a
+    regular file (a directory or FIFO under such a name: one line, before loading)."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.suffix in _MODEL_FILE_SUFFIXES:
+            _require_regular(entry)
 
 
 FULL_HASH_LIMIT = 512 * 2**20  # files up to this size are hashed whole; larger ones by header and samples
@@ -114,13 +139,76 @@ def _from_pretrained(source: str, common: dict, auto_class: type = AutoModelForC
         return auto_class.from_pretrained(directory, **common, **extra)
     # Any other head (a reward model's score layer) must come from the weights: transformers fills a missing head
     # with random numbers and only logs it, and a random head's outputs would be reported as judgments.
-    model, info = auto_class.from_pretrained(directory, **common, **extra, output_loading_info=True)
+    # mismatched sizes load (and are reported below) rather than raise "look at the above report", which is muted
+    model, info = auto_class.from_pretrained(directory, **common, **extra, output_loading_info=True,
+                                             ignore_mismatched_sizes=True)
+    for key, in_weights, in_model in sorted(info.get("mismatched_keys") or [], key=str):
+        if common.get("num_labels") is not None and tuple(in_model)[:1] == (common["num_labels"],):
+            raise ModelError(f"'{source}' has {tuple(in_weights)[0]} score outputs ({key} is "
+                             f"{list(in_weights)} in its weights): a reward model must have one score output "
+                             f"(num_labels=1, as TRL's RewardTrainer writes), not a {tuple(in_weights)[0]}-label "
+                             f"classifier")
+        raise ModelError(f"'{source}': {key} is {list(in_weights)} in its weights but {list(in_model)} by its "
+                         f"config.json: weights and config do not match")
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ModelError(f"'{source}' has no {auto_class.__name__.removeprefix('AutoModelFor')} head in its weights "
                          f"(missing {', '.join(missing[:3])}): transformers would give it a random one; give a "
                          f"trained reward model (e.g. TRL's RewardTrainer output), not a causal LM")
     return model
+
+
+_SPECIAL_IDS = ("pad_token_id", "eos_token_id", "bos_token_id")
+
+
+def _check_config(source: str, directory: str, common: dict) -> None:
+    """One line for a config.json whose special token ids lie outside its own vocabulary (transformers would stop
+    with "Padding_idx must be within num_embeddings", or index past the embedding later). A config transformers
+    cannot read is left to the load, which says why."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=common.get("trust_remote_code", False))
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception:  # noqa: BLE001 - the model's own load reports an unreadable config
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab <= 0:
+        return
+    for name in _SPECIAL_IDS:
+        value = getattr(text, name, None)
+        for token in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(token, int) and not 0 <= token < vocab:
+                raise ModelError(f"'{source}': its config.json's {name} {token} is outside its vocabulary of {vocab} "
+                                 f"tokens (ids 0-{vocab - 1}): a broken config; fix {name}")
+
+
+def check_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str, *,
+                    causal: bool = True) -> None:
+    """One line when a tokenizer does not fit its model: token ids past the model's embedding (a vocabulary of
+    another model, special tokens added and the embedding never resized), special tokens missing. Without this,
+    the first pass stops with an IndexError ("index out of range in self") deep inside the forward."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if isinstance(rows, int):
+        size = len(tokenizer)
+        if size > rows:
+            raise ModelError(f"'{source}': its tokenizer has {size} tokens but the model embeds {rows} (ids 0-"
+                             f"{rows - 1}): the vocabulary does not match the model's embedding (another model's "
+                             f"tokenizer, or tokens added without resizing the embeddings)")
+        for name in _SPECIAL_IDS:
+            token = getattr(tokenizer, name, None)
+            if isinstance(token, int) and not 0 <= token < rows:
+                raise ModelError(f"'{source}': its tokenizer's {name.removesuffix('_id')} has id {token}, outside the "
+                                 f"model's embedding of {rows} tokens: the vocabulary does not match the model")
+    if causal and tokenizer.eos_token_id is None:
+        raise ModelError(f"'{source}': its tokenizer has no eos token (set eos_token in tokenizer_config.json): "
+                         f"every completion ends with it")
+    if tokenizer.pad_token_id is None:
+        raise ModelError(f"'{source}': its tokenizer has neither a pad token nor an eos token to pad with (set "
+                         f"pad_token or eos_token in tokenizer_config.json)")
 
 
 def _quiet_transformers() -> None:
@@ -213,7 +301,10 @@ def _load_weights(source: str, common: dict, auto_class: type, chain: tuple[str,
     of an adapter trained on it next. An adapter's fingerprint hashes its own files and its base's fingerprint."""
     directory, gguf_file = split_gguf(source)
     adapter = Path(directory) / "adapter_config.json"
+    check_model_files(Path(directory))
     if not adapter.is_file():
+        if not gguf_file:
+            _check_config(source, directory, common)
         model = _from_pretrained(source, common, auto_class)
         if not Path(directory).exists():  # a hub model: its revision is the fingerprint
             return model, f"hub:{source}@{getattr(model.config, '_commit_hash', None)}"
@@ -289,6 +380,7 @@ def load_model(
             reason = f"the hub is unreachable (offline) and it is not in the local cache ({reason[:120]})"
         raise ModelError(f"cannot load model from '{source}' onto {torch_device}: {reason}") from None
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    check_tokenizer(model, tokenizer, source, causal=auto_class is AutoModelForCausalLM)
     return LoadedModel(model, tokenizer, source, fingerprint)
 
 

@@ -33,6 +33,34 @@ from prefsift.errors import PrefsiftError
 CACHE_ENTRIES = {"shards", "embeddings", "influence"}
 
 
+def not_regular(path: str | os.PathLike) -> str | None:
+    """What `path` is when it exists but is not a regular file (links followed): "a directory", "a FIFO (named
+    pipe)", "a device", "a socket"; None for a regular file or nothing there. Opening a FIFO blocks until a writer
+    comes, and a device reads forever: every file prefsift reads is checked with this first."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
+def require_file(path: str | os.PathLike, what: str) -> None:
+    """One line when `path` (`what` it is, e.g. "--config", "the weights file") exists but is not a regular file."""
+    kind = not_regular(path)
+    if kind is not None:
+        raise PrefsiftError(f"{what} {path} is {kind}, not a regular file")
+
+
 def temp_sibling(path: Path) -> Path:
     """A temporary name beside `path`, unique per process and call (pid + random): two runs, or two threads, never
     write the same temporary file; `os.replace` it onto `path` when complete."""

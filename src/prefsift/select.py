@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.manifest import check_scores, dropped_record, read_manifest, write_dropped, write_manifest
 from prefsift.maths import band_mask, percentile_ranks, tie_keys
-from prefsift.output import staged, temp_sibling
+from prefsift.output import require_file, staged, temp_sibling
 
 RULES = ("top", "bottom", "band", "intersection", "all")
 
@@ -295,6 +295,7 @@ def select_from_scores(scores_dir: str | Path, out_dir: str | Path, *, rule: str
         raise ConfigError(f"--output-columns must be one of {', '.join(COLUMN_MODES)} (got {output_columns!r})")
     manifest = read_manifest(scores_dir)
     for name in ("scores.parquet", "pairs.parquet"):
+        require_file(scores_dir / name, f"the {name.partition('.')[0]} file")
         if not (scores_dir / name).is_file():
             raise PrefsiftError(f"{scores_dir} has no {name}: run `prefsift score` into it first")
     table = pq.read_table(scores_dir / "scores.parquet").to_pydict()

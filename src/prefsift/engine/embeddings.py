@@ -162,17 +162,21 @@ def load_sentence_embedder(directory: str | Path, *, dtype: str | None = "auto",
                            trust_remote_code: bool = False, source: str | None = None) -> SentenceEmbedder:
     from transformers import AutoModel, AutoTokenizer
 
-    from prefsift.models import default_device, fingerprint_files, parse_dtype
+    from prefsift.models import check_model_files, check_tokenizer, default_device, fingerprint_files, parse_dtype
 
     directory = Path(directory)
     torch_device = torch.device(device) if device else default_device()
+    check_model_files(directory)  # a weights file that is a directory or a FIFO: one line, never a blocked open
     try:
         model = AutoModel.from_pretrained(str(directory), dtype=parse_dtype(dtype, torch_device),
                                           use_safetensors=True, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load sentence-transformer from '{directory}': {str(error).splitlines()[0]}") \
-            from None
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001 - truncated safetensors (SafetensorError), a bad config or tokenizer
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(f"cannot load sentence-transformer from '{directory}': {reason}") from None
+    check_tokenizer(model, tokenizer, str(directory), causal=False)  # its vocabulary fits its embedding
     model.to(torch_device).eval()
     modules = _read_json(directory / "modules.json") or []
     pooling_dir = next((m["path"] for m in modules if m.get("type", "").endswith("Pooling")), "1_Pooling")

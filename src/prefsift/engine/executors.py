@@ -59,6 +59,43 @@ def _ray():
     return ray
 
 
+RAY_CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster's head to answer before saying it does not
+
+
+def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
+    """One line, at once, when --ray-address names a host:port (or ray://host:port) that does not answer: Ray's
+    own join retries for a minute or more, then raises from deep inside. `auto` and `local` are Ray's to resolve."""
+    import socket
+    import threading
+
+    text = address.strip()
+    if text in ("auto", "local"):
+        return
+    hostport = text.split("://", 1)[1] if "://" in text else text
+    host, sep, port_text = hostport.rstrip("/").rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"--ray-address {address}: expected host:port (e.g. head:6379), ray://host:10001 or auto")
+    host = host.strip("[]")
+    answer: list[str] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, int(port_text)), timeout=timeout).close()
+            answer.append("")
+        except OSError as error:
+            answer.append(error.strerror or str(error) or type(error).__name__)
+
+    # in a thread: a name lookup that hangs is not covered by the socket's timeout
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if answer and not answer[0]:
+        return
+    reason = answer[0] if answer else f"no answer in {timeout:.0f} s"
+    raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({reason}); start one with `ray start "
+                      f"--head`, or leave --ray-address out to start Ray on this machine")
+
+
 class _Worker:
     """One Ray actor: a replica (a model, with whatever else its batch function needs) and that function."""
 
@@ -87,6 +124,8 @@ class RayExecutor:
 
     def __init__(self, engine: EngineConfig) -> None:
         self.engine = engine
+        if engine.ray_address:
+            check_ray_address(engine.ray_address)
 
     def map(self, function: Callable[[Any, Any], Any], replica: Any, items: Iterable) -> Iterator:
         """`function(replica, item)` of every item, in the order of `items`. `replica` (a model, a model and its
@@ -94,10 +133,15 @@ class RayExecutor:
         sends by name."""
         ray = _ray()
         if not ray.is_initialized():
-            if self.engine.ray_address:
-                ray.init(address=self.engine.ray_address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=self.engine.workers, include_dashboard=False, log_to_driver=False)
+            try:
+                if self.engine.ray_address:
+                    ray.init(address=self.engine.ray_address, log_to_driver=False)
+                else:
+                    ray.init(num_cpus=self.engine.workers, include_dashboard=False, log_to_driver=False)
+            except (ConnectionError, TimeoutError, RuntimeError, ValueError) as error:  # no cluster, a bad address
+                where = f"the Ray cluster at {self.engine.ray_address}" if self.engine.ray_address else "Ray here"
+                reason = (str(error) or type(error).__name__).splitlines()[0]
+                raise ConfigError(f"cannot start or join {where}: {reason}") from None
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # shards are written in plan order, as by one process
         context.enable_progress_bars = False

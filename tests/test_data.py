@@ -855,3 +855,26 @@ def test_chat_template_flag_reaches_the_commands(tmp_path, bpe_tokenizer):
     templated = logps(plain, "--chat-template")
     assert templated == pytest.approx(logps(wrapped), rel=1e-6)
     assert templated != pytest.approx(logps(plain), rel=1e-3)
+
+
+def test_a_chat_template_rerun_into_a_plain_runs_directory_does_not_resume_its_shards(tmp_path, bpe_tokenizer,
+                                                                                      monkeypatch):
+    """--chat-template keeps the pair_ids and changes the text: a score into a directory that holds a plain run's
+    shards computes its own pass (it resumed the plain one's batches once), equal to a fresh templated score."""
+    import pyarrow.parquet as pq
+
+    from tests.helpers import invoke, make_pairs, make_tiny_llama, write_jsonl
+
+    model = tmp_path / "sft"
+    make_tiny_llama(bpe_tokenizer).save_pretrained(model)
+    bpe_tokenizer.save_pretrained(model)
+    rows = [{"prompt": r["prompt"].replace("\n\nHuman: ", "").replace("\n\nAssistant:", ""),
+             "chosen": r["chosen"].strip(), "rejected": r["rejected"].strip()} for r in make_pairs(6, seed=5)]
+    data = write_jsonl(tmp_path / "plain.jsonl", rows)
+    monkeypatch.setenv("PREFSIFT_CACHE", "off")  # the shards, not the cross-command cache, are under test
+    base = ("score", "--data", data, "--method", "irm", "--model", model)
+    assert invoke(*base, "--out", tmp_path / "s").exit_code == 0
+    assert invoke(*base, "--out", tmp_path / "s", "--chat-template").exit_code == 0
+    assert invoke(*base, "--out", tmp_path / "fresh", "--chat-template").exit_code == 0
+    again = pq.read_table(tmp_path / "s" / "scores.parquet")["chosen_logps"].to_pylist()
+    assert again == pytest.approx(pq.read_table(tmp_path / "fresh" / "scores.parquet")["chosen_logps"].to_pylist())

@@ -156,7 +156,9 @@ class Resources:
                 identity = {"fingerprint": loaded.fingerprint, "max_length": self.engine.max_length,
                             "batch_tokens": self.engine.batch_tokens,
                             "dtype": str(next(loaded.model.parameters()).dtype),
-                            "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "data": data.data_hash}
+                            "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "data": data.data_hash,
+                            # --chat-template keeps the pair_ids (the data hash) and changes the text
+                            "messages": data.conversational}
                 run = LogpsRun(Path(self.out_dir), tag or role, identity)
             start = time.perf_counter()
 
@@ -187,7 +189,7 @@ class Resources:
                 identity = {"fingerprint": loaded.fingerprint, "max_length": self.engine.max_length,
                             "batch_size": batch_size, "dtype": str(next(loaded.model.parameters()).dtype),
                             "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "data": self.pairs.data_hash,
-                            "pass": "reward"}
+                            "messages": self.pairs.conversational, "pass": "reward"}
                 run = LogpsRun(Path(self.out_dir), role, identity)
             start = time.perf_counter()
             self._rewards[key] = Engine(self.engine).rewards(loaded.model, loaded.tokenizer, self.pairs.pairs,

@@ -54,7 +54,8 @@ def influence_column(resources, params: InfluenceParams) -> np.ndarray:
     identity = {"fingerprint": loaded.fingerprint, "reference": resources.model("reference").fingerprint,
                 "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "max_length": engine.max_length,
                 "batch_tokens": engine.batch_tokens, "dtype": str(next(loaded.model.parameters()).dtype),
-                "data": resources.pairs.data_hash, "validation": validation.data_hash, "beta": engine.beta}
+                "data": resources.pairs.data_hash, "validation": validation.data_hash, "beta": engine.beta,
+                "messages": [resources.pairs.conversational, validation.conversational]}
     from prefsift.engine import Engine
 
     return Engine(engine).influence(loaded.model, loaded.tokenizer, resources.pairs.pairs, validation.pairs,

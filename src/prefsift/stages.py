@@ -213,8 +213,12 @@ def compare_config(flags: dict[str, Any], *, methods: str | None, fractions: str
     run_flags, engine_flags, train_flags = split_flags(flags, RunConfig, EngineConfig, TrainConfig)
     values.update(run_flags)
     values.setdefault("seeds", 3)
-    values["engine"] = {**values.get("engine", {}), **engine_flags}
-    values["train"] = {**values.get("train", {}), **train_flags}
+    for section, given in (("engine", engine_flags), ("train", train_flags)):
+        nested = values.get(section) or {}  # `engine:` with nothing under it is YAML's null
+        if not isinstance(nested, dict):
+            raise ConfigError(f"{config}: {section} must be a mapping of {section} settings (got "
+                              f"{type(nested).__name__})")
+        values[section] = {**nested, **given}
     if fractions is not None:
         try:
             values["fractions"] = [float(f) for f in fractions.split(",")]

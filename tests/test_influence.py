@@ -308,3 +308,28 @@ def test_a_resume_under_another_thread_count_keeps_the_finished_shards(bpe_token
     # the reused ḡ_val and plus pass ran at 2 threads, the clean run at 1: equal to rounding (bit-equal here, where a
     # tiny model's matmuls stay below torch's parallel grain; a BLAS that splits them could differ in the last bits)
     np.testing.assert_allclose(resumed, clean, rtol=1e-6, atol=1e-9 * np.abs(clean[np.isfinite(clean)]).max())
+
+
+def test_the_step_an_influence_score_took_is_recorded(bpe_tokenizer, data, tmp_path):
+    """With `step` unset the step is chosen on the check pairs; the scorer's description (what the score manifest
+    records) says which step it took and the errors it was chosen on, so a rerun can reproduce it."""
+    from prefsift.config import EngineConfig
+    from prefsift.data import load_pairs
+    from prefsift.engine.influence import DEFAULT_STEP
+    from prefsift.models import LoadedModel
+    from prefsift.resources import Resources
+    from prefsift.scorers import get_scorer
+
+    train, val = data
+    policy = LoadedModel(make_tiny_llama(bpe_tokenizer, seed=5), bpe_tokenizer, "policy", "policy")
+    reference = LoadedModel(make_tiny_llama(bpe_tokenizer, seed=99), bpe_tokenizer, "reference", "reference")
+    resources = Resources(pairs=load_pairs(train), engine=EngineConfig(beta=BETA, max_length=None, dtype="float32"),
+                          sources={"policy": policy, "reference": reference, "validation_pairs": load_pairs(val)},
+                          out_dir=tmp_path)
+    scorer = get_scorer("if", method="one-sided")
+    assert scorer.params.step is None
+    scorer.score(resources)
+    described = scorer.describe()
+    errors = {float(step): error for step, error in described["step_errors"].items()}
+    assert described["params"]["step"] is None and DEFAULT_STEP in errors
+    assert described["step_taken"] == min(errors, key=errors.get)  # the step with the smallest check error

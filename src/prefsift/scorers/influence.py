@@ -40,7 +40,7 @@ class TruncatedInfluenceParams(InfluenceParams, BandParams):
     """The influence parameters and the percentile band kept."""
 
 
-def influence_column(resources, params: InfluenceParams) -> np.ndarray:
+def influence_column(resources, params: InfluenceParams, info: dict | None = None) -> np.ndarray:
     """IF of every scored pair under the policy θ, with ḡ_val over the validation pairs; resumable shards (and the
     direction ḡ_val) under resources.out_dir."""
     from prefsift.manifest import tokenizer_fingerprint
@@ -62,7 +62,7 @@ def influence_column(resources, params: InfluenceParams) -> np.ndarray:
                                     policy_logps=policy, reference_logps=reference,
                                     validation_reference_logps=validation_reference, beta=engine.beta,
                                     method=params.method, step=params.step, scope=params.scope,
-                                    last_k=params.last_k, run_dir=resources.out_dir, identity=identity)
+                                    last_k=params.last_k, run_dir=resources.out_dir, identity=identity, info=info)
 
 
 def influence_passes(params: InfluenceParams, n_pairs: int, n_validation: int) -> float:
@@ -86,7 +86,12 @@ class InfluenceScorer(Scorer):
         return influence_passes(self.params, n_pairs, n_validation)
 
     def score(self, resources) -> dict[str, np.ndarray]:
-        return {"influence": influence_column(resources, self.params)}
+        self.taken: dict = {}  # the step the pass took (chosen on the check pairs when `step` is unset)
+        return {"influence": influence_column(resources, self.params, self.taken)}
+
+    def describe(self) -> dict:
+        return {**super().describe(), **{f"{k}_taken" if k == "step" else k: v
+                                         for k, v in getattr(self, "taken", {}).items()}}
 
 
 @register
@@ -100,4 +105,9 @@ class TruncatedInfluenceScorer(Scorer):
         return influence_passes(self.params, n_pairs, n_validation)
 
     def score(self, resources) -> dict[str, np.ndarray]:
-        return {"influence": influence_column(resources, self.params)}
+        self.taken: dict = {}  # the step the pass took (chosen on the check pairs when `step` is unset)
+        return {"influence": influence_column(resources, self.params, self.taken)}
+
+    def describe(self) -> dict:
+        return {**super().describe(), **{f"{k}_taken" if k == "step" else k: v
+                                         for k, v in getattr(self, "taken", {}).items()}}

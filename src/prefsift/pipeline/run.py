@@ -52,17 +52,17 @@ class CheckpointEvaluation(TrainerCallback):
     def __init__(self, shares: list[float], evaluate_at) -> None:
         self.shares, self.evaluate_at = sorted(shares), evaluate_at
         self.steps: dict[int, float] = {}
-        self.started = self.paused = 0.0
+        self.started = self.paused = self.paused_cpu = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.steps = {max(1, round(share * state.max_steps)): share for share in self.shares}
-        self.started, self.paused = time.perf_counter(), 0.0
+        self.started, self.paused, self.paused_cpu = time.perf_counter(), 0.0, 0.0
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         share = self.steps.get(state.global_step)
         if share is None:
             return
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         # TRL's fused LM head replaces the instance's forward for training (it returns no logits): generation and
         # the log-prob engine need the model's own forward while they evaluate
         patched = [m for m in {id(m): m for m in (model, getattr(model, "get_base_model", lambda: None)())}.values()
@@ -76,6 +76,7 @@ class CheckpointEvaluation(TrainerCallback):
             for m, forward in zip(patched, saved, strict=True):
                 m.forward = forward
             self.paused += time.perf_counter() - began
+            self.paused_cpu += time.process_time() - began_cpu
 
 
 @contextlib.contextmanager
@@ -349,7 +350,9 @@ def train_and_evaluate(config: RunConfig, plan: Plan, start_model: LoadedModel, 
               **({"n_validation_pairs": arm.n_validation_pairs} if arm.n_validation_pairs else {}),
               "trained": {"rows": trained.rows, "rows_seen": trained.rows_seen, "steps": trained.steps,
                           "epochs": round(trained.epochs_done, 3)},
-              "train_seconds": round(trained.seconds, 3), "train_cpu_seconds": round(cpu, 3)}
+              # the full run's checkpoint evaluations ran inside its training: not training compute
+              "train_seconds": round(trained.seconds - sum(c.paused for c in callbacks), 3),
+              "train_cpu_seconds": round(cpu - sum(c.paused_cpu for c in callbacks), 3)}
     log(f"{name} @ {budget}: " + trained_line(record))
     evaluation = evaluate_model(policy.model)
     if seed_dir is not None:

@@ -1584,3 +1584,38 @@ def test_a_sentence_transformer_with_truncated_weights_or_another_vocabulary_is_
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     one_line_error(invoke(*score, "--out", tmp_path / "o"), f"cannot load sentence-transformer from '{st}'")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_prompt_far_over_max_length_is_dropped_by_its_characters_without_being_tokenized(ws, tmp_path, monkeypatch):
+    """A prompt of a million characters is judged too long from its length (no token covers more characters than
+    the vocabulary's longest entry): the tokenizer never sees it, and the other pairs score exactly as without it."""
+    from transformers import PreTrainedTokenizerBase
+
+    _, model, _, data = ws
+    longest = []
+    call = PreTrainedTokenizerBase.__call__
+
+    def recording(self, text=None, *args, **kwargs):
+        texts = [text] if isinstance(text, str) else list(text or [])
+        longest.append(max((len(t) for t in texts if isinstance(t, str)), default=0))
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", recording)
+    rows = data.read_text().splitlines(keepends=True)
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text("".join(rows[:3]) + json.dumps({"prompt": "word " * 200_000, "chosen": " yes", "rejected": " no"})
+                    + "\n" + json.dumps({"prompt": "Q", "chosen": " a" * 200_000, "rejected": " b" * 200_000})
+                    + "\n" + "".join(rows[3:]))
+    result = invoke("score", "--data", huge, "--out", tmp_path / "h", "--method", "irm", "--model", model,
+                    "--max-length", 64)
+    assert result.exit_code == 0, result.output
+    assert longest and max(longest) < 200_000, max(longest)  # neither the prompt nor a completion went in whole
+    dropped = [json.loads(line) for line in (tmp_path / "h" / "dropped.jsonl").read_text().splitlines()]
+    assert [(d["row"], d["reason"]) for d in dropped if d["row"] == 4] == [(4, "prompt fills max_length 64")]
+    assert invoke("score", "--data", data, "--out", tmp_path / "n", "--method", "irm", "--model", model,
+                  "--max-length", 64).exit_code == 0
+    with_huge = pq.read_table(tmp_path / "h" / "scores.parquet").to_pydict()
+    plain = pq.read_table(tmp_path / "n" / "scores.parquet").to_pydict()
+    by_id = dict(zip(with_huge["pair_id"], with_huge["irm"], strict=True))
+    assert all(by_id[p] == v or (np.isnan(v) and np.isnan(by_id[p]))
+               for p, v in zip(plain["pair_id"], plain["irm"], strict=True))

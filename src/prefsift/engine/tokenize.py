@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,9 +38,65 @@ def _chat_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
 
 
+# A text far over max_length tokens is judged from its characters, before any tokenizing (a 100 MB prompt took 13.7 GB
+# to tokenize whole only to be dropped): no token covers more characters than the tokenizer's longest vocabulary entry,
+# so a prompt of more than (max_length + CHAR_SLACK_TOKENS) x that many characters has more than max_length tokens;
+# a completion is cut to as many characters (its tokens past max_length are cut anyway). Normal data is far below.
+CHAR_SLACK_TOKENS = 64
+_TOKEN_CHARS: dict[int, tuple[Any, int]] = {}
+
+
+def _max_token_chars(tokenizer) -> int:
+    """The most characters one token of `tokenizer` stands for (its longest vocabulary entry), cached."""
+    cached = _TOKEN_CHARS.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer:
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        cached = _TOKEN_CHARS[id(tokenizer)] = (tokenizer, max(1, longest))
+    return cached[1]
+
+
+def char_cap(tokenizer, max_length: int | None, texts: Sequence) -> int | None:
+    """The character count past which a text of `texts` is judged by its length (None: no text needs it)."""
+    if max_length is None:
+        return None
+    longest = max((len(_text_of(t)) for t in texts), default=0)
+    if longest <= max_length + CHAR_SLACK_TOKENS:  # every token is at least one character: none can be over
+        return None
+    return (max_length + CHAR_SLACK_TOKENS) * _max_token_chars(tokenizer)
+
+
+def _text_of(value) -> str:
+    return value if isinstance(value, str) else "".join(str(m.get("content") or "") for m in value)
+
+
+def _cut_messages(messages: list[dict], cap: int) -> list[dict]:
+    out, left = [], cap
+    for m in messages:
+        content = str(m.get("content") or "")
+        out.append({**m, "content": content[:max(left, 0)]} if len(content) > left else m)
+        left -= len(content)
+    return out
+
+
 def tokenize_pairs(tokenizer, prompts: list, chosens: list, rejecteds: list, max_length: int | None
                    ) -> list[TokenizedPair | None]:
-    """TRL's tokenization of preference pairs; `None` marks a pair TRL drops (prompt fills `max_length`)."""
+    """TRL's tokenization of preference pairs; `None` marks a pair TRL drops (prompt fills `max_length`). A prompt
+    over `char_cap` characters is such a pair without being tokenized; completions are cut to that many."""
+    cap = char_cap(tokenizer, max_length, [*prompts, *chosens, *rejecteds])
+    if cap is not None:
+        long = {i for i, p in enumerate(prompts) if len(_text_of(p)) > cap}
+        keep = [i for i in range(len(prompts)) if i not in long]
+        if isinstance(prompts[0] if prompts else "", list):
+            cut = [[_cut_messages(x[i], cap) for i in keep] for x in (chosens, rejecteds)]
+        else:
+            cut = [[x[i][:cap] for i in keep] for x in (chosens, rejecteds)]
+        done = iter(_tokenize_pairs(tokenizer, [prompts[i] for i in keep], *cut, max_length) if keep else [])
+        return [None if i in long else next(done) for i in range(len(prompts))]
+    return _tokenize_pairs(tokenizer, prompts, chosens, rejecteds, max_length)
+
+
+def _tokenize_pairs(tokenizer, prompts: list, chosens: list, rejecteds: list, max_length: int | None
+                    ) -> list[TokenizedPair | None]:
     if prompts and isinstance(prompts[0], list):  # conversational: chat template, no EOS appended
         prompt_ids = [_chat_ids(tokenizer, p, add_generation_prompt=True) for p in prompts]
         chosen_full = [_chat_ids(tokenizer, p + c) for p, c in zip(prompts, chosens, strict=True)]

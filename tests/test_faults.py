@@ -1354,6 +1354,8 @@ def test_a_path_that_is_not_a_regular_file_is_one_line_and_never_blocks(ws, scor
                    f"{damaged / 'scores.parquet'} is a directory, not a regular file")
     one_line_error(invoke("select", "--scores", scored / "scores.parquet", "--out", tmp_path / "s", "--rule", "all"),
                    "scores.parquet is a file, not a prefsift output directory")
+    (damaged / "scores.parquet").rmdir()
+    shutil.copy(scored / "scores.parquet", damaged / "scores.parquet")
     os.mkfifo(damaged / "manifest.json.fifo")
     (damaged / "manifest.json").unlink()
     (damaged / "manifest.json").symlink_to(damaged / "manifest.json.fifo")
@@ -1619,3 +1621,34 @@ def test_a_prompt_far_over_max_length_is_dropped_by_its_characters_without_being
     by_id = dict(zip(with_huge["pair_id"], with_huge["irm"], strict=True))
     assert all(by_id[p] == v or (np.isnan(v) and np.isnan(by_id[p]))
                for p, v in zip(plain["pair_id"], plain["irm"], strict=True))
+
+
+def test_a_compare_config_with_an_empty_or_scalar_section_is_one_line(ws, tmp_path):
+    """`engine:` with nothing under it is YAML's null (a TypeError traceback once); a section that is not a mapping
+    is one line naming it."""
+    _, model, _, data = ws
+    config = tmp_path / "c.yaml"
+    config.write_text("engine:\ntrain: 3\n")
+    one_line_error(invoke("compare", "--data", data, "--model", model, "--out", tmp_path / "o", "--config", config),
+                   "train must be a mapping of train settings (got int)")
+
+
+def test_a_config_whose_vocabulary_is_not_the_weights_and_a_fifo_score_file_are_one_line(ws, scored, tmp_path):
+    """A config.json whose vocab_size disagrees with the weights' embedding (transformers would point at a report
+    prefsift mutes), and a scores.parquet that is a FIFO read by weigh, train --scores and select (never blocks)."""
+    _, model, _, data = ws
+    for vocab in (300, 1000):
+        broken = _model_copy(model, tmp_path / f"m{vocab}", config={"vocab_size": vocab})
+        line = one_line_error(invoke("score", "--data", data, "--method", "irm", "--model", broken, "--out",
+                                     tmp_path / "o"), f"'{broken}'", "by its config.json", "do not match")
+        assert "report" not in line
+    damaged = tmp_path / "damaged"
+    shutil.copytree(scored, damaged)
+    (damaged / "scores.parquet").unlink()
+    os.mkfifo(damaged / "scores.parquet")
+    fragment = f"{damaged / 'scores.parquet'} is a FIFO (named pipe), not a regular file"
+    for args in (("weigh", "--column", "random", "--transform", "rank"), ("select", "--rule", "all")):
+        one_line_error(invoke(*args, "--scores", damaged, "--out", tmp_path / "w"), fragment)
+    one_line_error(invoke("train", "--data", data, "--model", model, "--scores", damaged, "--out", tmp_path / "w"),
+                   fragment)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()

@@ -237,13 +237,14 @@ def friendly(fn):
 # The options naming a file the command reads: a config is a file; the others may also be a directory (a datasets
 # save_to_disk directory, a stage's output directory), never a FIFO, a device or a socket, which reads block on
 _FILE_OPTIONS = {"config"}
+_RESULT_OPTIONS = {"scores", "selected", "run_dir", "results"}  # a stage's output directory
 _INPUT_OPTIONS = {"config", "data", "validation_data", "test_data", "scores", "selected", "run_dir", "points",
                   "results"}
 
 
 def _check_input_paths(kwargs: dict) -> None:
     """One line, before any work, for an input path that is not a regular file where one is read."""
-    from prefsift.output import not_regular
+    from prefsift.output import check_result_files, not_regular
 
     for name, value in {**(kwargs.get("flags") or {}), **kwargs}.items():
         if name not in _INPUT_OPTIONS or not isinstance(value, str | os.PathLike) or not value:
@@ -251,6 +252,8 @@ def _check_input_paths(kwargs: dict) -> None:
         kind = not_regular(value)
         if kind is not None and (name in _FILE_OPTIONS or kind != "a directory"):
             raise ConfigError(f"--{name.replace('_', '-')} {value} is {kind}, not a regular file")
+        if kind == "a directory" and name in _RESULT_OPTIONS:
+            check_result_files(value)  # a stage's directory: its scores.parquet, selected.jsonl, ... are files
 
 
 _SHARD_COMMANDS = {"score", "run", "compare", "demo", "analyze"}  # the commands whose passes keep resumable shards

@@ -98,11 +98,12 @@ def read_dropped(directory: Path) -> list[dict[str, Any]]:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     from prefsift.errors import PrefsiftError
-    from prefsift.output import not_regular, require_file
+    from prefsift.output import check_result_files, not_regular, require_file
 
     if Path(directory).exists() and not Path(directory).is_dir():
         raise PrefsiftError(f"{directory} is {not_regular(directory) or 'a file'}, not a prefsift output directory "
                             f"(give the directory a stage wrote, not a file in it)")
+    check_result_files(directory)
     path = Path(directory) / "manifest.json"
     require_file(path, "the manifest")
     if not path.is_file():

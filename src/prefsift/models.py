@@ -136,20 +136,15 @@ def _from_pretrained(source: str, common: dict, auto_class: type = AutoModelForC
         # Dequantize into plain fp32/bf16 Linear layers: left quantized, TRL refuses to fine-tune the model.
         extra = {"gguf_file": gguf_file, "quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
     if auto_class is AutoModelForCausalLM:
-        return auto_class.from_pretrained(directory, **common, **extra)
+        model, info = auto_class.from_pretrained(directory, **common, **extra, output_loading_info=True,
+                                                 ignore_mismatched_sizes=True)
+        _check_mismatched(source, info, common)
+        return model
     # Any other head (a reward model's score layer) must come from the weights: transformers fills a missing head
     # with random numbers and only logs it, and a random head's outputs would be reported as judgments.
-    # mismatched sizes load (and are reported below) rather than raise "look at the above report", which is muted
     model, info = auto_class.from_pretrained(directory, **common, **extra, output_loading_info=True,
                                              ignore_mismatched_sizes=True)
-    for key, in_weights, in_model in sorted(info.get("mismatched_keys") or [], key=str):
-        if common.get("num_labels") is not None and tuple(in_model)[:1] == (common["num_labels"],):
-            raise ModelError(f"'{source}' has {tuple(in_weights)[0]} score outputs ({key} is "
-                             f"{list(in_weights)} in its weights): a reward model must have one score output "
-                             f"(num_labels=1, as TRL's RewardTrainer writes), not a {tuple(in_weights)[0]}-label "
-                             f"classifier")
-        raise ModelError(f"'{source}': {key} is {list(in_weights)} in its weights but {list(in_model)} by its "
-                         f"config.json: weights and config do not match")
+    _check_mismatched(source, info, common)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ModelError(f"'{source}' has no {auto_class.__name__.removeprefix('AutoModelFor')} head in its weights "
@@ -193,7 +188,8 @@ def check_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embedding, "num_embeddings", None)
     if isinstance(rows, int):
-        size = len(tokenizer)
+        # the largest id the tokenizer can give (an added token may sit past len(tokenizer)), not just its length
+        size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
         if size > rows:
             raise ModelError(f"'{source}': its tokenizer has {size} tokens but the model embeds {rows} (ids 0-"
                              f"{rows - 1}): the vocabulary does not match the model's embedding (another model's "
@@ -209,6 +205,20 @@ def check_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     if tokenizer.pad_token_id is None:
         raise ModelError(f"'{source}': its tokenizer has neither a pad token nor an eos token to pad with (set "
                          f"pad_token or eos_token in tokenizer_config.json)")
+
+
+def _check_mismatched(source: str, info: dict, common: dict) -> None:
+    """One line for a tensor whose shape in the weights is not the one the config gives it (loaded with
+    ignore_mismatched_sizes, else transformers raises "look at the above report", a report prefsift mutes): a
+    classifier of several labels given as a reward model, a config.json whose vocab_size is not the embedding's."""
+    for key, in_weights, in_model in sorted(info.get("mismatched_keys") or [], key=str):
+        if common.get("num_labels") is not None and tuple(in_model)[:1] == (common["num_labels"],):
+            raise ModelError(f"'{source}' has {tuple(in_weights)[0]} score outputs ({key} is "
+                             f"{list(in_weights)} in its weights): a reward model must have one score output "
+                             f"(num_labels=1, as TRL's RewardTrainer writes), not a {tuple(in_weights)[0]}-label "
+                             f"classifier")
+        raise ModelError(f"'{source}': {key} is {list(in_weights)} in its weights but {list(in_model)} by its "
+                         f"config.json (vocab_size, hidden_size, ...): weights and config do not match")
 
 
 def _quiet_transformers() -> None:

@@ -61,6 +61,15 @@ def require_file(path: str | os.PathLike, what: str) -> None:
         raise PrefsiftError(f"{what} {path} is {kind}, not a regular file")
 
 
+def check_result_files(directory: str | os.PathLike) -> None:
+    """One line when a result file of a stage's directory (scores.parquet, pairs.parquet, selected.jsonl,
+    manifest.json, ...) is a directory or a FIFO (a read would block on it), whichever stage reads it next."""
+    directory = Path(directory)
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        if entry.suffix in (".parquet", ".json", ".jsonl") and not entry.name.startswith("."):
+            require_file(entry, "the result file")
+
+
 def temp_sibling(path: Path) -> Path:
     """A temporary name beside `path`, unique per process and call (pid + random): two runs, or two threads, never
     write the same temporary file; `os.replace` it onto `path` when complete."""

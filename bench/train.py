@@ -139,7 +139,8 @@ def prepare(args) -> None:
     (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     from prefsift.config import TrainConfig
 
-    rate = TrainConfig(lora=args.lora, learning_rate=args.learning_rate).effective_learning_rate  # as both sides resolve it
+    # as both sides resolve it
+    rate = TrainConfig(lora=args.lora, learning_rate=args.learning_rate).effective_learning_rate
     (work / "provenance.json").write_text(json.dumps({**{k: v for k, v in provenance().items()
                                                          if k in ("commit", "dirty")}, "learning_rate": rate}))
 

@@ -225,6 +225,21 @@ def test_a_cached_pass_is_charged_what_it_cost_when_computed(ws):
     np.testing.assert_array_equal(cached_logps(sft, pairs, EngineConfig(), never, cost=hit), values)
     assert first["cached"] is False and first["seconds"] >= 0.4
     assert hit["cached"] is True and hit["seconds"] == pytest.approx(first["seconds"])
+    assert hit["cpu_seconds"] == pytest.approx(first["cpu_seconds"])
+
+
+def test_a_run_charges_a_cached_reference_pass_what_it_cost_and_times_what_it_took(ws):
+    """Resources keeps both: `charged` (what the pass costs, from the entry on a hit: the compute column's) and
+    `seconds` (what this process spent on it: the score summary's times that add up)."""
+    from prefsift.resources import Resources
+
+    model, _, data = ws
+    first = Resources(load_pairs(str(data)), EngineConfig(), {"policy": str(model)})
+    first.logps("policy")
+    again = Resources(load_pairs(str(data)), EngineConfig(), {"policy": str(model)})
+    again.logps("policy")
+    assert again.charged["policy"] == first.charged["policy"]  # the computed pass's cost, read back
+    assert again.seconds["policy"] < first.charged["policy"][0]  # a read, timed as what it took
 
 
 def test_the_layout_and_the_engines_code_are_part_of_a_pass_identity(ws, monkeypatch):

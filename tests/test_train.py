@@ -383,9 +383,9 @@ def test_an_adapter_whose_base_is_gone_is_one_line(bpe_tokenizer, tmp_path, one_
 
 
 def test_learning_rate_defaults_depend_on_lora():
-    from prefsift.config import FULL_LEARNING_RATE, LORA_LEARNING_RATE
-
     import dataclasses
+
+    from prefsift.config import FULL_LEARNING_RATE, LORA_LEARNING_RATE
 
     assert TrainConfig().effective_learning_rate == FULL_LEARNING_RATE == 1e-6
     assert TrainConfig(lora=True).effective_learning_rate == LORA_LEARNING_RATE == 5e-5
@@ -504,18 +504,18 @@ def test_a_training_that_barely_moved_the_preferences_warns(bpe_tokenizer, one_t
 
     def run(learning_rate: float) -> tuple[list[str], object]:
         config = TrainConfig(learning_rate=learning_rate, epochs=2, batch_size=16, logging_steps=1,
-                             gradient_checkpointing=False)
+                             gradient_checkpointing=False, lora=True, lora_r=4, lora_alpha=8)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = train(LoadedModel(copy.deepcopy(base), bpe_tokenizer, "tiny", "x"), pairs, config, ENGINE,
                            ref_logps=ref, quiet=True)
         return [str(w.message) for w in caught if "barely moved" in str(w.message)], result
 
-    said, result = run(3e-7)
-    assert len(said) == 1 and "raise" not in said[0] and "--learning-rate 3e-07" in said[0]
+    said, result = run(1e-5)  # an adapter at a full fine-tune's rate
+    assert len(said) == 1 and "--learning-rate 1e-05" in said[0] and "5e-05 with --lora" in said[0]
     logged = [h["rewards/margins"] for h in result.log_history if "rewards/margins" in h]
     assert abs(logged[-1]) < train_module.BARELY_MOVED
-    said, result = run(5e-3)
+    said, result = run(5e-2)
     assert said == []
     after = compute_logps(result.model, bpe_tokenizer, pairs, max_length=64)
     margin = ENGINE.beta * np.mean((after[:, 0] - ref[:, 0]) - (after[:, 1] - ref[:, 1]))

@@ -197,14 +197,14 @@ def _values_digest(values: np.ndarray) -> str:
 def read_cached(path: Path, identity: dict, with_seconds: bool = False):
     """The (n, 2) pass stored at `path` when it is whole and made under `identity`; a missing entry is None, and an
     unreadable, truncated, altered or foreign one is None with a warning: it is recomputed, never trusted.
-    `with_seconds`: (values, the seconds the pass took when it was computed, or None)."""
+    `with_seconds`: (values, (the wall and CPU seconds the pass took when it was computed, each or None))."""
     if with_seconds:
         values = read_cached(path, identity)
         if values is None:
-            return None, None
+            return None, (None, None)
         record = json.loads((pq.read_schema(path).metadata or {})[_METADATA_KEY])
-        seconds = record.get("seconds")
-        return values, float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else None
+        return values, tuple(float(record[k]) if isinstance(record.get(k), (int, float)) and record[k] >= 0
+                             else None for k in ("seconds", "cpu_seconds"))
     if not path.is_file():
         return None
     try:
@@ -227,11 +227,13 @@ def read_cached(path: Path, identity: dict, with_seconds: bool = False):
     return values
 
 
-def write_cached(path: Path, identity: dict, values: np.ndarray, seconds: float | None = None) -> None:
+def write_cached(path: Path, identity: dict, values: np.ndarray, seconds: float | None = None,
+                 cpu_seconds: float | None = None) -> None:
     """Store a pass atomically (a temporary file renamed over the entry: a reader never sees half of one), with the
     seconds it took to compute. A cache that cannot be written (read-only, full) costs the reuse, never the
     command: one warning."""
-    record = {"identity": identity, "sha256": _values_digest(values), "seconds": seconds}
+    record = {"identity": identity, "sha256": _values_digest(values), "seconds": seconds,
+              "cpu_seconds": cpu_seconds}
     table = pa.table({"chosen_logps": values[:, 0], "rejected_logps": values[:, 1]})
     table = table.replace_schema_metadata({_METADATA_KEY: json.dumps(record, sort_keys=True).encode()})
     tmp = temp_sibling(path)
@@ -260,22 +262,27 @@ def cached_logps(loaded, pairs, engine: EngineConfig, compute: Callable[[], np.n
     root = cache_dir()
     identity = pass_identity(loaded, pairs, engine) if root is not None else None
     cost = {} if cost is None else cost
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
+
+    def spent(cached: bool) -> None:
+        cost.update(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - start_cpu, cached=cached)
+
     if identity is None:
         values = compute()
-        cost.update(seconds=time.perf_counter() - start, cached=False)
+        spent(False)
         return values
     path = _entry_path(root, identity)
-    values, seconds = read_cached(path, identity, with_seconds=True)
+    values, (seconds, cpu_seconds) = read_cached(path, identity, with_seconds=True)
     if values is not None:
         if check_dropped is not None:
             too_long, _ = non_finite_logps(values, loaded.tokenizer, pairs, engine.max_length)
             check_dropped(int(too_long.sum()), len(values))
-        cost.update(seconds=seconds if seconds is not None else time.perf_counter() - start, cached=True)
+        spent(True)  # what reading took, unless the entry says what computing took
+        cost.update({k: v for k, v in (("seconds", seconds), ("cpu_seconds", cpu_seconds)) if v is not None})
         return values
     values = np.asarray(compute(), dtype=np.float64)
-    cost.update(seconds=time.perf_counter() - start, cached=False)
+    spent(False)
     _, failed = non_finite_logps(values, loaded.tokenizer, pairs, engine.max_length)
     if not failed.any():
-        write_cached(path, identity, values, seconds=cost["seconds"])
+        write_cached(path, identity, values, seconds=cost["seconds"], cpu_seconds=cost["cpu_seconds"])
     return values

@@ -75,7 +75,10 @@ class Resources:
     seed: int = 0
     trust_remote_code: bool = False
     allow_dropped: bool = False  # more than half of the pairs dropped by a log-prob pass goes on (score_pairs)
-    seconds: dict[str, float] = field(default_factory=dict)  # role -> seconds of its log-prob pass
+    seconds: dict[str, float] = field(default_factory=dict)  # role -> seconds of its log-prob pass, here
+    # tag or role -> (wall, CPU) seconds a pass costs: as measured, or as measured when the cache kept it (a compute
+    # column charges what the pass costs, not how warm the cache was)
+    charged: dict[str, tuple[float, float]] = field(default_factory=dict)
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> trainings that made it, seconds
     _loaded: dict[str, Any] = field(default_factory=dict)
     _by_source: dict[str, Any] = field(default_factory=dict)
@@ -171,8 +174,9 @@ class Resources:
                 loaded, data.pairs, self.engine, check_dropped=check, cost=cost,
                 compute=lambda: Engine(self.engine).logps(loaded.model, loaded.tokenizer, data.pairs, run=run,
                                                           desc=f"{tag or role} log-probs", check_dropped=check))
-            if pairs is None:  # a cached pass is charged what it cost when computed
-                self.seconds[role] = cost.get("seconds", time.perf_counter() - start)
+            self.charged[tag or role] = (cost["seconds"], cost["cpu_seconds"])
+            if pairs is None:
+                self.seconds[role] = time.perf_counter() - start
         return self._logps[key]
 
     def rewards(self, role: str = "reward_model", *, batch_size: int = 16) -> np.ndarray:
@@ -226,7 +230,8 @@ class Resources:
         sources = {r: v for r, v in self.sources.items() if r not in self.stages}
         return Resources(self.pairs, self.engine, {**sources, **base}, out_dir=self.out_dir, seed=seed,
                          trust_remote_code=self.trust_remote_code, allow_dropped=self.allow_dropped,
-                         seconds=dict(self.seconds), _loaded=base, _by_source=self._by_source, _logps=self._logps,
+                         seconds=dict(self.seconds), charged=dict(self.charged), _loaded=base,
+                         _by_source=self._by_source, _logps=self._logps,
                          _rewards=self._rewards)
 
     def cost(self, needs: tuple[str, ...]) -> float:

@@ -632,7 +632,8 @@ def check_moved(trainer, before: WeightSample, config: TrainConfig) -> None:
     change = before.relative_change()
     if change < NO_MOVE:
         raise ConfigError(f"training moved nothing: after {steps} step{'s' if steps != 1 else ''} at "
-                          f"--learning-rate {config.effective_learning_rate:g} the trainable weights changed by {change:.1e} "
+                          f"--learning-rate {config.effective_learning_rate:g} the trainable weights changed by "
+                          f"{change:.1e} "
                           f"of their size (float rounding is ~1e-7), so every implicit reward margin is at noise "
                           f"level; raise --learning-rate (default {FULL_LEARNING_RATE:g} for all weights, "
                           f"{LORA_LEARNING_RATE:g} with --lora) or train longer (--epochs)")
@@ -642,15 +643,18 @@ BARELY_MOVED = 1e-2  # TRL's logged mean implicit reward margin below this at th
 
 
 def warn_barely_moved(trainer, config: TrainConfig) -> None:
-    """One warning when a DPO training moved its weights but barely its preferences: the mean implicit reward margin
-    TRL logged over the last logging window (`rewards/margins`) is under BARELY_MOVED (LoRA at a full fine-tune's
-    learning rate logged 0.0015 on 60 real pairs, issue 22). A warning, not an error: noisy pairs can hold a
-    trained model's margins near zero."""
+    """One warning when a LoRA DPO training moved its adapter but barely its preferences: the mean implicit reward
+    margin TRL logged over the last logging window (`rewards/margins`) is under BARELY_MOVED (LoRA at a full
+    fine-tune's learning rate logged 0.0015 on 60 real pairs, issue 22). LoRA only: a full fine-tune at TRL's
+    default 1e-6 moves its margins slowly by design, and short runs of it would warn for nothing. A warning, not an
+    error: noisy pairs can hold a trained model's margins near zero."""
     margins = [entry["rewards/margins"] for entry in trainer.state.log_history if "rewards/margins" in entry]
-    if config.algo != "dpo" or not margins or not np.isfinite(margins[-1]) or abs(margins[-1]) >= BARELY_MOVED:
+    if (config.algo != "dpo" or not config.lora or not margins or not np.isfinite(margins[-1])
+            or abs(margins[-1]) >= BARELY_MOVED):
         return
     warnings.warn(f"the training barely moved the model's preferences: its last logged mean implicit reward margin "
-                  f"is {margins[-1]:.2g} (under {BARELY_MOVED:g}); at --learning-rate {config.effective_learning_rate:g} a "
+                  f"is {margins[-1]:.2g} (under {BARELY_MOVED:g}); at --learning-rate "
+                  f"{config.effective_learning_rate:g} a "
                   f"larger one (default {FULL_LEARNING_RATE:g} for all weights, {LORA_LEARNING_RATE:g} with --lora) "
                   f"or more --epochs would move it", stacklevel=3)
 

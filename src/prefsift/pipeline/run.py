@@ -431,12 +431,15 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     # the score stage times each method's share in wall seconds; its CPU seconds are split in the same proportion
     cpu_share = (time.process_time() - cpu) / max(time.perf_counter() - began, 1e-9)
     scoring = scoring_seconds(scored, resources, scorers)
-    measured = Measured(reference=template.seconds.get("reference", 0.0),
-                        validation_reference=template.seconds.get("validation_reference", 0.0),
+    # a pass the log-prob cache kept is charged what it cost when computed (Resources.charged)
+    reference_cost = template.charged.get("reference", (template.seconds.get("reference", 0.0),
+                                                        template.seconds.get("reference_cpu", 0.0)))
+    validation_cost = resources.charged.get("validation-reference", (
+        template.seconds.get("validation_reference", 0.0), template.seconds.get("validation_reference_cpu", 0.0)))
+    measured = Measured(reference=reference_cost[0], validation_reference=validation_cost[0],
                         warmup=timings.get("warmup", 0.0), validation=timings.get("validation", 0.0),
                         scoring=scoring)
-    measured_cpu = Measured(reference=template.seconds.get("reference_cpu", 0.0),
-                            validation_reference=template.seconds.get("validation_reference_cpu", 0.0),
+    measured_cpu = Measured(reference=reference_cost[1], validation_reference=validation_cost[1],
                             warmup=cpu_timings.get("warmup", 0.0), validation=cpu_timings.get("validation", 0.0),
                             scoring={m: v * cpu_share for m, v in scoring.items()})
     plans = [Plan("full", None, "full", 1.0)] if config.full else []

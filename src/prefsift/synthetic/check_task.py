@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"task seed {config.seed}: {len(task.train)} train pairs ({config.label_noise} label noise, "
           f"{sum(r['is_flipped'] for r in task.train) / len(task.train):.1%} flipped, {config.ratings} ratings, "
           f"validation shift {config.validation_shift}), {len(task.eval_prompts)} eval prompts; DPO lr "
-          f"{args.lr or train_config.effective_learning_rate:g}, beta {args.beta or dpo_engine().beta:g}, {args.epochs:g} "
+          f"{args.lr or train_config.effective_learning_rate:g}, beta {args.beta or dpo_engine().beta:g}, "
+          f"{args.epochs:g} "
           f"epoch(s), batch {train_config.batch_size}")
     print(f"{'run':10s} {'pairs':>6s} {'flipped':>7s} {'train_s':>8s} {'reward':>7s} {'exact':>6s} {'lazy':>6s} "
           f"{'win_vs_sft [95% interval]':>26s}")

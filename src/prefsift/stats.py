@@ -406,6 +406,10 @@ def summarize(records: list[dict], ceilings: set[str] | frozenset = frozenset(),
         if full:
             by_seed = {r["seed"]: r["compute"] for r in full}
             row["compute_ratio"] = round(float(np.mean([r["compute"] / by_seed[r["seed"]] for r in group])), 3)
+            if all("pair_passes" in r for r in group + full):  # nominal, so the same seed gives the same ratio
+                passes = {r["seed"]: r["pair_passes"] for r in full}
+                row["pair_pass_ratio"] = round(float(np.mean([r["pair_passes"] / passes[r["seed"]]
+                                                              for r in group])), 3)
         if all("flipped_kept" in r for r in group):
             row["flipped_kept"] = round(float(np.mean([r["flipped_kept"] for r in group])), 3)
         for metric, field in METRICS.items():

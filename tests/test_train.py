@@ -318,9 +318,10 @@ def test_a_lora_chain_through_the_walkthrough_keeps_every_step(bpe_tokenizer, tm
     warmup/. Each later adapter sits on the warm-up, so the loaded model is SFT + warm-up + its own adapter (computed
     here from the files by hand), not SFT + its own adapter."""
     import json
+    import shutil
 
     from helpers import invoke, saved_tiny_llama, write_jsonl
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     saved_tiny_llama(tmp_path / "sft", bpe_tokenizer)
     write_jsonl(tmp_path / "train.jsonl", make_pairs(24, seed=61))
@@ -336,7 +337,18 @@ def test_a_lora_chain_through_the_walkthrough_keeps_every_step(bpe_tokenizer, tm
         assert result.exit_code == 0, result.output
     recorded = {d: json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in
                 ("warmup", "validation", "aligned")}
-    assert [recorded[d]["base_model_name_or_path"] for d in recorded] == ["./sft", "warmup/", "warmup/"]
+    # absolute: a relative base is read from whatever directory a later command runs in
+    assert [recorded[d]["base_model_name_or_path"] for d in recorded] == [
+        str((tmp_path / "sft").resolve()), str((tmp_path / "warmup").resolve()), str((tmp_path / "warmup").resolve())]
+    elsewhere = tmp_path / "elsewhere"  # another ./sft and warmup/ beside a later command: never read
+    shutil.copytree(tmp_path / "sft", elsewhere / "sft")
+    other = load_file(str(elsewhere / "sft" / "model.safetensors"))
+    save_file({k: v + 1.0 for k, v in other.items()}, str(elsewhere / "sft" / "model.safetensors"))
+    monkeypatch.chdir(elsewhere)
+    from_elsewhere = load_model(str(tmp_path / "aligned")).model.state_dict()
+    monkeypatch.chdir(tmp_path)
+    from_here = load_model(str(tmp_path / "aligned")).model.state_dict()
+    assert all(torch.equal(from_here[k], from_elsewhere[k]) for k in from_here)
     # the LoRA default learning rate, recorded with the run
     assert json.loads((tmp_path / "aligned" / "manifest.json").read_text())["config"]["learning_rate"] == 5e-5
     sft = load_file(str(tmp_path / "sft" / "model.safetensors"))

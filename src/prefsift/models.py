@@ -333,6 +333,9 @@ def _load_weights(source: str, common: dict, auto_class: type, chain: tuple[str,
         model = _from_pretrained(source, common, auto_class)
         if not Path(directory).exists():  # a hub model: its revision is the fingerprint
             return model, f"hub:{source}@{getattr(model.config, '_commit_hash', None)}"
+        # the absolute path: peft records it as the base of an adapter trained on this model, and a relative one is
+        # read from whatever directory a later command runs in (another ./sft there would be merged in silently)
+        model.name_or_path = str(Path(source).resolve())
         return model, fingerprint_files(directory, gguf_file)
     from peft import PeftModel
 
@@ -359,7 +362,7 @@ def _load_weights(source: str, common: dict, auto_class: type, chain: tuple[str,
         go_offline_unless_reachable()
     base, base_fingerprint = _load_weights(base_source, common, auto_class, (*chain, here))
     model = PeftModel.from_pretrained(base, directory).merge_and_unload()
-    model.name_or_path = directory  # peft's base of the next adapter: this one, so the chain keeps every step
+    model.name_or_path = here  # peft's base of the next adapter: this one (absolute), so the chain keeps every step
     own = fingerprint_files(directory, None)
     return model, hashlib.sha256(f"{own}:{base_fingerprint}".encode()).hexdigest()[:16]
 

@@ -1652,3 +1652,15 @@ def test_a_config_whose_vocabulary_is_not_the_weights_and_a_fifo_score_file_are_
     one_line_error(invoke("train", "--data", data, "--model", model, "--scores", damaged, "--out", tmp_path / "w"),
                    fragment)
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
+def test_an_error_line_quoting_a_huge_value_stays_one_readable_line(tmp_path):
+    """Whatever an error quotes (a method name, a value, a line of data), the line printed is one line of bounded
+    length that says how much it left out (a YAML error once printed 8 MB)."""
+    from helpers import write_jsonl
+
+    data = write_jsonl(tmp_path / "p.jsonl", make_pairs(4))
+    result = invoke("score", "--data", data, "--method", "x" * 5000, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert result.output.startswith("error: unknown method 'xxx") and "more characters)" in result.output
+    assert len(result.output) < 1100

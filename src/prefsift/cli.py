@@ -174,8 +174,14 @@ def _say(message: object, *, label: str | None = None, style: str = "", soft_wra
     console.print(text, soft_wrap=soft_wrap)
 
 
+ERROR_CHARS = 1000  # an error line quoting user input (a value, a line of data) stays a line a reader can take in
+
+
 def _error(message: object) -> None:
-    _say(message, label="error:", style="bold red", soft_wrap=True)
+    text = " ".join(str(message).split("\n"))
+    if len(text) > ERROR_CHARS:
+        text = text[:ERROR_CHARS] + f" … ({len(text) - ERROR_CHARS} more characters)"
+    _say(text, label="error:", style="bold red", soft_wrap=True)
 
 
 def _warn(message: object) -> None:

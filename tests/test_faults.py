@@ -84,6 +84,7 @@ def test_bad_option_values(ws, tmp_path, args, fragment):
 
 @pytest.mark.parametrize(("yaml", "fragment"), [
     ("seed: true\n", "seed must be an integer (got True)"),
+    (f"seed: {2**70}\n", "seed must be <= 4294967295"),  # torch's manual_seed overflows past 64 bits
     ("seed: -1\n", "seed must be >= 0"),
     ("max_length: .nan\n", "max_length must be an integer"),
     ("device: gpu\n", "device must look like cpu"),

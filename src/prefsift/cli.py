@@ -551,7 +551,7 @@ def compare(
 def demo(
     out: Annotated[Path, _out("Output directory.")] = Path("prefsift-demo"),
     seed: Annotated[int, typer.Option(help="Seed of the task, the SFT model and the first training seed.",
-                                      min=0)] = 0,
+                                      min=0, max=2**32 - 1)] = 0,
     seeds: Annotated[int, typer.Option(help="Training seeds each comparison repeats over (intervals need several).",
                                        min=1)] = 3,
     all_methods: Annotated[bool, typer.Option("--all", help="Every method prefsift has, not the default set "

@@ -13,6 +13,7 @@ from prefsift.errors import ConfigError
 from prefsift.settings import Checked, option
 
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|(cuda|xpu|npu)(:[0-9]+)?)$")
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding and torch's take no larger seed
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ class ScoreConfig(Checked):
     reward_model: str | None = option(None, "Sequence-classification reward model (margin).")
     validation_data: str | None = option(None, "Trusted validation pairs (methods that read them).")
     embedder: str | None = option(None, "Embedding model (methods that embed).")
-    seed: int = option(0, "Seed of random scores and of any sampling a scorer does.", low=0)
+    seed: int = option(0, "Seed of random scores and of any sampling a scorer does.", low=0, high=MAX_SEED)
     trust_remote_code: bool = option(False, "Let a model run its own code (off unless you ask).")
     allow_dropped: bool = option(False, "Go on when more than half of the pairs are dropped (prompt fills "
                                         "max_length, non-finite score); every pair dropped always stops.")
@@ -120,7 +121,7 @@ class TrainConfig(Checked):
     lr_scheduler_type: str = option("linear", "transformers scheduler name (linear, cosine, constant, ...).",
                                     choices=SCHEDULERS)
     warmup_steps: float = option(0.0, "Learning-rate warm-up steps (< 1: share of the steps).", low=0)
-    seed: int = option(0, "Seed of shuffling and initialisation.", low=0)
+    seed: int = option(0, "Seed of shuffling and initialisation.", low=0, high=MAX_SEED)
     lora: bool = option(False, "Train a LoRA adapter (peft) instead of all weights.")
     lora_r: int = option(16, "LoRA rank.", low=1)
     lora_alpha: int = option(32, "LoRA alpha.", low=1)
@@ -210,7 +211,7 @@ class RunConfig(Checked):
                                             "score_chosen/score_rejected columns.")
     embedder: str | None = option(None, "Embedding model of the methods that embed (isa, density); default: the "
                                         "SFT model's last-token hidden state, the ISA paper's choice.")
-    seed: int = option(0, "Seed of splits, random scores and training (overrides train.seed).", low=0)
+    seed: int = option(0, "Seed of splits, random scores and training (overrides train.seed).", low=0, high=MAX_SEED)
     trust_remote_code: bool = option(False, "Let a model run its own code.")
     allow_dropped: bool = option(False, "Go on when max_length drops more than half of the training pairs (every "
                                         "pair dropped always stops).")

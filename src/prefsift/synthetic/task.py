@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from prefsift.errors import ConfigError
 from prefsift.settings import Checked, option
 
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding and torch's take no larger seed
+
 LETTERS = "abcdefgh"
 # The shift family maps a..h to b..i, so responses may use one letter more than inputs.
 RESPONSE_LETTERS = "abcdefghi"
@@ -54,7 +56,7 @@ class TaskConfig(Checked):
     cores). The defaults are the regime of real annotation data: flips concentrated near ties (Bradley-Terry) and
     ratings from which the labels were derived (UltraFeedback's chosen is its higher-rated response)."""
 
-    seed: int = option(0, "Seed of every random choice; same config gives the same task.", low=0)
+    seed: int = option(0, "Seed of every random choice; same config gives the same task.", low=0, high=MAX_SEED)
     n_train: int = option(2000, "Number of (noisy) training pairs.", low=0)
     n_validation: int = option(200, "Number of validation pairs (the trusted set LossDiff trains θ_val on).", low=0)
     n_test: int = option(500, "Number of clean test pairs (held-out preference accuracy).", low=0)

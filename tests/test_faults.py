@@ -1665,3 +1665,41 @@ def test_an_error_line_quoting_a_huge_value_stays_one_readable_line(tmp_path):
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert result.output.startswith("error: unknown method 'xxx") and "more characters)" in result.output
     assert len(result.output) < 1100
+
+
+def test_a_huge_text_reaches_no_reward_model_or_embedder_tokenizer_whole(bpe_tokenizer):
+    """Reward models and embedders cut long inputs from the left (the response at the end survives): a text far over
+    max_length is cut to its last characters before tokenizing (a 100 MB prompt once took 13.7 GB), and the scores
+    equal those of the tokenizer's own left truncation of the whole text."""
+    from helpers import tiny_reward_model
+
+    from prefsift.engine.embeddings import CausalEmbedder
+    from prefsift.engine.reward import _score_texts
+    from prefsift.engine.tokenize import char_cap
+
+    words = make_pairs(1, seed=9)[0]["chosen"]
+    texts = [words, ("lorem ipsum " * 40000) + words]
+    cap = char_cap(bpe_tokenizer, 32, texts)
+    assert cap is not None and cap < len(texts[1])
+    seen: list[int] = []
+    original = type(bpe_tokenizer).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return original(self, text, *args, **kwargs)
+
+    reward = tiny_reward_model(bpe_tokenizer).eval()
+    bpe_tokenizer.truncation_side = "left"
+    whole = bpe_tokenizer(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
+    bpe_tokenizer.truncation_side = "right"
+    with torch.inference_mode():
+        expected = reward(**whole).logits[:, 0].float().numpy()
+    type(bpe_tokenizer).__call__ = spy
+    try:
+        got = _score_texts(reward, bpe_tokenizer, texts, 32)
+        embedder = CausalEmbedder(make_tiny_llama(bpe_tokenizer), bpe_tokenizer, "m", "f", max_length=32)
+        embedder.embed(texts)
+    finally:
+        type(bpe_tokenizer).__call__ = original
+    assert max(seen) <= cap
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

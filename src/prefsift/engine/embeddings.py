@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from prefsift.engine.tokenize import keep_ends
 from prefsift.errors import ModelError
 from prefsift.output import progress as progress_bar
 from prefsift.output import temp_sibling
@@ -63,7 +64,8 @@ class Embedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        encoded = self.tokenizer(list(texts), truncation=self.max_length is not None, max_length=self.max_length,
+        texts = keep_ends(self.tokenizer, list(texts), self.max_length)  # left truncation: never a 100 MB text whole
+        encoded = self.tokenizer(texts, truncation=self.max_length is not None, max_length=self.max_length,
                                  add_special_tokens=True)["input_ids"]
         order = sorted(range(len(texts)), key=lambda i: (-len(encoded[i]), i))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

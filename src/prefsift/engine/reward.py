@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification
 
 from prefsift.engine.shards import ShardBuffer
+from prefsift.engine.tokenize import keep_ends
 from prefsift.errors import PrefsiftError
 from prefsift.models import LoadedModel, load_model
 from prefsift.output import cheaper
@@ -73,6 +74,7 @@ def _score_texts(model, tokenizer, texts: list[str], max_length: int | None) -> 
     # Right padding for the classifier's last-token pooling; cut long inputs from the left so the response, not
     # the prompt, survives truncation.
     tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
+    texts = keep_ends(tokenizer, texts, max_length)
     try:
         with torch.inference_mode():
             batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=max_length is not None,

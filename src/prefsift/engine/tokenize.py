@@ -65,6 +65,16 @@ def char_cap(tokenizer, max_length: int | None, texts: Sequence) -> int | None:
     return (max_length + CHAR_SLACK_TOKENS) * _max_token_chars(tokenizer)
 
 
+def keep_ends(tokenizer, texts: Sequence[str], max_length: int | None) -> list[str]:
+    """`texts` for a tokenizer that truncates from the left to `max_length` tokens (a reward model's or embedder's
+    input: the response, at the end, survives), cut first to their last `char_cap` characters: the tokens kept are
+    the same (the cut is at least CHAR_SLACK_TOKENS tokens before them), and a 100 MB text is never tokenized whole."""
+    cap = char_cap(tokenizer, max_length, texts)
+    if cap is None:
+        return list(texts)
+    return [t[-cap:] if len(t) > cap else t for t in texts]
+
+
 def _text_of(value) -> str:
     return value if isinstance(value, str) else "".join(str(m.get("content") or "") for m in value)
 

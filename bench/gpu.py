@@ -504,9 +504,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu (and --dtype float32) to check the script")
-    quiet = prefsift.engine.logps.tqdm
-    prefsift.engine.logps.tqdm = lambda *a, **k: quiet(*a, **{**k, "disable": True})  # bars would swamp the table
-    inf.tqdm = prefsift.engine.logps.tqdm
+    quiet = prefsift.engine.logps.progress_bar
+    prefsift.engine.logps.progress_bar = lambda *a, **k: quiet(*a, **{**k, "disable": True})  # bars would swamp it
+    inf.progress_bar = prefsift.engine.logps.progress_bar
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")

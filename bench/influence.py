@@ -46,9 +46,9 @@ from prefsift.engine import influence as inf  # noqa: E402
 from prefsift.engine.logps import compute_logps  # noqa: E402
 from prefsift.report import provenance  # noqa: E402
 
-_tqdm = prefsift.engine.logps.tqdm
-prefsift.engine.logps.tqdm = lambda *a, **k: _tqdm(*a, **{**k, "disable": True})  # progress bars would swamp the table
-inf.tqdm = prefsift.engine.logps.tqdm
+_bar = prefsift.engine.logps.progress_bar
+prefsift.engine.logps.progress_bar = lambda *a, **k: _bar(*a, **{**k, "disable": True})  # bars would swamp the table
+inf.progress_bar = prefsift.engine.logps.progress_bar
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

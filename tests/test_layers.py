@@ -14,7 +14,8 @@ ROOT = Path(prefsift.__file__).parent
 LAYERS = [
     {"errors"},
     {"prefsift"},  # the package itself: its version and error classes
-    {"maths", "output", "settings", "models", "manifest", "stats"},  # leaves and near-leaves
+    {"output"},  # output directories and the regular-file check: over the errors only
+    {"maths", "settings", "models", "manifest", "stats"},  # leaves and near-leaves
     {"config", "data", "scaling", "report"},  # report: the tables, over stats
     {"engine"},  # the model passes behind one entry point
     {"reference"},  # where a training's reference log-probs come from

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from prefsift.errors import ModelError, PrefsiftError
+from prefsift.output import not_regular
 
 
 def versions() -> dict[str, str | int]:
@@ -86,26 +87,10 @@ def write_input_drops(out_dir: Path, invalid: list, stage: str = "data") -> Path
     return write_dropped(out_dir, read_dropped(out_dir) + [dropped_record(stage, r.reason, row=r.row) for r in invalid])
 
 
-def _not_regular(path) -> str | None:
-    """What `path` is when it exists but is not a regular file (links followed), else None: prefsift.output's
-    `not_regular`, repeated here because a module never imports one of its own layer (docs/layout.md)."""
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return None
-    if stat.S_ISREG(mode):
-        return None
-    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
-            "not a regular file")
-
-
 def _require_file(path: Path) -> None:
     """One line when a result file (scores.parquet, manifest.json, dropped.jsonl, ...) is a directory or a FIFO (a
     read would block on it)."""
-    kind = _not_regular(path)
+    kind = not_regular(path)
     if kind is not None:
         raise PrefsiftError(f"the result file {path} is {kind}, not a regular file")
 
@@ -122,7 +107,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     from prefsift.errors import PrefsiftError
 
     if Path(directory).exists() and not Path(directory).is_dir():
-        raise PrefsiftError(f"{directory} is {_not_regular(directory) or 'a file'}, not a prefsift output directory "
+        raise PrefsiftError(f"{directory} is {not_regular(directory) or 'a file'}, not a prefsift output directory "
                             f"(give the directory a stage wrote, not a file in it)")
     # every result file a stage reads from the directory next, whichever stage it is
     for entry in Path(directory).iterdir() if Path(directory).is_dir() else ():

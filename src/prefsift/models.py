@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from prefsift.errors import ModelError
+from prefsift.output import not_regular
 
 
 def default_device() -> torch.device:
@@ -61,27 +62,10 @@ def split_gguf(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-def _not_regular(path) -> str | None:
-    """What `path` is when it exists but is not a regular file (links followed), else None: prefsift.output's
-    `not_regular`, repeated here because a module never imports one of its own layer (docs/layout.md)."""
-    import os
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return None
-    if stat.S_ISREG(mode):
-        return None
-    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
-            "not a regular file")
-
-
 def _require_regular(path: Path) -> None:
     """One line when a model's file (weights, config, tokenizer) exists but is not a regular file: transformers
     would report it missing, or block opening a FIFO."""
-    kind = _not_regular(path)
+    kind = not_regular(path)
     if kind is not None:
         raise ModelError(f"{path} is {kind}, not a regular file: a model's weights, config and tokenizer files must "
                          f"be plain files")

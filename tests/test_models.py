@@ -62,7 +62,8 @@ def test_one_line_errors(saved, kwargs, message):
 
 
 def test_a_reward_model_reads_pairs_through_its_chat_template(bpe_tokenizer):
-    from prefsift.engine.reward import reward_text, transcript_messages
+    from prefsift.data import transcript_messages
+    from prefsift.engine.reward import reward_text
     from prefsift.errors import PrefsiftError
 
     hh = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: a joke?\n\nAssistant:"

@@ -9,7 +9,6 @@ so a failure after it never loses the rewards computed.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification
 
+from prefsift.data import transcript_messages
 from prefsift.engine.shards import ShardBuffer
 from prefsift.engine.tokenize import keep_ends
 from prefsift.errors import PrefsiftError
@@ -36,20 +36,6 @@ def load_reward_model(source: str, *, dtype: str | None = "auto", device: str | 
                         auto_class=AutoModelForSequenceClassification, num_labels=1)
     loaded.model.config.pad_token_id = loaded.tokenizer.pad_token_id  # batched scoring finds each row's end
     return loaded
-
-
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
-def transcript_messages(prompt: str) -> list[dict[str, str]] | None:
-    """An HH-style transcript prompt ("\\n\\nHuman: ... \\n\\nAssistant:") as chat messages, or None when the
-    prompt is not one."""
-    parts = _HH_TURN.split(prompt)
-    if len(parts) < 3 or parts[0].strip() or parts[-2] != "Assistant" or parts[-1].strip():
-        return None
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[who], "content": text.strip()} for who, text in zip(parts[1:-2:2], parts[2:-2:2],
-                                                                                strict=True)]
 
 
 def reward_text(tokenizer, prompt, response) -> str:

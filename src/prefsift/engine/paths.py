@@ -71,27 +71,37 @@ def _tolerance(model, pair: TokenizedPair) -> tuple[float, float]:
     return 0.0, 0.05 * math.sqrt(max(len(pair.chosen_ids), len(pair.rejected_ids)))
 
 
+def _agrees_with_own_forward(model, pair: TokenizedPair, pad_id: int, forward, path: str, fallback: str,
+                             want: torch.Tensor | None = None) -> tuple[bool, torch.Tensor | None]:
+    """Whether `forward()` (a path's batch forward on [pair]) reproduces the model's own forward on `pair` (`want`,
+    computed here when None), and those own values. A failure or a mismatch warns, naming the `path` and the
+    `fallback` taken: every path and layout is checked this one way."""
+    name = type(model).__name__
+    try:
+        got = torch.stack(forward())[:, 0]
+    except Exception as error:  # noqa: BLE001 - any failure means: not this path
+        warnings.warn(f"the {path} forward fails on {name} ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0] if str(error) else ''}): using {fallback}", stacklevel=4)
+        return False, want
+    if want is None:
+        want = torch.stack(_forward_batch_unpacked(model, [pair], pad_id))[:, 0]
+    rtol, atol = _tolerance(model, pair)
+    if not torch.allclose(got, want, rtol=rtol, atol=atol):
+        warnings.warn(f"the {path} forward disagrees with {name}'s own forward ({got.tolist()} vs {want.tolist()}): "
+                      f"using {fallback}", stacklevel=4)
+        return False, want
+    return True, want
+
+
 def packed_path_ok(model, pair: TokenizedPair, pad_id: int) -> bool:
     """Whether the packed fast path reproduces this model's own forward, checked once a model and process on one
     pair; any failure or mismatch warns once and sends the model to the unpacked path."""
     if model in VERDICTS.packed:
         return VERDICTS.packed[model]
     ok, want = can_pack(model), None
-    if ok:
-        try:
-            got = torch.stack(_forward_batch(model, [pair], pad_id))[:, 0]
-        except Exception as error:  # e.g. ALiBi models (Bloom) build their bias from a 2-D mask
-            warnings.warn(f"the packed forward fails on {type(model).__name__} ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}): using the unpacked path",
-                          stacklevel=3)
-            ok = False
-        else:
-            want = torch.stack(_forward_batch_unpacked(model, [pair], pad_id))[:, 0]
-            rtol, atol = _tolerance(model, pair)
-            if not torch.allclose(got, want, rtol=rtol, atol=atol):
-                warnings.warn(f"the packed forward disagrees with {type(model).__name__}'s own forward "
-                              f"({got.tolist()} vs {want.tolist()}): using the unpacked path", stacklevel=3)
-                ok = False
+    if ok:  # e.g. ALiBi models (Bloom) build their bias from a 2-D mask: the packed forward fails
+        ok, want = _agrees_with_own_forward(model, pair, pad_id, lambda: _forward_batch(model, [pair], pad_id),
+                                            "packed", "the unpacked path")
     VERDICTS.packed[model] = ok
     if ok:  # on the same pair, so a resumed run makes the same choices; the model's own forward is not rerun
         cached_path_ok(model, pair, pad_id, want)
@@ -103,20 +113,9 @@ def cached_path_ok(model, pair: TokenizedPair, pad_id: int, want: torch.Tensor |
     that forward's values on `pair` if already computed): a model whose cache or explicit positions behave otherwise
     warns once and keeps to the packed path."""
     if model not in VERDICTS.cached:
-        try:
-            got = torch.stack(_forward_batch_cached(model, [pair], pad_id))[:, 0]
-        except Exception as error:  # noqa: BLE001 - any failure means: not this path
-            warnings.warn(f"the cached-prefix forward fails on {type(model).__name__} ({type(error).__name__}): "
-                          f"using the packed path", stacklevel=3)
-            VERDICTS.cached[model] = False
-        else:
-            if want is None:
-                want = torch.stack(_forward_batch_unpacked(model, [pair], pad_id))[:, 0]
-            rtol, atol = _tolerance(model, pair)
-            VERDICTS.cached[model] = bool(torch.allclose(got, want, rtol=rtol, atol=atol))
-            if not VERDICTS.cached[model]:
-                warnings.warn(f"the cached-prefix forward disagrees with {type(model).__name__}'s own forward "
-                              f"({got.tolist()} vs {want.tolist()}): using the packed path", stacklevel=3)
+        VERDICTS.cached[model], _ = _agrees_with_own_forward(
+            model, pair, pad_id, lambda: _forward_batch_cached(model, [pair], pad_id), "cached-prefix",
+            "the packed path", want)
     return VERDICTS.cached[model]
 
 
@@ -128,20 +127,8 @@ def flat_path_ok(model, pair: TokenizedPair, pad_id: int, kernel: str) -> bool:
     if kernel not in verdicts:
         ok = can_pack(model)
         if ok:
-            try:
-                got = torch.stack(_forward_batch_flat(model, [pair], kernel))[:, 0]
-            except Exception as error:  # noqa: BLE001 - any failure means: not this layout
-                warnings.warn(f"the unpadded {kernel} forward fails on {type(model).__name__} ({type(error).__name__}"
-                              f": {str(error).splitlines()[0] if str(error) else ''}): using the padded layout",
-                              stacklevel=3)
-                ok = False
-            else:
-                want = torch.stack(_forward_batch_unpacked(model, [pair], pad_id))[:, 0]
-                rtol, atol = _tolerance(model, pair)
-                ok = bool(torch.allclose(got, want, rtol=rtol, atol=atol))
-                if not ok:
-                    warnings.warn(f"the unpadded {kernel} forward disagrees with {type(model).__name__}'s own forward "
-                                  f"({got.tolist()} vs {want.tolist()}): using the padded layout", stacklevel=3)
+            ok, _ = _agrees_with_own_forward(model, pair, pad_id, lambda: _forward_batch_flat(model, [pair], kernel),
+                                             f"unpadded {kernel}", "the padded layout")
         verdicts[kernel] = ok
     return verdicts[kernel]
 

@@ -891,14 +891,20 @@ def test_an_export_whose_files_would_be_one_file_is_refused(scored, tmp_path):
 
 
 @pytest.mark.e2e
-def test_a_diverged_training_is_an_error_and_keeps_the_earlier_model(ws, tmp_path):
+@pytest.mark.parametrize(("first", "learning_rate", "fragments"), [
+    (("--learning-rate", 1e-4), 1e30, ("training diverged after 4 steps", "trainable weights are NaN or inf",
+                                       "lower --learning-rate (it is 1e+30)")),
+    ((), 1e-20, ("training moved nothing: after 4 steps", "at noise level",  # the default rate moves the model
+                 "raise --learning-rate (default 1e-06 for all weights, 5e-05 with --lora)")),
+], ids=["diverged", "moved-nothing"])
+def test_a_diverged_or_no_op_training_is_an_error_and_keeps_the_earlier_model(ws, tmp_path, first, learning_rate,
+                                                                              fragments):
     _, model, _, data = ws
     out = tmp_path / "trained"
     args = ("train", "--data", data, "--model", model, "--out", out, "--batch-size", 8, "--no-gradient-checkpointing")
-    assert invoke(*args, "--learning-rate", 1e-4).exit_code == 0
+    assert invoke(*args, *first).exit_code == 0
     before = snapshot(out)
-    one_line_error(invoke(*args, "--learning-rate", 1e30), "training diverged after 4 steps",
-                   "trainable weights are NaN or inf", "lower --learning-rate (it is 1e+30)")
+    one_line_error(invoke(*args, "--learning-rate", learning_rate), *fragments)
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trained"]  # no staging directory, no lock
 
@@ -1181,19 +1187,6 @@ def test_a_symlinked_out_is_refused_and_recovery_never_follows_a_link(ws, tmp_pa
 
 
 # ---------------------------------------------------------- a training that moved nothing; an adapter's lost base
-
-
-@pytest.mark.e2e
-def test_a_training_that_moved_nothing_is_an_error_and_keeps_the_earlier_model(ws, tmp_path):
-    _, model, _, data = ws
-    out = tmp_path / "trained"
-    args = ("train", "--data", data, "--model", model, "--out", out, "--batch-size", 8, "--no-gradient-checkpointing")
-    assert invoke(*args).exit_code == 0  # the default learning rate moves the model
-    before = snapshot(out)
-    one_line_error(invoke(*args, "--learning-rate", 1e-20), "training moved nothing: after 4 steps",
-                   "at noise level", "raise --learning-rate (default 1e-06 for all weights, 5e-05 with --lora)")
-    assert snapshot(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["trained"]  # no staging directory, no lock
 
 
 @pytest.mark.e2e

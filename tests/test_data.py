@@ -827,19 +827,27 @@ def test_chat_template_needs_a_tokenizer_that_has_one(tmp_path: Path, bpe_tokeni
         check_chat_template(bare, chat, "the model m (--model)")
 
 
+def _plain_text_model_and_rows(tmp_path, tokenizer, seed: int):
+    """A saved tiny model and six plain-text pairs: plain text, not HH transcripts (a transcript becomes its own
+    turns under --chat-template)."""
+    from tests.helpers import make_pairs, make_tiny_llama
+
+    model = tmp_path / "sft"
+    make_tiny_llama(tokenizer).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    rows = [{"prompt": r["prompt"].replace("\n\nHuman: ", "").replace("\n\nAssistant:", ""),
+             "chosen": r["chosen"].strip(), "rejected": r["rejected"].strip()} for r in make_pairs(6, seed=seed)]
+    return model, rows
+
+
 def test_chat_template_flag_reaches_the_commands(tmp_path, bpe_tokenizer):
     """`prefsift score --chat-template` on plain pairs scores what the same pairs written by hand as user / assistant
     messages score, and not what the plain text scores (the option was once accepted and never passed on)."""
     import pyarrow.parquet as pq
 
-    from tests.helpers import invoke, make_pairs, make_tiny_llama, write_jsonl
+    from tests.helpers import invoke, write_jsonl
 
-    model = tmp_path / "sft"
-    make_tiny_llama(bpe_tokenizer).save_pretrained(model)
-    bpe_tokenizer.save_pretrained(model)
-    # plain text, not HH transcripts (a transcript becomes its own turns)
-    rows = [{"prompt": r["prompt"].replace("\n\nHuman: ", "").replace("\n\nAssistant:", ""),
-             "chosen": r["chosen"].strip(), "rejected": r["rejected"].strip()} for r in make_pairs(6, seed=3)]
+    model, rows = _plain_text_model_and_rows(tmp_path, bpe_tokenizer, seed=3)
     plain = write_jsonl(tmp_path / "plain.jsonl", rows)
     wrapped = write_jsonl(tmp_path / "messages.jsonl", [
         {"prompt": [{"role": "user", "content": r["prompt"]}],
@@ -863,13 +871,9 @@ def test_a_chat_template_rerun_into_a_plain_runs_directory_does_not_resume_its_s
     shards computes its own pass (it resumed the plain one's batches once), equal to a fresh templated score."""
     import pyarrow.parquet as pq
 
-    from tests.helpers import invoke, make_pairs, make_tiny_llama, write_jsonl
+    from tests.helpers import invoke, write_jsonl
 
-    model = tmp_path / "sft"
-    make_tiny_llama(bpe_tokenizer).save_pretrained(model)
-    bpe_tokenizer.save_pretrained(model)
-    rows = [{"prompt": r["prompt"].replace("\n\nHuman: ", "").replace("\n\nAssistant:", ""),
-             "chosen": r["chosen"].strip(), "rejected": r["rejected"].strip()} for r in make_pairs(6, seed=5)]
+    model, rows = _plain_text_model_and_rows(tmp_path, bpe_tokenizer, seed=5)
     data = write_jsonl(tmp_path / "plain.jsonl", rows)
     monkeypatch.setenv("PREFSIFT_CACHE", "off")  # the shards, not the cross-command cache, are under test
     base = ("score", "--data", data, "--method", "irm", "--model", model)

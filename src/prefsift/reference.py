@@ -194,17 +194,10 @@ def _values_digest(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float64).tobytes()).hexdigest()
 
 
-def read_cached(path: Path, identity: dict, with_seconds: bool = False):
-    """The (n, 2) pass stored at `path` when it is whole and made under `identity`; a missing entry is None, and an
-    unreadable, truncated, altered or foreign one is None with a warning: it is recomputed, never trusted.
-    `with_seconds`: (values, (the wall and CPU seconds the pass took when it was computed, each or None))."""
-    if with_seconds:
-        values = read_cached(path, identity)
-        if values is None:
-            return None, (None, None)
-        record = json.loads((pq.read_schema(path).metadata or {})[_METADATA_KEY])
-        return values, tuple(float(record[k]) if isinstance(record.get(k), (int, float)) and record[k] >= 0
-                             else None for k in ("seconds", "cpu_seconds"))
+def read_cached(path: Path, identity: dict) -> tuple[np.ndarray, tuple[float | None, float | None]] | None:
+    """The (n, 2) pass stored at `path` when it is whole and made under `identity`, with the wall and CPU seconds
+    it took when it was computed (each None if the entry does not say); a missing entry is None, and an unreadable,
+    truncated, altered or foreign one is None with a warning: it is recomputed, never trusted."""
     if not path.is_file():
         return None
     try:
@@ -224,7 +217,9 @@ def read_cached(path: Path, identity: dict, with_seconds: bool = False):
         warnings.warn(f"ignoring the damaged log-prob cache entry {path} (its values do not match their checksum); "
                       f"recomputing", stacklevel=3)
         return None
-    return values
+    costs = tuple(float(record[k]) if isinstance(record.get(k), (int, float)) and record[k] >= 0 else None
+                  for k in ("seconds", "cpu_seconds"))
+    return values, costs
 
 
 def write_cached(path: Path, identity: dict, values: np.ndarray, seconds: float | None = None,
@@ -272,8 +267,9 @@ def cached_logps(loaded, pairs, engine: EngineConfig, compute: Callable[[], np.n
         spent(False)
         return values
     path = _entry_path(root, identity)
-    values, (seconds, cpu_seconds) = read_cached(path, identity, with_seconds=True)
-    if values is not None:
+    entry = read_cached(path, identity)
+    if entry is not None:
+        values, (seconds, cpu_seconds) = entry
         if check_dropped is not None:
             too_long, _ = non_finite_logps(values, loaded.tokenizer, pairs, engine.max_length)
             check_dropped(int(too_long.sum()), len(values))

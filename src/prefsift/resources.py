@@ -224,13 +224,13 @@ class Resources:
         return out
 
     def for_seed(self, seed: int) -> Resources:
-        """A provider for another seed: the same loaded sources and finished passes (the reference's), none of the
-        models trained for this one."""
+        """A provider for another seed: the same loaded sources and finished passes (the reference's) with what they
+        cost, none of the models trained for this one."""
         base = {r: v for r, v in self._loaded.items() if r not in self.stages}
         sources = {r: v for r, v in self.sources.items() if r not in self.stages}
         return Resources(self.pairs, self.engine, {**sources, **base}, out_dir=self.out_dir, seed=seed,
                          trust_remote_code=self.trust_remote_code, allow_dropped=self.allow_dropped,
-                         seconds=dict(self.seconds), charged=dict(self.charged), _loaded=base,
+                         seconds=dict(self.seconds), charged=self.charged, _loaded=base,
                          _by_source=self._by_source, _logps=self._logps,
                          _rewards=self._rewards)
 

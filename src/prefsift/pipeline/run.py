@@ -410,10 +410,8 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     baselines = config.baseline_arms()
     ref_val = None
     if "validation" in needs or {"validation-only", "random+validation"} & set(baselines):
-        began, cpu = time.perf_counter(), time.process_time()  # once for every seed (the pass is shared), charged
-        ref_val = resources.logps("reference", pairs=splits.validation, tag="validation-reference")  # at its time
-        template.seconds.setdefault("validation_reference", time.perf_counter() - began)
-        template.seconds.setdefault("validation_reference_cpu", time.process_time() - cpu)
+        # once for every seed (the pass is shared, its cost in Resources.charged), charged to every seed's rows
+        ref_val = resources.logps("reference", pairs=splits.validation, tag="validation-reference")
     timings: dict[str, float] = {}
     cpu_timings: dict[str, float] = {}
     warmup = None
@@ -432,10 +430,8 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     cpu_share = (time.process_time() - cpu) / max(time.perf_counter() - began, 1e-9)
     scoring = scoring_seconds(scored, resources, scorers)
     # a pass the log-prob cache kept is charged what it cost when computed (Resources.charged)
-    reference_cost = template.charged.get("reference", (template.seconds.get("reference", 0.0),
-                                                        template.seconds.get("reference_cpu", 0.0)))
-    validation_cost = resources.charged.get("validation-reference", (
-        template.seconds.get("validation_reference", 0.0), template.seconds.get("validation_reference_cpu", 0.0)))
+    reference_cost = resources.charged["reference"]
+    validation_cost = resources.charged.get("validation-reference", (0.0, 0.0))  # (0, 0): no validation pass
     measured = Measured(reference=reference_cost[0], validation_reference=validation_cost[0],
                         warmup=timings.get("warmup", 0.0), validation=timings.get("validation", 0.0),
                         scoring=scoring)
@@ -590,9 +586,7 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
         sources["embedder"] = CausalEmbedder.of(base)
     template = Resources(splits.train, engine, sources, out_dir=out, seed=config.seed,
                          trust_remote_code=config.trust_remote_code, allow_dropped=config.allow_dropped)
-    cpu = time.process_time()
     dropped = np.isnan(template.logps("reference")[:, 0])
-    template.seconds["reference_cpu"] = time.process_time() - cpu
     if dropped.all():
         raise ConfigError(f"every training pair's prompt fills max_length={engine.max_length}: raise max_length")
     if dropped.any():

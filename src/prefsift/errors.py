@@ -15,3 +15,9 @@ class ModelError(PrefsiftError):
 
 class ConfigError(PrefsiftError):
     """An option or config value outside its allowed range."""
+
+
+class TrainingMovedNothing(ConfigError):
+    """A training that left the model where it started: no optimizer step, or steps whose updates were within float
+    rounding (e.g. every step inside the learning-rate warm-up). A run of many trainings marks that row instead of
+    stopping."""

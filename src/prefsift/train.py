@@ -40,7 +40,7 @@ from prefsift.config import (  # noqa: F401 (TrainConfig: re-exported)
 from prefsift.engine import Engine
 from prefsift.engine.tokenize import TokenizedPair, non_finite_logps, pad_id
 from prefsift.engine.training import policy_for
-from prefsift.errors import ConfigError
+from prefsift.errors import ConfigError, TrainingMovedNothing
 from prefsift.manifest import check_scores, model_failure
 from prefsift.models import LoadedModel, check_finite_weights, lora_config
 from prefsift.reference import reference_logps
@@ -627,11 +627,17 @@ def check_moved(trainer, before: WeightSample, config: TrainConfig) -> None:
     a score or an evaluation of "the trained model" would read the model it started from)."""
     steps = trainer.state.global_step
     if steps == 0:
-        raise ConfigError("training took no optimizer step: nothing was trained; give more pairs, a larger "
+        raise TrainingMovedNothing("training took no optimizer step: nothing was trained; give more pairs, a larger "
                           "--epochs or a smaller --batch-size")
     change = before.relative_change()
     if change < NO_MOVE:
-        raise ConfigError(f"training moved nothing: after {steps} step{'s' if steps != 1 else ''} at "
+        warmup = trainer.args.get_warmup_steps(trainer.state.max_steps) if trainer.state.max_steps else 0
+        if warmup >= steps:  # transformers' warm-up starts at learning rate 0: its first steps move nothing
+            raise TrainingMovedNothing(
+                f"training moved nothing: its {steps} step{'s' if steps != 1 else ''} all fell inside the "
+                f"{warmup}-step learning-rate warm-up (--warmup-steps {config.warmup_steps:g}), which starts at "
+                f"learning rate 0; lower --warmup-steps or train longer (--epochs, more pairs)")
+        raise TrainingMovedNothing(f"training moved nothing: after {steps} step{'s' if steps != 1 else ''} at "
                           f"--learning-rate {config.effective_learning_rate:g} the trainable weights changed by "
                           f"{change:.1e} "
                           f"of their size (float rounding is ~1e-7), so every implicit reward margin is at noise "

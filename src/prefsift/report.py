@@ -16,6 +16,10 @@ from prefsift.stats import CONFIDENCE, Family, claims
 
 TIMING_FIELDS = ("seconds",)
 
+# a row whose training moved nothing (prefsift.errors.TrainingMovedNothing): kept in results.json's `not_trained`
+# with this `status` and the error's line as its `note`, never among the records a summary reads
+NOT_TRAINED = "not trained"
+
 
 def _cell(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -42,6 +46,22 @@ def one_line(record: dict) -> str:
     """`key=value, ...` with floats to three decimals: the CLI's summary of a record."""
     return ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                      if not isinstance(v, list | dict))
+
+
+def not_trained_line(row: dict) -> str:
+    """One line for a row that was not trained: which (seed, start, method, budget) and why."""
+    return (f"seed {row['seed']}, from {row['start_from']}: {row['method']} @ {row['budget']} ({row['n_pairs']} "
+            f"pairs): {row.get('status', NOT_TRAINED)}: {row.get('note', '')}")
+
+
+def not_trained_markdown(rows: list[dict]) -> str:
+    """The results' section on rows left out: one line each, or "" when every row was trained."""
+    if not rows:
+        return ""
+    many = len(rows) != 1
+    return (f"{len(rows)} row{'s' if many else ''} whose training moved nothing {'are' if many else 'is'} left out "
+            "of every table, plot and test: no metrics, the start model was not evaluated in "
+            f"{'their' if many else 'its'} name:\n\n" + "".join(f"- {not_trained_line(r)}\n" for r in rows))
 
 
 MARKS = {"better": " ▲", "worse": " ▼"}
@@ -356,24 +376,28 @@ def records_table(records: list[dict]) -> str:
 
 
 def write_results(records: list[dict], summary: list[dict], out_dir: Path, title: str | None = None, *,
-                  correction: str | None = None, alpha: float | None = None, margin: float | None = None
-                  ) -> dict[str, Path]:
+                  correction: str | None = None, alpha: float | None = None, margin: float | None = None,
+                  not_trained: list[dict] | None = None) -> dict[str, Path]:
     """results.json holds only what the same seed reproduces exactly, with the code it ran on (`provenance`) and
     the table's tests corrected together (`significance`: `prefsift.stats.claims` under `correction`, `alpha` and
-    `margin`, by default prefsift.stats's); the seconds go to timings.json."""
+    `margin`, by default prefsift.stats's); the seconds go to timings.json. `not_trained`: rows whose training
+    moved nothing, each marked with its `status` and `note`: under results.json's `not_trained` and one line each in
+    results.md, after the verdict."""
     settings = {"correction": correction, "alpha": alpha, "margin": margin}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "timings": out_dir / "timings.json",
              "markdown": out_dir / "results.md"}
     exact = [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
     results = {"provenance": provenance(), "significance": claims(summary, **settings).as_dict(), "records": exact,
-               "summary": summary}
+               "summary": summary, **({"not_trained": not_trained} if not_trained else {})}
     paths["json"].write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     keys = ("seed", "start_from", "method", "budget", *TIMING_FIELDS)
     paths["timings"].write_text(json.dumps([{k: r.get(k) for k in keys} for r in records], indent=1) + "\n")
     title = title or f"prefsift results: {run_name(out_dir)}"
     opening = verdict(summary, claims(summary, **settings)).markdown()  # the verdict first, then the table
-    paths["markdown"].write_text(f"# {title}\n\n## Verdict\n\n{opening}\n## Methods\n\n"
+    skipped = not_trained_markdown(not_trained or [])
+    paths["markdown"].write_text(f"# {title}\n\n## Verdict\n\n{opening}\n"
+                                 + (f"## Not trained\n\n{skipped}\n" if skipped else "") + "## Methods\n\n"
                                  + markdown_table(summary, **settings))
     plot = plot_quality_against_compute(summary, out_dir / "quality_vs_compute.png")
     if plot is not None:

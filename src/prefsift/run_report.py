@@ -19,7 +19,7 @@ import numpy as np
 from prefsift.errors import ConfigError, PrefsiftError
 from prefsift.manifest import write_manifest
 from prefsift.output import check_output, locked, stage_of, staged, temp_sibling
-from prefsift.report import markdown_table, records_table, run_name, verdict
+from prefsift.report import markdown_table, not_trained_markdown, records_table, run_name, verdict
 from prefsift.scaling import fit_plateau, plan_share, plot_fit, scaling_points, summary_markdown
 from prefsift.stats import METRICS, claims, summarize
 
@@ -141,13 +141,33 @@ def _html_table(markdown: str) -> str:
     return "\n".join(out) + "</tbody></table>"
 
 
+def summarizable(records: list[dict], log=None) -> list[dict]:
+    """The records a summary can pair with the full row: all of them, unless a start's full row was trained under
+    some seeds only (its training moved nothing under another: `prefsift.pipeline.run.train_and_evaluate`). Every
+    row's compute ratio and difference from full pairs it with full under the same seed, so that full row is left
+    out of the summary (its records stay in the results) and `log` says so."""
+    seeds: dict[str, set] = {}
+    full: dict[str, set] = {}
+    for r in records:
+        seeds.setdefault(r["start_from"], set()).add(r.get("seed"))
+        if r["method"] == "full" and r["budget"] == "full":
+            full.setdefault(r["start_from"], set()).add(r.get("seed"))
+    partial = {start for start, trained in full.items() if trained != seeds[start]}
+    for start in sorted(partial):
+        if log is not None:
+            log(f"full from {start} was trained under seed{'s' if len(full[start]) != 1 else ''} "
+                f"{', '.join(map(str, sorted(full[start])))} only: left out of the summary, which pairs every row "
+                "with full under the same seed")
+    return [r for r in records if not (r["start_from"] in partial and r["method"] == "full" and r["budget"] == "full")]
+
+
 def resummarize(records: list[dict], summary: list[dict]) -> list[dict]:
     """The summary recomputed from the records' per-item outcomes with this prefsift's statistics (ceilings as the
     stored summary marks them), so a report over an older run has the same intervals and tests as a new one; the
     stored summary when the records carry no outcomes."""
     if not records or not all(any(f in r for f in METRICS.values()) for r in records):
         return summary
-    return summarize(records, ceilings={r["method"] for r in summary if r.get("ceiling")})
+    return summarize(summarizable(records), ceilings={r["method"] for r in summary if r.get("ceiling")})
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, method: str = "random",
@@ -184,6 +204,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, meth
     # the verdict first: a plain reading of the same corrected family the methods table marks
     decision = verdict(summary, claims(summary, **settings), metric)
     table = markdown_table(summary, **settings)
+    skipped = not_trained_markdown(results.get("not_trained") or [])
+    if skipped:  # rows whose training moved nothing: named, with the reason, before any table leaves them out
+        sections.append(("Not trained", skipped.rstrip("\n"), None))
     sections.append(("Methods", "Δ: paired difference from random at the same budget and from the full data (same "
                      "seeds, same test items).\n\n" + table, None))
     plot = run_dir / "quality_vs_compute.png"
@@ -226,6 +249,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, meth
         for block in text.split("\n\n"):
             if block.strip().startswith("|"):
                 page.append(_html_table(block))
+            elif block.strip().startswith("- "):  # a list, one item a line (the rows not trained)
+                page.append("<ul>" + "".join(f"<li>{html.escape(line.strip()[2:])}</li>"
+                                             for line in block.strip().splitlines()) + "</ul>")
             elif block.strip():
                 page.append(f"<p>{html.escape(block.strip())}</p>")
         if image:

@@ -27,14 +27,15 @@ from transformers import TrainerCallback
 from prefsift import __version__
 from prefsift.config import EngineConfig, RunConfig, TrainConfig
 from prefsift.data import LoadedPairs, data_hash_of
-from prefsift.errors import ConfigError
+from prefsift.errors import ConfigError, TrainingMovedNothing
 from prefsift.evaluate import Judge, RewardModelJudge, evaluate, greedy_answers, write_eval_outputs
 from prefsift.manifest import write_manifest
 from prefsift.models import LoadedModel, fingerprint_files, load_model
 from prefsift.pipeline.accounting import Arm, Measured, measured_compute, pair_passes
 from prefsift.pipeline.splits import Splits, hash_order, make_splits
-from prefsift.report import one_line, write_results
+from prefsift.report import NOT_TRAINED, not_trained_line, one_line, write_results
 from prefsift.resources import Resources
+from prefsift.run_report import summarizable
 from prefsift.score import ScoreResult, score_pairs
 from prefsift.scorers import Scorer, parse_methods
 from prefsift.scorers.random import seeded_uniform
@@ -307,6 +308,11 @@ def train_and_evaluate(config: RunConfig, plan: Plan, start_model: LoadedModel, 
     """Steps 5 and 6 for one (method, budget): select, train from `start_model`, evaluate against the reference.
     Returns the row's record (with what its training measured and saw) and what it trained on.
 
+    A training that moved nothing (`TrainingMovedNothing`: no optimizer step, or every step inside the
+    learning-rate warm-up) is no result: the record comes back marked `status: "not trained"` with the error's line
+    as its `note` and no metrics (the start model, unchanged, is never evaluated in the row's name), and the run goes
+    on with its other rows. Any other error still stops the run.
+
     Under `seed_dir` it keeps what a user takes away: the subset (selected/<method>-<budget>/selected.jsonl, with
     the method's score columns), what the evaluation saw (eval/<start>-<method>-<budget>/: eval_pairs.jsonl,
     answers.jsonl) and, with `save_subset_models`, the trained model (models/<start>-<method>-<budget>/)."""
@@ -341,18 +347,23 @@ def train_and_evaluate(config: RunConfig, plan: Plan, start_model: LoadedModel, 
             log("  " + one_line(checkpoints[-1]))
 
         callbacks = [CheckpointEvaluation(config.checkpoint_shares, evaluate_at)]
-    policy, trained, cpu = trained_copy(start_model, f"{name}-{fraction}", arm.data, arm.ref_logps,
-                                   replace(config.train, seed=config.seed, algo=arm.algo), config.engine, save_dir,
-                                   callbacks)
     n_pairs = arm.n_completions // 2 if arm.n_completions is not None else len(arm.data)
     record = {"method": name, "budget": budget, "fraction": fraction, "n_pairs": n_pairs, "n_usable": n_usable,
               **({"n_completions": arm.n_completions, "algo": "kto"} if arm.algo == "kto" else {}),
-              **({"n_validation_pairs": arm.n_validation_pairs} if arm.n_validation_pairs else {}),
-              "trained": {"rows": trained.rows, "rows_seen": trained.rows_seen, "steps": trained.steps,
-                          "epochs": round(trained.epochs_done, 3)},
-              # the full run's checkpoint evaluations ran inside its training: not training compute
-              "train_seconds": round(trained.seconds - sum(c.paused for c in callbacks), 3),
-              "train_cpu_seconds": round(cpu - sum(c.paused_cpu for c in callbacks), 3)}
+              **({"n_validation_pairs": arm.n_validation_pairs} if arm.n_validation_pairs else {})}
+    try:
+        policy, trained, cpu = trained_copy(start_model, f"{name}-{fraction}", arm.data, arm.ref_logps,
+                                            replace(config.train, seed=config.seed, algo=arm.algo), config.engine,
+                                            save_dir, callbacks)
+    except TrainingMovedNothing as error:  # checkpoints evaluated on the way read the unmoved model: dropped too
+        record.update(status=NOT_TRAINED, note=" ".join(str(error).split()))
+        log(f"{name} @ {budget}: {NOT_TRAINED}, the run goes on without it: {record['note']}")
+        return record, arm
+    record |= {"trained": {"rows": trained.rows, "rows_seen": trained.rows_seen, "steps": trained.steps,
+                           "epochs": round(trained.epochs_done, 3)},
+               # the full run's checkpoint evaluations ran inside its training: not training compute
+               "train_seconds": round(trained.seconds - sum(c.paused for c in callbacks), 3),
+               "train_cpu_seconds": round(cpu - sum(c.paused_cpu for c in callbacks), 3)}
     log(f"{name} @ {budget}: " + trained_line(record))
     evaluation = evaluate_model(policy.model)
     if seed_dir is not None:
@@ -396,7 +407,8 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
              ) -> list[dict]:
     """Steps 1-6 under one training seed: warm-up, validation model, scores, then every subset from every start;
     the seed's files go under `results_dir` (default config.out)/seed-S. Each record's `compute` is the seconds its
-    parts were measured to cost (pipeline.accounting), `pair_passes` their nominal count."""
+    parts were measured to cost (pipeline.accounting), `pair_passes` their nominal count. A row whose training
+    moved nothing is a record marked `status: "not trained"` with its `note`, and nothing else measured."""
     out = Path(results_dir or config.out) / f"seed-{config.seed}"
     scorers = parse_methods(config.methods)
     resources = template.for_seed(config.seed)
@@ -453,6 +465,9 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
             record, data = train_and_evaluate(config, plan, start_model, base, splits, scored.scores, ref_train,
                                               ref_test, judge, baseline_answers, log, start=start, seed_dir=out,
                                               quiet=quiet, ref_val=ref_val)
+            if record.get("status") == NOT_TRAINED:  # kept as marked, with no compute or metrics to summarize
+                records.append({"seed": config.seed, "start_from": start, **record})
+                continue
             scorer = plan.scorer
             arm = Arm(needs=tuple(scorer.needs) if scorer is not None else (), kto=data.algo == "kto", start=start,
                       n_subset=len(data.rows) if data.algo == "dpo" else record["n_pairs"],
@@ -550,8 +565,10 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
                  judge: Judge | None = None, log=print, quiet: bool = False, results_dir: Path | None = None) -> dict:
     """Run the flow of the module docstring over every seed; returns {"records", "summary"} (also written under
     `results_dir`, default config.out: results.json, results.md, the plots; the seconds each row took in
-    timings.json; per seed, each row's subset, evaluation outputs and, on request, model). Resumable shards go under
-    config.out whatever `results_dir` is. `quiet` hides the generation progress bars."""
+    timings.json; per seed, each row's subset, evaluation outputs and, on request, model), and "not_trained": the
+    rows whose training moved nothing, each with its `note` (`train_and_evaluate`); when that is every row, the run
+    stops with TrainingMovedNothing. Resumable shards go under config.out whatever `results_dir` is. `quiet` hides
+    the generation progress bars."""
     start = time.perf_counter()
     parse_methods(config.methods)  # every method and parameter checked before anything runs
     out = Path(config.out)
@@ -602,16 +619,28 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
                                        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                                        desc="reference answers", quiet=quiet)
                         if eval_prompts else None)
-    records = []
+    rows = []
     for k in range(config.seeds):
-        records += run_seed(replace(config, seed=config.seed + k), splits, base, template, judge, baseline_answers,
-                            log, quiet, results_dir)
+        rows += run_seed(replace(config, seed=config.seed + k), splits, base, template, judge, baseline_answers,
+                         log, quiet, results_dir)
+    # a row whose training moved nothing has no results: listed apart (results.json's `not_trained`, results.md),
+    # never in the records the summary, the plots and the verdict read
+    records = [r for r in rows if r.get("status") != NOT_TRAINED]
+    not_trained = [r for r in rows if r.get("status") == NOT_TRAINED]
+    if not records:
+        raise TrainingMovedNothing(f"no row was trained: the training of every row ({len(not_trained)} of "
+                                   f"{len(not_trained)}) moved nothing; first: {not_trained_line(not_trained[0])}")
+    if not_trained:
+        log(f"{len(not_trained)} of {len(rows)} rows not trained (their training moved nothing), left out of the "
+            "tables:")
+        for row in not_trained:
+            log("  " + not_trained_line(row))
     significance = settings_of(config)  # the correction, its rate and the non-inferiority margin: one family
-    summary = summarize(records, ceilings={s.name for s in parse_methods(config.methods) if s.ceiling},
-                        **significance)
-    write_results(records, summary, results_dir, **significance)
+    summary = summarize(summarizable(records, log), ceilings={s.name for s in parse_methods(config.methods)
+                                                              if s.ceiling}, **significance)
+    write_results(records, summary, results_dir, not_trained=not_trained, **significance)
     write_manifest(results_dir, "run", {"config": asdict(config), "data_hash": splits.train.data_hash,
                                         "model": base.source, "model_fingerprint": base.fingerprint,
                                         "n_held_out_prompts_removed": splits.n_held_out_prompts_removed,
                                         "seconds": time.perf_counter() - start})
-    return {"records": records, "summary": summary}
+    return {"records": records, "summary": summary, "not_trained": not_trained}

@@ -53,7 +53,8 @@ def _config(args):
     from prefsift.config import EngineConfig, TrainConfig
 
     config = TrainConfig(epochs=1, batch_size=args.batch_size, learning_rate=args.learning_rate, logging_steps=1,
-                         gradient_checkpointing=args.gradient_checkpointing, seed=0, lora=args.lora)
+                         gradient_checkpointing=args.gradient_checkpointing, seed=0, lora=args.lora,
+                         **({} if args.micro_batch_tokens is None else {"micro_batch_tokens": args.micro_batch_tokens}))
     return config, EngineConfig(max_length=args.max_length, dtype="float32")
 
 
@@ -183,6 +184,8 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="both sides train prefsift's LoRA adapter (r 16, alpha 32, "
                                                             "all linear layers)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="both sides (off by default)")
+    parser.add_argument("--micro-batch-tokens", type=int, default=None,
+                        help="prefsift's token budget of one forward and backward (default: TrainConfig's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="a random 2-layer Llama (a quick check of the script)")
@@ -210,6 +213,7 @@ def main() -> None:
               "shape": args.shape, "n_pairs": args.n_pairs, "max_length": args.max_length,
               "batch_size": args.batch_size, "epochs": 1, "precision": "float32", "threads": args.threads,
               "gradient_checkpointing": args.gradient_checkpointing, "lora": args.lora, "repeats": args.repeats,
+              "micro_batch_tokens": _config(args)[0].micro_batch_tokens,
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                           "torch": version("torch"), "load_average_1min_start": os.getloadavg()[0]},
@@ -241,6 +245,7 @@ def main() -> None:
         base += ["--learning-rate", str(args.learning_rate)] if args.learning_rate is not None else []
         base += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         base += ["--lora"] if args.lora else []
+        base += ["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens is not None else []
         for k in range(args.repeats):
             for name_ in ("trl", "prefsift"):
                 rec = Path(work) / f"{name_}-{k}.json"

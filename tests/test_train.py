@@ -62,7 +62,7 @@ def test_kto_trains(bpe_tokenizer, tiny_llama, tmp_path):
     ({"algo": "ppo"}, "algo must be one of dpo, kto"), ({"epochs": 0}, "epochs must be > 0"),
     ({"epochs": -1.0}, "epochs must be > 0"), ({"learning_rate": float("nan")}, "must be a finite number"),
     ({"batch_size": 0}, "batch_size must be >= 1"), ({"seed": True}, "seed must be an integer"),
-    ({"lora": "yes"}, "lora must be true or false")])
+    ({"lora": "yes"}, "lora must be true or false"), ({"micro_batch_tokens": 0}, "micro_batch_tokens must be >= 1")])
 def test_bad_train_options_are_refused(values, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**values)
@@ -532,3 +532,48 @@ def test_a_training_that_barely_moved_the_preferences_warns(bpe_tokenizer, one_t
     after = compute_logps(result.model, bpe_tokenizer, pairs, max_length=64)
     margin = ENGINE.beta * np.mean((after[:, 0] - ref[:, 0]) - (after[:, 1] - ref[:, 1]))
     assert margin > train_module.BARELY_MOVED  # the model's own margins agree that it learned
+
+
+def test_a_token_budget_trains_the_same_model_in_micro_batches(bpe_tokenizer, one_thread):
+    """`micro_batch_tokens` bounds what one forward and backward holds, not what a step learns: a whole training
+    (three steps of 8 pairs, gradient accumulation 2, TRL's scheduler and Adam) ends at the same weights and logs the
+    same losses and metrics with every batch cut into micro-batches as with none."""
+    pairs = Dataset.from_list(make_pairs(24, seed=5))
+    ref = compute_logps(make_tiny_llama(bpe_tokenizer, seed=9), bpe_tokenizer, pairs, max_length=64)
+    results = {}
+    for budget in (None, 64):
+        config = TrainConfig(learning_rate=5e-3, epochs=1, batch_size=4, gradient_accumulation_steps=2,
+                             logging_steps=1, gradient_checkpointing=False, micro_batch_tokens=budget)
+        model = make_tiny_llama(bpe_tokenizer, seed=1)
+        results[budget] = train(LoadedModel(model, bpe_tokenizer, "tiny", "x"), pairs, config, ENGINE,
+                                ref_logps=ref, quiet=True)
+    whole, cut = results[None], results[64]
+    logs = [{k: v for k, v in h.items() if k not in ("train_runtime", "train_samples_per_second",
+                                                     "train_steps_per_second")} for h in whole.log_history]
+    cut_logs = [{k: v for k, v in h.items() if k not in ("train_runtime", "train_samples_per_second",
+                                                         "train_steps_per_second")} for h in cut.log_history]
+    assert [h.keys() for h in cut_logs] == [h.keys() for h in logs] and len(logs) >= 3
+    for a, b in zip(cut_logs, logs, strict=True):
+        for key, value in b.items():
+            assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert abs(logs[0]["loss"] - np.log(2)) > 1e-3  # a reference unlike the policy: real losses
+    # Adam divides by √v: an element whose gradient is ~0 moves by the rounding of its gradient, so the models are
+    # compared on how far each tensor moved, to 1e-3 of its largest move
+    start = dict(make_tiny_llama(bpe_tokenizer, seed=1).named_parameters())
+    for (name, a), (_, b) in zip(cut.model.named_parameters(), whole.model.named_parameters(), strict=True):
+        moved = float((b - start[name]).abs().max())
+        assert moved > 1e-4, name
+        assert float((a - b).abs().max()) <= 1e-3 * moved, name
+
+
+def test_the_default_token_budget_follows_the_models_size_on_a_cpu_only(bpe_tokenizer, tiny_llama):
+    from types import SimpleNamespace
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    smollm2 = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=30, hidden_size=576))
+    big = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=24, hidden_size=2048))  # a 1.7B shape
+    assert train_module.micro_batch_tokens(TrainConfig(), smollm2, cpu) == 512
+    assert train_module.micro_batch_tokens(TrainConfig(), big, cpu) == 512 * 30 * 576 // (24 * 2048)
+    assert train_module.micro_batch_tokens(TrainConfig(), tiny_llama, cpu) > 10_000  # a tiny model is never cut
+    assert train_module.micro_batch_tokens(TrainConfig(), smollm2, gpu) is None
+    assert train_module.micro_batch_tokens(TrainConfig(micro_batch_tokens=64), smollm2, gpu) == 64

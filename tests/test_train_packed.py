@@ -35,7 +35,7 @@ def _rows(n: int = 8, seed: int = 41, conversational: bool = False) -> list[dict
 
 
 def _trainers(tokenizer, tmp_path, rows, *, max_length: int = 64, lora: bool = False, checkpointing: bool = False,
-              dtype: str = "float32", weights=None, model_fn=None):
+              dtype: str = "float32", weights=None, model_fn=None, micro_batch_tokens: int | None = None):
     """prefsift's DPO trainer and TRL's own DPOTrainer on identical copies of a tiny model (a LoRA adapter made
     non-zero, the same in both), the same arguments, and one batch of prefsift's loader holding every pair."""
     model_fn = model_fn or (lambda: make_tiny_llama(tokenizer, seed=1))
@@ -44,7 +44,7 @@ def _trainers(tokenizer, tmp_path, rows, *, max_length: int = 64, lora: bool = F
     # a reference unlike the policy, so the pairs' losses differ (at the policy itself every loss is log 2)
     ref = compute_logps(make_tiny_llama(tokenizer, seed=2), tokenizer, pairs, max_length=max_length)
     config = TrainConfig(batch_size=len(rows), gradient_checkpointing=checkpointing, lora=lora, lora_r=4,
-                         lora_alpha=8)
+                         lora_alpha=8, micro_batch_tokens=micro_batch_tokens)
     data = pairs if weights is None else pairs.add_column("weight", list(weights))
     torch.manual_seed(0)
     ours, kept = make_trainer(LoadedModel(model_fn(), tokenizer, "t", "x"), data, config, engine,
@@ -252,3 +252,61 @@ def test_rows_past_the_engines_long_pair_limit_train_on_trls_forward(bpe_tokeniz
         mine = _step(ours, batch)
     assert calls == [] and any("training forward on TRL's layout" in str(w.message) for w in caught)
     _assert_same(mine, _step(theirs, batch))
+
+
+def _training_step(trainer, batch) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
+    """One whole training step as transformers' loop runs it (`Trainer.training_step`: forward, loss, backward), the
+    gradients it left and the one entry a metric TRL recorded for it."""
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    trainer._metrics["train"].clear()
+    trainer._total_train_tokens = 0
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    inputs = {k: v.clone() for k, v in batch.items()}
+    if not isinstance(trainer, training_trainer_type()):
+        inputs.pop("weight", None)
+    loss = trainer.training_step(model, inputs)
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    assert all(len(v) == 1 for v in trainer._metrics["train"].values())  # one entry a step, as TRL records
+    return loss.item(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("case", ["plain", "lora", "checkpointing", "truncated"])
+def test_micro_batched_step_is_trls_step(bpe_tokenizer, tmp_path, one_thread, case):
+    """A step over the token budget runs its pairs in micro-batches, each forward and backward at once: the loss,
+    every gradient and the metrics TRL logs are its own step's on the whole batch."""
+    options = {"plain": {}, "lora": {"lora": True}, "checkpointing": {"checkpointing": True},
+               "truncated": {"max_length": 30}}[case]
+    rows = _rows(n=12 if case == "truncated" else 8)
+    ours, theirs, batch = _trainers(bpe_tokenizer, tmp_path, rows, micro_batch_tokens=1, **options)
+    widths = training._pair_widths(ours, batch["attention_mask"], batch["completion_mask"])
+    ours.micro_batch_tokens = 2 * max(widths)  # two pairs or so a micro-batch
+    parts = training.micro_batches(ours, batch)
+    assert len(parts) >= 3 and sum(int(p.counts["pairs"]) for p in parts) == len(widths)
+    assert all(p.counts["pairs"] * max(widths) <= ours.micro_batch_tokens or p.counts["pairs"] == 1 for p in parts)
+    mine, trls = _training_step(ours, batch), _training_step(theirs, batch)
+    assert ours.micro_batches == len(parts)
+    _assert_same(mine, trls)
+    assert mine[0] > 0.01 and abs(mine[0] - 0.6931) > 1e-3
+
+
+def test_micro_batched_weighted_step_is_the_whole_weighted_step(bpe_tokenizer, tmp_path, one_thread):
+    """Per-pair weights normalise over the whole batch (Σ wᵢℓᵢ / Σ wᵢ), not over each micro-batch: a micro-batch
+    whose weights are all 0 adds nothing, and the step equals the uncut one."""
+    weights = [0.5, 2.0, 0.0, 0.0, 3.0, 0.25, 1.0, 0.0]
+    ours, _, batch = _trainers(bpe_tokenizer, tmp_path, _rows(), weights=weights)
+    whole = _training_step(ours, batch)
+    assert ours.micro_batches == 0
+    ours.micro_batch_tokens = 2 * max(training._pair_widths(ours, batch["attention_mask"], batch["completion_mask"]))
+    cut = _training_step(ours, batch)
+    assert ours.micro_batches >= 3
+    _assert_same(cut, whole)
+
+
+def test_a_batch_within_the_budget_or_a_batch_level_loss_is_not_cut(bpe_tokenizer, tmp_path, one_thread):
+    ours, _, batch = _trainers(bpe_tokenizer, tmp_path, _rows(), micro_batch_tokens=10**6)
+    assert len(training.micro_batches(ours, batch)) == 1
+    ours.micro_batch_tokens = 1
+    assert len(training.micro_batches(ours, batch)) == 8  # one pair a micro-batch at the least
+    ours.loss_types = ["aot"]  # sorts the batch's log-ratios: its loss is no mean over pairs
+    assert len(training.micro_batches(ours, batch)) == 1

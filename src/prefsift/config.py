@@ -128,6 +128,12 @@ class TrainConfig(Checked):
     lora_target_modules: str = option("all-linear", "Modules LoRA adapts (comma-separated names, or all-linear).")
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (TRL's default; off "
                                                 "for tiny models).")
+    micro_batch_tokens: int | None = option(None, "Most tokens one forward and backward of a DPO step holds (pairs "
+                                                  "× the widest pair, each prompt once): a larger batch runs in "
+                                                  "micro-batches, its gradients summed, so memory follows this "
+                                                  "budget, not --batch-size. Default on a CPU: 512 tokens of "
+                                                  "SmolLM2-135M's size (scaled by layers × hidden size); on a GPU "
+                                                  "the whole batch.", low=1)
     logging_steps: int = option(10, "Log every N steps.", low=1)
     order: str | None = option(None, "Curriculum: train in the order of this score column (from --scores' "
                                      "scores.parquet, else a column of the data), lowest first (Selective DPO: "

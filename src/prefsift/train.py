@@ -39,13 +39,31 @@ from prefsift.config import (  # noqa: F401 (TrainConfig: re-exported)
 )
 from prefsift.engine import Engine
 from prefsift.engine.tokenize import TokenizedPair, non_finite_logps, pad_id
-from prefsift.engine.training import policy_for
+from prefsift.engine.training import merge_metrics, micro_batches, policy_for
 from prefsift.errors import ConfigError, TrainingMovedNothing
 from prefsift.manifest import check_scores, model_failure
 from prefsift.models import LoadedModel, check_finite_weights, lora_config
 from prefsift.reference import reference_logps
 
 WEIGHT_COLUMN = "weight"
+# TrainConfig.micro_batch_tokens on a CPU when not given, as a budget of activations: tokens × layers × hidden size.
+# SmolLM2-135M (30 layers of 576) at 512 tokens: one LoRA step of 4 instruction pairs (max_length 256) peaked at 5.7 GB
+# whole and 2.7 GB in micro-batches, no slower (bench/results/train-*.json). A model of the demo's size is never cut
+# (each micro-batch costs a call's overhead), a 1.7B one runs a pair at a time. A GPU keeps the whole batch: its memory
+# is planned by --batch-size and small matmuls waste it.
+CPU_ACTIVATION_BUDGET = 512 * 30 * 576
+
+
+def micro_batch_tokens(config: TrainConfig, model, device: torch.device) -> int | None:
+    """The token budget of one forward and backward: the one given, else on a CPU CPU_ACTIVATION_BUDGET over the
+    model's layers × hidden size (None, the whole batch, on a GPU or a model whose config names neither)."""
+    if config.micro_batch_tokens is not None:
+        return config.micro_batch_tokens
+    text = getattr(model.config, "get_text_config", lambda: model.config)()
+    layers, hidden = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
+    if device.type == "cuda" or not layers or not hidden:
+        return None
+    return max(1, CPU_ACTIVATION_BUDGET // (layers * hidden))
 
 
 class _WeightCollator:
@@ -80,9 +98,37 @@ class _DPOTrainerWithReferenceLogps(DPOTrainer):
     on completion positions only, in chunks) wherever `paths.packed_path_ok` holds for the model; else TRL's own,
     with one warning (engine/training.py). Losses, gradients and TRL's metrics stay TRL's (test_train_packed.py)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, micro_batch_tokens: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.data_collator = _WeightCollator(self.data_collator)
+        self.micro_batch_tokens = micro_batch_tokens
+        self._loss_share: float | None = None  # set while a step runs one micro-batch of its batch
+        self.micro_batches = 0  # micro-batches run by steps that split their batch
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """TRL's step, or, when the batch holds more than `micro_batch_tokens` tokens, the same step on micro-batches
+        of its pairs (training.micro_batches): each runs forward and backward at once, its loss scaled by its share of
+        the batch, so the gradients add up to the whole batch's while only one micro-batch's activations are alive.
+        The metrics TRL records a call are merged back into one a step (training.merge_metrics)."""
+        parts = micro_batches(self, inputs)
+        if len(parts) <= 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        metrics = self._metrics["train"]
+        before = {key: len(values) for key, values in metrics.items()}
+        total = None
+        try:
+            for i, part in enumerate(parts):
+                self._loss_share = part.share
+                # one gradient all-reduce a step, after its last micro-batch (a no-op on one process)
+                sync = self.accelerator.no_sync(model) if i < len(parts) - 1 else contextlib.nullcontext()
+                with sync:
+                    loss = super().training_step(model, part.inputs, num_items_in_batch)
+                total = loss if total is None else total + loss
+        finally:
+            self._loss_share = None
+        merge_metrics(metrics, before, parts)
+        self.micro_batches += len(parts)
+        return total
 
     def _precompute_ref_logps(self, dataset, name, batch_size):  # noqa: D401 - TRL's hook
         if "ref_chosen_logps" in dataset.column_names and "ref_rejected_logps" in dataset.column_names:
@@ -100,7 +146,10 @@ class _DPOTrainerWithReferenceLogps(DPOTrainer):
         # holds (each prompt once; engine/training.py), else by the model: the rest is TRL's own loss and metrics
         policy = policy_for(self, model, inputs)
         if weight is None:
-            return super()._compute_loss(policy, inputs, return_outputs)
+            out = super()._compute_loss(policy, inputs, return_outputs)
+            if self._loss_share is None:
+                return out
+            return (out[0] * self._loss_share, *out[1:]) if return_outputs else out * self._loss_share
         if (self.loss_types != ["sigmoid"] or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None
                 or self.use_weighting or not self.precompute_ref_logps or return_outputs):
             raise ValueError("the weighted DPO loss is the sigmoid loss with precomputed reference log-probs")
@@ -115,7 +164,7 @@ class _DPOTrainerWithReferenceLogps(DPOTrainer):
         loss = (weight * per_pair).sum() / total if total > 0 else (0.0 * per_pair).sum()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-        return loss
+        return loss if self._loss_share is None else loss * self._loss_share
 
 
 class _KTOTrainerWithReferenceLogps(KTOTrainer):
@@ -510,7 +559,8 @@ def make_trainer(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engin
         args = DPOConfig(**common, precompute_ref_log_probs=True)
         return _DPOTrainerWithReferenceLogps(model=loaded.model, args=args, train_dataset=pairs,
                                              processing_class=loaded.tokenizer,
-                                             peft_config=_peft_config(config)), kept
+                                             peft_config=_peft_config(config),
+                                             micro_batch_tokens=micro_batch_tokens(config, loaded.model, device)), kept
     if weights is not None or order is not None:
         raise ConfigError("a weight column and a curriculum order train DPO; KTO takes neither")
     if ref_logps is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 
 import torch
 from trl.trainer.utils import FusedCausalLMOutput
@@ -251,3 +252,97 @@ def policy_for(trainer, model, inputs) -> PackedPolicy:
             warnings.warn(f"DPO training runs TRL's own forward, not prefsift's packed one: {reason}", stacklevel=3)
         trainer._prefsift_packed = reason is None
     return PackedPolicy(model, pad, trainer.accelerator.autocast, packed=trainer._prefsift_packed)
+
+
+# TRL 1.16's loss types whose batch loss is the mean of one term a pair (`DPOTrainer._compute_loss`): a step may sum
+# its micro-batches' losses, each scaled by its share of the pairs. Not `aot` / `aot_unpaired` (they sort the batch)
+# nor `sft` (a mean over the batch's tokens).
+PER_PAIR_LOSSES = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                             "apo_zero", "apo_down", "discopop", "sigmoid_norm"})
+# TRL's metrics that average over completion tokens, and which rows' tokens: the rest average over pairs
+_TOKEN_METRICS = {"entropy": "both", "logits/chosen": "chosen", "logits/rejected": "rejected",
+                  "mean_token_accuracy": "chosen"}
+
+
+@dataclass
+class MicroBatch:
+    """A slice of a step's pairs, as TRL's collated batch (2n rows: chosen rows, then rejected ones), with its share
+    of the step's loss and the counts its metrics are averaged by."""
+
+    inputs: dict
+    share: float
+    counts: dict[str, float]
+
+
+def _pair_widths(trainer, attention: torch.Tensor, completion: torch.Tensor) -> list[int]:
+    """Each pair's row width in the layout its forward will use: prompt + chosen + rejected packed (each prompt once)
+    unless the trainer already fell back to TRL's two rows of the longer length."""
+    n = attention.shape[0] // 2
+    lengths, completions = attention.sum(1).tolist(), completion.sum(1).tolist()
+    if getattr(trainer, "_prefsift_packed", None) is False:
+        return [2 * max(lengths[b], lengths[n + b]) for b in range(n)]
+    return [lengths[b] + completions[n + b] for b in range(n)]
+
+
+def micro_batches(trainer, inputs: dict) -> list[MicroBatch]:
+    """The step's batch cut into micro-batches of consecutive pairs, each holding at most the trainer's
+    `micro_batch_tokens` (pairs × the widest pair's width: the padded size its activations take), or the batch
+    whole (one entry) when it fits, or when the step cannot be cut exactly: a loss that is not a mean over pairs
+    (PER_PAIR_LOSSES), a router loss, several processes (each would cut its batch differently, and TRL gathers its
+    metrics every call), or a batch entry that is not one row a pair or two."""
+    budget = getattr(trainer, "micro_batch_tokens", None)
+    attention, completion = inputs.get("attention_mask"), inputs.get("completion_mask")
+    whole = [MicroBatch(inputs, 1.0, {})]
+    if (budget is None or attention is None or completion is None or attention.dim() != 2 or attention.shape[0] < 4
+            or not set(trainer.loss_types) <= PER_PAIR_LOSSES or trainer.aux_loss_enabled
+            or trainer.accelerator.num_processes != 1 or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+        return whole
+    n = attention.shape[0] // 2
+    if not all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] in (n, 2 * n) for v in inputs.values()):
+        return whole
+    widths = _pair_widths(trainer, attention, completion)
+    if n * max(widths) <= budget:
+        return whole
+    cuts, start, widest = [], 0, 0
+    for b, width in enumerate(widths):
+        if b > start and (b - start + 1) * max(widest, width) > budget:
+            cuts.append((start, b))
+            start, widest = b, 0
+        widest = max(widest, width)
+    cuts.append((start, n))
+    weight = inputs.get("weight")
+    total = float(weight.sum()) if weight is not None else float(n)
+    right_padded = bool((attention[:, :-1] >= attention[:, 1:]).all())
+    shifted = completion[:, 1:]
+    parts = []
+    for lo, hi in cuts:
+        rows = torch.cat([torch.arange(lo, hi), torch.arange(n + lo, n + hi)]).to(attention.device)
+        width = int(attention[rows].sum(1).max()) if right_padded else attention.shape[1]
+        part = {}
+        for key, value in inputs.items():
+            value = value[rows] if value.shape[0] == 2 * n else value[lo:hi]
+            if right_padded and value.shape[0] == 2 * (hi - lo) and value.dim() == 2 and \
+                    value.shape[1] == attention.shape[1]:
+                value = value[:, :width]  # the columns only padding fills in this micro-batch
+            part[key] = value
+        share = (float(weight[lo:hi].sum()) / total if total > 0 else 0.0) if weight is not None else (hi - lo) / n
+        counts = {"pairs": float(hi - lo), "chosen": float(shifted[lo:hi].sum()),
+                  "rejected": float(shifted[n + lo:n + hi].sum())}
+        counts["both"] = counts["chosen"] + counts["rejected"]
+        parts.append(MicroBatch(part, share, counts))
+    return parts
+
+
+def merge_metrics(metrics: dict[str, list], before: dict[str, int], parts: list[MicroBatch]) -> None:
+    """One entry a metric for the whole step, as TRL records it for an uncut batch: the entries the step's
+    micro-batches appended, averaged with the weights TRL's own average uses (pairs, or the completion tokens the
+    metric averages over)."""
+    for key, values in metrics.items():
+        new = values[before.get(key, 0):]
+        if len(new) != len(parts):  # assigned, not appended a call (num_tokens): already the step's value
+            continue
+        weights = [part.counts[_TOKEN_METRICS.get(key, "pairs")] for part in parts]
+        total = sum(weights)
+        merged = sum(w * v for w, v in zip(weights, new, strict=True)) / total if total > 0 else 0.0
+        del values[before.get(key, 0):]
+        values.append(merged)

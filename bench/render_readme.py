@@ -392,6 +392,15 @@ def kto_ref_line(path: Path) -> str:
             f"from `bench/results/{path.name}`.\n")
 
 
+def _micro_batches(record: dict) -> str:
+    """How prefsift's side cut its steps (TrainConfig.micro_batch_tokens); nothing for a run from before the option."""
+    if "micro_batch_tokens" not in record:
+        return ""
+    budget = record["micro_batch_tokens"]
+    return (", prefsift's steps in micro-batches at its default token budget on a CPU" if budget is None
+            else f", prefsift's steps in micro-batches of at most {budget} tokens")
+
+
 def train_block(path: Path) -> str:
     """bench/train.py's record: one epoch of DPO as a whole process, TRL's DPOTrainer against `prefsift train`, with
     the run's commit and the machine's load (the cores are shared)."""
@@ -410,7 +419,8 @@ def train_block(path: Path) -> str:
             f"{load[1]:.1f} at the end): {r['model']}, {r['n_pairs']} {shape}, max_length {r['max_length']}, batch "
             f"{r['batch_size']}, {r['precision']}, gradient checkpointing {checkpointing}"
             f"{', LoRA (r 16, alpha 32, all linear layers)' if r.get('lora') else ''}"
-            f"{', learning rate ' + format(r['learning_rate'], 'g') if r.get('learning_rate') else ''}; one epoch, "
+            f"{', learning rate ' + format(r['learning_rate'], 'g') if r.get('learning_rate') else ''}"
+            f"{_micro_batches(r)}; one epoch, "
             f"each side a whole process, "
             f"{'one run each' if r['repeats'] == 1 else 'best of ' + str(r['repeats']) + ' alternated runs'}; from "
             f"`bench/results/{path.name}`.\n\n")
@@ -481,6 +491,56 @@ def walkthrough_block(path: Path) -> str:
     return match.group(1)
 
 
+_LEVERS = {"paper": "the paper's (warm-up 1 epoch on all pairs, 3 validation epochs)",
+           "warmup-0.25": "`warmup_fraction: 0.25`", "warmup-0.1": "`warmup_fraction: 0.1`",
+           "warmup-0.25-val1": "`warmup_fraction: 0.25`, `validation_epochs: 1`",
+           "warmup-0.1-val1": "`warmup_fraction: 0.1`, `validation_epochs: 1`",
+           "warmup-0.25-lora-val": "`warmup_fraction: 0.25`, `validation_lora: true`",
+           "warmup-0.1-val1-lora": "`warmup_fraction: 0.1`, `validation_epochs: 1`, `validation_lora: true`",
+           "continue-warmup-0.25": "`warmup_fraction: 0.25`, subsets continue from the warm-up",
+           "continue-warmup-0.1-val1": "`warmup_fraction: 0.1`, `validation_epochs: 1`, subsets continue from the "
+                                       "warm-up"}
+
+
+def levers_table(path: Path) -> str:
+    """bench/warmup_share.py's record: LossDiff-IRM's whole compute at 10% and at its rule's share against DPO on
+    every pair from the SFT model, per setting of the pipeline's levers, beside random's and their quality (one
+    seed), and the floor the reference pass and the two scoring passes put under any setting."""
+    r = json.loads(path.read_text())
+    epochs = r["demo"]["train"]["epochs"]
+    head = (f"`{r['command']}` ({code(r)}; {r['machine']['threads']} torch thread on 2 cores, 1-minute load "
+            f"average {r['machine']['load_average_1min']:.1f} at the end; the demo's task, model and recipe: full "
+            f"training {epochs:g} epochs of DPO on every pair from the SFT model); CPU seconds against that run's "
+            f"`full`, quality (preference accuracy on the test pairs) of {r['settings'][0]['rows'][0]['n_seeds']} "
+            f"seed, so no difference in it is a finding; from `bench/results/{path.name}`.\n\n")
+    lines = ["| setting | LossDiff-IRM @ 10% | random @ 10% | LossDiff-IRM @ rule share | random @ rule share "
+             "| accuracy @ 10%: LossDiff-IRM / random | a training epoch in reference passes |",
+             "|---|---|---|---|---|---|---|"]
+    for setting in r["settings"]:
+        start = "warmup" if setting["overrides"].get("start_from") == "both" else "reference"
+        rows = {(x["method"], x["budget"]): x for x in setting["rows"] if x["start_from"] == start}
+        rule = next(b for m, b in rows if b.endswith("rule"))
+        cells = [f"{rows[(m, b)]['x_full']:.2f}×" for b in ("0.1", rule) for m in ("lossdiff-irm", "random")]
+        accuracy = [rows[(m, "0.1")]["pref_accuracy"] for m in ("lossdiff-irm", "random")]
+        lines.append(f"| {_LEVERS.get(setting['setting'], setting['setting'])} | {' | '.join(cells)} | "
+                     f"{accuracy[0]:.3f} / {accuracy[1]:.3f} | {setting['epoch_in_reference_passes']:.1f} |")
+    floor = 3 / (1 + 3 * epochs)
+    ks = [setting["epoch_in_reference_passes"] for setting in r["settings"]]
+    # the rule's share of the pairs, as the `random` row at it trained (its subset is the rule's size)
+    sizes = [x["n_pairs"] for setting in r["settings"] for x in setting["rows"]
+             if x["method"] == "random" and x["budget"].endswith("rule")]
+    share = sum(sizes) / len(sizes) / r["demo"]["task"]["n_train"]
+    tail = (f"\nThe floor under every setting, in nominal pair passes (a forward pass a pair, a training step three): "
+            f"the reference pass and the two scoring passes (θ and θ_val over every training pair) are 3 passes a pair "
+            f"against the {1 + 3 * epochs:g} of full training ({epochs:g} epochs and its reference pass): "
+            f"{floor:.2f}× full before the warm-up, the validation model or the subset's training. In measured "
+            f"seconds the floor is 3 / (1 + {epochs:g} × k), k a training epoch in reference passes (the last "
+            f"column): {3 / (1 + epochs * max(ks)):.2f}-{3 / (1 + epochs * min(ks)):.2f}× here. At the rule's share "
+            f"({share:.2f} of the pairs) a goal of 0.8× full leaves {0.8 - share:.2f}× for everything but the subset's "
+            f"training, which the three passes alone fit only where k ≥ {(3 / (0.8 - share) - 1) / epochs:.1f}.\n")
+    return head + "\n".join(lines) + "\n" + tail
+
+
 def hh_crossfit_block(cost: Path, protocol: str = "lora") -> str:
     """The cross-fitted HH-RLHF table over the (fold, seed) cells of bench/results/hh-crossfit/PROTOCOL that have
     finished, with its n (n = 0 rendered as such), beside the measured cost of one cell (`cost`: cost.json)."""
@@ -525,6 +585,7 @@ TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "logps-layouts-instructions": (RESULTS / "logps-layouts-instructions.json", layouts_table),
           "influence-adaptive": (RESULTS / "influence-smollm2-adaptive.json", influence_table),
           "walkthrough": (ROOT / "README.md", walkthrough_block),
+          "pipeline-levers": (RESULTS / "pipeline-levers.json", levers_table),
           "hh-crossfit": (RESULTS / "hh-crossfit" / "cost.json", hh_crossfit_block),
           "hh-crossfit-smoke": (RESULTS / "hh-crossfit" / "cost.json", hh_crossfit_smoke_block)}
 BLOCK = re.compile(r"<!-- ([A-Za-z0-9_-]+) -->\n(.*?)<!-- /\1 -->", re.S)

@@ -408,7 +408,10 @@ def train_block(path: Path) -> str:
     sides = r["sides"]
     best = {s: {k: min(v) for k, v in sides[s].items() if k != "losses" and v} for s in sides}
     ratio = r["ratio_trl_over_prefsift"]
-    dirty = " with uncommitted changes" if r.get("dirty") else ""
+    # the code it ran: bench/train.py lists the files of src/ and itself that differed (an earlier run's results file
+    # written into the tree makes the tree dirty, not the code)
+    changed = r["uncommitted"] if "uncommitted" in r else r.get("dirty")
+    dirty = " with uncommitted changes" if changed else ""
     machine = r["machine"]
     shape = {"transcripts": "HH-RLHF transcripts (long prompts, short answers)",
              "instructions": "instruction pairs (one short human turn, long answers)"}.get(r.get("shape"), "pairs")

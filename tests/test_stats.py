@@ -157,6 +157,26 @@ def test_summarize_pairs_by_seed_and_budget():
     assert not any(k.endswith("_significant") for row in rows.values() for k in row)  # no uncorrected flags
 
 
+def test_differences_pair_the_same_seeds_when_a_row_lacks_one():
+    """A row trained under seeds {0, 1} against random trained under {0, 2} (a training that moved nothing leaves no
+    record): its difference from random pairs seed 0 with seed 0 only, and from full seeds 0 and 1, never seed 1 with
+    seed 2 by position."""
+    rng = np.random.default_rng(5)
+    outcomes = {(m, s): (rng.random(300) < p).astype(float).tolist()
+                for m, p in (("full", 0.6), ("random", 0.5), ("x", 0.7)) for s in (0, 1, 2)}
+    records = [_record("full", "full", s, outcomes["full", s], 100.0) for s in (0, 1, 2)]
+    records += [_record("random", "0.1", s, outcomes["random", s], 40.0) for s in (0, 2)]
+    records += [_record("x", "0.1", s, outcomes["x", s], 40.0) for s in (0, 1)]
+    row = next(r for r in summarize(records) if r["method"] == "x")
+    alone = paired_difference(np.asarray([outcomes["x", 0]]), np.asarray([outcomes["random", 0]]))
+    assert row["win_rate_vs_random"] == pytest.approx(alone.as_dict("d")["d"])
+    assert row["win_rate_vs_random_seeds"] == 1
+    both = paired_difference(np.asarray([outcomes["x", 0], outcomes["x", 1]]),
+                             np.asarray([outcomes["full", 0], outcomes["full", 1]]))
+    assert row["win_rate_vs_full"] == pytest.approx(both.as_dict("d")["d"])
+    assert "win_rate_vs_full_seeds" not in row
+
+
 def test_a_summary_without_variance_parts_makes_no_claims():
     old = [{"start_from": "warmup", "method": "irm", "budget": "0.1", "n_seeds": 3, "win_rate": 0.5,
             "win_rate_vs_random": 0.1, "win_rate_vs_random_low": 0.05, "win_rate_vs_random_high": 0.15,

@@ -422,9 +422,16 @@ def summarize(records: list[dict], ceilings: set[str] | frozenset = frozenset(),
                 row[metric] = round(float(np.nanmean(mine)), 4)
                 continue
             for other, label in (((start, "random", budget), "random"), ((start, "full", "full"), "full")):
-                theirs = _outcomes(groups.get(other, []), field)
-                if other == (start, method, budget) or theirs is None or theirs.shape != mine.shape:
+                if other == (start, method, budget):
                     continue
-                row.update(paired_difference(mine, theirs).as_dict(f"{metric}_vs_{label}"))
+                # paired by seed: a row can lack a seed another has (a training that moved nothing is not a record)
+                seeds = {r["seed"] for r in group} & {r["seed"] for r in groups.get(other, [])}
+                mine_paired = _outcomes([r for r in group if r["seed"] in seeds], field)
+                theirs = _outcomes([r for r in groups.get(other, []) if r["seed"] in seeds], field)
+                if mine_paired is None or theirs is None or theirs.shape != mine_paired.shape:
+                    continue
+                row.update(paired_difference(mine_paired, theirs).as_dict(f"{metric}_vs_{label}"))
+                if len(seeds) < len(group):
+                    row[f"{metric}_vs_{label}_seeds"] = len(seeds)  # fewer than the row's own
         rows.append(row)
     return annotate(rows, claims(rows, correction=correction, alpha=alpha, margin=margin))

@@ -548,6 +548,7 @@ def test_a_token_budget_trains_the_same_model_in_micro_batches(bpe_tokenizer, on
         results[budget] = train(LoadedModel(model, bpe_tokenizer, "tiny", "x"), pairs, config, ENGINE,
                                 ref_logps=ref, quiet=True)
     whole, cut = results[None], results[64]
+    assert whole.micro_batches == 0 and cut.micro_batches > 2 * cut.steps  # every step was cut, into 3 or more
     logs = [{k: v for k, v in h.items() if k not in ("train_runtime", "train_samples_per_second",
                                                      "train_steps_per_second")} for h in whole.log_history]
     cut_logs = [{k: v for k, v in h.items() if k not in ("train_runtime", "train_samples_per_second",

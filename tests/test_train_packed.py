@@ -271,18 +271,27 @@ def _training_step(trainer, batch) -> tuple[float, dict[str, torch.Tensor], dict
     return loss.item(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
 
-@pytest.mark.parametrize("case", ["plain", "lora", "checkpointing", "truncated"])
+@pytest.mark.parametrize("case", ["plain", "lora", "checkpointing", "lora+checkpointing", "truncated", "ipo",
+                                  "sigmoid_norm", "hinge+sigmoid"])
 def test_micro_batched_step_is_trls_step(bpe_tokenizer, tmp_path, one_thread, case):
-    """A step over the token budget runs its pairs in micro-batches, each forward and backward at once: the loss,
-    every gradient and the metrics TRL logs are its own step's on the whole batch."""
-    options = {"plain": {}, "lora": {"lora": True}, "checkpointing": {"checkpointing": True},
-               "truncated": {"max_length": 30}}[case]
+    """A step over the token budget runs its pairs in micro-batches of unequal sizes, each forward and backward at
+    once: the loss, every gradient and the metrics TRL logs are its own step's on the whole batch, for TRL's loss
+    types that are a mean over pairs (ipo and sigmoid_norm read each row's completion length)."""
+    options = {"lora": {"lora": True}, "checkpointing": {"checkpointing": True},
+               "lora+checkpointing": {"lora": True, "checkpointing": True},
+               "truncated": {"max_length": 30}}.get(case, {})
     rows = _rows(n=12 if case == "truncated" else 8)
     ours, theirs, batch = _trainers(bpe_tokenizer, tmp_path, rows, micro_batch_tokens=1, **options)
+    if case in ("ipo", "sigmoid_norm", "hinge+sigmoid"):
+        for trainer in (ours, theirs):
+            trainer.loss_types = case.split("+")
+            trainer.loss_weights = [1.0, 0.5][:len(trainer.loss_types)]
     widths = training._pair_widths(ours, batch["attention_mask"], batch["completion_mask"])
-    ours.micro_batch_tokens = 2 * max(widths)  # two pairs or so a micro-batch
+    per_part = next(k for k in (3, 2, 4) if len(widths) % k)  # so many pairs or so a micro-batch: 3, 3, 2 of 8
+    ours.micro_batch_tokens = per_part * max(widths)
     parts = training.micro_batches(ours, batch)
     assert len(parts) >= 3 and sum(int(p.counts["pairs"]) for p in parts) == len(widths)
+    assert len({p.counts["pairs"] for p in parts}) > 1  # unequal parts: a plain mean of their metrics would differ
     assert all(p.counts["pairs"] * max(widths) <= ours.micro_batch_tokens or p.counts["pairs"] == 1 for p in parts)
     mine, trls = _training_step(ours, batch), _training_step(theirs, batch)
     assert ours.micro_batches == len(parts)

@@ -47,10 +47,11 @@ from prefsift.reference import reference_logps
 
 WEIGHT_COLUMN = "weight"
 # TrainConfig.micro_batch_tokens on a CPU when not given, as a budget of activations: tokens × layers × hidden size.
-# SmolLM2-135M (30 layers of 576) at 512 tokens: one LoRA step of 4 instruction pairs (max_length 256) peaked at 5.7 GB
-# whole and 2.7 GB in micro-batches, no slower (bench/results/train-*.json). A model of the demo's size is never cut
-# (each micro-batch costs a call's overhead), a 1.7B one runs a pair at a time. A GPU keeps the whole batch: its memory
-# is planned by --batch-size and small matmuls waste it.
+# SmolLM2-135M (30 layers of 576) at 512 tokens: one LoRA epoch of 4-pair steps on instruction pairs (max_length 256)
+# peaked at 5.7 GB with whole batches (bench/results/train-smollm2-lora-instructions.json at 9139669) and 2.7 GB in
+# micro-batches (the same file at 59439ae). A model of the demo's size is never cut (each micro-batch costs a call's
+# overhead), a 1.7B one runs a pair at a time. An accelerator keeps the whole batch: its memory is planned by
+# --batch-size and small matmuls waste it.
 CPU_ACTIVATION_BUDGET = 512 * 30 * 576
 
 
@@ -61,7 +62,7 @@ def micro_batch_tokens(config: TrainConfig, model, device: torch.device) -> int 
         return config.micro_batch_tokens
     text = getattr(model.config, "get_text_config", lambda: model.config)()
     layers, hidden = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
-    if device.type == "cuda" or not layers or not hidden:
+    if device.type != "cpu" or not layers or not hidden:
         return None
     return max(1, CPU_ACTIVATION_BUDGET // (layers * hidden))
 
@@ -117,12 +118,9 @@ class _DPOTrainerWithReferenceLogps(DPOTrainer):
         before = {key: len(values) for key, values in metrics.items()}
         total = None
         try:
-            for i, part in enumerate(parts):
+            for part in parts:  # one process only (micro_batches): no gradient all-reduce to hold back
                 self._loss_share = part.share
-                # one gradient all-reduce a step, after its last micro-batch (a no-op on one process)
-                sync = self.accelerator.no_sync(model) if i < len(parts) - 1 else contextlib.nullcontext()
-                with sync:
-                    loss = super().training_step(model, part.inputs, num_items_in_batch)
+                loss = super().training_step(model, part.inputs, num_items_in_batch)
                 total = loss if total is None else total + loss
         finally:
             self._loss_share = None
@@ -234,6 +232,7 @@ class TrainResult:
     rows_seen: int = 0  # of those, the rows its steps reached: fewer when the steps end inside the first epoch
     epochs_done: float = 0.0  # passes over the rows the steps made (transformers' state.epoch)
     steps: int = 0  # optimizer steps taken
+    micro_batches: int = 0  # forward-and-backward calls of the steps that ran their batch in parts (micro_batch_tokens)
 
     @property
     def saw_every_row(self) -> bool:
@@ -640,7 +639,7 @@ def _train(loaded: LoadedModel, pairs: Dataset, config: TrainConfig, engine: Eng
     model.eval()
     too_long = sorted(set(range(len(pairs))) - set(kept.tolist()))
     return TrainResult(model, time.perf_counter() - start, len(kept), trainer.state.log_history, too_long, rows,
-                       rows_seen, epochs_done, trainer.state.global_step)
+                       rows_seen, epochs_done, trainer.state.global_step, getattr(trainer, "micro_batches", 0))
 
 
 def check_finite(trainer, config: TrainConfig, engine: EngineConfig) -> None:
@@ -682,7 +681,8 @@ def check_moved(trainer, before: WeightSample, config: TrainConfig) -> None:
     change = before.relative_change()
     if change < NO_MOVE:
         warmup = trainer.args.get_warmup_steps(trainer.state.max_steps) if trainer.state.max_steps else 0
-        if warmup >= steps:  # transformers' warm-up starts at learning rate 0: its first steps move nothing
+        # transformers' warm-up starts at learning rate 0, so its first steps move nothing (`constant` has none)
+        if warmup >= steps and config.lr_scheduler_type != "constant":
             raise TrainingMovedNothing(
                 f"training moved nothing: its {steps} step{'s' if steps != 1 else ''} all fell inside the "
                 f"{warmup}-step learning-rate warm-up (--warmup-steps {config.warmup_steps:g}), which starts at "

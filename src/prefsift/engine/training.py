@@ -275,11 +275,17 @@ class MicroBatch:
 
 
 def _pair_widths(trainer, attention: torch.Tensor, completion: torch.Tensor) -> list[int]:
-    """Each pair's row width in the layout its forward will use: prompt + chosen + rejected packed (each prompt once)
-    unless the trainer already fell back to TRL's two rows of the longer length."""
+    """Each pair's row width in the layout its forward will use: prompt + chosen + rejected packed (each prompt once),
+    or TRL's two rows of the longer length where the forward takes TRL's layout: the trainer fell back to it, or will
+    on this first batch (`packed_unsupported`), or the rows are past the packed forward's length limit
+    (`PackedPolicy`). Whether the packed forward reproduces the model's own is checked only later, on the first
+    batch: until then the packed width is assumed."""
     n = attention.shape[0] // 2
     lengths, completions = attention.sum(1).tolist(), completion.sum(1).tolist()
-    if getattr(trainer, "_prefsift_packed", None) is False:
+    packed = getattr(trainer, "_prefsift_packed", None)
+    if packed is None:
+        packed = packed_unsupported(trainer) is None
+    if not packed or 2 * attention.shape[1] > tokenize.LONG_PAIR_TOKENS:
         return [2 * max(lengths[b], lengths[n + b]) for b in range(n)]
     return [lengths[b] + completions[n + b] for b in range(n)]
 

@@ -6,7 +6,9 @@ and model once per setting of the levers and prints, for LossDiff-IRM at 10% and
 compute against plain full training (DPO on every pair from the SFT model, the same run's `full` row from the
 reference) beside its quality and random's at the same size. Levers: the warm-up on a share of the pairs
 (`warmup_fraction`), fewer validation epochs, a LoRA validation model (`validation_lora`), and subsets that continue
-from the warm-up (`start_from: warmup`: one run that warms up, then trains on the subset). The reference pass is
+from the warm-up (`start_from: warmup`: one run that warms up, then trains on the subset), and scoring a random
+candidate pool instead of every pair (`score_share`: the pooled row is charged the pool's share of the reference
+pass and its scoring passes over the pool, what a run of it alone computes). The reference pass is
 computed once and reused by every training and evaluation in every setting (the pipeline's own behaviour).
 
     python bench/warmup_share.py [--settings paper warmup-0.1 ...] [--seeds 1] [--out FILE.json]
@@ -47,6 +49,8 @@ SETTINGS: dict[str, dict] = {
     "warmup-0.1-val1-lora": {"warmup_fraction": 0.1, "validation_epochs": 1.0, "validation_lora": True},
     "continue-warmup-0.25": {"warmup_fraction": 0.25, "start_from": "both"},
     "continue-warmup-0.1-val1": {"warmup_fraction": 0.1, "validation_epochs": 1.0, "start_from": "both"},
+    # LossDiff-IRM scores a random candidate pool of 30% of the pairs (its 10% budget and its band rule pick there)
+    "pool-0.3-warmup-0.1-val1": {"score_share": 0.3, "warmup_fraction": 0.1, "validation_epochs": 1.0},
 }
 
 

@@ -234,6 +234,22 @@ class Resources:
                          _by_source=self._by_source, _logps=self._logps,
                          _rewards=self._rewards)
 
+    def over(self, pairs: Any, rows: np.ndarray | None = None) -> Resources:
+        """A provider of the same roles over other pairs (`run`'s candidate pool: a subset of these): the models
+        this one loaded or has registered, and those it registers later, are shared; its passes run over `pairs`
+        alone, under their own data hash (shards, log-prob cache), timed and charged apart. With `rows` (pairs'
+        rows in this provider's pairs), a log-prob pass this one already finished is taken for those rows rather
+        than run again, at no charge."""
+        view = Resources(pairs, self.engine, self.sources, out_dir=self.out_dir, seed=self.seed,
+                         trust_remote_code=self.trust_remote_code, allow_dropped=self.allow_dropped,
+                         stages=self.stages, _loaded=self._loaded, _by_source=self._by_source, _logps=self._logps,
+                         _rewards=self._rewards)
+        if rows is not None:
+            for role in LOGPS_COLUMNS:
+                if self.has_logps(role):
+                    self._logps[self._pass_key(self._loaded[role], pairs)] = self.logps(role)[rows]
+        return view
+
     def cost(self, needs: tuple[str, ...]) -> float:
         """Seconds a method's roles cost: their log-prob passes and the trainings that made them (once each)."""
         stages: dict[str, float] = {}

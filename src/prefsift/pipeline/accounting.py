@@ -9,7 +9,9 @@ nominal count beside them (one forward pass over one pair's tokens; a
 DPO step on a pair taken as three), for reading a table across machines.
 
 Shared work (the reference pass, the warm-up, the validation model, a scoring pass) is charged in full to every row
-that used it: a row's cost is what a user running that row alone would pay.
+that used it: a row's cost is what a user running that row alone would pay. A method scoring a candidate pool
+(RunConfig.score_share < 1) is charged the reference pass and its scoring passes over the pool alone, which is what
+a run of it alone would compute.
 """
 
 from __future__ import annotations
@@ -31,17 +33,25 @@ class Arm:
     n_subset: int = 0
     n_validation_pairs: int = 0
     extra_passes: float = 0.0  # a scorer's own passes (influence's, an embedder's), in pair passes
+    n_scored: int | None = None  # the pairs its score passed over: the candidate pool (None: every training pair)
 
     @property
     def uses_warmup(self) -> bool:
         return self.start == "warmup" or bool({"policy", "validation"} & set(self.needs))
 
-    def reference_share(self, n_train: int) -> float:
-        """Share of the training split's reference pass the row needs: all of it for the warm-up and for a score
-        against the reference, its own subset's otherwise (KTO runs its own reference pass inside its training)."""
+    def reference_rows(self, n_train: int) -> int:
+        """Training pairs whose reference log-probs the row needs: all it scored (every training pair, or the
+        candidate pool, which holds the warm-up's pairs) for the warm-up and for a score against the reference, its
+        own subset otherwise (KTO runs its own reference pass inside its training)."""
         if self.uses_warmup or "reference" in self.needs:
+            return n_train if self.n_scored is None else self.n_scored
+        return 0 if self.kto else self.n_subset
+
+    def reference_share(self, n_train: int) -> float:
+        """Share of the training split's reference pass the row needs (`reference_rows` of n_train)."""
+        if self.n_scored is None and (self.uses_warmup or "reference" in self.needs):
             return 1.0
-        return 0.0 if self.kto else self.n_subset / max(1, n_train)
+        return self.reference_rows(n_train) / max(1, n_train)
 
 
 @dataclass
@@ -54,13 +64,16 @@ class Measured:
     warmup: float = 0.0  # the warm-up DPO
     validation: float = 0.0  # DPO on the validation pairs from the warm-up model
     scoring: dict[str, float] = field(default_factory=dict)  # method -> its passes and its own scoring time
+    reference_rows: int | None = None  # pairs `reference` passed over: the candidate pool alone (None: n_train)
 
 
 def measured_compute(arm: Arm, measured: Measured, method: str, train_seconds: float, n_train: int
                      ) -> dict[str, float]:
     """A row's cost in measured seconds, by part: the reference passes it needed, the warm-up when it starts from it
     or its score needs it, the validation model when its score needs it, its scoring, its own training."""
-    parts = {"reference": measured.reference * arm.reference_share(n_train)}
+    share = (arm.reference_share(n_train) if measured.reference_rows is None  # a share of the pass it measured
+             else arm.reference_rows(n_train) / max(1, measured.reference_rows))
+    parts = {"reference": measured.reference * share}
     if arm.n_validation_pairs:
         parts["reference"] += measured.validation_reference
     if arm.uses_warmup:
@@ -78,11 +91,12 @@ def pair_passes(config: RunConfig, arm: Arm, n_train: int, n_warmup: int, n_vali
     n_subset DPO pairs, plus KTO's forward over mismatched completions for its KL estimate (one more pass over the
     same tokens, and TRL's reference pass over them)."""
     n_trained = arm.n_subset + arm.n_validation_pairs
-    units = {"reference": float(n_train * arm.reference_share(n_train) + arm.n_validation_pairs),
+    units = {"reference": float(arm.reference_rows(n_train) + arm.n_validation_pairs),
              "train": (5.0 if arm.kto else 3.0) * n_trained * config.train.epochs}
     if arm.uses_warmup:
         units["warmup"] = 3.0 * n_warmup * config.warmup_epochs
     if "validation" in arm.needs:
         units["validation"] = 3.0 * n_validation * config.validation_epochs + n_validation
-    units["scoring"] = float(n_train * (("policy" in arm.needs) + ("validation" in arm.needs))) + arm.extra_passes
+    n_scored = n_train if arm.n_scored is None else arm.n_scored
+    units["scoring"] = float(n_scored * (("policy" in arm.needs) + ("validation" in arm.needs))) + arm.extra_passes
     return units

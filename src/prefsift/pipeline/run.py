@@ -32,13 +32,13 @@ from prefsift.evaluate import Judge, RewardModelJudge, evaluate, greedy_answers,
 from prefsift.manifest import write_manifest
 from prefsift.models import LoadedModel, fingerprint_files, load_model
 from prefsift.pipeline.accounting import Arm, Measured, measured_compute, pair_passes
-from prefsift.pipeline.splits import Splits, hash_order, make_splits
+from prefsift.pipeline.splits import Splits, hash_order, make_splits, subset
 from prefsift.report import NOT_TRAINED, not_trained_line, one_line, write_results
 from prefsift.resources import Resources
 from prefsift.run_report import summarizable
 from prefsift.score import ScoreResult, score_pairs
 from prefsift.scorers import Scorer, parse_methods
-from prefsift.scorers.random import seeded_uniform
+from prefsift.scorers.random import RandomScorer, seeded_uniform
 from prefsift.select import SPLIT_COLUMNS, select_indices, target_count, write_subset
 from prefsift.settings import from_dict
 from prefsift.stats import settings_of, summarize
@@ -119,12 +119,17 @@ def trained_copy(parent: LoadedModel, tag: str, pairs, ref_logps: np.ndarray, co
 
 
 def train_warmup(config: RunConfig, base: LoadedModel, train_data: LoadedPairs, ref_train: np.ndarray, out: Path,
-                 log) -> tuple[LoadedModel, float, float]:
-    """Step 1 of the paper: DPO on (a share of) the training pairs → θ."""
+                 log, pool: np.ndarray | None = None) -> tuple[LoadedModel, float, float]:
+    """Step 1 of the paper: DPO on (a share of) the training pairs → θ; with a candidate `pool` (its rows), on
+    warmup_fraction · n of the pool's pairs, so no reference log-prob outside the pool is needed."""
     n = len(train_data.pairs)
-    rows = np.sort(hash_order(list(train_data.pairs["pair_id"]), config.seed + 1)[
-        : max(1, round(config.warmup_fraction * n))])
-    log(f"warm-up DPO on {len(rows)} pairs")
+    k = max(1, round(config.warmup_fraction * n))
+    if pool is None:
+        rows = np.sort(hash_order(list(train_data.pairs["pair_id"]), config.seed + 1)[:k])
+    else:
+        ids = np.asarray(train_data.pairs["pair_id"], dtype=object)[pool]
+        rows = np.sort(pool[hash_order(list(ids), config.seed + 1)[:k]])
+    log(f"warm-up DPO on {len(rows)} pairs" + (" of the candidate pool" if pool is not None else ""))
     tc = replace(config.train, seed=config.seed, epochs=config.warmup_epochs)
     model, result, cpu = trained_copy(base, "warmup", train_data.pairs.select(rows.tolist()), ref_train[rows], tc,
                                       config.engine, out / "models" / "warmup" if config.save_models else None)
@@ -143,13 +148,19 @@ def train_validation_model(config: RunConfig, warmup: LoadedModel, validation: L
     return model, result.seconds, cpu
 
 
-def budgets(config: RunConfig, scores: dict[str, np.ndarray], n_train: int, log) -> list[tuple[str, float, int | None]]:
+def budgets(config: RunConfig, scores: dict[str, np.ndarray], n_train: int, log, n_pool: int | None = None
+            ) -> list[tuple[str, float, int | None]]:
     """Step 4: the sizes compared, (label, fraction, count): each fraction, and the share the LossDiff-IRM band rule
-    keeps (its own count under each seed, so it is labelled, not numbered)."""
+    keeps (its own count under each seed, so it is labelled, not numbered). With a candidate pool of `n_pool` pairs
+    the rule keeps a share of the pool; its fraction is still written as a share of the training pairs."""
     plans: list[tuple[str, float, int | None]] = [(f"{f:g}", f, None) for f in config.fractions]
     if config.rule_share and "lossdiff_irm" in scores:
         keep = int((scores["lossdiff_irm"] == 1.0).sum())
-        log(f"the LossDiff-IRM band rule keeps {keep} of {n_train} pairs ({keep / n_train:.1%})")
+        if n_pool is None:
+            log(f"the LossDiff-IRM band rule keeps {keep} of {n_train} pairs ({keep / n_train:.1%})")
+        else:
+            log(f"the LossDiff-IRM band rule keeps {keep} of the candidate pool's {n_pool} pairs "
+                f"({keep / n_pool:.1%}; {keep / n_train:.1%} of {n_train} training pairs)")
         if keep:
             plans.append(("lossdiff-irm rule", round(keep / n_train, 3), keep))
     return plans
@@ -168,15 +179,17 @@ def selected_rows(scorer: Scorer, scores: dict[str, np.ndarray], fraction: float
     return select_indices(scores, rule.pop("rule"), **rule, count=budget_count(n_usable, fraction, count))
 
 
-def selected_completions(scorer: Scorer, scores: dict[str, np.ndarray], fraction: float, count: int | None
-                         ) -> np.ndarray:
+def selected_completions(scorer: Scorer, scores: dict[str, np.ndarray], fraction: float, count: int | None,
+                         n_usable: int | None = None) -> np.ndarray:
     """Indices into the 2n completions (i < n: pair i's chosen, else pair i − n's rejected) that a completion-level
     rule keeps (ISA with KTO, as its paper): twice the pairs a pair-level rule keeps at the same budget, so every
-    row of a budget trains on as many completions."""
+    row of a budget trains on as many completions. `n_usable`: the pairs a fraction is a share of (default: those
+    scored; a candidate pool's budget is a share of every usable training pair)."""
     chosen, rejected = scorer.completion_columns()
     pair_ids = np.asarray(scores["pair_id"], dtype=object)
     n_valid = int(np.isfinite(np.asarray(scores[chosen], dtype=float)).sum())
-    k = 2 * target_count(n_valid, None if count is not None else fraction, count)
+    k = 2 * min(target_count(n_valid if n_usable is None else n_usable, None if count is not None else fraction,
+                             count), n_valid)
     stacked = {"pair_id": np.concatenate([pair_ids + ":chosen", pair_ids + ":rejected"]),
                "completion": np.concatenate([scores[chosen], scores[rejected]])}
     return select_indices(stacked, scorer.selection_rule()["rule"], column="completion", count=min(k, 2 * n_valid))
@@ -266,15 +279,17 @@ def random_completions(scores: dict[str, np.ndarray], usable: np.ndarray, seed: 
 
 
 def arm_data(config: RunConfig, plan: Plan, splits: Splits, scores: dict[str, np.ndarray], ref_train: np.ndarray,
-             ref_val: np.ndarray | None) -> ArmData:
-    """Step 5's subset of one row: the method's selection, all usable pairs (`full`), or a baseline arm's."""
+             ref_val: np.ndarray | None, n_usable: int | None = None) -> ArmData:
+    """Step 5's subset of one row: the method's selection, all usable pairs (`full`), or a baseline arm's.
+    `n_usable`: the usable training pairs a budget is a share of, when ref_train covers only a candidate pool
+    (default: those ref_train has)."""
     name, scorer, _, fraction, count = plan
     pairs = splits.train.pairs
     usable = ~np.isnan(ref_train[:, 0])
     kto_scorer = scorer is not None and scorer.completion_columns() is not None
     if kto_scorer or name == "random-kto":  # completions, trained with KTO
         if kto_scorer:
-            items = selected_completions(scorer, scores, fraction, count)
+            items = selected_completions(scorer, scores, fraction, count, n_usable)
             extra = {name: np.concatenate([scores[c] for c in scorer.completion_columns()])[items]}
         else:
             items = random_completions(scores, usable, config.seed, fraction, count)
@@ -295,7 +310,7 @@ def arm_data(config: RunConfig, plan: Plan, splits: Splits, scores: dict[str, np
         return ArmData(concatenate_datasets([drawn, validation]), np.concatenate([ref_train[rows], ref_val[kept]]),
                        "dpo", rows, n_validation_pairs=len(kept))
     rows = (np.flatnonzero(usable) if scorer is None
-            else selected_rows(scorer, scores, fraction, count, int(usable.sum())))
+            else selected_rows(scorer, scores, fraction, count, int(usable.sum()) if n_usable is None else n_usable))
     extra = {c: scores[c] for c in scorer.columns if c in scores} if scorer is not None else {}  # by table row
     return ArmData(pairs.select(rows.tolist()), ref_train[rows], "dpo", rows, extra=extra)
 
@@ -303,8 +318,8 @@ def arm_data(config: RunConfig, plan: Plan, splits: Splits, scores: dict[str, np
 def train_and_evaluate(config: RunConfig, plan: Plan, start_model: LoadedModel, base: LoadedModel, splits: Splits,
                        scores: dict[str, np.ndarray], ref_train: np.ndarray, ref_test: np.ndarray | None,
                        judge: Judge | None, baseline_answers: list[str] | None, log, *, start: str = "warmup",
-                       seed_dir: Path | None = None, quiet: bool = False, ref_val: np.ndarray | None = None
-                       ) -> tuple[dict, ArmData]:
+                       seed_dir: Path | None = None, quiet: bool = False, ref_val: np.ndarray | None = None,
+                       n_usable: int | None = None, n_scored: int | None = None) -> tuple[dict, ArmData]:
     """Steps 5 and 6 for one (method, budget): select, train from `start_model`, evaluate against the reference.
     Returns the row's record (with what its training measured and saw) and what it trained on.
 
@@ -315,10 +330,15 @@ def train_and_evaluate(config: RunConfig, plan: Plan, start_model: LoadedModel, 
 
     Under `seed_dir` it keeps what a user takes away: the subset (selected/<method>-<budget>/selected.jsonl, with
     the method's score columns), what the evaluation saw (eval/<start>-<method>-<budget>/: eval_pairs.jsonl,
-    answers.jsonl) and, with `save_subset_models`, the trained model (models/<start>-<method>-<budget>/)."""
+    answers.jsonl) and, with `save_subset_models`, the trained model (models/<start>-<method>-<budget>/).
+
+    With a candidate pool (RunConfig.score_share < 1), `n_usable` is the usable training pairs a budget is a share
+    of when ref_train covers the pool alone, and `n_scored` the pool's size, recorded on a row that selects from
+    it."""
     name, scorer, budget, fraction, _ = plan
     train_data, has_test = splits.train, ref_test is not None
-    n_usable = int((~np.isnan(ref_train[:, 0])).sum())
+    n_base = n_usable
+    n_usable = int((~np.isnan(ref_train[:, 0])).sum()) if n_usable is None else n_usable
     slug = artifact_name(name, budget)
     save_dir = seed_dir / "models" / f"{start}-{slug}" if seed_dir is not None and config.save_subset_models else None
 
@@ -329,7 +349,7 @@ def train_and_evaluate(config: RunConfig, plan: Plan, start_model: LoadedModel, 
                         config=config.eval, engine=config.engine, reference_logps=ref_test,
                         baseline_answers=baseline_answers, quiet=quiet)
 
-    arm = arm_data(config, plan, splits, scores, ref_train, ref_val)
+    arm = arm_data(config, plan, splits, scores, ref_train, ref_val, n_base)
     if seed_dir is not None:  # the same subset under every start: written once per seed and row
         if arm.algo == "kto" or arm.n_validation_pairs:
             write_subset(seed_dir / "selected" / slug, arm.data, range(len(arm.data)), extra=arm.extra)
@@ -350,7 +370,8 @@ def train_and_evaluate(config: RunConfig, plan: Plan, start_model: LoadedModel, 
     n_pairs = arm.n_completions // 2 if arm.n_completions is not None else len(arm.data)
     record = {"method": name, "budget": budget, "fraction": fraction, "n_pairs": n_pairs, "n_usable": n_usable,
               **({"n_completions": arm.n_completions, "algo": "kto"} if arm.algo == "kto" else {}),
-              **({"n_validation_pairs": arm.n_validation_pairs} if arm.n_validation_pairs else {})}
+              **({"n_validation_pairs": arm.n_validation_pairs} if arm.n_validation_pairs else {}),
+              **({"score_share": config.score_share, "n_scored": n_scored} if n_scored is not None else {})}
     try:
         policy, trained, cpu = trained_copy(start_model, f"{name}-{fraction}", arm.data, arm.ref_logps,
                                             replace(config.train, seed=config.seed, algo=arm.algo), config.engine,
@@ -388,7 +409,7 @@ def trained_line(record: dict) -> str:
     what = (f"KTO on {record['n_completions']} completions of {record['n_pairs']} pairs" if record.get("algo") == "kto"
             else f"DPO on {record['n_pairs']} pairs")
     source = (f" ({record['n_validation_pairs']} of them validation pairs)" if record.get("n_validation_pairs")
-              else "")
+              else f" from a candidate pool of {record['n_scored']}" if record.get("n_scored") is not None else "")
     line = (f"{what}{source} of {record['n_usable']} usable training pairs, {trained['steps']} optimizer "
             f"step{'s' if trained['steps'] != 1 else ''}, {trained['epochs']:g} epochs")
     if trained["rows_seen"] < trained["rows"]:
@@ -402,19 +423,77 @@ def _metrics(evaluation: dict) -> dict:
                   if k in evaluation}
 
 
+def scores_pool(scorer: Scorer) -> bool:
+    """Whether a method selects from the candidate pool (RunConfig.score_share < 1): every scorer but random, whose
+    draw needs no pass and stands for picking from every pair."""
+    return not isinstance(scorer, RandomScorer)
+
+
+def needs_every_pair(config: RunConfig, scorers: list[Scorer]) -> bool:
+    """Whether some row of the run reads training pairs outside the candidate pool (full, random, the random
+    baselines), so the training split's reference pass covers every pair; else it covers the pool alone."""
+    return (config.score_share >= 1 or config.full or not all(scores_pool(s) for s in scorers)
+            or bool({"random+validation", "random-kto"} & set(config.baseline_arms())))
+
+
+def candidate_pool(pair_ids, share: float, seed: int) -> np.ndarray:
+    """The candidate pool's rows (ascending): round(share · n) training pairs drawn by a seeded hash of their pair_id,
+    the same for every method of the seed (RunConfig.score_share)."""
+    keys = [f"pool:{key}" for key in pair_ids]
+    return np.sort(hash_order(keys, seed)[: max(1, round(share * len(keys)))])
+
+
+def spread(scores: dict[str, np.ndarray], rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """A candidate pool's score columns over the whole training split: NaN outside the pool, so a budget never
+    selects there."""
+    out = {}
+    for name, values in scores.items():
+        if name != "pair_id":
+            out[name] = np.full(n, np.nan)
+            out[name][rows] = values
+    return out
+
+
 def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Resources, judge: Judge | None,
              baseline_answers: list[str] | None, log, quiet: bool = False, results_dir: Path | None = None
              ) -> list[dict]:
     """Steps 1-6 under one training seed: warm-up, validation model, scores, then every subset from every start;
     the seed's files go under `results_dir` (default config.out)/seed-S. Each record's `compute` is the seconds its
     parts were measured to cost (pipeline.accounting), `pair_passes` their nominal count. A row whose training
-    moved nothing is a record marked `status: "not trained"` with its `note`, and nothing else measured."""
+    moved nothing is a record marked `status: "not trained"` with its `note`, and nothing else measured.
+
+    With score_share < 1 the seed draws its candidate pool: the warm-up trains on pairs of it, every method but
+    random scores it alone (scores NaN elsewhere, so its budgets select there; seed-S/scores/ holds the pool's), and
+    the training split's reference pass covers the pool alone unless a row (full, random, a random baseline) reads
+    the other pairs. A method scoring the pool is charged the pool's reference pass and its passes over the pool."""
     out = Path(results_dir or config.out) / f"seed-{config.seed}"
     scorers = parse_methods(config.methods)
     resources = template.for_seed(config.seed)
     train_data = splits.train
     n_train = len(train_data.pairs)
-    ref_train = resources.logps("reference")
+    pool = (candidate_pool(train_data.pairs["pair_id"], config.score_share, config.seed)
+            if config.score_share < 1 else None)
+    every_pair = needs_every_pair(config, scorers)
+    pool_resources: Resources | None = None
+    n_base = None  # the usable training pairs a budget is a share of, when ref_train covers the pool alone
+    if pool is None or every_pair:
+        ref_train = resources.logps("reference")
+    if pool is not None:
+        pool_data = subset(train_data, pool)
+        # the pool's reference log-probs: taken from the whole split's pass, or its own pass over the pool alone
+        pool_resources = resources.over(pool_data, rows=pool if every_pair else None)
+        ref_pool = pool_resources.logps("reference")
+        n_pool_usable = int((~np.isnan(ref_pool[:, 0])).sum())
+        if not n_pool_usable:
+            raise ConfigError(f"every pair of the candidate pool ({len(pool)} pairs) has a prompt that fills "
+                              f"max_length={config.engine.max_length}: raise max_length or score_share")
+        if not every_pair:
+            ref_train = np.full((n_train, 2), np.nan)
+            ref_train[pool] = ref_pool
+            n_base = round(n_train * n_pool_usable / len(pool))  # the pool's usable share of every pair
+        log(f"candidate pool: {len(pool)} of {n_train} training pairs (score_share {config.score_share:g}), "
+            f"{n_pool_usable} usable; the reference pass covers "
+            + ("every training pair (a row reads the others)" if every_pair else "the pool alone"))
     has_test = splits.test is not None and len(splits.test.pairs) > 0
     ref_test = resources.logps("reference", pairs=splits.test, tag="test-reference") if has_test else None
     starts = ("warmup", "reference") if config.start_from == "both" else (config.start_from,)
@@ -429,29 +508,56 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     warmup = None
     if needs & {"policy", "validation"} or "warmup" in starts:
         warmup, timings["warmup"], cpu_timings["warmup"] = train_warmup(config, base, train_data, ref_train, out,
-                                                                        log)
+                                                                        log, pool)
         resources.add("policy", warmup, stages={"warmup": timings["warmup"]})
     if "validation" in needs:
         validation, timings["validation"], cpu_timings["validation"] = train_validation_model(
             config, warmup, splits.validation, ref_val, out, log)
         resources.add("validation", validation, stages=dict(timings))
-    # Step 3, the one score path: the same stage as `prefsift score`, every method over one provider.
-    began, cpu = time.perf_counter(), time.process_time()
-    scored: ScoreResult = score_pairs(train_data, scorers, resources, out / "scores")
-    # the score stage times each method's share in wall seconds; its CPU seconds are split in the same proportion
-    cpu_share = (time.process_time() - cpu) / max(time.perf_counter() - began, 1e-9)
-    scoring = scoring_seconds(scored, resources, scorers)
+    # Step 3, the one score path: the same stage as `prefsift score`, every method over one provider (the pool's
+    # for the methods that score a candidate pool).
+    pooled = [s for s in scorers if pool is not None and scores_pool(s)]
+    stages = [(train_data, [s for s in scorers if s not in pooled], resources)]
+    if pooled:
+        stages.insert(0, (pool_data, pooled, pool_resources))
+    scores: dict[str, np.ndarray] = {}
+    scoring: dict[str, float] = {}
+    scoring_cpu: dict[str, float] = {}
+    for data, group, provider in stages:
+        if not group:
+            continue
+        began, cpu = time.perf_counter(), time.process_time()
+        scored: ScoreResult = score_pairs(data, group, provider, out / "scores" if data is stages[0][0] else None)
+        # the score stage times each method's share in wall seconds; its CPU seconds are split in the same proportion
+        cpu_share = (time.process_time() - cpu) / max(time.perf_counter() - began, 1e-9)
+        wall = scoring_seconds(scored, provider, group)
+        scoring |= wall
+        scoring_cpu |= {m: v * cpu_share for m, v in wall.items()}
+        if data is train_data:
+            scores = {**scored.scores, **scores}
+        else:
+            scores = {"pair_id": np.asarray(train_data.pairs["pair_id"], dtype=object), **scores,
+                      **spread(scored.scores, pool, n_train)}
     # a pass the log-prob cache kept is charged what it cost when computed (Resources.charged)
-    reference_cost = resources.charged["reference"]
+    reference_cost = (resources if pool_resources is None or every_pair else pool_resources).charged["reference"]
     validation_cost = resources.charged.get("validation-reference", (0.0, 0.0))  # (0, 0): no validation pass
+    reference_rows = None if pool is None or every_pair else len(pool)
     measured = Measured(reference=reference_cost[0], validation_reference=validation_cost[0],
                         warmup=timings.get("warmup", 0.0), validation=timings.get("validation", 0.0),
-                        scoring=scoring)
+                        scoring=scoring, reference_rows=reference_rows)
     measured_cpu = Measured(reference=reference_cost[1], validation_reference=validation_cost[1],
                             warmup=cpu_timings.get("warmup", 0.0), validation=cpu_timings.get("validation", 0.0),
-                            scoring={m: v * cpu_share for m, v in scoring.items()})
+                            scoring=scoring_cpu, reference_rows=reference_rows)
     plans = [Plan("full", None, "full", 1.0)] if config.full else []
-    levels = budgets(config, scored.scores, n_train, log)
+    levels = budgets(config, scores, n_train, log, None if pool is None else len(pool))
+    if pooled:  # every budget of a pooled method must fit the pool's usable pairs
+        base_count = n_base if n_base is not None else int((~np.isnan(ref_train[:, 0])).sum())
+        for label, fraction, count in levels:
+            k = budget_count(base_count, fraction, count)
+            if k > n_pool_usable:
+                raise ConfigError(f"the budget {label} selects {k} pairs, more than the {n_pool_usable} usable pairs "
+                                  f"of the candidate pool ({len(pool)} of {n_train} training pairs, score_share "
+                                  f"{config.score_share:g}): raise score_share or lower the fraction")
     plans += [Plan(s.name, s, b, f, c) for b, f, c in levels for s in scorers]
     n_validation = len(splits.validation.pairs)
     if "validation-only" in baselines:
@@ -462,17 +568,21 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     for start in starts:
         start_model = warmup if start == "warmup" else base
         for plan in plans:
-            record, data = train_and_evaluate(config, plan, start_model, base, splits, scored.scores, ref_train,
+            scorer = plan.scorer
+            n_scored = len(pool) if scorer is not None and scorer in pooled else None
+            record, data = train_and_evaluate(config, plan, start_model, base, splits, scores, ref_train,
                                               ref_test, judge, baseline_answers, log, start=start, seed_dir=out,
-                                              quiet=quiet, ref_val=ref_val)
+                                              quiet=quiet, ref_val=ref_val, n_usable=n_base, n_scored=n_scored)
             if record.get("status") == NOT_TRAINED:  # kept as marked, with no compute or metrics to summarize
                 records.append({"seed": config.seed, "start_from": start, **record})
                 continue
-            scorer = plan.scorer
             arm = Arm(needs=tuple(scorer.needs) if scorer is not None else (), kto=data.algo == "kto", start=start,
                       n_subset=len(data.rows) if data.algo == "dpo" else record["n_pairs"],
                       n_validation_pairs=data.n_validation_pairs,
-                      extra_passes=scorer.compute_passes(n_train, n_validation) if scorer is not None else 0.0)
+                      extra_passes=(scorer.compute_passes(n_train if n_scored is None else n_scored, n_validation)
+                                    if scorer is not None else 0.0),
+                      # the pool's pass is all a row has when no row reads the others (validation-only's warm-up)
+                      n_scored=n_scored if n_scored is not None or every_pair or pool is None else len(pool))
             units = pair_passes(config, arm, n_train, n_warmup, n_validation)
             wall, cpu = record.pop("train_seconds"), record.pop("train_cpu_seconds")
             parts = measured_compute(arm, measured, plan.name, wall, n_train)
@@ -603,12 +713,16 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
         sources["embedder"] = CausalEmbedder.of(base)
     template = Resources(splits.train, engine, sources, out_dir=out, seed=config.seed,
                          trust_remote_code=config.trust_remote_code, allow_dropped=config.allow_dropped)
-    dropped = np.isnan(template.logps("reference")[:, 0])
-    if dropped.all():
-        raise ConfigError(f"every training pair's prompt fills max_length={engine.max_length}: raise max_length")
-    if dropped.any():
-        log(f"{int(dropped.sum())} of {n_train} training pairs have a prompt longer than max_length: TRL drops them, "
-            f"so does every subset ({int((~dropped).sum())} usable)")
+    if needs_every_pair(config, parse_methods(config.methods)):
+        dropped = np.isnan(template.logps("reference")[:, 0])
+        if dropped.all():
+            raise ConfigError(f"every training pair's prompt fills max_length={engine.max_length}: raise max_length")
+        if dropped.any():
+            log(f"{int(dropped.sum())} of {n_train} training pairs have a prompt longer than max_length: TRL drops "
+                f"them, so does every subset ({int((~dropped).sum())} usable)")
+    else:  # every row selects from a candidate pool: each seed's reference pass covers its pool alone (run_seed)
+        log(f"each seed scores a candidate pool of {max(1, round(config.score_share * n_train))} training pairs "
+            f"(score_share {config.score_share:g}); no row reads the others")
     if has_test:  # the accuracies cover the test pairs that fit: the minimum is checked again on those
         test_dropped = int(np.isnan(template.logps("reference", pairs=splits.test, tag="test-reference")[:, 0]).sum())
         if test_dropped:
@@ -642,5 +756,7 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     write_manifest(results_dir, "run", {"config": asdict(config), "data_hash": splits.train.data_hash,
                                         "model": base.source, "model_fingerprint": base.fingerprint,
                                         "n_held_out_prompts_removed": splits.n_held_out_prompts_removed,
+                                        **({"n_scored": max(1, round(config.score_share * n_train))}
+                                           if config.score_share < 1 else {}),
                                         "seconds": time.perf_counter() - start})
     return {"records": records, "summary": summary, "not_trained": not_trained}

@@ -503,6 +503,8 @@ _LEVERS = {"paper": "the paper's (warm-up 1 epoch on all pairs, 3 validation epo
            "warmup-0.1-val1-lora": "`warmup_fraction: 0.1`, `validation_epochs: 1`, `validation_lora: true`",
            "continue-warmup-0.25": "`warmup_fraction: 0.25`, subsets continue from the warm-up (against full from "
                                    "the SFT model)",
+           "pool-0.3-warmup-0.1-val1": "`score_share: 0.3` (a candidate pool of 30% scored), `warmup_fraction: "
+                                       "0.1`, `validation_epochs: 1`",
            "continue-warmup-0.1-val1": "`warmup_fraction: 0.1`, `validation_epochs: 1`, subsets continue from the "
                                        "warm-up (against full from the SFT model)"}
 
@@ -535,7 +537,8 @@ def levers_table(path: Path) -> str:
     ks = [setting["epoch_in_reference_passes"] for setting in r["settings"]]
     # the rule's share of the pairs, as the `random` row at it trained (its subset is the rule's size)
     sizes = [x["n_pairs"] for setting in r["settings"] for x in setting["rows"]
-             if x["method"] == "random" and x["budget"].endswith("rule") and x["start_from"] == "reference"]
+             if x["method"] == "random" and x["budget"].endswith("rule") and x["start_from"] == "reference"
+             and setting["overrides"].get("score_share", 1.0) == 1.0]  # a pool's rule keeps a share of the pool
     share = sum(sizes) / len(sizes) / r["demo"]["task"]["n_train"]
     tail = (f"\nThe floor under every setting, in nominal pair passes (a forward pass a pair, a training step three): "
             f"the reference pass and the two scoring passes (θ and θ_val over every training pair) are 3 passes a pair "

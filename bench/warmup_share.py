@@ -40,7 +40,7 @@ from prefsift.synthetic.task import OracleJudge, make_task
 
 # name -> RunConfig overrides on top of the demo's recipe (warm-up 1 epoch on all pairs, validation 3 epochs)
 SETTINGS: dict[str, dict] = {
-    "paper": {},
+    "paper": {"warmup_fraction": 1.0, "validation_epochs": 3.0},  # the TIF paper's, whatever RunConfig's defaults
     "warmup-0.25": {"warmup_fraction": 0.25},
     "warmup-0.1": {"warmup_fraction": 0.1},
     "warmup-0.25-val1": {"warmup_fraction": 0.25, "validation_epochs": 1.0},

@@ -87,19 +87,32 @@ def main() -> None:
                         help="the subsets' starting model(s) (DemoConfig.start_from)")
     parser.add_argument("--task", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of the synthetic task (TaskConfig), e.g. validation_shift=family; repeatable")
+    parser.add_argument("--fractions", default=None, help="comma-separated budgets (DemoConfig.fractions)")
+    parser.add_argument("--validation-epochs", type=float, default=DemoConfig.validation_epochs)
+    parser.add_argument("--score-share", type=float, default=1.0,
+                        help="a candidate pool of this share of the training pairs (RunConfig.score_share)")
     args = parser.parse_args()
     task = task_options(args.task)
     methods = list(ALL_METHODS) if args.all else DemoConfig().methods
     if args.methods:
         methods = [TIF_AT_A_BUDGET if m.strip() == "tif" else m.strip() for m in args.methods.split(",")]
-    config = DemoConfig(task=task, seeds=args.seeds, methods=methods, start_from=args.start_from)
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else DemoConfig().fractions
+    except ValueError:
+        sys.exit(f"error: --fractions takes comma-separated numbers, got {args.fractions!r}")
+    config = DemoConfig(task=task, seeds=args.seeds, methods=methods, start_from=args.start_from, fractions=fractions,
+                        validation_epochs=args.validation_epochs, score_share=args.score_share)
     code, changed, start = commit(), uncommitted(), time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         results = run_demo(Path(out), seed=args.seed, config=config)
     command = (f"python bench/demo.py --seed {args.seed} --seeds {args.seeds}" + (" --all" if args.all else "")
                + (f" --methods {args.methods}" if args.methods else "")
                + (f" --start-from {args.start_from}" if args.start_from != DemoConfig.start_from else "")
-               + "".join(f" --task {t}" for t in args.task))
+               + "".join(f" --task {t}" for t in args.task)
+               + (f" --fractions {args.fractions}" if args.fractions else "")
+               + (f" --validation-epochs {args.validation_epochs:g}"
+                  if args.validation_epochs != DemoConfig.validation_epochs else "")
+               + (f" --score-share {args.score_share:g}" if args.score_share != 1.0 else ""))
     record = {"command": command, "commit": code, "uncommitted": changed, "config": asdict(config),
               "machine": machine(), "wall_seconds": round(time.perf_counter() - start, 1), **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,8 @@ class DemoConfig:
                                       metadata={"help": "Methods compared (`prefsift demo --all`: ALL_METHODS)."})
     fractions: list[float] = field(default_factory=lambda: [0.1], metadata={"help": "Budgets besides the "
                                                                                      "LossDiff-IRM rule's own."})
+    score_share: float = field(default=1.0, metadata={"help": "Share of the training pairs scored: a candidate pool "
+                                                               "the methods pick from (RunConfig.score_share)."})
     max_new_tokens: int = field(default=8, metadata={"help": "Generation budget of an answer."})
     baselines: str | None = field(default=None, metadata={"help": "Baseline arms (RunConfig.baselines); None: "
                                                                    "validation-only and random+validation, and "
@@ -117,6 +119,7 @@ def _run(out: Path, seed: int, config: DemoConfig, log) -> dict:
                            train=config.train, engine=config.engine, seed=seed,
                            warmup_epochs=config.warmup_epochs, validation_epochs=config.validation_epochs,
                            start_from=config.start_from, seeds=config.seeds, baselines=config.baseline_arms(),
+                           score_share=config.score_share,
                            eval=EvalConfig(max_new_tokens=config.max_new_tokens, batch_size=256,
                                            eval_prompts=max(1, len(task.eval_prompts))))
     results = run_pipeline(run_config, splits=splits, base=base, judge=OracleJudge(task), log=log, quiet=True)

@@ -449,7 +449,50 @@ def table(directory: Path, cost: Path | None = None) -> str:
     commands = sorted({c.get("command") or command_of(c["protocol"], c["fold"], c["seed"]) for c in cells}) or [
         "python bench/hh_crossfit.py --folds 0,1,2 --seeds 0,1"]
     command = ", ".join(f"`{c}`" for c in commands) + f" (protocol `{directory.name}`)"
-    return table_of(aggregate(cells), command, cost)
+    partial = partial_cells(directory)
+    return table_of(aggregate(cells), command, cost) + (f"\n{partial}\n" if partial else "")
+
+
+def partial_cells(directory: Path) -> str:
+    """What the unfinished cells of `directory` hold so far: each one's finished arms (accuracy over its fold's test
+    pairs with the interval over those items, DPO loss, compute against its full arm) and, once `full` is done, the
+    gate against SFT. One seed of one fold is no comparison: the table pools finished cells only."""
+    finished = {(c["fold"], c["seed"]) for c in load_cells(directory)} if directory.is_dir() else set()
+    blocks = []
+    for cell in sorted((directory / "partial").glob("fold*-seed*")) if directory.is_dir() else []:
+        fold, seed = (int(x) for x in cell.name.removeprefix("fold").split("-seed"))
+        if (fold, seed) in finished:
+            continue
+        arms = {p.stem: json.loads(p.read_text()) for p in sorted(cell.glob("*.json")) if p.stem != "stages"}
+        if not arms:
+            continue
+        from prefsift.stats import estimate
+
+        order = ["full", *METHODS]
+        lines = [f"Unfinished cell fold {fold}, seed {seed}: {len(arms)} of {len(order)} arms done so far "
+                 f"(`bench/results/hh-crossfit/{directory.name}/partial/{cell.name}/`; a rerun of its command resumes "
+                 "there). One fold and one seed: intervals over its test pairs only, and no arm is compared with "
+                 "another here.", ""]
+        full = arms.get("full")
+        if full is not None:
+            outcomes = np.asarray([np.nan if x is None else x for x in full["pref_outcomes"]], float)
+            gate = _gate(outcomes[~np.isnan(outcomes)], np.full(int((~np.isnan(outcomes)).sum()), 0.5))
+            lines.append(f"Gate: full − SFT held-out accuracy {gate['difference']:+.3f} [{gate['low']:+.3f}, "
+                         f"{gate['high']:+.3f}] over {int((~np.isnan(outcomes)).sum())} test pairs, one-sided p "
+                         f"{gate['p']:.3g}: "
+                         + ("full beats SFT." if gate["passed"] else "**full does not beat SFT**."))
+            lines.append("")
+        lines += ["| arm | pairs | accuracy | DPO loss | seconds × full | train s / pair |",
+                  "|---|---|---|---|---|---|"]
+        for name in [a for a in order if a in arms]:
+            arm = arms[name]
+            outcomes = np.asarray([np.nan if x is None else x for x in arm["pref_outcomes"]], float)
+            interval = estimate(np.atleast_2d(outcomes)).interval()
+            ratio = f"{arm['seconds'] / full['seconds']:.3f}" if full is not None else "–"
+            lines.append(f"| {name} | {arm['n_pairs']} | {interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
+                         f" | {arm['dpo_loss']:.4f} | {ratio} | {arm['train_seconds'] / max(arm['n_pairs'], 1):.2f} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def command_of(protocol: dict, fold: int, seed: int) -> str:

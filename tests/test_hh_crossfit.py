@@ -118,6 +118,36 @@ def test_aggregation_with_no_cell_says_n_0(tmp_path):
     assert text.startswith("n = 0: no (fold, seed) cell")
 
 
+def test_an_unfinished_cell_shows_its_finished_arms_and_the_gate(tmp_path):
+    """A killed or running cell's finished arms render beside n = 0: each arm's accuracy with the interval over its
+    test pairs (a closed form: mean ± t·sd/√n of the outcomes), and the gate once `full` is done; a cell that has
+    finished is shown by the table only."""
+    rng = np.random.default_rng(4)
+    full = (rng.random(400) < 0.65).astype(float)
+    arm = (rng.random(400) < 0.6).astype(float)
+    partial = tmp_path / "lora" / "partial" / "fold1-seed0"
+    partial.mkdir(parents=True)
+
+    def record(name, outcomes, seconds):
+        return {"arm": name, "n_pairs": 100, "pref_outcomes": [None, *outcomes.tolist()], "dpo_loss": 0.6,
+                "seconds": seconds, "train_seconds": 50.0}
+
+    (partial / "full.json").write_text(json.dumps(record("full", full, 200.0)))
+    (partial / "random.json").write_text(json.dumps(record("random", arm, 50.0)))
+    (partial / "stages.json").write_text("{}")
+    text = hh_crossfit.table(tmp_path / "lora")
+    assert text.startswith("n = 0") and "Unfinished cell fold 1, seed 0: 2 of 7 arms" in text
+    half = scipy_stats.t.ppf(0.975, 399) * arm.std(ddof=1) / np.sqrt(400)
+    assert f"| random | 100 | {arm.mean():.3f} [{arm.mean() - half:.3f}, {arm.mean() + half:.3f}] | 0.6000 | 0.250 |" \
+        in text
+    one_sided = scipy_stats.ttest_1samp(full, 0.5, alternative="greater")
+    assert f"Gate: full − SFT held-out accuracy {full.mean() - 0.5:+.3f}" in text and "over 400 test pairs" in text
+    assert one_sided.pvalue < 0.001 and "full beats SFT." in text
+    # the cell finished: its partial arms are not shown
+    (tmp_path / "lora" / "fold1-seed0.json").write_text(json.dumps({"fold": 1, "seed": 0}))
+    assert "Unfinished" not in hh_crossfit.partial_cells(tmp_path / "lora")
+
+
 def test_bad_options_exit_2_with_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         hh_crossfit.main(["--folds", "0,3"])

@@ -96,6 +96,13 @@ def selection_rules(record: dict) -> str:
             "random-kto": "`random-kto` random completions trained with KTO (ISA's training, beside it)"}
     present = {r["method"] for r in record["summary"]}
     parts += [text for arm, text in arms.items() if arm in present]
+    pooled = {(r["method"], r["n_scored"]) for r in record.get("records", []) if r.get("score_share", 1.0) < 1}
+    if pooled:  # RunConfig.score_share: these methods picked from a seeded candidate pool, random from every pair
+        n_usable = max(r.get("n_usable", 0) for r in record["records"])
+        parts.append(f"{', '.join(sorted(f'`{m}`' for m, _ in pooled))} picked from each seed's random candidate "
+                     f"pool of {', '.join(sorted({str(n) for _, n in pooled}))} of the {n_usable} training pairs "
+                     f"(`score_share`), its rule's share a share of the pool; `random` and the baselines from every "
+                     f"pair")
     return "\nSelection rules of the rows, at every budget: " + "; ".join(parts) + ".\n"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -76,16 +77,35 @@ def passes(monkeypatch):
     return count_passes(monkeypatch)
 
 
-def test_a_share_of_one_changes_nothing(task_and_model, tmp_path, one_thread):
-    default = run(task_and_model, tmp_path / "default")["records"]
-    explicit = run(task_and_model, tmp_path / "one", score_share=1.0)["records"]
-    for slug in ("full", "random-0.25", "irm-0.25", "lossdiff-irm-0.25"):
-        assert selected(tmp_path / "default", 0, slug) == selected(tmp_path / "one", 0, slug)
-    assert scored_ids(tmp_path / "one", 0) == scored_ids(tmp_path / "default", 0)  # every training pair scored
-    for a, b in zip(default, explicit, strict=True):
-        assert (a["method"], a["n_pairs"], a["n_usable"], a["pair_pass_parts"]) == (
-            b["method"], b["n_pairs"], b["n_usable"], b["pair_pass_parts"])
-        assert "n_scored" not in a and "n_scored" not in b
+def test_a_share_of_one_scores_every_pair(task_and_model, tmp_path, one_thread):
+    """score_share 1 (the default) is the pipeline without a pool: every training pair scored and selectable, and
+    each row's pair passes the closed form over all n = 120 (a score's reference pass and its θ / θ_val passes over
+    every pair, the warm-up on warmup_fraction · n, θ_val on the validation pairs)."""
+    splits, _ = task_and_model
+    out = tmp_path / "one"
+    records = {r["method"]: r for r in run(task_and_model, out, score_share=1.0)["records"]}
+    train_ids = list(splits.train.pairs["pair_id"])
+    assert scored_ids(out, 0) == train_ids
+    n, k, n_warmup = N_TRAIN, round(0.25 * N_TRAIN), round(0.1 * N_TRAIN)
+    validation = 3 * N_VALIDATION + N_VALIDATION
+    expected = {"full": {"reference": n, "train": 3 * n, "scoring": 0},
+                "random": {"reference": k, "train": 3 * k, "scoring": 0},
+                "irm": {"reference": n, "train": 3 * k, "warmup": 3 * n_warmup, "scoring": n},
+                "lossdiff-irm": {"reference": n, "train": 3 * k, "warmup": 3 * n_warmup, "validation": validation,
+                                 "scoring": 2 * n}}
+    assert set(records) == set(expected)
+    for method, parts in expected.items():
+        record = records[method]
+        assert record["pair_pass_parts"] == parts, method
+        assert (record["n_usable"], record["n_pairs"]) == (n, n if method == "full" else k)
+        assert "n_scored" not in record and "score_share" not in record
+    from prefsift.select import select_indices
+
+    scores = pq.read_table(out / "seed-0" / "scores" / "scores.parquet").to_pydict()
+    # irm's band of k around its middle, over every pair's scores
+    rows = select_indices({"pair_id": scores["pair_id"], "irm": np.asarray(scores["irm"])}, "band", column="irm",
+                          count=k)
+    assert set(selected(out, 0, "irm-0.25")) == {scores["pair_id"][i] for i in rows}
 
 
 def test_scored_methods_select_from_a_seeded_pool_scored_alone(task_and_model, tmp_path, passes, monkeypatch,
@@ -131,13 +151,27 @@ def test_scored_methods_select_from_a_seeded_pool_scored_alone(task_and_model, t
     assert manifest["config"]["score_share"] == 0.5 and manifest["n_scored"] == 60
 
     # the same seed draws the same pool; with scored methods alone, the reference pass covers the pool alone
+    from prefsift.resources import Resources
+
+    views: list[Resources] = []  # the pool's providers: the one whose reference pass covers the pool alone
+    over = Resources.over
+
+    def recorded_over(self, pairs, rows=None):
+        views.append(over(self, pairs, rows))
+        return views[-1]
+
+    monkeypatch.setattr(Resources, "over", recorded_over)
     again, before = tmp_path / "again", len(passes)
     (record,) = run(task_and_model, again, score_share=0.5, methods=["irm"], full=False)["records"]
     assert scored_ids(again, 0) == pools[0] and set(selected(again, 0, "irm-0.25")) <= set(pools[0])
     assert [ids for desc, ids in passes[before:] if desc in ("reference log-probs", "policy log-probs")] == [
         pools[0], pools[0]]
     assert record["n_pairs"] == 30 and record["n_usable"] == 120  # still 0.25 of every training pair
-    assert record["pair_pass_parts"]["reference"] == 60 and record["compute_parts"]["reference"] > 0
+    assert record["pair_pass_parts"]["reference"] == 60
+    # the row is charged the seconds the pool's own pass measured: all of them, neither prorated again nor zero
+    (view,) = views
+    pool_seconds = view.charged["reference"][0]
+    assert pool_seconds > 0 and record["compute_parts"]["reference"] == round(pool_seconds, 3)
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -181,9 +215,6 @@ def test_a_pooled_row_is_charged_the_pool_alone(task_and_model, tmp_path, one_th
 @pytest.mark.parametrize(("values", "says"), [
     ({"score_share": 0}, "score_share must be > 0"),
     ({"score_share": 1.5}, "score_share must be <= 1"),
-    ({"score_share": 0.3, "fractions": [0.1, 0.5]}, "fractions: 0.5 of the training pairs cannot be selected from a "
-                                                    "candidate pool of 0.3"),
-    ({"score_share": 0.05, "fractions": [0.05]}, "warmup_fraction 0.1 exceeds score_share 0.05"),
 ])
 def test_a_share_out_of_range_is_refused_in_one_line(tmp_path, values, says):
     from prefsift.pipeline import load_run_config
@@ -191,24 +222,102 @@ def test_a_share_out_of_range_is_refused_in_one_line(tmp_path, values, says):
     with pytest.raises(ConfigError) as error:
         load_run_config({"data": "d", "model": "m", **values}, "run.yaml")
     assert says in str(error.value) and "\n" not in str(error.value)
-    with pytest.raises(ConfigError, match=says.split(":")[0]):
+    with pytest.raises(ConfigError, match=says):
         RunConfig(data="d", model="m", **values)
 
 
-def test_a_budget_beyond_the_pools_usable_pairs_is_refused(task_and_model, tmp_path, one_thread):
+@pytest.mark.parametrize(("values", "says"), [
+    ({"score_share": 0.3, "fractions": [0.1, 0.5]}, "fractions: 0.5 of the training pairs cannot be selected from a "
+                                                    "candidate pool of 0.3"),
+    ({"score_share": 0.3, "fractions": [0.5], "methods": ["random", "density"], "start_from": "reference"},
+     "fractions: 0.5 of the training pairs cannot be selected"),  # density selects from the pool
+    ({"score_share": 0.05, "fractions": [0.05]}, "warmup_fraction 0.1 exceeds score_share 0.05"),  # irm needs θ
+    ({"score_share": 0.05, "fractions": [0.05], "methods": ["density"]},  # its rows start from the warm-up
+     "warmup_fraction 0.1 exceeds score_share 0.05"),
+    ({"score_share": 0.05, "fractions": [0.05], "methods": ["density"], "start_from": "both"},
+     "warmup_fraction 0.1 exceeds score_share 0.05"),
+])
+def test_a_pool_its_methods_cannot_use_is_refused_in_one_line(tmp_path, values, says):
+    """A pooled method's fraction beyond the pool, or a warm-up trained on more pairs than it holds: refused where
+    the methods are parsed (the YAML's load, and run_pipeline before anything loads), in one line."""
+    from prefsift.pipeline import load_run_config, run_pipeline
+
+    with pytest.raises(ConfigError) as error:
+        load_run_config({"data": "d", "model": "m", **values}, "run.yaml")
+    assert says in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match=says.split(":")[0]):
+        run_pipeline(RunConfig(data="d", model="m", out=str(tmp_path / "run"), **values), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("values", [
+    # no warm-up is trained (no row starts from it, density needs no θ): the pool need not hold its pairs
+    {"score_share": 0.05, "fractions": [0.05], "methods": ["density"], "start_from": "reference"},
+    # random draws from every pair, whatever the pool: its fraction may exceed score_share
+    {"score_share": 0.3, "fractions": [0.5], "methods": ["random"]},
+    {"score_share": 0.3, "fractions": [0.5], "methods": ["random"], "start_from": "reference"},
+])
+def test_a_pool_its_methods_can_use_is_accepted(values):
+    from prefsift.pipeline import load_run_config
+    from prefsift.pipeline.run import check_pool_config
+    from prefsift.scorers import parse_methods
+
+    config = load_run_config({"data": "d", "model": "m", **values}, "run.yaml")
+    assert config.score_share == values["score_share"]
+    check_pool_config(RunConfig(data="d", model="m", **values), parse_methods(values["methods"]))
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_a_budget_beyond_the_pools_usable_pairs_is_refused(task_and_model, tmp_path, monkeypatch, one_thread, full):
     """max_length 11 drops the 27 training pairs whose prompt fills it (93 usable); seed 1's pool of 36 holds 27
-    usable pairs, fewer than 0.3 of the 93. With the whole split's reference pass (a full row) that budget is refused
-    in one line; with the pool's alone, a budget is a share of the pool's usable share of every pair (27 of 36 → 90
-    of 120), which the pool fits."""
+    usable pairs, fewer than 0.3 of the 93. Whether or not a full row makes the reference pass cover every pair, a
+    budget is a share of the 93 (the tokenizer counts them when no pass covers every pair), and that budget is
+    refused in one line: with seeds 0 and 1, before seed 0 trains anything. A budget the pool fits is trained."""
+    import prefsift.pipeline.run
+
+    trainings: list[str] = []
+    trained_copy = prefsift.pipeline.run.trained_copy
+
+    def recorded(parent, tag, *args, **kwargs):
+        trainings.append(tag)
+        return trained_copy(parent, tag, *args, **kwargs)
+
+    monkeypatch.setattr(prefsift.pipeline.run, "trained_copy", recorded)
     engine = EngineConfig(beta=0.5, max_length=11, dtype="float32", threads=1)
     with pytest.raises(ConfigError) as error:
-        run(task_and_model, tmp_path / "mixed", score_share=0.3, fractions=[0.3], methods=["irm"], seed=1,
-            engine=engine)
-    assert str(error.value) == ("the budget 0.3 selects 28 pairs, more than the 27 usable pairs of the candidate pool "
-                                "(36 of 120 training pairs, score_share 0.3): raise score_share or lower the fraction")
-    (record,) = run(task_and_model, tmp_path / "alone", score_share=0.3, fractions=[0.3], methods=["irm"], seed=1,
-                    engine=engine, full=False)["records"]
-    assert (record["n_usable"], record["n_pairs"], record["n_scored"]) == (90, 27, 36)
+        run(task_and_model, tmp_path / "refused", score_share=0.3, fractions=[0.2, 0.3], methods=["irm"], seeds=2,
+            engine=engine, full=full)
+    assert str(error.value) == ("the budget 0.3 selects 28 pairs, more than the 27 usable pairs of seed 1's candidate "
+                                "pool (36 of 120 training pairs, score_share 0.3): raise score_share or lower the "
+                                "fraction")
+    assert trainings == []  # refused before any warm-up, of either seed
+    records = {r["method"]: r for r in run(task_and_model, tmp_path / "fits", score_share=0.3, fractions=[0.25],
+                                           methods=["irm"], seed=1, engine=engine, full=full)["records"]}
+    assert (records["irm"]["n_usable"], records["irm"]["n_pairs"], records["irm"]["n_scored"]) == (93, 23, 36)
+    if full:
+        assert records["full"]["n_pairs"] == 93
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_isa_with_kto_selects_a_share_of_every_usable_pair_from_the_pool(task_and_model, tmp_path, one_thread,
+                                                                         full):
+    """ISA trained with KTO keeps completions of the pool: at a budget of 0.25, twice 0.25 of all 120 training pairs
+    (as many as random-kto draws from every pair), not twice 0.25 of the pool's 36, whether or not a row reads every
+    pair."""
+    out = tmp_path / "run"
+    results = run(task_and_model, out, score_share=0.3, methods=[{"name": "isa", "train_with": "kto"}], full=full,
+                  baselines="random-kto" if full else "")
+    records = {r["method"]: r for r in results["records"]}
+    k = round(0.25 * N_TRAIN)
+    isa = records["isa"]
+    assert (isa["algo"], isa["n_completions"], isa["n_pairs"]) == ("kto", 2 * k, k)
+    assert (isa["n_usable"], isa["n_scored"]) == (N_TRAIN, round(0.3 * N_TRAIN))
+    pool = set(scored_ids(out, 0))
+    assert len(pool) == round(0.3 * N_TRAIN)
+    kept = {pid.rsplit(":", 1)[0] for pid in selected(out, 0, "isa-0.25")}
+    assert kept <= pool
+    if full:
+        assert records["random-kto"]["n_completions"] == isa["n_completions"]
 
 
 def test_each_pool_has_its_own_reference_pass(task_and_model, tmp_path, monkeypatch, one_thread):

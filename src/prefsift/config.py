@@ -196,7 +196,8 @@ class RunConfig(Checked):
     score_share: float = option(1.0, "Share of the training pairs scored: a seeded random draw (the candidate pool) "
                                      "from which every scored method's budget selects; < 1 saves the reference and "
                                      "scoring passes over the rest. A fractional budget stays a share of all "
-                                     "training pairs, so it must not exceed score_share; a rule's own share (e.g. "
+                                     "usable training pairs, so a pooled method's must not exceed score_share (nor "
+                                     "may warmup_fraction when a warm-up is trained); a rule's own share (e.g. "
                                      "lossdiff-irm's band rule) is a share of the pool.", low=0, low_open=True, high=1)
     validation_epochs: float = option(1.0, "Epochs of DPO on validation from θ.", low=0, low_open=True)
     validation_lora: bool = option(False, "Train θ_val as a LoRA adapter on the warm-up model (merged after): "
@@ -255,14 +256,8 @@ class RunConfig(Checked):
             raise ConfigError(f"checkpoint_shares: each once (got {self.checkpoint_shares})")
         if not self.fractions and not self.rule_share:
             raise ConfigError("fractions is empty and rule_share is off: no budget to compare methods at")
-        if self.score_share < 1 and self.fractions and max(self.fractions) > self.score_share:
-            raise ConfigError(f"fractions: {max(self.fractions):g} of the training pairs cannot be selected from a "
-                              f"candidate pool of {self.score_share:g} of them (score_share): raise score_share or "
-                              "lower the fraction")
-        if self.warmup_fraction > self.score_share:
-            raise ConfigError(f"warmup_fraction {self.warmup_fraction:g} exceeds score_share {self.score_share:g}: the "
-                              "warm-up trains on pairs of the candidate pool; raise score_share or lower "
-                              "warmup_fraction")
+        # score_share against fractions and warmup_fraction depends on the methods (a pooled one, a warm-up trained):
+        # checked where they are parsed (pipeline.run.check_pool_config)
         self.baseline_arms()
 
     def baseline_arms(self) -> list[str]:

@@ -184,7 +184,7 @@ def selected_completions(scorer: Scorer, scores: dict[str, np.ndarray], fraction
     """Indices into the 2n completions (i < n: pair i's chosen, else pair i − n's rejected) that a completion-level
     rule keeps (ISA with KTO, as its paper): twice the pairs a pair-level rule keeps at the same budget, so every
     row of a budget trains on as many completions. `n_usable`: the pairs a fraction is a share of (default: those
-    scored; a candidate pool's budget is a share of every usable training pair)."""
+    scored; a candidate pool's budget is a share of every usable training pair, which `run` passes)."""
     chosen, rejected = scorer.completion_columns()
     pair_ids = np.asarray(scores["pair_id"], dtype=object)
     n_valid = int(np.isfinite(np.asarray(scores[chosen], dtype=float)).sum())
@@ -281,8 +281,8 @@ def random_completions(scores: dict[str, np.ndarray], usable: np.ndarray, seed: 
 def arm_data(config: RunConfig, plan: Plan, splits: Splits, scores: dict[str, np.ndarray], ref_train: np.ndarray,
              ref_val: np.ndarray | None, n_usable: int | None = None) -> ArmData:
     """Step 5's subset of one row: the method's selection, all usable pairs (`full`), or a baseline arm's.
-    `n_usable`: the usable training pairs a budget is a share of, when ref_train covers only a candidate pool
-    (default: those ref_train has)."""
+    `n_usable`: the usable training pairs a budget is a share of (a pooled method's scores cover its candidate pool
+    alone, and ref_train may too; default: those ref_train has)."""
     name, scorer, _, fraction, count = plan
     pairs = splits.train.pairs
     usable = ~np.isnan(ref_train[:, 0])
@@ -332,9 +332,9 @@ def train_and_evaluate(config: RunConfig, plan: Plan, start_model: LoadedModel, 
     the method's score columns), what the evaluation saw (eval/<start>-<method>-<budget>/: eval_pairs.jsonl,
     answers.jsonl) and, with `save_subset_models`, the trained model (models/<start>-<method>-<budget>/).
 
-    With a candidate pool (RunConfig.score_share < 1), `n_usable` is the usable training pairs a budget is a share
-    of when ref_train covers the pool alone, and `n_scored` the pool's size, recorded on a row that selects from
-    it."""
+    With a candidate pool (RunConfig.score_share < 1), `n_usable` is the usable training pairs of the whole split,
+    which a budget is a share of (ref_train and a pooled method's scores may cover the pool alone), and `n_scored`
+    the pool's size, recorded on a row that selects from it."""
     name, scorer, budget, fraction, _ = plan
     train_data, has_test = splits.train, ref_test is not None
     n_base = n_usable
@@ -443,6 +443,51 @@ def candidate_pool(pair_ids, share: float, seed: int) -> np.ndarray:
     return np.sort(hash_order(keys, seed)[: max(1, round(share * len(keys)))])
 
 
+def trains_warmup(config: RunConfig, scorers: list[Scorer]) -> bool:
+    """Whether the run trains the warm-up model θ: a row starts from it, or a method's score needs it (or θ_val)."""
+    return config.start_from in ("warmup", "both") or any({"policy", "validation"} & set(s.needs) for s in scorers)
+
+
+def check_pool_config(config: RunConfig, scorers: list[Scorer]) -> None:
+    """score_share's checks that depend on the methods, one line each, before anything loads: a fractional budget
+    of a pooled method (a share of every training pair) must fit the pool, and so must the warm-up's pairs when a
+    warm-up is trained. A run of random alone, or one that trains no warm-up, is not held to them."""
+    if config.score_share >= 1:
+        return
+    if config.fractions and any(scores_pool(s) for s in scorers) and max(config.fractions) > config.score_share:
+        raise ConfigError(f"fractions: {max(config.fractions):g} of the training pairs cannot be selected from a "
+                          f"candidate pool of {config.score_share:g} of them (score_share): raise score_share or "
+                          "lower the fraction")
+    if trains_warmup(config, scorers) and config.warmup_fraction > config.score_share:
+        raise ConfigError(f"warmup_fraction {config.warmup_fraction:g} exceeds score_share {config.score_share:g}: "
+                          "the warm-up trains on pairs of the candidate pool; raise score_share or lower "
+                          "warmup_fraction")
+
+
+def check_pool_budgets(config: RunConfig, n_train: int, n_usable: int, n_pool: int, n_pool_usable: int) -> None:
+    """Refuse, in one line, a candidate pool (of `n_pool` pairs, `n_pool_usable` of them usable) that a pooled
+    method's fractional budget (a share of the `n_usable` usable training pairs) does not fit: checked before any
+    model of the seed is trained, and the same whether or not a row reads every pair (the budget is a share of
+    every usable pair either way)."""
+    if not n_pool_usable:
+        raise ConfigError(f"every pair of the candidate pool of seed {config.seed} ({n_pool} pairs) has a prompt "
+                          f"that fills max_length={config.engine.max_length}: raise max_length or score_share")
+    for fraction in config.fractions:
+        k = budget_count(n_usable, fraction, None)
+        if k > n_pool_usable:
+            raise ConfigError(f"the budget {fraction:g} selects {k} pairs, more than the {n_pool_usable} usable pairs "
+                              f"of seed {config.seed}'s candidate pool ({n_pool} of {n_train} training pairs, "
+                              f"score_share {config.score_share:g}): raise score_share or lower the fraction")
+
+
+def usable_rows(base: LoadedModel, pairs, max_length: int | None) -> np.ndarray:
+    """Which training pairs TRL keeps (a prompt that fills max_length drops its pair), by the tokenizer alone: the
+    whole split's usable count when the reference pass covers a candidate pool alone."""
+    from prefsift.engine.tokenize import too_long_rows
+
+    return ~too_long_rows(base.tokenizer, pairs, np.arange(len(pairs)), max_length)
+
+
 def spread(scores: dict[str, np.ndarray], rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
     """A candidate pool's score columns over the whole training split: NaN outside the pool, so a budget never
     selects there."""
@@ -455,8 +500,8 @@ def spread(scores: dict[str, np.ndarray], rows: np.ndarray, n: int) -> dict[str,
 
 
 def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Resources, judge: Judge | None,
-             baseline_answers: list[str] | None, log, quiet: bool = False, results_dir: Path | None = None
-             ) -> list[dict]:
+             baseline_answers: list[str] | None, log, quiet: bool = False, results_dir: Path | None = None,
+             n_usable: int | None = None) -> list[dict]:
     """Steps 1-6 under one training seed: warm-up, validation model, scores, then every subset from every start;
     the seed's files go under `results_dir` (default config.out)/seed-S. Each record's `compute` is the seconds its
     parts were measured to cost (pipeline.accounting), `pair_passes` their nominal count. A row whose training
@@ -465,7 +510,9 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     With score_share < 1 the seed draws its candidate pool: the warm-up trains on pairs of it, every method but
     random scores it alone (scores NaN elsewhere, so its budgets select there; seed-S/scores/ holds the pool's), and
     the training split's reference pass covers the pool alone unless a row (full, random, a random baseline) reads
-    the other pairs. A method scoring the pool is charged the pool's reference pass and its passes over the pool."""
+    the other pairs. A method scoring the pool is charged the pool's reference pass and its passes over the pool.
+    Its fractional budgets are shares of the `n_usable` usable training pairs (default: counted here), and a pool
+    they do not fit is refused right after its reference pass, before the warm-up."""
     out = Path(results_dir or config.out) / f"seed-{config.seed}"
     scorers = parse_methods(config.methods)
     resources = template.for_seed(config.seed)
@@ -474,8 +521,9 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
     pool = (candidate_pool(train_data.pairs["pair_id"], config.score_share, config.seed)
             if config.score_share < 1 else None)
     every_pair = needs_every_pair(config, scorers)
+    pooled = [s for s in scorers if pool is not None and scores_pool(s)]
     pool_resources: Resources | None = None
-    n_base = None  # the usable training pairs a budget is a share of, when ref_train covers the pool alone
+    n_base = None  # with a pool: the whole split's usable training pairs, which every budget is a share of
     if pool is None or every_pair:
         ref_train = resources.logps("reference")
     if pool is not None:
@@ -484,13 +532,19 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
         pool_resources = resources.over(pool_data, rows=pool if every_pair else None)
         ref_pool = pool_resources.logps("reference")
         n_pool_usable = int((~np.isnan(ref_pool[:, 0])).sum())
-        if not n_pool_usable:
-            raise ConfigError(f"every pair of the candidate pool ({len(pool)} pairs) has a prompt that fills "
-                              f"max_length={config.engine.max_length}: raise max_length or score_share")
-        if not every_pair:
+        if not n_pool_usable:  # the warm-up trains on pairs of the pool
+            raise ConfigError(f"every pair of the candidate pool of seed {config.seed} ({len(pool)} pairs) has a "
+                              f"prompt that fills max_length={config.engine.max_length}: raise max_length or "
+                              "score_share")
+        if every_pair:
+            n_base = int((~np.isnan(ref_train[:, 0])).sum())
+        else:
             ref_train = np.full((n_train, 2), np.nan)
             ref_train[pool] = ref_pool
-            n_base = round(n_train * n_pool_usable / len(pool))  # the pool's usable share of every pair
+            n_base = (n_usable if n_usable is not None
+                      else int(usable_rows(base, train_data.pairs, config.engine.max_length).sum()))
+        if pooled:  # before the warm-up, θ_val and the scoring passes: a budget the pool cannot fill stops here
+            check_pool_budgets(config, n_train, n_base, len(pool), n_pool_usable)
         log(f"candidate pool: {len(pool)} of {n_train} training pairs (score_share {config.score_share:g}), "
             f"{n_pool_usable} usable; the reference pass covers "
             + ("every training pair (a row reads the others)" if every_pair else "the pool alone"))
@@ -516,7 +570,6 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
         resources.add("validation", validation, stages=dict(timings))
     # Step 3, the one score path: the same stage as `prefsift score`, every method over one provider (the pool's
     # for the methods that score a candidate pool).
-    pooled = [s for s in scorers if pool is not None and scores_pool(s)]
     stages = [(train_data, [s for s in scorers if s not in pooled], resources)]
     if pooled:
         stages.insert(0, (pool_data, pooled, pool_resources))
@@ -550,14 +603,6 @@ def run_seed(config: RunConfig, splits: Splits, base: LoadedModel, template: Res
                             scoring=scoring_cpu, reference_rows=reference_rows)
     plans = [Plan("full", None, "full", 1.0)] if config.full else []
     levels = budgets(config, scores, n_train, log, None if pool is None else len(pool))
-    if pooled:  # every budget of a pooled method must fit the pool's usable pairs
-        base_count = n_base if n_base is not None else int((~np.isnan(ref_train[:, 0])).sum())
-        for label, fraction, count in levels:
-            k = budget_count(base_count, fraction, count)
-            if k > n_pool_usable:
-                raise ConfigError(f"the budget {label} selects {k} pairs, more than the {n_pool_usable} usable pairs "
-                                  f"of the candidate pool ({len(pool)} of {n_train} training pairs, score_share "
-                                  f"{config.score_share:g}): raise score_share or lower the fraction")
     plans += [Plan(s.name, s, b, f, c) for b, f, c in levels for s in scorers]
     n_validation = len(splits.validation.pairs)
     if "validation-only" in baselines:
@@ -624,7 +669,7 @@ def load_run_config(values: dict[str, Any], where: str) -> RunConfig:
     """A `RunConfig` from YAML values (strict keys, each option checked), its methods parsed and their parameters
     checked too: one line for any bad value, before anything is loaded."""
     config = from_dict(RunConfig, values, where)
-    parse_methods(config.methods)
+    check_pool_config(config, parse_methods(config.methods))
     return config
 
 
@@ -680,7 +725,8 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     stops with TrainingMovedNothing. Resumable shards go under config.out whatever `results_dir` is. `quiet` hides
     the generation progress bars."""
     start = time.perf_counter()
-    parse_methods(config.methods)  # every method and parameter checked before anything runs
+    scorers = parse_methods(config.methods)  # every method and parameter checked before anything runs
+    check_pool_config(config, scorers)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results_dir = Path(results_dir or out)
@@ -707,13 +753,14 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     # The reference passes and the reference's answers do not depend on the seed: once, shared by every seed.
     sources = {"reference": base, "validation_pairs": splits.validation, "embedder": config.embedder,
                "reward_model": config.reward_model}
-    if config.embedder is None and any("embedder" in s.needs for s in parse_methods(config.methods)):
+    if config.embedder is None and any("embedder" in s.needs for s in scorers):
         from prefsift.engine.embeddings import CausalEmbedder
 
         sources["embedder"] = CausalEmbedder.of(base)
     template = Resources(splits.train, engine, sources, out_dir=out, seed=config.seed,
                          trust_remote_code=config.trust_remote_code, allow_dropped=config.allow_dropped)
-    if needs_every_pair(config, parse_methods(config.methods)):
+    n_usable = None  # with a candidate pool: the usable training pairs, which a pooled budget is a share of
+    if needs_every_pair(config, scorers):
         dropped = np.isnan(template.logps("reference")[:, 0])
         if dropped.all():
             raise ConfigError(f"every training pair's prompt fills max_length={engine.max_length}: raise max_length")
@@ -723,6 +770,17 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     else:  # every row selects from a candidate pool: each seed's reference pass covers its pool alone (run_seed)
         log(f"each seed scores a candidate pool of {max(1, round(config.score_share * n_train))} training pairs "
             f"(score_share {config.score_share:g}); no row reads the others")
+        dropped = ~usable_rows(base, splits.train.pairs, engine.max_length)  # the tokenizer's verdict, no pass
+        if dropped.any():
+            log(f"{int(dropped.sum())} of {n_train} training pairs have a prompt longer than max_length: no pool "
+                f"selects them ({int((~dropped).sum())} usable)")
+    if config.score_share < 1 and any(scores_pool(s) for s in scorers):
+        # the pools are the seeds' deterministic draws: every seed's checked before any seed trains
+        n_usable = int((~dropped).sum())
+        for k in range(config.seeds):
+            pool = candidate_pool(splits.train.pairs["pair_id"], config.score_share, config.seed + k)
+            check_pool_budgets(replace(config, seed=config.seed + k), n_train, n_usable, len(pool),
+                               int((~dropped[pool]).sum()))
     if has_test:  # the accuracies cover the test pairs that fit: the minimum is checked again on those
         test_dropped = int(np.isnan(template.logps("reference", pairs=splits.test, tag="test-reference")[:, 0]).sum())
         if test_dropped:
@@ -736,7 +794,7 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
     rows = []
     for k in range(config.seeds):
         rows += run_seed(replace(config, seed=config.seed + k), splits, base, template, judge, baseline_answers,
-                         log, quiet, results_dir)
+                         log, quiet, results_dir, n_usable=n_usable)
     # a row whose training moved nothing has no results: listed apart (results.json's `not_trained`, results.md),
     # never in the records the summary, the plots and the verdict read
     records = [r for r in rows if r.get("status") != NOT_TRAINED]
@@ -750,8 +808,7 @@ def run_pipeline(config: RunConfig, *, splits: Splits | None = None, base: Loade
         for row in not_trained:
             log("  " + not_trained_line(row))
     significance = settings_of(config)  # the correction, its rate and the non-inferiority margin: one family
-    summary = summarize(summarizable(records, log), ceilings={s.name for s in parse_methods(config.methods)
-                                                              if s.ceiling}, **significance)
+    summary = summarize(summarizable(records, log), ceilings={s.name for s in scorers if s.ceiling}, **significance)
     write_results(records, summary, results_dir, not_trained=not_trained, **significance)
     write_manifest(results_dir, "run", {"config": asdict(config), "data_hash": splits.train.data_hash,
                                         "model": base.source, "model_fingerprint": base.fingerprint,

@@ -319,3 +319,25 @@ def test_a_batch_within_the_budget_or_a_batch_level_loss_is_not_cut(bpe_tokenize
     assert len(training.micro_batches(ours, batch)) == 8  # one pair a micro-batch at the least
     ours.loss_types = ["aot"]  # sorts the batch's log-ratios: its loss is no mean over pairs
     assert len(training.micro_batches(ours, batch)) == 1
+
+
+def test_micro_batched_token_metrics_weigh_their_own_tokens(bpe_tokenizer, tmp_path, one_thread, monkeypatch):
+    """The per-token metrics of a cut step average over the tokens TRL averages them over (mean_token_accuracy over
+    the chosen completions' tokens, entropy over both): made to vary across micro-batches (top-1 read as "the target
+    token's id is even"; a random tiny model's real top-1 is ~0 everywhere), they equal the uncut step's."""
+    real = training._HeadStats.record
+
+    def record(self, lo, logits, logps, targets):
+        real(self, lo, logits, logps, targets)
+        entropy, mean, _ = self.chunks[lo]
+        self.chunks[lo] = (entropy, mean, targets % 2 == 0)
+
+    monkeypatch.setattr(training._HeadStats, "record", record)
+    ours, _, batch = _trainers(bpe_tokenizer, tmp_path, _rows(n=7), micro_batch_tokens=10**6)
+    whole = _training_step(ours, batch)
+    ours.micro_batch_tokens = 3 * max(training._pair_widths(ours, batch["attention_mask"], batch["completion_mask"]))
+    parts = training.micro_batches(ours, batch)
+    assert len(parts) == 3 and 0 < whole[2]["mean_token_accuracy"] < 1
+    cut = _training_step(ours, batch)
+    assert ours.micro_batches == 3
+    _assert_same(cut, whole)

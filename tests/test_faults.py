@@ -34,23 +34,28 @@ def snapshot(directory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
+def _save_reward_model(path, tokenizer, num_labels: int):
+    """A 1-layer Llama sequence classifier with `num_labels` score outputs, saved with the tokenizer at `path`."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=num_labels,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, bpe_tokenizer):
     """A tiny SFT model, a tiny reward model (a trained-looking score head in its weights) and 30 pairs."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     root = tmp_path_factory.mktemp("faults")
     torch.set_num_threads(1)
     model = root / "sft"
     make_tiny_llama(bpe_tokenizer).save_pretrained(model)
     bpe_tokenizer.save_pretrained(model)
     torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=bpe_tokenizer.pad_token_id)
-    reward = root / "rm"
-    LlamaForSequenceClassification(config).save_pretrained(reward)
-    bpe_tokenizer.save_pretrained(reward)
+    reward = _save_reward_model(root / "rm", bpe_tokenizer, num_labels=1)
     data = root / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(30, seed=5)))
     return root, model, reward, data
@@ -1300,15 +1305,8 @@ def test_a_tokenizer_or_config_that_does_not_fit_its_model_is_one_line(ws, tmp_p
 
 
 def test_a_two_label_reward_model_says_it_must_have_one_score_output(ws, tmp_path, bpe_tokenizer):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     _, _, _, data = ws
-    config = LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=2,
-                         pad_token_id=bpe_tokenizer.pad_token_id)
-    two = tmp_path / "rm2"
-    LlamaForSequenceClassification(config).save_pretrained(two)
-    bpe_tokenizer.save_pretrained(two)
+    two = _save_reward_model(tmp_path / "rm2", bpe_tokenizer, num_labels=2)
     line = one_line_error(invoke("score", "--data", data, "--method", "margin", "--reward-model", two, "--out",
                                  tmp_path / "o"), f"'{two}' has 2 score outputs", "must have one score output")
     assert "report" not in line and not (tmp_path / "o").exists()

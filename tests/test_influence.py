@@ -185,20 +185,29 @@ def test_influence_weights_the_directional_derivative():
     np.testing.assert_allclose(inf.influence(margins, directional, BETA), expected)
 
 
-def test_scorers_compute_influence_and_keep_their_band(bpe_tokenizer, data, tmp_path):
+def _influence_resources(tokenizer, data, out_dir):
+    """The policy (seed 5), the reference (seed 99) and a Resources over the training pairs with both and the
+    validation pairs: what the influence scorers read."""
     from prefsift.config import EngineConfig
     from prefsift.data import load_pairs
     from prefsift.models import LoadedModel
     from prefsift.resources import Resources
+
+    train, val = data
+    policy = LoadedModel(make_tiny_llama(tokenizer, seed=5), tokenizer, "policy", "policy")
+    reference = LoadedModel(make_tiny_llama(tokenizer, seed=99), tokenizer, "reference", "reference")
+    resources = Resources(pairs=load_pairs(train), engine=EngineConfig(beta=BETA, max_length=None, dtype="float32"),
+                          sources={"policy": policy, "reference": reference, "validation_pairs": load_pairs(val)},
+                          out_dir=out_dir)
+    return policy, reference, resources
+
+
+def test_scorers_compute_influence_and_keep_their_band(bpe_tokenizer, data, tmp_path):
     from prefsift.scorers import get_scorer
     from prefsift.select import select_indices
 
     train, val = data
-    policy = LoadedModel(make_tiny_llama(bpe_tokenizer, seed=5), bpe_tokenizer, "policy", "policy")
-    reference = LoadedModel(make_tiny_llama(bpe_tokenizer, seed=99), bpe_tokenizer, "reference", "reference")
-    resources = Resources(pairs=load_pairs(train), engine=EngineConfig(beta=BETA, max_length=None, dtype="float32"),
-                          sources={"policy": policy, "reference": reference, "validation_pairs": load_pairs(val)},
-                          out_dir=tmp_path)
+    policy, reference, resources = _influence_resources(bpe_tokenizer, data, tmp_path)
     got = get_scorer("if", method="jvp").score(resources)["influence"]
     # by hand: ḡ_val, per-example gradients, the DPO weight from independent log-prob passes
     params = inf.scope_parameters(policy.model, "all")
@@ -313,19 +322,10 @@ def test_a_resume_under_another_thread_count_keeps_the_finished_shards(bpe_token
 def test_the_step_an_influence_score_took_is_recorded(bpe_tokenizer, data, tmp_path):
     """With `step` unset the step is chosen on the check pairs; the scorer's description (what the score manifest
     records) says which step it took and the errors it was chosen on, so a rerun can reproduce it."""
-    from prefsift.config import EngineConfig
-    from prefsift.data import load_pairs
     from prefsift.engine.influence import DEFAULT_STEP
-    from prefsift.models import LoadedModel
-    from prefsift.resources import Resources
     from prefsift.scorers import get_scorer
 
-    train, val = data
-    policy = LoadedModel(make_tiny_llama(bpe_tokenizer, seed=5), bpe_tokenizer, "policy", "policy")
-    reference = LoadedModel(make_tiny_llama(bpe_tokenizer, seed=99), bpe_tokenizer, "reference", "reference")
-    resources = Resources(pairs=load_pairs(train), engine=EngineConfig(beta=BETA, max_length=None, dtype="float32"),
-                          sources={"policy": policy, "reference": reference, "validation_pairs": load_pairs(val)},
-                          out_dir=tmp_path)
+    *_, resources = _influence_resources(bpe_tokenizer, data, tmp_path)
     scorer = get_scorer("if", method="one-sided")
     assert scorer.params.step is None
     scorer.score(resources)

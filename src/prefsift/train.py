@@ -133,6 +133,13 @@ class _DPOTrainerWithReferenceLogps(DPOTrainer):
             return dataset
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # one micro-batch of a cut step (training_step): its loss, weighted or not, scaled by its share of the batch
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._loss_share is None:
+            return out
+        return (out[0] * self._loss_share, *out[1:]) if return_outputs else out * self._loss_share
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if WEIGHT_COLUMN not in self._signature_columns:  # else transformers drops the column as unused
@@ -144,10 +151,7 @@ class _DPOTrainerWithReferenceLogps(DPOTrainer):
         # holds (each prompt once; engine/training.py), else by the model: the rest is TRL's own loss and metrics
         policy = policy_for(self, model, inputs)
         if weight is None:
-            out = super()._compute_loss(policy, inputs, return_outputs)
-            if self._loss_share is None:
-                return out
-            return (out[0] * self._loss_share, *out[1:]) if return_outputs else out * self._loss_share
+            return super()._compute_loss(policy, inputs, return_outputs)
         if (self.loss_types != ["sigmoid"] or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None
                 or self.use_weighting or not self.precompute_ref_logps or return_outputs):
             raise ValueError("the weighted DPO loss is the sigmoid loss with precomputed reference log-probs")
@@ -162,7 +166,7 @@ class _DPOTrainerWithReferenceLogps(DPOTrainer):
         loss = (weight * per_pair).sum() / total if total > 0 else (0.0 * per_pair).sum()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-        return loss if self._loss_share is None else loss * self._loss_share
+        return loss
 
 
 class _KTOTrainerWithReferenceLogps(KTOTrainer):

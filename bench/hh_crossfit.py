@@ -431,6 +431,9 @@ def aggregate(cells: list[dict], correction: str = "holm", alpha: float = ALPHA,
             "folds": folds, "seeds": seeds, "n_test_pairs": len(ids), "n_items": n_items, "gate": gate,
             "correction": correction, "alpha": alpha, "margin": margin, "rows": rows, "tests": tests,
             "commits": sorted({f"{c.get('commit')}{'+dirty' if c.get('dirty') else ''}" for c in cells}),
+            "cell_costs": [{"fold": c["fold"], "seed": c["seed"], "hours": round(c["wall_seconds"] / 3600, 2),
+                            **{k: c["machine"].get(k) for k in ("cores", "threads", "gpu", "load_average_1min")}}
+                           for c in sorted(cells, key=lambda c: (c["fold"], c["seed"])) if "wall_seconds" in c],
             "protocol": cells[0]["protocol"]}
 
 
@@ -510,7 +513,17 @@ def command_of(protocol: dict, fold: int, seed: int) -> str:
 
 def table_of(summary: dict, command: str, cost: Path | None = None) -> str:
     lines = []
-    if cost is not None and cost.is_file():
+    if summary.get("cell_costs") and not summary["protocol"]["limit"]:  # whole cells: the extrapolation is moot
+        costs = summary["cell_costs"]
+        hours = [c["hours"] for c in costs]
+        each = "; ".join(f"fold {c['fold']}, seed {c['seed']}: {c['hours']:.1f} h on {c['cores']} "
+                         f"{'GPU host' if c['gpu'] else 'CPU'} cores, {c['threads']} thread(s), load average "
+                         f"{c['load_average_1min']}" for c in costs)
+        left = 6 - len(costs)
+        lines.append(f"Cost MEASURED on the finished whole cell(s): {each}."
+                     + (f" The {left} cell(s) of 3 folds × 2 seeds still to run: about {left * np.mean(hours):.0f} "
+                        "hours at that rate." if left > 0 else ""))
+    elif cost is not None and cost.is_file():
         c = json.loads(cost.read_text())
         lines.append(f"Cost of one (fold, seed) cell on {c['machine']['cores']} CPU cores, EXTRAPOLATED from rates "
                      f"measured on a smoke cell of {c['measured_on']['n_pool']} pool pairs (load average "

@@ -113,6 +113,26 @@ def test_aggregation_applies_holm_and_reports_n():
     assert "3 (fold, seed) cell(s) pooled" in text and f"{3 * n} test pairs" in text and "Holm" in text
 
 
+def test_a_finished_cell_shows_its_measured_cost_not_the_extrapolation(tmp_path):
+    """Once a whole cell has finished, the table states what it measured (hours, cores, threads, load) and what the
+    cells still to run would take at that rate; the smoke cell's extrapolation is shown only while none has."""
+    rng = np.random.default_rng(2)
+    names = ["full", "random@0.2"]
+    finished = cell(0, 0, {a: (rng.random(40) < 0.6).astype(float) for a in names},
+                    {a: 0.6 + 0.1 * rng.standard_normal(40) for a in names})
+    finished |= {"wall_seconds": 9000.0, "machine": {"cores": 2, "threads": 1, "gpu": None,
+                                                      "load_average_1min": 1.5}}
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({"machine": {"cores": 2, "load_average_1min": 10.8}, "measured_on": {"n_pool": 46},
+                                "extrapolated": {"cell_hours": 19.5, "train_hours": 8.6, "selection_hours": 7.5,
+                                                 "eval_hours": 3.3}}))
+    text = hh_crossfit.table_of(hh_crossfit.aggregate([finished]), "`cmd`", cost)
+    assert "EXTRAPOLATED" not in text
+    assert "fold 0, seed 0: 2.5 h on 2 CPU cores, 1 thread(s), load average 1.5" in text
+    assert "The 5 cell(s) of 3 folds × 2 seeds still to run: about 12 hours" in text  # 5 × 2.5 h
+    assert "EXTRAPOLATED" in hh_crossfit.table(tmp_path / "lora", cost)  # no finished cell: the extrapolation
+
+
 def test_aggregation_with_no_cell_says_n_0(tmp_path):
     text = hh_crossfit.table(tmp_path / "lora")
     assert text.startswith("n = 0: no (fold, seed) cell")

@@ -41,6 +41,26 @@ def test_lossdiff_is_the_dpo_loss_difference(setting):
     np.testing.assert_allclose(get_scorer("lossdiff").score(context)["lossdiff"], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_rho_loss_is_lossdiff_kept_from_the_top(setting):
+    """RHO-LOSS's score is the DPO loss difference computed by hand, and its rule keeps the pairs with the largest:
+    a budget of k keeps exactly the k largest of the hand-computed values."""
+    from prefsift.select import select_indices
+
+    rows, models, lp = setting
+    context = provider(rows, models)
+    margin = {r: BETA * ((lp[r][:, 0] - lp["reference"][:, 0]) - (lp[r][:, 1] - lp["reference"][:, 1]))
+              for r in ("policy", "validation")}
+    expected = -logsigmoid(margin["policy"]) + logsigmoid(margin["validation"])
+    scorer = get_scorer("rho-loss")
+    out = scorer.score(context)
+    np.testing.assert_allclose(out["rho_loss"], expected, rtol=1e-4, atol=1e-5)
+    rule = scorer.selection_rule()
+    assert rule == {"rule": "top", "column": "rho_loss"}
+    ids = [f"{i:03d}" for i in range(len(rows))]
+    kept = select_indices({"pair_id": ids, **out}, rule.pop("rule"), **rule, count=10)
+    np.testing.assert_array_equal(np.sort(kept), np.sort(np.argsort(-expected, kind="stable")[:10]))
+
+
 def test_lossdiff_irm_keeps_pairs_in_both_middle_bands(setting):
     rows, models, lp = setting
     context = provider(rows, models)

@@ -62,6 +62,7 @@ if not DATA.is_file():
 OUT = HERE / "results" / "hh-crossfit"
 WORK = ROOT / "runs" / "hh-crossfit"
 N_FOLDS = 3
+PLANNED_SEEDS = (0, 1)  # the table's cells: every fold under each of these seeds (and any other seed run)
 METHODS: dict[str, str | dict] = {  # arm name -> the method as `prefsift run` takes it
     "random": "random", "lossdiff-irm": "lossdiff-irm", "if": "if", "tif": "tif", "small-margin": "small-margin",
     "isa-typical": {"name": "isa", "label": "isa-typical", "order": "typical"}}
@@ -432,7 +433,8 @@ def aggregate(cells: list[dict], correction: str = "holm", alpha: float = ALPHA,
             "correction": correction, "alpha": alpha, "margin": margin, "rows": rows, "tests": tests,
             "commits": sorted({f"{c.get('commit')}{'+dirty' if c.get('dirty') else ''}" for c in cells}),
             "cell_costs": [{"fold": c["fold"], "seed": c["seed"], "hours": round(c["wall_seconds"] / 3600, 2),
-                            **{k: c["machine"].get(k) for k in ("cores", "threads", "gpu", "load_average_1min")}}
+                            **{k: c.get("machine", {}).get(k) for k in ("cores", "threads", "gpu",
+                                                                         "load_average_1min")}}
                            for c in sorted(cells, key=lambda c: (c["fold"], c["seed"])) if "wall_seconds" in c],
             "protocol": cells[0]["protocol"]}
 
@@ -511,18 +513,25 @@ def command_of(protocol: dict, fold: int, seed: int) -> str:
     return " ".join(options + [f"--folds {fold} --seeds {seed}"])
 
 
+def _where(cost: dict) -> str:
+    """The machine a cell ran on, as its cost line names it: the GPU, or the CPU cores and threads, and the load."""
+    device = (f"a {cost['gpu']}" if cost.get("gpu") else
+              f"{cost.get('cores', '?')} CPU cores, {cost.get('threads', '?')} thread(s)")
+    load = cost.get("load_average_1min")
+    return device + (f", load average {load}" if load is not None else "")
+
+
 def table_of(summary: dict, command: str, cost: Path | None = None) -> str:
     lines = []
     if summary.get("cell_costs") and not summary["protocol"]["limit"]:  # whole cells: the extrapolation is moot
         costs = summary["cell_costs"]
-        hours = [c["hours"] for c in costs]
-        each = "; ".join(f"fold {c['fold']}, seed {c['seed']}: {c['hours']:.1f} h on {c['cores']} "
-                         f"{'GPU host' if c['gpu'] else 'CPU'} cores, {c['threads']} thread(s), load average "
-                         f"{c['load_average_1min']}" for c in costs)
-        left = 6 - len(costs)
+        each = "; ".join(f"fold {c['fold']}, seed {c['seed']}: {c['hours']:.1f} h on {_where(c)}" for c in costs)
+        finished = {tuple(c) for c in summary["cells_finished"]}
+        seeds = sorted(set(PLANNED_SEEDS) | {s for _, s in finished})
+        left = len({(f, s) for f in range(N_FOLDS) for s in seeds} - finished)
         lines.append(f"Cost MEASURED on the finished whole cell(s): {each}."
-                     + (f" The {left} cell(s) of 3 folds × 2 seeds still to run: about {left * np.mean(hours):.0f} "
-                        "hours at that rate." if left > 0 else ""))
+                     + (f" The {left} cell(s) of {N_FOLDS} folds × {len(seeds)} seeds still to run: about "
+                        f"{left * np.mean([c['hours'] for c in costs]):.0f} hours at that rate." if left else ""))
     elif cost is not None and cost.is_file():
         c = json.loads(cost.read_text())
         lines.append(f"Cost of one (fold, seed) cell on {c['machine']['cores']} CPU cores, EXTRAPOLATED from rates "
@@ -530,8 +539,10 @@ def table_of(summary: dict, command: str, cost: Path | None = None) -> str:
                      f"{c['machine']['load_average_1min']}): about {c['extrapolated']['cell_hours']:.1f} hours "
                      f"(training {c['extrapolated']['train_hours']:.1f} h, selection "
                      f"{c['extrapolated']['selection_hours']:.1f} h, evaluation "
-                     f"{c['extrapolated']['eval_hours']:.1f} h); the 6 cells of 3 folds × 2 seeds about "
-                     f"{6 * c['extrapolated']['cell_hours']:.0f} hours (`bench/results/hh-crossfit/cost.json`).")
+                     f"{c['extrapolated']['eval_hours']:.1f} h); the {N_FOLDS * len(PLANNED_SEEDS)} cells of "
+                     f"{N_FOLDS} folds × {len(PLANNED_SEEDS)} seeds about "
+                     f"{N_FOLDS * len(PLANNED_SEEDS) * c['extrapolated']['cell_hours']:.0f} hours "
+                     "(`bench/results/hh-crossfit/cost.json`).")
     if not summary["n_cells"]:
         lines.insert(0, f"n = 0: no (fold, seed) cell of {command} has finished yet, so there is no result to "
                         "show.")

@@ -105,3 +105,15 @@ def test_same_seed_same_results_json(tmp_path, monkeypatch):
     # reference against itself at share 0
     assert "R² =" in md and "points" in md and "7 points" in page
     assert "Holm's correction" in md and "▲ better, ▼ worse" in md  # the methods table says what its marks mean
+
+
+def test_demo_all_runs_every_registered_method():
+    """`prefsift demo --all` is documented as every method prefsift has: each registered scorer runs under its own
+    name or a label of it, ceilings (the oracle) in the default set, aliases named in NOT_IN_ALL only."""
+    from prefsift.demo import ALL_METHODS, NOT_IN_ALL
+    from prefsift.scorers import SCORERS
+
+    names = {m if isinstance(m, str) else m["name"] for m in ALL_METHODS}
+    missing = sorted(set(SCORERS) - names - set(NOT_IN_ALL))
+    assert not missing, f"registered but not in ALL_METHODS (add it, or to NOT_IN_ALL if it is an alias): {missing}"
+    assert NOT_IN_ALL == ("margin",) and issubclass(SCORERS["reward-margin"], SCORERS["margin"])  # the same score

@@ -120,7 +120,7 @@ def test_a_finished_cell_shows_its_measured_cost_not_the_extrapolation(tmp_path)
     names = ["full", "random@0.2"]
     finished = cell(0, 0, {a: (rng.random(40) < 0.6).astype(float) for a in names},
                     {a: 0.6 + 0.1 * rng.standard_normal(40) for a in names})
-    finished |= {"wall_seconds": 9000.0, "machine": {"cores": 2, "threads": 1, "gpu": None,
+    finished |= {"wall_seconds": 7200.0, "machine": {"cores": 2, "threads": 1, "gpu": None,
                                                       "load_average_1min": 1.5}}
     cost = tmp_path / "cost.json"
     cost.write_text(json.dumps({"machine": {"cores": 2, "load_average_1min": 10.8}, "measured_on": {"n_pool": 46},
@@ -128,8 +128,15 @@ def test_a_finished_cell_shows_its_measured_cost_not_the_extrapolation(tmp_path)
                                                  "eval_hours": 3.3}}))
     text = hh_crossfit.table_of(hh_crossfit.aggregate([finished]), "`cmd`", cost)
     assert "EXTRAPOLATED" not in text
-    assert "fold 0, seed 0: 2.5 h on 2 CPU cores, 1 thread(s), load average 1.5" in text
-    assert "The 5 cell(s) of 3 folds × 2 seeds still to run: about 12 hours" in text  # 5 × 2.5 h
+    assert "fold 0, seed 0: 2.0 h on 2 CPU cores, 1 thread(s), load average 1.5" in text
+    assert "The 5 cell(s) of 3 folds × 2 seeds still to run: about 10 hours" in text  # 5 × 2 h
+    # a cell of a third seed adds that seed's folds to what is left: 3 × 3 − 2 finished = 7, at the mean 1.5 h
+    other = dict(finished, seed=2, wall_seconds=3600.0, machine={"gpu": "NVIDIA H200", "load_average_1min": 0.5})
+    text = hh_crossfit.table_of(hh_crossfit.aggregate([finished, other]), "`cmd`", cost)
+    assert "fold 0, seed 2: 1.0 h on a NVIDIA H200, load average 0.5" in text
+    assert "The 7 cell(s) of 3 folds × 3 seeds still to run: about 10 hours" in text
+    limited = hh_crossfit.aggregate([finished | {"protocol": finished["protocol"] | {"limit": 96}}])
+    assert "MEASURED" not in hh_crossfit.table_of(limited, "`cmd`", cost)  # a smoke cell's time: no whole cell's
     assert "EXTRAPOLATED" in hh_crossfit.table(tmp_path / "lora", cost)  # no finished cell: the extrapolation
 
 

@@ -76,7 +76,7 @@ class ScoreConfig(Checked):
                                 "file): `prefsift methods` lists them and their parameters (--param k=v).")
     model: str | None = option(None, "Policy θ: hub id, local directory or .gguf file.")
     reference: str | None = option(None, "Reference (SFT) model π_ref; default: --model.")
-    validation: str | None = option(None, "Validation model θ_val (lossdiff, lossdiff-irm).")
+    validation: str | None = option(None, "Validation model θ_val (lossdiff, lossdiff-irm, rho-loss).")
     reward_model: str | None = option(None, "Sequence-classification reward model (margin).")
     validation_data: str | None = option(None, "Trusted validation pairs (methods that read them).")
     embedder: str | None = option(None, "Embedding model (methods that embed).")

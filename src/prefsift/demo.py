@@ -25,9 +25,9 @@ from prefsift.synthetic.task import HIDDEN_COLUMNS, OracleJudge, TaskConfig, mak
 from prefsift.synthetic.tiny import dpo_engine, dpo_train, torch_threads
 from prefsift.train import TrainConfig
 
-# The default set fits 10 minutes on 2 cores; --all adds exact influence (its top and its middle band), ISA and
-# density sampling over the SFT model's embeddings, and the peer rules of the literature (the task's visible
-# score_chosen/score_rejected ratings are their external reward).
+# The default set fits 10 minutes on 2 cores; --all adds LossDiff's other end (RHO-LOSS's top), exact influence (its
+# top and its middle band), ISA and density sampling over the SFT model's embeddings, and the peer rules of the
+# literature (the task's visible score_chosen/score_rejected ratings are their external reward).
 DEFAULT_METHODS = ("random", "irm", "lossdiff", "lossdiff-irm", "oracle")
 PEER_METHODS: tuple[str | dict, ...] = (
     "small-margin", "large-margin", "reward-margin", "alignment-potential",
@@ -41,7 +41,9 @@ ISA_METHODS: tuple[dict, ...] = ({"name": "isa", "train_with": "kto", "order": "
 # TIF's truncated influence at a budget keeps the centred band of the budget's width (45-55th percentiles at 10%), a
 # rule the paper never proposes (it keeps a band between cut-offs it does not publish): its label says so in every row.
 TIF_AT_A_BUDGET: dict = {"name": "tif", "label": "tif-band-at-a-budget"}
-ALL_METHODS = (*DEFAULT_METHODS, "if", TIF_AT_A_BUDGET, *ISA_METHODS, "density", *PEER_METHODS)
+ALL_METHODS = (*DEFAULT_METHODS, "rho-loss", "if", TIF_AT_A_BUDGET, *ISA_METHODS, "density", *PEER_METHODS)
+# registered names --all leaves out: another name of a method it runs (`margin` is `reward-margin`)
+NOT_IN_ALL = ("margin",)
 
 
 @dataclass

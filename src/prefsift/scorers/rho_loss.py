@@ -2,9 +2,12 @@
 Yet Learnt") for preference pairs: reducible holdout loss, the training loss minus the loss under a model trained on
 holdout data. For a DPO pair and the TIF pipeline's validation model that is LossDiff,
 ℓ(θ; d) − ℓ(θ_val; d), under its own name and column; the rule keeps the top: the pairs whose loss the trusted
-validation pairs lowered most. A pair whose label disagrees with them (a flip) has its loss raised by θ_val and
-ranks last. The TIF paper keeps LossDiff's middle band instead, arguing that the top overfits the validation set;
-which end wins on which data is measured (docs/pipeline.md), not assumed.
+validation pairs lowered most. A pair whose label disagrees with them (a flip) tends to have its loss raised by
+θ_val and to rank low. The paper selects online, each batch by the current model, against a model trained on the
+holdout data alone; this is one static selection by the warm-up θ against θ further trained on the validation
+pairs, the TIF pipeline's models, so that its two ends cost the same passes. The TIF paper keeps LossDiff's middle
+band, arguing that the top overfits the validation set; which end wins on which data is measured
+(docs/pipeline.md), not assumed.
 """
 
 from __future__ import annotations

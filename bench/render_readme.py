@@ -621,6 +621,8 @@ TABLES = {"floor-table": (RESULTS / "floor.json", floor_table),
           "pipeline-levers": (RESULTS / "pipeline-levers.json", levers_table),
           "demo-pool-table": (RESULTS / "demo-pool.json", demo_table),
           "demo-pool-findings": (RESULTS / "demo-pool.json", findings),
+          "demo-pool-rule-share-table": (RESULTS / "demo-pool-0.6.json", demo_table),
+          "demo-pool-rule-share-findings": (RESULTS / "demo-pool-0.6.json", findings),
           "hh-crossfit": (RESULTS / "hh-crossfit" / "cost.json", hh_crossfit_block),
           "hh-crossfit-smoke": (RESULTS / "hh-crossfit" / "cost.json", hh_crossfit_smoke_block)}
 BLOCK = re.compile(r"<!-- ([A-Za-z0-9_-]+) -->\n(.*?)<!-- /\1 -->", re.S)

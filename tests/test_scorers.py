@@ -25,6 +25,13 @@ def logsigmoid(x):
     return -np.logaddexp(0.0, -x)
 
 
+def loss_difference_by_hand(lp):
+    """ℓ(θ; d) − ℓ(θ_val; d) from the independent log-probs: the DPO loss −log σ(β·margin) under each model."""
+    margin = {r: BETA * ((lp[r][:, 0] - lp["reference"][:, 0]) - (lp[r][:, 1] - lp["reference"][:, 1]))
+              for r in ("policy", "validation")}
+    return -logsigmoid(margin["policy"]) + logsigmoid(margin["validation"])
+
+
 def test_irm_is_the_implicit_reward_margin(setting):
     rows, models, lp = setting
     context = provider(rows, models)
@@ -35,9 +42,7 @@ def test_irm_is_the_implicit_reward_margin(setting):
 def test_lossdiff_is_the_dpo_loss_difference(setting):
     rows, models, lp = setting
     context = provider(rows, models)
-    margin = {r: BETA * ((lp[r][:, 0] - lp["reference"][:, 0]) - (lp[r][:, 1] - lp["reference"][:, 1]))
-              for r in ("policy", "validation")}
-    expected = -logsigmoid(margin["policy"]) + logsigmoid(margin["validation"])
+    expected = loss_difference_by_hand(lp)
     np.testing.assert_allclose(get_scorer("lossdiff").score(context)["lossdiff"], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -48,9 +53,7 @@ def test_rho_loss_is_lossdiff_kept_from_the_top(setting):
 
     rows, models, lp = setting
     context = provider(rows, models)
-    margin = {r: BETA * ((lp[r][:, 0] - lp["reference"][:, 0]) - (lp[r][:, 1] - lp["reference"][:, 1]))
-              for r in ("policy", "validation")}
-    expected = -logsigmoid(margin["policy"]) + logsigmoid(margin["validation"])
+    expected = loss_difference_by_hand(lp)
     scorer = get_scorer("rho-loss")
     out = scorer.score(context)
     np.testing.assert_allclose(out["rho_loss"], expected, rtol=1e-4, atol=1e-5)
@@ -72,10 +75,8 @@ def test_lossdiff_irm_keeps_pairs_in_both_middle_bands(setting):
         r[order] = np.arange(len(values))
         return r / (len(values) - 1)
 
-    margin = {r: BETA * ((lp[r][:, 0] - lp["reference"][:, 0]) - (lp[r][:, 1] - lp["reference"][:, 1]))
-              for r in ("policy", "validation")}
-    lossdiff = np.logaddexp(0, -margin["policy"]) - np.logaddexp(0, -margin["validation"])
-    middle = [(ranks(v) >= 0.2) & (ranks(v) <= 0.7) for v in (lossdiff, margin["policy"])]
+    irm = BETA * ((lp["policy"][:, 0] - lp["reference"][:, 0]) - (lp["policy"][:, 1] - lp["reference"][:, 1]))
+    middle = [(ranks(v) >= 0.2) & (ranks(v) <= 0.7) for v in (loss_difference_by_hand(lp), irm)]
     np.testing.assert_array_equal(out["lossdiff_irm"].astype(bool), middle[0] & middle[1])
     assert 0 < out["lossdiff_irm"].sum() < 0.5 * len(rows)  # the bands bite
     assert context.seconds.keys() == {"policy", "reference", "validation"}  # each pass ran once
